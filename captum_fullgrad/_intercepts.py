@@ -1,0 +1,434 @@
+"""Intercepts of single operations: ``c_g = g(a) - J_g(a) a`` (DESIGN-NOTES, seed section 3.2).
+
+Every operation ``y = g(a)`` of the forward pass whose inputs ``a`` depend on the network
+input is linearised exactly at the current point, ``y = J_g(a) a + c_g``; chaining these
+linear parts through the graph gives eq. 1 of the seed paper,
+``f(x) = <grad_x f, x> + sum_g <df/dy_g, c_g>``, with no approximation.
+
+This module decides ``c_g`` for one call. It knows closed forms for the operations that
+dominate real networks and whose intercept is a per-channel vector (convolution and linear
+biases, BatchNorm's effective bias in eval mode), for operations whose intercept is zero
+(positively homogeneous of degree one: ReLU, pooling, views, sums, eval dropout, products
+with a constant), for affine combinations with constants (adding a constant, concatenating
+a constant such as a class token) and for products of graph tensors (``a * b``, ``a @ b``:
+degree-``k`` multilinear maps have ``c = (1 - k) g(a)``). Everything else is linearised by
+forward-mode automatic differentiation, ``J_g(a) a = jvp(g, a, a)``, which uses PyTorch's own
+derivative formulas and so agrees with the backward pass that produces ``df/dy_g``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+# Layout tags of tensors that have the network input's rank: channels first (N, C, *S)
+# or channels last (N, *S, C). Anything else is not a spatial map for eq. 4.
+CHANNELS_FIRST = "cf"
+CHANNELS_LAST = "cl"
+
+
+@dataclass
+class Intercept:
+    """The intercept of one output of one operation.
+
+    Exactly one of ``channel_vector`` (an intercept constant along every axis but the
+    channel axis, such as a bias) or ``dense`` (a tensor broadcastable to the output) is set.
+    """
+
+    output: Tensor
+    dense: Optional[Tensor] = None
+    channel_vector: Optional[Tensor] = None
+    channel_dim: Optional[int] = None  # axis of ``output`` that ``channel_vector`` runs along
+
+
+@dataclass
+class OpResult:
+    """What a rule returns: the operation's result and the intercepts of its graph outputs.
+
+    ``layout`` overrides the layout inferred for the outputs (convolutions and pooling are
+    channels-first whatever their input); ``failed`` names an op whose intercept could not
+    be computed, so that the completeness gap is reported, never hidden.
+    """
+
+    value: Any
+    intercepts: List[Intercept]
+    layout: Optional[str] = None
+    failed: Optional[str] = None
+
+
+class Context:
+    """What a rule may ask of the capture: whether a tensor depends on the network input."""
+
+    def is_graph(self, value: Any) -> bool:  # pragma: no cover - implemented by the capture
+        raise NotImplementedError
+
+    def graph_outputs(self, value: Any) -> List[Tensor]:
+        """The tensors of ``value`` that carry gradient back to the network input."""
+        flat, _ = tree_flatten(value)
+        return [t for t in flat if _is_graph_output(t)]
+
+
+def op_name(func: Callable) -> str:
+    """A short readable name: ``Tensor.__imul__`` -> ``mul``, ``F.conv2d`` -> ``conv2d``."""
+    name = getattr(func, "__name__", type(func).__name__)
+    if name.startswith("__") and name.endswith("__"):
+        name = name[2:-2]
+        if name.startswith("i") and name[1:] in _BINARY_DUNDER:
+            name = name[1:]
+        elif name.startswith("r") and name[1:] in _BINARY_DUNDER:
+            name = name[1:]
+    return name.rstrip("_") or name
+
+
+_BINARY_DUNDER = {"add", "sub", "mul", "truediv", "floordiv", "matmul", "pow", "mod", "and", "or", "xor"}
+_INPLACE_DUNDER = {f"__i{n}__" for n in _BINARY_DUNDER} | {"__setitem__"}
+_INPLACE_POSITION: Dict[Callable, Optional[int]] = {}
+
+
+def is_inplace(func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]) -> bool:
+    """Whether ``func`` overwrites its first argument (``relu_``, ``x += y``, ``inplace=True``)."""
+    name = getattr(func, "__name__", "")
+    if name in _INPLACE_DUNDER or (name.endswith("_") and not name.startswith("_")):
+        return True
+    if kwargs.get("inplace", False):
+        return True
+    try:
+        position = _INPLACE_POSITION[func]
+    except (KeyError, TypeError):
+        position = None
+        try:
+            parameters = list(inspect.signature(func).parameters)
+            if "inplace" in parameters:
+                position = parameters.index("inplace")
+        except (TypeError, ValueError):
+            pass
+        try:
+            _INPLACE_POSITION[func] = position
+        except TypeError:
+            pass
+    return position is not None and len(args) > position and bool(args[position])
+
+
+def _arg(args: Sequence[Any], kwargs: Dict[str, Any], index: int, name: str, default: Any = None) -> Any:
+    if len(args) > index:
+        return args[index]
+    return kwargs.get(name, default)
+
+
+# --------------------------------------------------------------------------- rules
+# A rule has the signature (ctx, func, args, kwargs) -> OpResult and is only called when at
+# least one argument is a graph tensor.
+
+
+def _zero(ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]) -> OpResult:
+    """Positively homogeneous of degree one in its graph inputs: no intercept."""
+    return OpResult(func(*args, **kwargs), [])
+
+
+def _channel_first_zero(ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]) -> OpResult:
+    """Pooling, resizing: no intercept, and the output is channels-first."""
+    return OpResult(func(*args, **kwargs), [], layout=CHANNELS_FIRST)
+
+
+def _conv(ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]) -> OpResult:
+    weight = _arg(args, kwargs, 1, "weight")
+    if ctx.is_graph(weight):
+        return _generic(ctx, func, args, kwargs)
+    bias = _arg(args, kwargs, 2, "bias")
+    out = func(*args, **kwargs)
+    intercepts = []
+    if bias is not None and ctx.graph_outputs(out):
+        intercepts.append(Intercept(out, channel_vector=bias, channel_dim=1))
+    return OpResult(out, intercepts, layout=CHANNELS_FIRST)
+
+
+def _linear(ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]) -> OpResult:
+    weight = _arg(args, kwargs, 1, "weight")
+    if ctx.is_graph(weight):
+        return _generic(ctx, func, args, kwargs)
+    bias = _arg(args, kwargs, 2, "bias")
+    out = func(*args, **kwargs)
+    intercepts = []
+    if bias is not None and ctx.graph_outputs(out):
+        intercepts.append(Intercept(out, channel_vector=bias, channel_dim=out.dim() - 1))
+    return OpResult(out, intercepts)
+
+
+def _batch_norm(ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]) -> OpResult:
+    running_mean = _arg(args, kwargs, 1, "running_mean")
+    running_var = _arg(args, kwargs, 2, "running_var")
+    weight = _arg(args, kwargs, 3, "weight")
+    bias = _arg(args, kwargs, 4, "bias")
+    training = _arg(args, kwargs, 5, "training", False)
+    eps = _arg(args, kwargs, 7, "eps", 1e-5)
+    if training or running_mean is None or running_var is None or ctx.is_graph(weight) or ctx.is_graph(bias):
+        # Batch statistics: the output is a non-linear function of the whole batch. The
+        # forward-mode pass must not update the running statistics a second time.
+        input_ = _arg(args, kwargs, 0, "input")
+        return _generic(
+            ctx,
+            func,
+            args,
+            kwargs,
+            reevaluate=lambda a: F.batch_norm(a, None, None, weight, bias, True, 0.0, eps),
+            reevaluate_inputs=[input_],
+            layout=CHANNELS_FIRST,
+        )
+    out = func(*args, **kwargs)
+    # Eval mode: y = (x - mu) * gamma / sqrt(var + eps) + beta is affine, with the
+    # effective bias of seed section 3.2.
+    scale = torch.rsqrt(running_var + eps)
+    if weight is not None:
+        scale = scale * weight
+    effective_bias = -running_mean * scale
+    if bias is not None:
+        effective_bias = effective_bias + bias
+    intercepts = [Intercept(out, channel_vector=effective_bias, channel_dim=1)] if ctx.graph_outputs(out) else []
+    return OpResult(out, intercepts, layout=CHANNELS_FIRST)
+
+
+def _add_sub(ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]) -> OpResult:
+    name = getattr(func, "__name__", "")
+    a, b = args[0], _arg(args, kwargs, 1, "other")
+    alpha = _arg(args, kwargs, 2, "alpha", 1)
+    a_graph, b_graph = ctx.is_graph(a), ctx.is_graph(b)
+    out = func(*args, **kwargs)
+    if a_graph and b_graph or not ctx.graph_outputs(out):
+        return OpResult(out, [])
+    # out = first + sign * alpha * second, with (first, second) by the op's convention;
+    # the intercept is the same expression with the graph operand set to zero.
+    if name in ("__rsub__", "rsub"):
+        first, second, sign = b, a, -1
+    elif name in ("__radd__",):
+        first, second, sign = b, a, 1
+    else:
+        first, second, sign = a, b, (-1 if "sub" in name else 1)
+    first_graph = ctx.is_graph(first)
+    if first_graph:
+        constant = second * (sign * alpha) if not isinstance(second, Tensor) else second.detach() * (sign * alpha)
+    else:
+        constant = first.detach() if isinstance(first, Tensor) else first
+    if not isinstance(constant, Tensor):
+        constant = torch.tensor(constant, dtype=out.dtype, device=out.device)
+    return OpResult(out, [Intercept(out, dense=constant)])
+
+
+def _mul(ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]) -> OpResult:
+    a, b = args[0], _arg(args, kwargs, 1, "other")
+    out = func(*args, **kwargs)
+    if ctx.is_graph(a) and ctx.is_graph(b) and ctx.graph_outputs(out):
+        # a * b is homogeneous of degree two: c = ab - (ab + ab) = -ab. Cloned because the
+        # model may overwrite its output in place later.
+        return OpResult(out, [Intercept(out, dense=-out.detach().clone())])
+    return OpResult(out, [])
+
+
+def _div(ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]) -> OpResult:
+    if ctx.is_graph(args[0]) and not ctx.is_graph(_arg(args, kwargs, 1, "other")):
+        return _zero(ctx, func, args, kwargs)
+    return _generic(ctx, func, args, kwargs)
+
+
+def _multilinear(ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]) -> OpResult:
+    if op_name(func) == "einsum":
+        operands = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
+    else:
+        operands = args
+    degree = sum(1 for o in operands if ctx.is_graph(o))
+    out = func(*args, **kwargs)
+    if degree <= 1 or not ctx.graph_outputs(out):
+        return OpResult(out, [])
+    # A map linear in each of k graph operands: J a = k g(a), so c = (1 - k) g(a).
+    return OpResult(out, [Intercept(out, dense=(1 - degree) * out.detach().clone())])
+
+
+def _cat(ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]) -> OpResult:
+    tensors = _arg(args, kwargs, 0, "tensors")
+    out = func(*args, **kwargs)
+    if all(ctx.is_graph(t) for t in tensors) or not ctx.graph_outputs(out):
+        return OpResult(out, [])
+    # Constants in their slots (a class token), zeros where graph tensors went.
+    zeroed = [torch.zeros_like(t) if ctx.is_graph(t) else t.detach() for t in tensors]
+    rest_args = tuple(args[1:]) if len(args) > 1 else ()
+    with torch.no_grad():
+        constant = func(zeroed, *rest_args, **{k: v for k, v in kwargs.items() if k != "tensors"})
+    return OpResult(out, [Intercept(out, dense=constant)])
+
+
+def _pad(ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]) -> OpResult:
+    mode = _arg(args, kwargs, 2, "mode", "constant")
+    value = _arg(args, kwargs, 3, "value", None)
+    out = func(*args, **kwargs)
+    if mode != "constant" or not value or not ctx.graph_outputs(out):
+        return OpResult(out, [])
+    with torch.no_grad():
+        constant = func(torch.zeros_like(args[0]), *args[1:], **kwargs)
+    return OpResult(out, [Intercept(out, dense=constant)])
+
+
+def _generic(
+    ctx: Context,
+    func: Callable,
+    args: Sequence[Any],
+    kwargs: Dict[str, Any],
+    reevaluate: Optional[Callable[..., Any]] = None,
+    reevaluate_inputs: Optional[List[Tensor]] = None,
+    layout: Optional[str] = None,
+) -> OpResult:
+    """Any operation: ``c = g(a) - jvp(g, a, a)``, by forward-mode AD (double backward if absent).
+
+    ``reevaluate`` replaces ``func`` for the linearisation when calling ``func`` again
+    would have side effects (BatchNorm's running statistics).
+    """
+    inplace = is_inplace(func, args, kwargs)
+    if reevaluate is None:
+        flat, spec = tree_flatten((list(args), kwargs))
+        positions = [i for i, v in enumerate(flat) if ctx.is_graph(v)]
+
+        def call(*graph_values: Tensor) -> Any:
+            values = list(flat)
+            for i, v in zip(positions, graph_values):
+                values[i] = v
+            call_args, call_kwargs = tree_unflatten(values, spec)
+            result = func(*call_args, **call_kwargs)
+            # In-place ops that return None (__setitem__) change their first argument.
+            return call_args[0] if result is None else result
+
+        primals = [flat[i] for i in positions]
+    else:
+        call, primals = reevaluate, list(reevaluate_inputs or [])
+    # In-place ops overwrite their input: linearise on a copy taken before the real call.
+    saved = [p.detach().clone() for p in primals] if inplace else [p.detach() for p in primals]
+
+    value = func(*args, **kwargs)
+    produced = args[0] if value is None else value
+    flat_out, _ = tree_flatten(produced)
+    positions = [i for i, o in enumerate(flat_out) if _is_graph_output(o)]
+    if not positions:
+        return OpResult(value, [], layout=layout)
+    try:
+        constants = _forward_mode_intercepts(call, saved, inplace, positions)
+    except (RuntimeError, NotImplementedError):
+        try:
+            constants = _double_backward_intercepts(call, saved, positions)
+        except (RuntimeError, NotImplementedError) as error:
+            warnings.warn(
+                f"captum_fullgrad: could not linearise `{op_name(func)}` ({error}); its intercept is "
+                "missing and the completeness delta will show the gap.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return OpResult(value, [], layout=layout, failed=op_name(func))
+    return OpResult(value, [Intercept(flat_out[i], dense=c) for i, c in zip(positions, constants)], layout=layout)
+
+
+def _is_graph_output(value: Any) -> bool:
+    return isinstance(value, Tensor) and value.requires_grad and (value.is_floating_point() or value.is_complex())
+
+
+def _forward_mode_intercepts(
+    call: Callable[..., Any], primals: List[Tensor], inplace: bool, positions: List[int]
+) -> List[Tensor]:
+    with torch.no_grad(), fwAD.dual_level():
+        # In-place ops write into their input and its tangent: give each its own storage.
+        duals = [fwAD.make_dual(p.clone(), p.clone()) if inplace else fwAD.make_dual(p, p) for p in primals]
+        flat, _ = tree_flatten(call(*duals))
+        constants = []
+        for i in positions:
+            primal, tangent = fwAD.unpack_dual(flat[i])
+            # No tangent: the output does not move with the graph inputs, all of it is intercept.
+            constants.append(primal.clone() if tangent is None else primal - tangent)
+    return constants
+
+
+def _double_backward_intercepts(call: Callable[..., Any], primals: List[Tensor], positions: List[int]) -> List[Tensor]:
+    """``J a`` as the derivative of ``<J^T v, a>`` with respect to ``v``, for ops without forward AD."""
+    with torch.enable_grad():
+        leaves = [p.detach().clone().requires_grad_(True) for p in primals]
+        flat, _ = tree_flatten(call(*[leaf.clone() for leaf in leaves]))
+        outputs = [flat[i] for i in positions]
+        connected = [o for o in outputs if o.requires_grad]
+        probes = [torch.zeros_like(o, requires_grad=True) for o in connected]
+        vjps = torch.autograd.grad(connected, leaves, probes, create_graph=True, allow_unused=True)
+        used = [(v, leaf) for v, leaf in zip(vjps, leaves) if v is not None and v.requires_grad]
+        if used:
+            jvps = torch.autograd.grad(
+                [v for v, _ in used], probes, [leaf.detach() for _, leaf in used], allow_unused=True
+            )
+        else:
+            jvps = [None] * len(probes)
+    by_output = {id(o): j for o, j in zip(connected, jvps)}
+    constants = []
+    for o in outputs:
+        j = by_output.get(id(o))
+        constants.append(o.detach() - j.detach() if j is not None else o.detach().clone())
+    return constants
+
+
+# ------------------------------------------------------------------- rule table
+_ZERO_NAMES = """
+view view_as reshape reshape_as permute transpose t flatten unflatten squeeze unsqueeze expand
+expand_as contiguous clone __getitem__ narrow select index_select gather take split split_with_sizes
+chunk unbind tensor_split repeat tile flip fliplr flipud roll rot90 movedim moveaxis swapaxes swapdims
+unfold mean sum neg negative __neg__ __pos__ positive float double half bfloat16 to type type_as cpu
+cuda relu relu_ leaky_relu leaky_relu_ prelu max_pool1d max_pool2d max_pool3d max_pool1d_with_indices
+max_pool2d_with_indices max_pool3d_with_indices dropout dropout1d dropout2d dropout3d feature_dropout
+pixel_shuffle pixel_unshuffle channel_shuffle native_channel_shuffle fold diagonal diag diag_embed
+tril triu trace cumsum abs absolute amax amin __get__ identity
+""".split()
+_CHANNEL_FIRST_ZERO_NAMES = """
+avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d
+adaptive_max_pool1d adaptive_max_pool2d adaptive_max_pool3d adaptive_max_pool1d_with_indices
+adaptive_max_pool2d_with_indices adaptive_max_pool3d_with_indices lp_pool1d lp_pool2d lp_pool3d
+interpolate upsample upsample_nearest upsample_bilinear
+""".split()
+_NAMED_RULES: Dict[str, Callable[..., OpResult]] = {
+    **{n: _conv for n in "conv1d conv2d conv3d conv_transpose1d conv_transpose2d conv_transpose3d".split()},
+    "linear": _linear,
+    "batch_norm": _batch_norm,
+    **{n: _add_sub for n in "add sub subtract rsub __add__ __radd__ __iadd__ __sub__ __rsub__ __isub__ add_ sub_".split()},
+    **{n: _mul for n in "mul multiply __mul__ __rmul__ __imul__ mul_".split()},
+    **{n: _div for n in "div divide true_divide __truediv__ __itruediv__ div_".split()},
+    **{n: _multilinear for n in "matmul __matmul__ __rmatmul__ mm bmm mv dot inner outer einsum".split()},
+    **{n: _cat for n in "cat concat concatenate stack hstack vstack dstack".split()},
+    "pad": _pad,
+    **{n: _zero for n in _ZERO_NAMES},
+    **{n: _channel_first_zero for n in _CHANNEL_FIRST_ZERO_NAMES},
+}
+
+
+def _build_rule_table() -> Dict[Callable, Callable[..., OpResult]]:
+    table: Dict[Callable, Callable[..., OpResult]] = {}
+    namespaces = (torch, torch.Tensor, F, torch._C._nn, torch._C._VariableFunctions)
+    for name, rule in _NAMED_RULES.items():
+        for namespace in namespaces:
+            func = getattr(namespace, name, None)
+            if func is None or name == "__get__":
+                continue
+            try:
+                table[func] = rule
+            except TypeError:  # unhashable
+                pass
+    return table
+
+
+RULES: Dict[Callable, Callable[..., OpResult]] = _build_rule_table()
+
+
+def apply_rule(ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]) -> OpResult:
+    """Run ``func`` and return its value with the intercepts of its graph outputs."""
+    rule = RULES.get(func)
+    if rule is None:
+        if getattr(func, "__name__", "") == "__get__":
+            rule = _zero  # properties such as .T and .mT are linear
+        else:
+            rule = _generic
+    return rule(ctx, func, args, kwargs)

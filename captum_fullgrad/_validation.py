@@ -1,0 +1,189 @@
+"""Checks shared by the public entry points: bad input gets a clear exception, nothing changes."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from captum._utils.common import _select_targets
+from torch import Tensor, nn
+
+TargetType = Union[None, int, Tuple[int, ...], Tensor, List[Any]]
+
+
+def format_single_input(inputs: Union[Tensor, Tuple[Tensor, ...]], *, method: str) -> Tuple[Tensor, bool]:
+    """Return ``(tensor, was_tuple)`` for a tensor or a one-tensor tuple, else raise."""
+    was_tuple = isinstance(inputs, tuple)
+    if was_tuple:
+        if len(inputs) != 1:
+            raise ValueError(
+                f"{method} attributes to a single input tensor; got a tuple of {len(inputs)} inputs. "
+                "Pass the image tensor alone (or a one-tensor tuple) and the rest as additional_forward_args."
+            )
+        inputs = inputs[0]
+    if not isinstance(inputs, Tensor):
+        raise TypeError(f"{method} expects a torch.Tensor input, got {type(inputs).__name__}.")
+    if not inputs.is_floating_point():
+        raise TypeError(
+            f"{method} needs a floating-point input to differentiate; got dtype {inputs.dtype}."
+        )
+    if inputs.dim() < 1 or inputs.shape[0] == 0:
+        raise ValueError(f"{method} needs a batch dimension with at least one example; got shape {tuple(inputs.shape)}.")
+    if not torch.isfinite(inputs).all():
+        raise ValueError(f"{method}: the input contains NaN or Inf values.")
+    return inputs, was_tuple
+
+
+def check_spatial_rank(inputs: Tensor, *, method: str) -> None:
+    if inputs.dim() not in (3, 4, 5):
+        raise ValueError(
+            f"{method} makes a spatial saliency map (eq. 4) and needs an input of shape (B, C, L), "
+            f"(B, C, H, W) or (B, C, D, H, W); got rank {inputs.dim()} with shape {tuple(inputs.shape)}. "
+            "For non-spatial inputs use captum_fullgrad.full_jacobian."
+        )
+
+
+def check_eval_mode(forward_func: Callable[..., Any], *, method: str) -> None:
+    """Refuse a model in training mode: BatchNorm would use batch statistics, dropout noise."""
+    if not isinstance(forward_func, nn.Module):
+        return
+    training = [name or type(m).__name__ for name, m in forward_func.named_modules() if m.training]
+    if training:
+        shown = ", ".join(training[:5]) + (f" and {len(training) - 5} more" if len(training) > 5 else "")
+        raise ValueError(
+            f"{method} needs the model in eval mode (BatchNorm would use batch statistics and mix "
+            f"examples, dropout would be random), but these modules are training: {shown}. "
+            "Call model.eval() first; the model's mode was left unchanged."
+        )
+
+
+def format_additional_forward_args(additional_forward_args: Any) -> Tuple[Any, ...]:
+    if additional_forward_args is None:
+        return ()
+    if isinstance(additional_forward_args, tuple):
+        return additional_forward_args
+    return (additional_forward_args,)
+
+
+def select_output(output: Any, target: TargetType, batch_size: int, *, method: str) -> Tensor:
+    """The scalar output per example that eq. 1 decomposes, shape ``(B,)``."""
+    if not isinstance(output, Tensor):
+        raise TypeError(
+            f"{method}: the model must return a tensor, got {type(output).__name__}; wrap it so that "
+            "it returns the logits tensor."
+        )
+    if output.dim() == 0 or output.shape[0] != batch_size:
+        raise ValueError(
+            f"{method}: the model output has shape {tuple(output.shape)}, whose first dimension is not "
+            f"the batch size {batch_size}."
+        )
+    if target is None:
+        if output[0].numel() != 1:
+            raise ValueError(
+                f"{method}: the model output has shape {tuple(output.shape)}; pass `target` to choose "
+                "which output to explain."
+            )
+        return output.reshape(batch_size)
+    _check_target(target, output, batch_size, method=method)
+    selected = _select_targets(output, target)
+    if selected.numel() != batch_size:
+        raise ValueError(
+            f"{method}: target {target!r} selects {selected.numel()} values from an output of shape "
+            f"{tuple(output.shape)}; it must select one value per example."
+        )
+    return selected.reshape(batch_size)
+
+
+def _check_target(target: TargetType, output: Tensor, batch_size: int, *, method: str) -> None:
+    if output.dim() < 2:
+        raise ValueError(
+            f"{method}: the model output has shape {tuple(output.shape)}, one value per example; "
+            "leave `target` as None."
+        )
+    num_classes = output.shape[1]
+
+    def check_index(value: int, where: str) -> None:
+        if not 0 <= int(value) < num_classes:
+            raise ValueError(
+                f"{method}: target {where}{int(value)} is out of range for an output with "
+                f"{num_classes} classes (valid: 0..{num_classes - 1})."
+            )
+
+    if isinstance(target, bool):
+        raise TypeError(f"{method}: target must be an int, a tuple, a list or a tensor, not a bool.")
+    if isinstance(target, int):
+        check_index(target, "")
+    elif isinstance(target, Tensor):
+        if target.is_floating_point():
+            raise TypeError(f"{method}: a target tensor must hold integer class indices, got {target.dtype}.")
+        flat = target.reshape(-1)
+        if flat.numel() not in (1, batch_size) or target.dim() > 1:
+            raise ValueError(
+                f"{method}: target tensor of shape {tuple(target.shape)} does not match the batch "
+                f"size {batch_size}: give one index, or one per example."
+            )
+        if flat.numel() and (flat.min() < 0 or flat.max() >= num_classes):
+            bad = flat[(flat < 0) | (flat >= num_classes)][0]
+            check_index(int(bad), "index ")
+    elif isinstance(target, list):
+        if len(target) != batch_size:
+            raise ValueError(
+                f"{method}: target list has {len(target)} entries for a batch of {batch_size} examples."
+            )
+        for item in target:
+            if isinstance(item, int):
+                check_index(item, "index ")
+    elif isinstance(target, tuple):
+        if len(target) != output.dim() - 1:
+            raise ValueError(
+                f"{method}: target tuple {target} has {len(target)} indices for an output of shape "
+                f"{tuple(output.shape)} (needs {output.dim() - 1})."
+            )
+    else:
+        raise TypeError(f"{method}: unsupported target type {type(target).__name__}.")
+
+
+def slice_target(target: TargetType, start: int, stop: int, batch_size: int) -> TargetType:
+    """The part of a Captum target that applies to examples ``start:stop``."""
+    if isinstance(target, list):
+        return target[start:stop]
+    if isinstance(target, Tensor) and target.numel() == batch_size and batch_size > 1:
+        return target.reshape(-1)[start:stop]
+    return target
+
+
+def slice_additional_args(args: Tuple[Any, ...], start: int, stop: int, batch_size: int) -> Tuple[Any, ...]:
+    """Tensors with a batch dimension are sliced; everything else passes unchanged."""
+    return tuple(
+        a[start:stop] if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == batch_size else a
+        for a in args
+    )
+
+
+def layer_names(model: Any, layers: Optional[Sequence[Union[str, nn.Module]]]) -> Optional[Tuple[str, ...]]:
+    """Normalise a user's layer choice (names or modules) to qualified names."""
+    if layers is None:
+        return None
+    if isinstance(layers, (str, nn.Module)):
+        layers = [layers]
+    modules = dict(model.named_modules()) if isinstance(model, nn.Module) else {}
+    names = []
+    for layer in layers:
+        if isinstance(layer, nn.Module):
+            match = [n for n, m in modules.items() if m is layer]
+            if not match:
+                raise ValueError(f"layer {type(layer).__name__} is not a submodule of the model.")
+            names.append(match[0])
+        elif isinstance(layer, str):
+            base = layer.split(":")[0].split("#")[0]
+            if modules and base not in modules:
+                close = [n for n in modules if n and (base in n or n in base)][:8]
+                raise ValueError(
+                    f"layer {layer!r} is not a module of the model"
+                    + (f"; close names: {', '.join(close)}" if close else "")
+                    + "."
+                )
+            names.append(layer)
+        else:
+            raise TypeError(f"layers must be module names or modules, got {type(layer).__name__}.")
+    return tuple(names)

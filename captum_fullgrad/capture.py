@@ -1,0 +1,435 @@
+"""Capture: every bias source of one forward pass, and its gradient during the backward pass.
+
+The capture runs the model's forward pass under a :class:`torch.overrides.TorchFunctionMode`,
+which sees every torch call, whether a module makes it (``nn.Conv2d``), a ``forward`` does
+(squeeze-and-excitation's ``scale * x``, ``F.relu(x, inplace=True)``, ViT's
+``x + pos_embedding``) or a plain function. For each call that reads a tensor depending on
+the network input (a *graph tensor*) it asks :mod:`captum_fullgrad._intercepts` for the
+intercept ``c_g`` of each output and registers a tensor hook on that output. During the
+single backward pass the hook receives ``df/dy_g`` and hands ``(source, gradient)`` to a
+*collector*, which reduces it at once (eq. 4 maps, the completeness sum) or keeps it (the
+full bias-Jacobians of eq. 1). A hook registered on the output before any later in-place
+operation receives the gradient of that output, not of what overwrote it (ANCHORS: the
+in-place trap).
+
+Module forward hooks give each source a readable name (the innermost module's qualified
+name); they and the mode are removed when the capture ends, also on error.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from . import _intercepts
+from ._intercepts import CHANNELS_FIRST, CHANNELS_LAST, Intercept, op_name
+
+_CONV_NAMES = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
+
+
+@dataclass(eq=False)
+class BiasSource:
+    """One bias source of eq. 1: an operation output ``y_g`` and its intercept ``c_g``.
+
+    Attributes:
+        name: readable unique name: the module's qualified name for the bias of a leaf
+            module (``features.0``), ``module:op`` for an operation written in a
+            ``forward`` (``features.1.0.block.2:mul``), with ``#k`` appended when the same
+            name occurs more than once in a forward pass (a module called twice).
+        module: qualified name of the innermost module running the operation
+            (``""`` for the root or a plain function).
+        op: the operation (``conv2d``, ``batch_norm``, ``silu``, ``mul``...).
+        index: order of creation in the forward pass.
+        shape: shape of the output.
+        channel_dim: axis of the output holding channels when the output has the network
+            input's layout (channels-first or channels-last), else ``None``.
+        spatial: whether the output is a spatial map of the input (eq. 4's set ``L``): it
+            has the input's rank, a known layout and more than one spatial position.
+        block: name of the linear block the source belongs to; a BatchNorm reading a
+            convolution's output directly shares the convolution's block (the paper's
+            conv-BN blocks).
+        intercept: the intercept (see :class:`captum_fullgrad._intercepts.Intercept`).
+    """
+
+    name: str
+    module: str
+    op: str
+    index: int
+    shape: torch.Size
+    channel_dim: Optional[int]
+    spatial: bool
+    block: str
+    intercept: Intercept = field(repr=False)
+
+    def broadcast_intercept(self) -> Tensor:
+        """The intercept as a tensor broadcastable to :attr:`shape`."""
+        if self.intercept.channel_vector is not None:
+            view = [1] * len(self.shape)
+            view[self.intercept.channel_dim] = -1
+            return self.intercept.channel_vector.reshape(view)
+        return self.intercept.dense
+
+    def bias_jacobian(self, grad: Tensor) -> Tensor:
+        """``df/dy_g * c_g``, shaped like the output (seed eq. 1)."""
+        return grad * self.broadcast_intercept().to(grad.dtype)
+
+    def per_example_sum(self, grad: Tensor) -> Tensor:
+        """``<df/dy_g, c_g>`` for each example: this source's term of eq. 1, shape ``(B,)``."""
+        if self.intercept.channel_vector is not None:
+            channel_dim = self.intercept.channel_dim
+            reduce_dims = [d for d in range(grad.dim()) if d not in (0, channel_dim)]
+            per_channel = grad.sum(reduce_dims) if reduce_dims else grad
+            return per_channel @ self.intercept.channel_vector.to(grad.dtype)
+        return self.bias_jacobian(grad).flatten(1).sum(1)
+
+    def channel_summed(self, grad: Tensor) -> Tensor:
+        """``sum_c f^b_{l,c}``: the bias-Jacobian summed over channels, ``(B, *spatial)``."""
+        assert self.channel_dim is not None
+        if self.intercept.channel_vector is not None and self.intercept.channel_dim == self.channel_dim:
+            vector = self.intercept.channel_vector.to(grad.dtype)
+            if self.channel_dim == grad.dim() - 1:
+                return grad @ vector
+            # Contract the channel axis without materialising grad * bias.
+            return torch.einsum("bc...,c->b...", grad, vector)
+        return self.bias_jacobian(grad).sum(self.channel_dim)
+
+
+class Collector(Protocol):
+    """Receives each bias source at forward time and its output gradient at backward time."""
+
+    def on_source(self, source: BiasSource) -> None: ...
+
+    def on_gradient(self, source: BiasSource, grad: Tensor) -> None: ...
+
+
+class _GraphTracker:
+    """Which tensors depend on the network input, and in which layout.
+
+    Keyed by ``id`` with a weak reference to rule out reused ids; parameters and buffers
+    are never graph tensors, even when they require grad (training uses).
+    """
+
+    def __init__(self) -> None:
+        self._entries: Dict[int, Tuple[weakref.ref, Optional[str]]] = {}
+
+    def add(self, tensor: Tensor, layout: Optional[str]) -> None:
+        self._entries[id(tensor)] = (weakref.ref(tensor), layout)
+
+    def get(self, value: Any) -> Optional[Tuple[weakref.ref, Optional[str]]]:
+        entry = self._entries.get(id(value))
+        if entry is not None and entry[0]() is value:
+            return entry
+        return None
+
+    def contains(self, value: Any) -> bool:
+        return self.get(value) is not None
+
+    def layout(self, value: Any) -> Optional[str]:
+        entry = self.get(value)
+        return entry[1] if entry is not None else None
+
+
+class _Mode(TorchFunctionMode, _intercepts.Context):
+    def __init__(self, capture: "Capture") -> None:
+        super().__init__()
+        self.capture = capture
+
+    def is_graph(self, value: Any) -> bool:
+        return isinstance(value, Tensor) and self.capture.tracker.contains(value)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: D105
+        kwargs = kwargs or {}
+        graph_inputs = self._graph_inputs(args, kwargs)
+        if not graph_inputs:
+            return func(*args, **kwargs)
+        return self.capture._process(self, func, args, kwargs, graph_inputs)
+
+    def _graph_inputs(self, args: Sequence[Any], kwargs: Dict[str, Any]) -> List[Tensor]:
+        tracker = self.capture.tracker
+        found: List[Tensor] = []
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, Tensor):
+                if tracker.contains(value):
+                    found.append(value)
+            elif isinstance(value, (list, tuple)):
+                for item in value:
+                    if isinstance(item, Tensor) and tracker.contains(item):
+                        found.append(item)
+        return found
+
+
+class Capture:
+    """Record the bias sources of one forward pass of ``forward_func`` on ``inputs``.
+
+    Use as a context manager around the forward pass; the input tensor must be the one the
+    forward pass reads (the capture tracks what depends on it by identity).
+
+    Args:
+        forward_func: the model (an ``nn.Module`` gives readable names) or any callable.
+        inputs: the network input ``x`` (a tensor that requires grad).
+        collector: receives sources and their gradients.
+    """
+
+    def __init__(self, forward_func: Callable[..., Any], inputs: Tensor, collector: Collector) -> None:
+        self.forward_func = forward_func
+        self.inputs = inputs
+        self.collector = collector
+        self.tracker = _GraphTracker()
+        self.sources: List[BiasSource] = []
+        self.failed_ops: List[str] = []
+        self._module_stack: List[Tuple[str, bool, List[int]]] = []
+        self._handles: List[Any] = []
+        self._conv_outputs: Dict[int, Tuple[weakref.ref, int, str]] = {}
+        self._mode: Optional[_Mode] = None
+        self._input_rank = inputs.dim()
+
+    # ------------------------------------------------------------------ context
+    def __enter__(self) -> "Capture":
+        self.tracker.add(self.inputs, CHANNELS_FIRST)
+        try:
+            self._install_module_hooks()
+            self._mode = _Mode(self)
+            self._mode.__enter__()
+        except BaseException:
+            self._remove_module_hooks()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            if self._mode is not None:
+                self._mode.__exit__(*exc)
+                self._mode = None
+        finally:
+            self._remove_module_hooks()
+        if exc[0] is None:
+            self._finalise_names()
+
+    # ------------------------------------------------------------------ names
+    def _install_module_hooks(self) -> None:
+        if not isinstance(self.forward_func, nn.Module):
+            return
+        for name, module in self.forward_func.named_modules():
+            is_leaf = next(module.children(), None) is None
+
+            def pre_hook(_module, _args, name=name, is_leaf=is_leaf):
+                self._module_stack.append((name, is_leaf, [0]))
+
+            def post_hook(_module, _args, _output, name=name):
+                # Pop up to and including this module; tolerates a forward that raised.
+                while self._module_stack:
+                    if self._module_stack.pop()[0] == name:
+                        break
+
+            self._handles.append(module.register_forward_pre_hook(pre_hook))
+            self._handles.append(module.register_forward_hook(post_hook, always_call=True))
+
+    def _remove_module_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._module_stack.clear()
+
+    def _base_name(self, op: str) -> Tuple[str, str]:
+        if not self._module_stack:
+            return "", op
+        module, is_leaf, count = self._module_stack[-1]
+        count[0] += 1
+        if is_leaf and count[0] == 1:
+            return module, module
+        return module, f"{module}:{op}" if module else op
+
+    def _finalise_names(self) -> None:
+        counts: Dict[str, int] = {}
+        for source in self.sources:
+            counts[source.name] = counts.get(source.name, 0) + 1
+        seen: Dict[str, int] = {}
+        for source in self.sources:
+            if counts[source.name] > 1:
+                k = seen.get(source.name, 0)
+                seen[source.name] = k + 1
+                source.name = f"{source.name}#{k}"
+        # Blocks were marked with the creating convolution's index; name them after it.
+        for source in self.sources:
+            source.block = self.sources[int(source.block[1:])].name if source.block.startswith("@") else source.name
+
+    # ------------------------------------------------------------------ ops
+    def _process(self, mode: _Mode, func: Callable, args: Sequence[Any], kwargs: Dict[str, Any], graph_inputs: List[Tensor]) -> Any:
+        result = _intercepts.apply_rule(mode, func, args, kwargs)
+        if result.failed:
+            self.failed_ops.append(result.failed)
+        value = result.value
+        produced = args[0] if value is None else value
+        outputs = mode.graph_outputs(produced)
+        if not outputs:
+            return value
+        layout = self._infer_layout(func, args, kwargs, graph_inputs, outputs, result.layout)
+        for output in outputs:
+            self.tracker.add(output, layout if output.dim() == self._input_rank else None)
+        op = op_name(func)
+        for intercept in result.intercepts:
+            self._add_source(op, intercept, graph_inputs)
+        return value
+
+    def _infer_layout(
+        self,
+        func: Callable,
+        args: Sequence[Any],
+        kwargs: Dict[str, Any],
+        graph_inputs: List[Tensor],
+        outputs: List[Tensor],
+        forced: Optional[str],
+    ) -> Optional[str]:
+        if forced is not None:
+            return forced
+        source = next((t for t in graph_inputs if t.dim() == self._input_rank), None)
+        if source is None:
+            return None
+        layout = self.tracker.layout(source)
+        name = getattr(func, "__name__", "")
+        if name in ("permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis") and layout:
+            perm = _permutation(name, source.dim(), args[1:], kwargs)
+            if perm is None:
+                return None
+            n = source.dim()
+            to_last = [0, *range(2, n), 1]
+            to_first = [0, n - 1, *range(1, n - 1)]
+            if perm == list(range(n)):
+                return layout
+            if layout == CHANNELS_FIRST and perm == to_last:
+                return CHANNELS_LAST
+            if layout == CHANNELS_LAST and perm == to_first:
+                return CHANNELS_FIRST
+            return None
+        out = outputs[0]
+        if layout is not None and out.dim() == source.dim():
+            spatial_in = _spatial_shape(source.shape, layout)
+            spatial_out = _spatial_shape(out.shape, layout)
+            if spatial_in == spatial_out:
+                return layout
+        return None
+
+    def _add_source(self, op: str, intercept: Intercept, graph_inputs: List[Tensor]) -> None:
+        output = intercept.output
+        module, name = self._base_name(op)
+        layout = self.tracker.layout(output)
+        if output.dim() == self._input_rank and layout is not None:
+            channel_dim = 1 if layout == CHANNELS_FIRST else output.dim() - 1
+            spatial = any(s > 1 for s in _spatial_shape(output.shape, layout))
+        else:
+            channel_dim, spatial = None, False
+        index = len(self.sources)
+        block = name
+        if op == "batch_norm" and graph_inputs:
+            entry = self._conv_outputs.get(id(graph_inputs[0]))
+            if entry is not None and entry[0]() is graph_inputs[0] and entry[1] == graph_inputs[0]._version:
+                block = entry[2]
+        source = BiasSource(
+            name=name,
+            module=module,
+            op=op,
+            index=index,
+            shape=output.shape,
+            channel_dim=channel_dim,
+            spatial=spatial,
+            block=block,
+            intercept=intercept,
+        )
+        if op in _CONV_NAMES:
+            # A BatchNorm reading exactly this tensor joins this convolution's block.
+            self._conv_outputs[id(output)] = (weakref.ref(output), output._version, f"@{index}")
+            source.block = f"@{index}"
+        self.sources.append(source)
+        self.collector.on_source(source)
+        collector = self.collector
+        output.register_hook(lambda grad, source=source: collector.on_gradient(source, grad))
+
+
+def _spatial_shape(shape: Sequence[int], layout: str) -> Tuple[int, ...]:
+    return tuple(shape[2:]) if layout == CHANNELS_FIRST else tuple(shape[1:-1])
+
+
+def _permutation(name: str, rank: int, args: Sequence[Any], kwargs: Dict[str, Any]) -> Optional[List[int]]:
+    try:
+        if name == "permute":
+            dims = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple, torch.Size)) else args
+            dims = list(dims) if dims else list(kwargs.get("dims", ()))
+            return [d % rank for d in dims]
+        if name in ("transpose", "swapaxes", "swapdims"):
+            a, b = (list(args) + [kwargs.get("dim0"), kwargs.get("dim1")])[:2]
+            perm = list(range(rank))
+            a, b = a % rank, b % rank
+            perm[a], perm[b] = perm[b], perm[a]
+            return perm
+        if name in ("movedim", "moveaxis"):
+            source, destination = (list(args) + [kwargs.get("source"), kwargs.get("destination")])[:2]
+            source = [source] if isinstance(source, int) else list(source)
+            destination = [destination] if isinstance(destination, int) else list(destination)
+            perm: List[Optional[int]] = [None] * rank
+            for s, d in zip(source, destination):
+                perm[d % rank] = s % rank
+            rest = iter(i for i in range(rank) if i not in {s % rank for s in source})
+            return [p if p is not None else next(rest) for p in perm]
+    except (TypeError, IndexError, ValueError):
+        return None
+    return None
+
+
+@dataclass
+class Pass:
+    """What one captured forward and backward pass produced."""
+
+    inputs: Tensor  # the detached copy of the input that was differentiated
+    output: Tensor  # selected output per example, (B,)
+    input_gradient: Tensor  # grad_x f, the input's shape
+    sources: List[BiasSource]
+    failed_ops: List[str]
+
+
+def forward_backward(
+    forward_func: Callable[..., Any],
+    inputs: Tensor,
+    select: Callable[[Any], Tensor],
+    additional_forward_args: Tuple[Any, ...],
+    collector: Collector,
+    create_graph: bool = False,
+) -> Pass:
+    """One forward pass under capture, then one backward pass to the input.
+
+    The input is copied (``detach().clone()``) so that the caller's tensor, its
+    ``requires_grad`` flag and its ``.grad`` stay as they were; ``torch.autograd.grad``
+    accumulates nothing into any ``.grad``. Gradients are enabled even under
+    ``torch.no_grad()`` (Captum's ``sensitivity_max`` calls explanations that way).
+    ``create_graph=True`` keeps the backward pass differentiable (training uses).
+    """
+    x = inputs.detach().clone()
+    if create_graph and inputs.requires_grad:
+        # Keep the caller's graph for double backpropagation (the penalty is then a
+        # function of whatever produced ``inputs``).
+        x = inputs.clone()
+    x.requires_grad_(True)
+    with torch.enable_grad():
+        with Capture(forward_func, x, collector) as capture:
+            output = forward_func(x, *additional_forward_args)
+        selected = select(output)
+        if selected.requires_grad:
+            (input_gradient,) = torch.autograd.grad(
+                selected.sum(), x, create_graph=create_graph, allow_unused=True
+            )
+        else:
+            input_gradient = None
+    if input_gradient is None:
+        input_gradient = torch.zeros_like(x)
+    return Pass(
+        inputs=x if create_graph else x.detach(),
+        output=selected if create_graph else selected.detach(),
+        input_gradient=input_gradient,
+        sources=capture.sources,
+        failed_ops=capture.failed_ops,
+    )
