@@ -18,6 +18,7 @@ derivative formulas and so agrees with the backward pass that produces ``df/dy_g
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
 from dataclasses import dataclass
@@ -291,18 +292,18 @@ def _generic(
     inplace = is_inplace(func, args, kwargs)
     if reevaluate is None:
         flat, spec = tree_flatten((list(args), kwargs))
-        positions = [i for i, v in enumerate(flat) if ctx.is_graph(v)]
+        input_positions = [i for i, v in enumerate(flat) if ctx.is_graph(v)]
 
         def call(*graph_values: Tensor) -> Any:
             values = list(flat)
-            for i, v in zip(positions, graph_values):
+            for i, v in zip(input_positions, graph_values):
                 values[i] = v
             call_args, call_kwargs = tree_unflatten(values, spec)
             result = func(*call_args, **call_kwargs)
             # In-place ops that return None (__setitem__) change their first argument.
             return call_args[0] if result is None else result
 
-        primals = [flat[i] for i in positions]
+        primals = [flat[i] for i in input_positions]
     else:
         call, primals = reevaluate, list(reevaluate_inputs or [])
     # In-place ops overwrite their input: linearise on a copy taken before the real call.
@@ -311,14 +312,16 @@ def _generic(
     value = func(*args, **kwargs)
     produced = args[0] if value is None else value
     flat_out, _ = tree_flatten(produced)
-    positions = [i for i, o in enumerate(flat_out) if _is_graph_output(o)]
-    if not positions:
+    output_positions = [i for i, o in enumerate(flat_out) if _is_graph_output(o)]
+    if not output_positions:
         return OpResult(value, [], layout=layout)
     try:
-        constants = _forward_mode_intercepts(call, saved, inplace, positions)
+        with _math_attention():
+            constants = _forward_mode_intercepts(call, saved, inplace, output_positions)
     except (RuntimeError, NotImplementedError):
         try:
-            constants = _double_backward_intercepts(call, saved, positions)
+            with _math_attention():
+                constants = _double_backward_intercepts(call, saved, output_positions)
         except (RuntimeError, NotImplementedError) as error:
             warnings.warn(
                 f"captum_fullgrad: could not linearise `{op_name(func)}` ({error}); its intercept is "
@@ -327,7 +330,19 @@ def _generic(
                 stacklevel=3,
             )
             return OpResult(value, [], layout=layout, failed=op_name(func))
-    return OpResult(value, [Intercept(flat_out[i], dense=c) for i, c in zip(positions, constants)], layout=layout)
+    intercepts = [Intercept(flat_out[i], dense=c) for i, c in zip(output_positions, constants)]
+    return OpResult(value, intercepts, layout=layout)
+
+
+def _math_attention():
+    """Fused attention kernels (flash, memory-efficient) have no forward-mode derivative;
+    the math kernel computes the same function from differentiable parts."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.MATH])
+    except ImportError:  # torch < 2.3
+        return contextlib.nullcontext()
 
 
 def _is_graph_output(value: Any) -> bool:

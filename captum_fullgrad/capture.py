@@ -30,6 +30,7 @@ from torch.utils._pytree import tree_flatten
 from . import _intercepts
 from ._intercepts import CHANNELS_FIRST, CHANNELS_LAST, Intercept, op_name
 
+_PERMUTATIONS = ("permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "t")
 _CONV_NAMES = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
 
 
@@ -66,6 +67,7 @@ class BiasSource:
     spatial: bool
     block: str
     intercept: Intercept = field(repr=False)
+    batch_dim: int = 0
 
     def broadcast_intercept(self) -> Tensor:
         """The intercept as a tensor broadcastable to :attr:`shape`."""
@@ -81,12 +83,18 @@ class BiasSource:
 
     def per_example_sum(self, grad: Tensor) -> Tensor:
         """``<df/dy_g, c_g>`` for each example: this source's term of eq. 1, shape ``(B,)``."""
+        if self.batch_dim != 0:
+            return self.per_example_total(self.bias_jacobian(grad))
         if self.intercept.channel_vector is not None:
             channel_dim = self.intercept.channel_dim
             reduce_dims = [d for d in range(grad.dim()) if d not in (0, channel_dim)]
             per_channel = grad.sum(reduce_dims) if reduce_dims else grad
             return per_channel @ self.intercept.channel_vector.to(grad.dtype)
         return self.bias_jacobian(grad).flatten(1).sum(1)
+
+    def per_example_total(self, bias_jacobian: Tensor) -> Tensor:
+        """Sum a bias-Jacobian of this source over everything but its batch axis, ``(B,)``."""
+        return bias_jacobian.movedim(self.batch_dim, 0).flatten(1).sum(1)
 
     def channel_summed(self, grad: Tensor) -> Tensor:
         """``sum_c f^b_{l,c}``: the bias-Jacobian summed over channels, ``(B, *spatial)``."""
@@ -109,19 +117,21 @@ class Collector(Protocol):
 
 
 class _GraphTracker:
-    """Which tensors depend on the network input, and in which layout.
+    """Which tensors depend on the network input, their layout and their batch axis.
 
     Keyed by ``id`` with a weak reference to rule out reused ids; parameters and buffers
-    are never graph tensors, even when they require grad (training uses).
+    are never graph tensors, even when they require grad (training uses). The batch axis
+    is followed through transposes (``nn.MultiheadAttention`` works sequence-first) so
+    that every term of eq. 1 can be split per example.
     """
 
     def __init__(self) -> None:
-        self._entries: Dict[int, Tuple[weakref.ref, Optional[str]]] = {}
+        self._entries: Dict[int, Tuple[weakref.ref, Optional[str], Optional[int]]] = {}
 
-    def add(self, tensor: Tensor, layout: Optional[str]) -> None:
-        self._entries[id(tensor)] = (weakref.ref(tensor), layout)
+    def add(self, tensor: Tensor, layout: Optional[str], batch_dim: Optional[int]) -> None:
+        self._entries[id(tensor)] = (weakref.ref(tensor), layout, batch_dim)
 
-    def get(self, value: Any) -> Optional[Tuple[weakref.ref, Optional[str]]]:
+    def get(self, value: Any) -> Optional[Tuple[weakref.ref, Optional[str], Optional[int]]]:
         entry = self._entries.get(id(value))
         if entry is not None and entry[0]() is value:
             return entry
@@ -133,6 +143,10 @@ class _GraphTracker:
     def layout(self, value: Any) -> Optional[str]:
         entry = self.get(value)
         return entry[1] if entry is not None else None
+
+    def batch_dim(self, value: Any) -> Optional[int]:
+        entry = self.get(value)
+        return entry[2] if entry is not None else None
 
 
 class _Mode(TorchFunctionMode, _intercepts.Context):
@@ -188,10 +202,11 @@ class Capture:
         self._conv_outputs: Dict[int, Tuple[weakref.ref, int, str]] = {}
         self._mode: Optional[_Mode] = None
         self._input_rank = inputs.dim()
+        self._batch_size = inputs.shape[0]
 
     # ------------------------------------------------------------------ context
     def __enter__(self) -> "Capture":
-        self.tracker.add(self.inputs, CHANNELS_FIRST)
+        self.tracker.add(self.inputs, CHANNELS_FIRST, 0)
         try:
             self._install_module_hooks()
             self._mode = _Mode(self)
@@ -269,13 +284,42 @@ class Capture:
         outputs = mode.graph_outputs(produced)
         if not outputs:
             return value
+        batch_dims = self._infer_batch_dims(func, args, kwargs, graph_inputs, outputs)
         layout = self._infer_layout(func, args, kwargs, graph_inputs, outputs, result.layout)
-        for output in outputs:
-            self.tracker.add(output, layout if output.dim() == self._input_rank else None)
+        for output, batch_dim in zip(outputs, batch_dims):
+            usable = output.dim() == self._input_rank and batch_dim == 0
+            self.tracker.add(output, layout if usable else None, batch_dim)
         op = op_name(func)
         for intercept in result.intercepts:
             self._add_source(op, intercept, graph_inputs)
         return value
+
+    def _infer_batch_dims(
+        self,
+        func: Callable,
+        args: Sequence[Any],
+        kwargs: Dict[str, Any],
+        graph_inputs: List[Tensor],
+        outputs: List[Tensor],
+    ) -> List[Optional[int]]:
+        """The batch axis of each output: followed through permutations, else kept where it fits."""
+        batch = self._batch_size
+        source = graph_inputs[0]
+        source_dim = self.tracker.batch_dim(source)
+        name = getattr(func, "__name__", "")
+        if name in _PERMUTATIONS and source_dim is not None:
+            perm = _permutation(name, source.dim(), args[1:], kwargs)
+            if perm is not None:
+                return [perm.index(source_dim)] * len(outputs)
+        dims: List[Optional[int]] = []
+        for output in outputs:
+            if source_dim is not None and output.dim() == source.dim() and output.shape[source_dim] == batch:
+                dims.append(source_dim)
+            elif output.dim() > 0 and output.shape[0] == batch:
+                dims.append(0)
+            else:
+                dims.append(None)
+        return dims
 
     def _infer_layout(
         self,
@@ -293,7 +337,7 @@ class Capture:
             return None
         layout = self.tracker.layout(source)
         name = getattr(func, "__name__", "")
-        if name in ("permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis") and layout:
+        if name in _PERMUTATIONS and layout:
             perm = _permutation(name, source.dim(), args[1:], kwargs)
             if perm is None:
                 return None
@@ -319,6 +363,13 @@ class Capture:
         output = intercept.output
         module, name = self._base_name(op)
         layout = self.tracker.layout(output)
+        batch_dim = self.tracker.batch_dim(output)
+        if batch_dim is None:
+            if self._batch_size != 1:
+                # Its share of f(x) cannot be split per example: report, never guess.
+                self.failed_ops.append(f"{name} (no batch axis)")
+                return
+            batch_dim = 0
         if output.dim() == self._input_rank and layout is not None:
             channel_dim = 1 if layout == CHANNELS_FIRST else output.dim() - 1
             spatial = any(s > 1 for s in _spatial_shape(output.shape, layout))
@@ -340,6 +391,7 @@ class Capture:
             spatial=spatial,
             block=block,
             intercept=intercept,
+            batch_dim=batch_dim,
         )
         if op in _CONV_NAMES:
             # A BatchNorm reading exactly this tensor joins this convolution's block.
@@ -357,6 +409,8 @@ def _spatial_shape(shape: Sequence[int], layout: str) -> Tuple[int, ...]:
 
 def _permutation(name: str, rank: int, args: Sequence[Any], kwargs: Dict[str, Any]) -> Optional[List[int]]:
     try:
+        if name == "t":
+            return [1, 0] if rank == 2 else list(range(rank))
         if name == "permute":
             dims = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple, torch.Size)) else args
             dims = list(dims) if dims else list(kwargs.get("dims", ()))

@@ -60,7 +60,9 @@ class FullJacobian:
     @property
     def bias_terms(self) -> "OrderedDict[str, Tensor]":
         """Each source's share of the output, ``sum(f^b)`` per example, ``(B,)``."""
-        return OrderedDict((name, bj.flatten(1).sum(1)) for name, bj in self.bias_jacobians.items())
+        return OrderedDict(
+            (name, self.sources[name].per_example_total(bj)) for name, bj in self.bias_jacobians.items()
+        )
 
     @property
     def blocks(self) -> "OrderedDict[str, Tuple[str, ...]]":
@@ -89,7 +91,7 @@ class FullJacobian:
         total = torch.zeros_like(self.output)
         for name, source in self.sources.items():
             if not source.spatial:
-                total = total + self.bias_jacobians[name].flatten(1).sum(1).to(total.dtype)
+                total = total + source.per_example_total(self.bias_jacobians[name]).to(total.dtype)
         return total
 
 
@@ -118,7 +120,7 @@ def _assemble(run: Pass, kept: Dict[BiasSource, Tensor]) -> FullJacobian:
             # No gradient reached this output: it does not influence f(x).
             bj = torch.zeros(source.shape, dtype=run.input_gradient.dtype, device=run.input_gradient.device)
         bias_jacobians[source.name] = bj
-        total = total + bj.flatten(1).sum(1).to(total.dtype)
+        total = total + source.per_example_total(bj).to(total.dtype)
     return FullJacobian(
         output=run.output,
         inputs=run.inputs,

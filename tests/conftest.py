@@ -1,0 +1,78 @@
+"""Shared fixtures: small random networks whose every bias source is non-zero."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torchvision
+
+from captum_fullgrad.testing import randomize_parameters_
+
+torch.set_num_threads(2)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+# The completeness zoo of the core issue. Inception needs at least 75 px.
+ZOO = [
+    "vgg11_bn",
+    "vgg16_bn",
+    "alexnet",
+    "resnet18",
+    "resnet50",
+    "densenet121",
+    "squeezenet1_1",
+    "shufflenet_v2_x0_5",
+    "mnasnet0_5",
+    "googlenet",
+    "inception_v3",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "efficientnet_b0",
+    "regnet_y_400mf",
+    "convnext_tiny",
+]
+ZOO_INPUT_SIZE = {"inception_v3": 80, "alexnet": 64}
+
+
+def build_zoo_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.nn.Module:
+    """A torchvision classifier with randomised biases, BN statistics and affine terms, in eval mode."""
+    kwargs = {}
+    if name in ("googlenet", "inception_v3"):
+        kwargs = {"init_weights": True, "aux_logits": False}
+    if name == "vit":
+        model = torchvision.models.VisionTransformer(
+            image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=10
+        )
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = torchvision.models.get_model(name, weights=None, num_classes=10, **kwargs)
+    randomize_parameters_(model, seed)
+    if name == "inception_v3":
+        # Truncated-normal init with std 0.1 makes the logits ~1e9; rescale to keep the
+        # test's relative tolerance meaningful.
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, torch.nn.Conv2d):
+                    m.weight.mul_(0.3)
+    return model.to(dtype).eval()
+
+
+@pytest.fixture
+def float64_vgg() -> torch.nn.Module:
+    return build_zoo_model("vgg11_bn")
+
+
+@pytest.fixture
+def images64() -> torch.Tensor:
+    return torch.rand(2, 3, 48, 56, dtype=torch.float64, generator=torch.Generator().manual_seed(1))

@@ -1,0 +1,223 @@
+"""Eq. 1: completeness on the torchvision zoo and on every construct the capture must see."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from captum_fullgrad import full_jacobian
+from captum_fullgrad.testing import randomize_parameters_
+
+from .conftest import ZOO, ZOO_INPUT_SIZE, build_zoo_model
+
+
+def relative_gap(fj) -> torch.Tensor:
+    return fj.completeness_delta.abs() / fj.output.abs()
+
+
+def assert_complete(fj, rtol: float = 1e-6) -> None:
+    assert torch.isfinite(fj.completeness_delta).all()
+    assert (fj.output.abs() > 1e-6).all(), "pick a target with a non-negligible output"
+    assert (relative_gap(fj) < rtol).all(), f"completeness gap {relative_gap(fj).tolist()}"
+
+
+def bias_share(fj) -> torch.Tensor:
+    """How much of f(x) the bias terms carry: guards against vacuous zero-bias tests."""
+    return (fj.output - fj.input_term).abs() / fj.output.abs()
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_completeness_on_torchvision_zoo(name):
+    model = build_zoo_model(name)
+    size = ZOO_INPUT_SIZE.get(name, 48)
+    x = torch.rand(2, 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(x)
+    target = logits.abs().argmax(1)  # non-negligible outputs
+    fj = full_jacobian(model, x, target=target)
+    assert_complete(fj)
+    assert not fj.failed_ops
+    # The bias terms matter on these networks: without them eq. 1 would be far off.
+    assert (bias_share(fj) > 1e-3).all()
+    assert set(fj.bias_jacobians) == set(fj.sources)
+
+
+def test_completeness_on_vision_transformer():
+    """Stretch goal: attention, class token and position embedding are intercepts too."""
+    model = build_zoo_model("vit")
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    fj = full_jacobian(model, x, target=[1, 2])
+    assert_complete(fj)
+    ops = {s.op for s in fj.sources.values()}
+    assert {"cat", "add", "layer_norm", "multi_head_attention_forward"} <= ops
+
+
+def test_bias_jacobians_match_autograd_on_a_plain_network():
+    """Names, shapes and values of f^b = df/dy * b against an independent autograd computation."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)
+    ).double()
+    randomize_parameters_(model, 3)
+    model.eval()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    fj = full_jacobian(model, x, target=2)
+
+    conv, bn, linear = model[0], model[1], model[4]
+    z1 = conv(x)
+    z2 = bn(z1)
+    out = linear(torch.flatten(F.relu(z2), 1))[:, 2]
+    g1, g2 = torch.autograd.grad(out.sum(), (z1, z2))
+    effective = bn.bias - bn.running_mean * bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    expected = {
+        "0": g1 * conv.bias.view(1, -1, 1, 1),
+        "1": g2 * effective.view(1, -1, 1, 1),
+        "4": torch.zeros(2, 3, dtype=torch.float64).index_fill_(1, torch.tensor([2]), 1.0) * linear.bias,
+    }
+    assert list(fj.bias_jacobians) == ["0", "1", "4"]
+    for name, value in expected.items():
+        torch.testing.assert_close(fj.bias_jacobians[name], value.detach())
+    # The conv and the BN reading its output form one block (the paper's conv-BN blocks).
+    assert fj.blocks == {"0": ("0", "1"), "4": ("4",)}
+    torch.testing.assert_close(fj.output, out.detach())
+
+
+class _Constructs(nn.Module):
+    """Everything the capture must see that leaf-module hooks would miss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.shared = nn.Conv2d(8, 8, 3, padding=1)  # called twice
+        self.bn = nn.BatchNorm2d(8)
+        self.fc1 = nn.Conv2d(8, 4, 1)
+        self.fc2 = nn.Conv2d(4, 8, 1)
+        self.tied = nn.Linear(8, 8)
+        self.head = nn.Linear(16, 5)
+        self.offset = nn.Parameter(torch.randn(1, 8, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x), inplace=True)  # functional in-place
+        y = self.shared(x)
+        y = F.silu(self.bn(y))
+        y = self.shared(y) + x  # second call of the same module, residual
+        y = y + self.offset  # constant added in forward
+        scale = torch.sigmoid(self.fc2(F.relu(self.fc1(y.mean((2, 3), keepdim=True)))))
+        y = scale * y  # squeeze-and-excitation: product of two activations
+        y.mul_(1.5)
+        y = torch.cat([y, torch.tanh(y)], 1)
+        pooled = F.adaptive_avg_pool2d(y, 1).flatten(1)
+        a, b = pooled.split(8, 1)
+        b = F.linear(b, self.tied.weight, self.tied.bias)  # shared weights, functional call
+        b = self.tied(b)
+        return self.head(torch.cat([a, F.gelu(b)], 1))
+
+
+def test_completeness_on_every_construct():
+    model = _Constructs().double()
+    randomize_parameters_(model, 1)
+    model.eval()
+    x = torch.rand(3, 3, 10, 12, dtype=torch.float64)
+    fj = full_jacobian(model, x, target=[0, 3, 4])
+    assert_complete(fj, rtol=1e-9)
+    names = list(fj.bias_jacobians)
+    # A module run twice gets a call index; operations written in the root's forward are
+    # named by their op (in a submodule's forward: "module:op").
+    assert names == [
+        "stem", "shared#0", "bn", "silu", "shared#1", "add", "fc1", "fc2", "sigmoid", "mul", "tanh",
+        "linear", "tied", "gelu", "head",
+    ]
+    assert fj.blocks["shared#0"] == ("shared#0", "bn")
+
+
+def test_in_place_activation_modules_give_the_same_decomposition():
+    """ANCHORS trap: an in-place ReLU overwrites the conv output that a forward hook saved."""
+    torch.manual_seed(0)
+
+    def make(inplace: bool) -> nn.Module:
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            nn.Conv2d(3, 6, 3), nn.ReLU(inplace=inplace), nn.Conv2d(6, 6, 3), nn.Hardswish(inplace=inplace),
+            nn.Conv2d(6, 4, 1), nn.ReLU6(inplace=inplace), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2),
+        ).double()
+        return randomize_parameters_(model, 0).eval()
+
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64) * 3  # ReLU6 saturates somewhere
+    inplace, copy = full_jacobian(make(True), x, target=1), full_jacobian(make(False), x, target=1)
+    assert_complete(inplace, rtol=1e-9)
+    assert list(inplace.bias_jacobians) == list(copy.bias_jacobians)
+    for name in inplace.bias_jacobians:
+        torch.testing.assert_close(inplace.bias_jacobians[name], copy.bias_jacobians[name])
+
+
+def test_functional_model_and_additional_forward_args():
+    weight = torch.randn(5, 12, dtype=torch.float64)
+    bias = torch.randn(5, dtype=torch.float64)
+
+    def forward(x, shift, temperature=2.0):
+        hidden = torch.tanh(x.flatten(1) @ weight.T + bias + shift)
+        return F.softmax(hidden / temperature, dim=1)
+
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+    shift = torch.randn(4, 5, dtype=torch.float64)
+    fj = full_jacobian(forward, x, target=1, additional_forward_args=(shift, 3.0))
+    assert_complete(fj, rtol=1e-9)
+    torch.testing.assert_close(fj.output, forward(x, shift, 3.0)[:, 1])
+
+
+def test_missing_intercept_shows_in_the_delta():
+    """An op the capture cannot see (a custom autograd Function) is never hidden."""
+
+    class Square(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x * x
+
+        @staticmethod
+        def backward(ctx, grad):
+            (x,) = ctx.saved_tensors
+            return 2 * x * grad
+
+    def forward(x):
+        return Square.apply(x).flatten(1).sum(1)
+
+    x = torch.randn(2, 4, dtype=torch.float64)
+    fj = full_jacobian(forward, x)
+    # sum(x^2) = <2x, x> - sum(x^2): a gap of exactly -f(x) if the product is unseen, 0 if seen.
+    seen = torch.allclose(fj.completeness_delta, torch.zeros(2, dtype=torch.float64), atol=1e-12)
+    hidden = torch.allclose(fj.completeness_delta, -fj.output)
+    assert seen or hidden
+
+
+def test_model_without_bias_sources_reduces_to_input_times_gradient():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 2, bias=False))
+    model = model.double().eval()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    fj = full_jacobian(model, x, target=0)
+    assert len(fj.bias_jacobians) == 0
+    torch.testing.assert_close(fj.output, fj.input_term)
+    assert fj.completeness_delta.abs().max() < 1e-12
+
+
+def test_target_formats_agree():
+    model = build_zoo_model("resnet18")
+    x = torch.rand(3, 3, 32, 32, dtype=torch.float64)
+    by_list = full_jacobian(model, x, target=[2, 2, 2])
+    for target in (2, torch.tensor(2), torch.tensor([2, 2, 2])):
+        other = full_jacobian(model, x, target=target)
+        torch.testing.assert_close(other.output, by_list.output)
+        torch.testing.assert_close(other.input_jacobian, by_list.input_jacobian)
+
+
+def test_batched_equals_per_example():
+    model = build_zoo_model("mobilenet_v3_small")
+    x = torch.rand(3, 3, 48, 48, dtype=torch.float64)
+    batched = full_jacobian(model, x, target=[1, 4, 7])
+    for i, t in enumerate([1, 4, 7]):
+        single = full_jacobian(model, x[i : i + 1], target=t)
+        torch.testing.assert_close(single.input_jacobian, batched.input_jacobian[i : i + 1])
+        for name in single.bias_jacobians:
+            torch.testing.assert_close(single.bias_jacobians[name], batched.bias_jacobians[name][i : i + 1])
