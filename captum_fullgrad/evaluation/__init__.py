@@ -1,0 +1,72 @@
+r"""Evaluation metrics for saliency maps: pure functions of (model, inputs, targets, maps, masks).
+
+Conventions: inputs ``(B, C, H, W)``; ``model`` an ``nn.Module`` in eval mode returning
+logits ``(B, K)``; ``target`` ``(B,)`` class indices (or one int); saliency maps
+``(B, H, W)`` or ``(B, 1, H, W)``, larger = more important; masks bool ``(B, H, W)`` or
+``(B, 1, H, W)``. Every metric runs on the inputs' device and is deterministic for a
+given seed.
+
+Metrics, their reference, and which direction is better:
+
+- :func:`pointing_game` (Zhang et al., ECCV 2016): a hit is better.
+- :func:`relevance_mass`, :func:`relevance_rank` (Arras et al., Information Fusion
+  2022): higher is better.
+- :func:`pixel_perturbation` (Srinivas & Fleuret, NeurIPS 2019, sec. 5.1): lower change
+  is better when removing the least salient pixels, higher when removing the most.
+- :func:`road` (Rong et al., ICML 2022): lower accuracy is better for MoRF, higher for
+  LeRF.
+- :func:`cascading_randomisation` (Adebayo et al., NeurIPS 2018): similarity to the
+  original map should fall as layers are randomised.
+- :func:`infidelity_score`, :func:`sensitivity_score` (Yeh et al., NeurIPS 2019, via
+  Captum): lower is better.
+
+Controls any method should beat: :class:`UniformRandomMap`, :class:`BlurredRandomMap`,
+:class:`SobelEdgeMap`. Statistics: :func:`bootstrap_ci`, :func:`trapezoid`.
+"""
+
+from captum_fullgrad.evaluation.captum_scores import infidelity_score, sensitivity_score
+from captum_fullgrad.evaluation.controls import (
+    BlurredRandomMap,
+    SobelEdgeMap,
+    UniformRandomMap,
+    blurred_random_map,
+    sobel_edge_map,
+    uniform_random_map,
+)
+from captum_fullgrad.evaluation.localisation import pointing_game, relevance_mass, relevance_rank
+from captum_fullgrad.evaluation.perturbation import PixelPerturbationResult, pixel_perturbation
+from captum_fullgrad.evaluation.road import RoadResult, noisy_linear_imputation, road
+from captum_fullgrad.evaluation.sanity import (
+    CascadingRandomisationResult,
+    cascading_randomisation,
+    randomise_layer_,
+    spearman_correlation,
+    ssim,
+)
+from captum_fullgrad.evaluation.statistics import bootstrap_ci, trapezoid
+
+__all__ = [
+    "BlurredRandomMap",
+    "CascadingRandomisationResult",
+    "PixelPerturbationResult",
+    "RoadResult",
+    "SobelEdgeMap",
+    "UniformRandomMap",
+    "blurred_random_map",
+    "bootstrap_ci",
+    "cascading_randomisation",
+    "infidelity_score",
+    "noisy_linear_imputation",
+    "pixel_perturbation",
+    "pointing_game",
+    "randomise_layer_",
+    "relevance_mass",
+    "relevance_rank",
+    "road",
+    "sensitivity_score",
+    "sobel_edge_map",
+    "spearman_correlation",
+    "ssim",
+    "trapezoid",
+    "uniform_random_map",
+]
