@@ -55,7 +55,7 @@ def infidelity_score(
     r"""Infidelity of Yeh et al. (2019) of single-channel maps, via ``captum.metrics.infidelity``.
 
     Perturbations are Gaussian, :math:`I \sim \mathcal N(0, \sigma^2 \mathbf 1)` on every
-    input element (Yeh et al.'s "noisy baseline" perturbation), and the output is the
+    input element (cf. Yeh et al.'s noisy-baseline perturbations), and the output is the
     target logit. Captum requires the attribution to have the input's shape, so a
     ``(B, 1, H, W)`` map :math:`s` is spread evenly over the :math:`C` channels,
     :math:`\Phi_{c,p} = s_p / C`; then :math:`I^\top\Phi = \sum_p s_p \bar I_p` with
@@ -96,7 +96,9 @@ def infidelity_score(
         maps = _format_maps(maps)[:, None]
     maps = maps.to(device=inputs.device, dtype=inputs.dtype)
     if maps.shape[-2:] != inputs.shape[-2:] or maps.shape[0] != b:
-        raise ValueError(f"maps of shape {tuple(maps.shape)} do not match inputs {tuple(inputs.shape)}")
+        raise ValueError(
+            f"maps of shape {tuple(maps.shape)} do not match inputs {tuple(inputs.shape)}"
+        )
     attributions = (maps / c).expand_as(inputs).contiguous()
 
     generator = torch.Generator().manual_seed(seed)
@@ -171,7 +173,10 @@ def sensitivity_score(
     def perturb(x: Union[Tensor, Tuple[Tensor, ...]], radius: float) -> Tuple[Tensor, ...]:
         xs = x if isinstance(x, tuple) else (x,)
         return tuple(
-            t + ((torch.rand(t.shape, generator=generator, dtype=t.dtype) * 2 - 1) * radius).to(t.device)
+            t
+            + ((torch.rand(t.shape, generator=generator, dtype=t.dtype) * 2 - 1) * radius).to(
+                t.device
+            )
             for t in xs
         )
 

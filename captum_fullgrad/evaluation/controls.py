@@ -136,7 +136,9 @@ class BlurredRandomMap:
         blurred = _gaussian_blur(_uniform_noise(_format_inputs(inputs), self.seed), self.sigma)
         low = blurred.amin(dim=(2, 3), keepdim=True)
         span = blurred.amax(dim=(2, 3), keepdim=True) - low
-        return torch.where(span > 0, (blurred - low) / span.clamp_min(torch.finfo(span.dtype).tiny), 0.0)
+        return torch.where(
+            span > 0, (blurred - low) / span.clamp_min(torch.finfo(span.dtype).tiny), 0.0
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(seed={self.seed}, sigma={self.sigma})"

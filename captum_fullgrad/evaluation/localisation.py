@@ -127,9 +127,8 @@ def pointing_game(maps: Tensor, masks: Tensor, tolerance: int = 3) -> Tensor:
     masks = _format_masks(masks, maps)
     empty = ~masks.flatten(1).any(dim=1)
     if bool(empty.any()):
-        raise ValueError(
-            f"pointing game undefined for empty masks (examples {empty.nonzero().flatten().tolist()})"
-        )
+        examples = empty.nonzero().flatten().tolist()
+        raise ValueError(f"pointing game undefined for empty masks (examples {examples})")
     region = _disk_dilate(masks, int(tolerance))
     is_max = maps == maps.flatten(1).amax(dim=1)[:, None, None]
     return ~(is_max & ~region).flatten(1).any(dim=1)

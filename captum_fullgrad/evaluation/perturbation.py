@@ -41,7 +41,9 @@ def _format_inputs(inputs: Tensor) -> Tensor:
     return inputs.detach()
 
 
-def _format_target(target: Union[int, Sequence[int], Tensor], batch: int, device: torch.device) -> Tensor:
+def _format_target(
+    target: Union[int, Sequence[int], Tensor], batch: int, device: torch.device
+) -> Tensor:
     r"""Return class indices as a long ``(B,)`` tensor on ``device``; an int is broadcast."""
     t = torch.as_tensor(target, device=device)
     if t.dim() == 0:

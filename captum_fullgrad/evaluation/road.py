@@ -11,8 +11,9 @@ equations of all removed pixels being solved jointly, plus a little Gaussian noi
 Unlike ROAR it needs no retraining.
 
 The imputation is solved here with a batched, Jacobi-preconditioned conjugate-gradient
-iteration in PyTorch (all images and channels at once, on the inputs' device); it agrees with a direct sparse solve to the solver tolerance (see the tests,
-which compare against ``scipy.sparse.linalg.spsolve``).
+iteration in PyTorch (all images and channels at once, on the inputs' device, without a
+SciPy dependency); it agrees with a direct sparse solve to the solver tolerance (the
+tests compare it with ``scipy.sparse.linalg.spsolve``).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ __all__ = ["RoadResult", "noisy_linear_imputation", "road"]
 #: Removal percentages of Rong et al.'s ROAD curves.
 DEFAULT_ROAD_PERCENTAGES = (10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0)
 
-# Neighbour weights of the noisy linear imputation (Rong et al. 2022, section 4):
+# Neighbour weights of the noisy linear imputation (Rong et al. 2022):
 # 1/6 for the four direct neighbours, 1/12 for the four diagonal ones; they sum to 1.
 _NEIGHBOUR_WEIGHTS: Tuple[Tuple[int, int, float], ...] = (
     (-1, -1, 1 / 12), (-1, 0, 1 / 6), (-1, 1, 1 / 12),

@@ -2,12 +2,13 @@
 r"""Model-parameter randomisation test of Adebayo et al. (2018).
 
 Adebayo, Gilmer, Muelly, Goodfellow, Hardt & Kim, "Sanity Checks for Saliency Maps",
-NeurIPS 2018, section 3: an explanation that is meant to describe *the model* must change
-when the model's parameters are replaced by random ones. In the *cascading* test the
-layers are randomised one after another from the output towards the input, and after
-each step the new map is compared with the original one; a map that stays similar while
-most of the network is random is explaining the input (e.g. its edges), not the model.
-The *independent* variant randomises one layer at a time.
+NeurIPS 2018, model parameter randomisation test: an explanation that is meant to
+describe *the model* must change when the model's parameters are replaced by random
+ones. In the *cascading* test the layers are randomised one after another from the
+output towards the input, and after each step the new map is compared with the original
+one; a map that stays similar while most of the network is random is explaining the
+input (e.g. its edges), not the model. The *independent* variant randomises one layer
+at a time.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import copy
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -96,10 +96,10 @@ def spearman_correlation(a: Tensor, b: Tensor) -> Tensor:
 def _normalise_abs(maps: Tensor, clip_percentile: float) -> Tensor:
     r"""``|maps|`` ``(B, H, W)`` clipped at their per-map percentile and scaled to ``[0, 1]``.
 
-    This is the absolute-value grayscale rendering used to display and compare maps in
-    Adebayo et al. (e.g. PAIR ``saliency.VisualizeImageGrayscale``): clipping at the 99th
-    percentile keeps a single extreme pixel from flattening the rest of the map. A
-    constant map becomes all zeros.
+    This is the absolute-value grayscale rendering common in this literature (e.g. PAIR's
+    ``saliency.VisualizeImageGrayscale``): clipping at the 99th percentile keeps a
+    single extreme pixel from flattening the rest of the map. A constant map becomes
+    all zeros.
     """
     a = maps.abs().to(torch.float64).flatten(1)
     high = torch.quantile(a, clip_percentile / 100.0, dim=1, keepdim=True)
@@ -233,8 +233,9 @@ class CascadingRandomisationResult:
 
     Attributes:
         steps (list[str]): ``S + 1`` labels: ``"original"``, then the layer names.
-        spearman_abs (Tensor): ``(S + 1, B)`` float64 (CPU, as the other similarities) Spearman correlation of ``|map|`` with the
-                    original ``|map|`` (the "ABS" curve of Adebayo et al.).
+        spearman_abs (Tensor): ``(S + 1, B)`` Spearman correlation of ``|map|`` with the
+                    original ``|map|`` (the "ABS" curve of Adebayo et al.). All
+                    similarities are float64 tensors on the CPU.
         spearman (Tensor): ``(S + 1, B)`` Spearman correlation of the signed maps
                     ("No ABS").
         ssim (Tensor): ``(S + 1, B)`` SSIM of the normalised absolute maps (see
@@ -297,8 +298,8 @@ def cascading_randomisation(
                     Channel pooling of multi-channel attributions is the explainer's job.
         inputs (Tensor): Images ``(B, C, H, W)``.
         target (int, sequence or Tensor): Class per example ``(B,)`` or one int; the same
-                    target is explained at every step (Adebayo et al. keep the class
-                    fixed rather than following the random model's prediction).
+                    target is explained at every step, so that a change of the map is
+                    not a change of the explained class.
         seed (int, optional): Seed of the randomisation. Default: 0.
         layers (sequence of str, optional): Module names to randomise, first to last.
                     Default: all parametrised modules, last defined first.

@@ -50,9 +50,7 @@ def trapezoid(y: ArrayLike, x: ArrayLike, dim: int = -1) -> Tensor:
     if x_t.dim() != 1:
         raise ValueError(f"x must be 1-D, got shape {tuple(x_t.shape)}")
     if x_t.numel() != y_t.shape[dim]:
-        raise ValueError(
-            f"x has {x_t.numel()} samples but y has {y_t.shape[dim]} along dim {dim}"
-        )
+        raise ValueError(f"x has {x_t.numel()} samples but y has {y_t.shape[dim]} along dim {dim}")
     if x_t.numel() > 1 and not bool((x_t[1:] > x_t[:-1]).all()):
         raise ValueError("x must be strictly increasing")
     y_t = y_t.movedim(dim, -1)
@@ -133,4 +131,3 @@ def bootstrap_ci(
     q = torch.tensor([alpha / 2.0, 1.0 - alpha / 2.0], dtype=torch.float64)
     low, high = torch.quantile(resampled, q, interpolation="linear").tolist()
     return mean, float(low), float(high)
-

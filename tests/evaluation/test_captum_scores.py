@@ -87,7 +87,13 @@ def test_infidelity_deterministic_with_seed_and_chunking():
     assert bool(torch.isfinite(a).all())
     # Chunked evaluation draws the same perturbations in the same order.
     d = infidelity_score(
-        model, grad_times_input, INPUTS, TARGET, n_perturb_samples=6, seed=0, max_examples_per_batch=8
+        model,
+        grad_times_input,
+        INPUTS,
+        TARGET,
+        n_perturb_samples=6,
+        seed=0,
+        max_examples_per_batch=8,
     )
     torch.testing.assert_close(a, d)
 

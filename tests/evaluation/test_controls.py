@@ -54,7 +54,9 @@ def test_random_maps_depend_on_seed_and_image():
     assert not torch.equal(a[0], a[1])  # different images, different noise
     assert bool(((a >= 0) & (a < 1)).all())
     assert a.mean().item() == pytest.approx(0.5, abs=0.02)
-    assert not torch.equal(BlurredRandomMap(seed=0)(MODEL, INPUTS), BlurredRandomMap(seed=1)(MODEL, INPUTS))
+    assert not torch.equal(
+        BlurredRandomMap(seed=0)(MODEL, INPUTS), BlurredRandomMap(seed=1)(MODEL, INPUTS)
+    )
 
 
 def test_blurred_map_is_the_rescaled_blur_of_the_uniform_map():
@@ -74,7 +76,9 @@ def test_blur_smooths_and_preserves_constants():
     assert roughness(blurred) < 0.2 * roughness(uniform)
     constant = torch.full((2, 1, 8, 8), 0.3)
     torch.testing.assert_close(_gaussian_blur(constant, 4.0), constant)  # replicate borders
-    torch.testing.assert_close(_gaussian_blur(torch.full((1, 1, 40, 40), 0.3), 4.0), torch.full((1, 1, 40, 40), 0.3))
+    torch.testing.assert_close(
+        _gaussian_blur(torch.full((1, 1, 40, 40), 0.3), 4.0), torch.full((1, 1, 40, 40), 0.3)
+    )
     with pytest.raises(ValueError, match="sigma"):
         BlurredRandomMap(sigma=0)
 
@@ -90,7 +94,9 @@ def test_sobel_is_zero_on_constant_image_and_peaks_on_an_edge():
     edges[:, 7:9] = 0
     assert torch.equal(edges, torch.zeros(16, 16))
     # Orientation does not matter: the transposed edge gives the transposed map.
-    assert torch.equal(sobel_edge_map(None, step.transpose(2, 3)), sobel_edge_map(None, step).transpose(2, 3))
+    assert torch.equal(
+        sobel_edge_map(None, step.transpose(2, 3)), sobel_edge_map(None, step).transpose(2, 3)
+    )
 
 
 def test_sobel_uses_the_channel_mean_and_ignores_the_model():

@@ -116,7 +116,10 @@ def test_ties_are_broken_by_seed_deterministically():
 
 def test_distinct_values_are_ordered_exactly_whatever_the_seed():
     maps = torch.randperm(64, generator=torch.Generator().manual_seed(0)).float().view(1, 8, 8)
-    for order, expected in (("least", maps.flatten().argsort()), ("most", (-maps.flatten()).argsort())):
+    for order, expected in (
+        ("least", maps.flatten().argsort()),
+        ("most", (-maps.flatten()).argsort()),
+    ):
         for seed in (0, 1):
             ranks = _removal_ranks(maps, order, torch.Generator().manual_seed(seed))
             assert torch.equal(ranks[0][expected], torch.arange(64))

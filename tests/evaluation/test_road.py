@@ -15,6 +15,7 @@ def _one_cpu_thread():
     yield
     torch.set_num_threads(threads)
 
+
 # Offsets and weights of the 8-neighbourhood (Rong et al. 2022), written out again
 # here so that the reference solver below is independent of the implementation.
 WEIGHTS = {(dy, dx): (1 / 6 if dy == 0 or dx == 0 else 1 / 12)
@@ -50,7 +51,9 @@ def reference_imputation(image: np.ndarray, removed: np.ndarray) -> np.ndarray:
 
 def test_linear_ramp_is_reproduced_exactly_in_the_interior():
     h, w = 12, 10
-    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+    yy, xx = torch.meshgrid(
+        torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij"
+    )
     ramp = torch.stack([0.3 * yy - 0.7 * xx + 2.0, yy + xx])[None]  # (1, 2, H, W)
     removed = torch.zeros(1, h, w, dtype=torch.bool)
     removed[0, 5, 4] = True  # a single interior pixel: x = weighted mean of 8 neighbours
@@ -89,7 +92,9 @@ def test_noise_only_on_removed_pixels_with_requested_std_and_seed():
     images = torch.full((4, 3, 32, 32), 0.5)
     removed = torch.rand(4, 32, 32, generator=torch.Generator().manual_seed(2)) < 0.5
     out = noisy_linear_imputation(images, removed, noise_std=0.05, seed=3)
-    assert torch.equal(out[~removed[:, None].expand_as(out)], images[~removed[:, None].expand_as(out)])
+    assert torch.equal(
+        out[~removed[:, None].expand_as(out)], images[~removed[:, None].expand_as(out)]
+    )
     deviation = (out - 0.5)[removed[:, None].expand_as(out)]
     assert deviation.std().item() == pytest.approx(0.05, rel=0.05)
     assert abs(deviation.mean().item()) < 0.005
@@ -148,7 +153,10 @@ def test_morf_and_lerf_bracket_perfect_and_random_maps():
     assert lerf_perfect.accuracy_auc > morf_perfect.accuracy_auc
     assert morf_perfect.accuracy_curve[-1] == 0.0 and lerf_perfect.accuracy_curve[-1] == 1.0
     # Random removal order is the same for MoRF and LeRF (up to the random order).
-    assert abs(morf_random.probability_auc - lerf_random.probability_auc) < 0.2 * morf_random.probability_auc
+    assert (
+        abs(morf_random.probability_auc - lerf_random.probability_auc)
+        < 0.2 * morf_random.probability_auc
+    )
 
 
 def test_road_result_layout_and_determinism():
@@ -161,11 +169,23 @@ def test_road_result_layout_and_determinism():
     assert result.order == "morf"
     assert result.accuracy_auc == pytest.approx(float(result.accuracy_auc_per_example.mean()))
     torch.testing.assert_close(result.probability_curve, result.probabilities.mean(dim=0))
-    expected_auc = 40 * (result.probability_curve[0] + 2 * result.probability_curve[1] + result.probability_curve[2]) / 2
+    expected_auc = (
+        40
+        * (
+            result.probability_curve[0]
+            + 2 * result.probability_curve[1]
+            + result.probability_curve[2]
+        )
+        / 2
+    )
     assert result.probability_auc == pytest.approx(float(expected_auc), rel=1e-5)
     again = road(model, images, 1, maps, percentages=[10, 50, 90])
     assert torch.equal(again.probabilities, result.probabilities)
-    assert road(model, images, 1, maps, percentages=[10, 50, 90], seed=1).probabilities.ne(result.probabilities).any()
+    assert (
+        road(model, images, 1, maps, percentages=[10, 50, 90], seed=1)
+        .probabilities.ne(result.probabilities)
+        .any()
+    )
 
 
 def test_road_argument_validation():

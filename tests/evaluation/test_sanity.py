@@ -171,7 +171,9 @@ def test_cascade_is_deterministic_and_accepts_explicit_layers_and_modes():
     c = cascading_randomisation(model, grad_times_input, INPUTS, TARGET, seed=4, return_maps=True)
     assert not torch.equal(a.maps[1:], c.maps[1:])
 
-    only_head = cascading_randomisation(model, grad_times_input, INPUTS, TARGET, layers=["head"], seed=3)
+    only_head = cascading_randomisation(
+        model, grad_times_input, INPUTS, TARGET, layers=["head"], seed=3
+    )
     assert only_head.steps == ["original", "head"]
 
     independent = cascading_randomisation(

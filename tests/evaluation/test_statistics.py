@@ -27,9 +27,7 @@ def test_trapezoid_hand_case_uneven_spacing():
 def test_trapezoid_batched_along_dim_matches_numpy():
     y = torch.rand(4, 7, dtype=torch.float64)
     x = torch.tensor([0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0], dtype=torch.float64)
-    expected = [
-        sum((x[i + 1] - x[i]) * (row[i] + row[i + 1]) / 2 for i in range(6)) for row in y
-    ]
+    expected = [sum((x[i + 1] - x[i]) * (row[i] + row[i + 1]) / 2 for i in range(6)) for row in y]
     torch.testing.assert_close(trapezoid(y, x), torch.tensor(expected, dtype=torch.float64))
     torch.testing.assert_close(trapezoid(y.t(), x, dim=0), trapezoid(y, x))
     if hasattr(np, "trapezoid"):  # NumPy >= 2.0
