@@ -63,9 +63,11 @@ def _neighbour_sum(x: Tensor) -> Tensor:
     tensor arithmetic (not a convolution) keeps it in float64 on every device.
     """
     padded = F.pad(x, (1, 1, 1, 1))
-    rows = padded[..., :, :-2] + 2.0 * padded[..., :, 1:-1] + padded[..., :, 2:]
-    both = rows[..., :-2, :] + 2.0 * rows[..., 1:-1, :] + rows[..., 2:, :]
-    return (both - 4.0 * x) / 12.0
+    rows = padded[..., :, :-2] + padded[..., :, 2:]
+    rows.add_(padded[..., :, 1:-1], alpha=2.0)
+    out = rows[..., :-2, :] + rows[..., 2:, :]
+    # In place: this is the inner loop of the imputation solve, which is memory bound.
+    return out.add_(rows[..., 1:-1, :], alpha=2.0).sub_(x, alpha=4.0).div_(12.0)
 
 
 def _solve_imputation(
@@ -97,39 +99,40 @@ def _solve_imputation(
     known = ~removed
     r_mask = removed.to(images.dtype)
     weight_sum = _neighbour_sum(torch.ones_like(images[:1]))  # (1, H, W), W_p
+    inv_weight = weight_sum.reciprocal()
+    tiny = torch.finfo(images.dtype).tiny
 
     def apply_a(v: Tensor) -> Tensor:
         # v is zero outside R; so is the result.
-        return r_mask * (weight_sum * v - _neighbour_sum(v))
+        return (weight_sum * v).sub_(_neighbour_sum(v)).mul_(r_mask)
 
     def dot(a: Tensor, b: Tensor) -> Tensor:
-        return (a * b).flatten(1).sum(dim=1).view(-1, 1, 1)
+        return torch.einsum("nij,nij->n", a, b).view(-1, 1, 1)
 
     b = r_mask * _neighbour_sum(images * known)
-    b_norm = b.flatten(1).norm(dim=1).view(-1, 1, 1)
+    threshold = tol * b.flatten(1).norm(dim=1).view(-1, 1, 1)
     # Start from the Jacobi solution; with few removed pixels it is already close.
-    x = b / weight_sum
+    x = b * inv_weight
     r = b - apply_a(x)
-    z = r / weight_sum
+    z = r * inv_weight
     p = z.clone()
     rz = dot(r, z)
-    threshold = tol * b_norm
-    iterations, converged = 0, bool((r.flatten(1).norm(dim=1).view(-1, 1, 1) <= threshold).all())
+    iterations, converged = 0, bool((dot(r, r).sqrt() <= threshold).all())
     while not converged and iterations < max_iter:
         iterations += 1
         ap = apply_a(p)
         p_ap = dot(p, ap)
         # Converged (or trivial, R empty) systems have p = 0: keep them fixed.
-        alpha = torch.where(p_ap > 0, rz / p_ap.clamp_min(torch.finfo(p_ap.dtype).tiny), 0.0)
-        x = x + alpha * p
-        r = r - alpha * ap
-        converged = bool((r.flatten(1).norm(dim=1).view(-1, 1, 1) <= threshold).all())
+        alpha = torch.where(p_ap > 0, rz / p_ap.clamp_min(tiny), 0.0)
+        x.addcmul_(alpha, p)
+        r.addcmul_(alpha, ap, value=-1.0)
+        converged = bool((dot(r, r).sqrt() <= threshold).all())
         if converged:
             break
-        z = r / weight_sum
+        z = r * inv_weight
         rz_new = dot(r, z)
-        beta = torch.where(rz > 0, rz_new / rz.clamp_min(torch.finfo(rz.dtype).tiny), 0.0)
-        p = z + beta * p
+        beta = torch.where(rz > 0, rz_new / rz.clamp_min(tiny), 0.0)
+        p = p.mul_(beta).add_(z)
         rz = rz_new
     return torch.where(removed, x, images), converged, iterations
 
