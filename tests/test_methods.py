@@ -1,0 +1,367 @@
+"""The method registry: each adapter equals the Captum call it wraps, one output convention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from captum.attr import (
+    GuidedBackprop,
+    InputXGradient,
+    IntegratedGradients,
+    LayerAttribution,
+    LayerGradCam,
+    NoiseTunnel,
+    Saliency,
+)
+from torch import nn
+
+from captum_fullgrad import FullGradient
+from captum_fullgrad import methods as registry
+from captum_fullgrad.methods import (
+    DEFAULT_TABLE5_METHODS,
+    AttributionMethod,
+    available_methods,
+    find_last_conv,
+    get_method,
+    register_method,
+    unregister_method,
+)
+from captum_fullgrad.testing import randomize_parameters_
+
+pytestmark = pytest.mark.filterwarnings("ignore:Setting backward hooks on ReLU activations")
+
+BUILTINS = (
+    "saliency",
+    "input_x_gradient",
+    "guided_backprop",
+    "integrated_gradients",
+    "smoothgrad",
+    "gradcam",
+    "fullgrad",
+    "fullgrad_bias",
+    "smoothfullgrad",
+)
+# Cheap settings for the expensive methods, so the whole file runs in seconds.
+FAST = {
+    "integrated_gradients": {"n_steps": 6},
+    "smoothgrad": {"nt_samples": 3},
+    "smoothfullgrad": {"nt_samples": 2},
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def clean_registry():
+    saved = dict(registry._REGISTRY)
+    yield
+    registry._REGISTRY.clear()
+    registry._REGISTRY.update(saved)
+
+
+class SmallCNN(nn.Sequential):
+    def __init__(self) -> None:
+        super().__init__(
+            nn.Conv2d(3, 6, 3, padding=1),
+            nn.BatchNorm2d(6),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(6, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(8, 4),
+        )
+
+
+@pytest.fixture(scope="module")
+def model():
+    return randomize_parameters_(SmallCNN(), seed=1).eval()
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    return torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+
+TARGET = torch.tensor([0, 2, 3])
+
+
+def close(a, b):
+    torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------
+# Each adapter against the Captum call it wraps
+# ---------------------------------------------------------------------------------------
+
+
+def test_guided_backprop_is_captum_abs_channel_sum(model, inputs):
+    expected = GuidedBackprop(model).attribute(inputs.clone().requires_grad_(), target=TARGET)
+    close(get_method("guided_backprop")(model, inputs, TARGET), expected.abs().sum(1, keepdim=True))
+
+
+def test_integrated_gradients_is_captum_with_zero_baseline(model, inputs):
+    expected = IntegratedGradients(model).attribute(inputs, baselines=0.0, target=TARGET, n_steps=6)
+    close(get_method("integrated_gradients", n_steps=6)(model, inputs, TARGET), expected.abs().sum(1, keepdim=True))
+
+
+def test_integrated_gradients_baseline_options(model, inputs):
+    baseline = torch.full_like(inputs[0], -0.5)
+    expected = IntegratedGradients(model).attribute(inputs, baselines=baseline[None], target=TARGET, n_steps=4)
+    expected = expected.abs().sum(1, keepdim=True)
+    close(get_method("integrated_gradients", n_steps=4, baseline=baseline)(model, inputs, TARGET), expected)
+    close(get_method("integrated_gradients", n_steps=4, baseline=-0.5)(model, inputs, TARGET), expected)
+    as_callable = get_method("integrated_gradients", n_steps=4, baseline=lambda x: torch.full_like(x, -0.5))
+    close(as_callable(model, inputs, TARGET), expected)
+
+
+def test_input_x_gradient_and_saliency(model, inputs):
+    expected = InputXGradient(model).attribute(inputs.clone().requires_grad_(), target=TARGET)
+    close(get_method("input_x_gradient")(model, inputs, TARGET), expected.abs().sum(1, keepdim=True))
+    gradient = Saliency(model).attribute(inputs.clone().requires_grad_(), target=TARGET, abs=True)
+    close(get_method("saliency")(model, inputs, TARGET), gradient.amax(1, keepdim=True))
+    close(get_method("saliency", reduce="sum")(model, inputs, TARGET), gradient.sum(1, keepdim=True))
+
+
+def _noise_tunnel_by_hand(attribution, inputs, samples, noise, seed, **kwargs):
+    """NoiseTunnel one example at a time, std = noise * (max - min) of that example."""
+    maps = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for i in range(inputs.shape[0]):
+            x = inputs[i : i + 1]
+            std = noise * float(x.max() - x.min())
+            maps.append(
+                NoiseTunnel(attribution).attribute(
+                    x.clone().requires_grad_(),
+                    nt_type="smoothgrad",
+                    nt_samples=samples,
+                    stdevs=std,
+                    target=int(TARGET[i]),
+                    **kwargs,
+                )
+            )
+    return torch.cat(maps)
+
+
+def test_smoothgrad_is_noise_tunnel_over_saliency_with_relative_noise(model, inputs):
+    expected = _noise_tunnel_by_hand(Saliency(model), inputs, 3, 0.15, seed=7, abs=True)
+    method = get_method("smoothgrad", nt_samples=3, seed=7)
+    close(method(model, inputs, TARGET), expected.sum(1, keepdim=True))
+    # Mean of |grad| (Captum's Saliency(abs=True)), not |mean grad|, unless asked.
+    signed = _noise_tunnel_by_hand(Saliency(model), inputs, 3, 0.15, seed=7, abs=False)
+    close(get_method("smoothgrad", nt_samples=3, seed=7, abs_before_mean=False)(model, inputs, TARGET), signed.abs().sum(1, keepdim=True))
+
+
+def test_smoothgrad_is_seeded_and_leaves_the_global_rng_alone(model, inputs):
+    method = get_method("smoothgrad", nt_samples=2)
+    state = torch.get_rng_state()
+    first = method(model, inputs, TARGET)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(first, method(model, inputs, TARGET))
+    assert not torch.equal(first, get_method("smoothgrad", nt_samples=2, seed=1)(model, inputs, TARGET))
+
+
+def test_gradcam_is_layer_gradcam_on_the_last_conv_upsampled(model, inputs):
+    cam = LayerGradCam(model, model[4]).attribute(inputs, target=TARGET, relu_attributions=True)
+    expected = LayerAttribution.interpolate(cam, (16, 16), interpolate_mode="bilinear")
+    close(get_method("gradcam")(model, inputs, TARGET), expected)
+    earlier = LayerGradCam(model, model[0]).attribute(inputs, target=TARGET, relu_attributions=True)
+    close(get_method("gradcam", layer="0")(model, inputs, TARGET), earlier)
+    close(get_method("gradcam", layer=model[0])(model, inputs, TARGET), earlier)
+
+
+def test_fullgrad_methods_are_full_gradient(model, inputs):
+    full = FullGradient(model).attribute(inputs, target=TARGET, single_channel=True)
+    bias = FullGradient(model).attribute(inputs, target=TARGET, single_channel=True, include_input_gradient=False)
+    close(get_method("fullgrad")(model, inputs, TARGET), full)
+    close(get_method("fullgrad_bias")(model, inputs, TARGET), bias)
+    authors = FullGradient(model).attribute(inputs, target=TARGET, single_channel=True, postprocess="neurips2019")
+    close(get_method("fullgrad", postprocess="neurips2019")(model, inputs, TARGET), authors)
+
+
+def test_smoothfullgrad_is_noise_tunnel_over_full_gradient(model, inputs):
+    expected = _noise_tunnel_by_hand(FullGradient(model), inputs, 2, 0.15, seed=0, single_channel=True)
+    close(get_method("smoothfullgrad", nt_samples=2)(model, inputs, TARGET), expected)
+
+
+# ---------------------------------------------------------------------------------------
+# One output convention for every built-in
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_output_convention(name, model, inputs):
+    method = get_method(name, **FAST.get(name, {}))
+    maps = method(model, inputs, TARGET)
+    assert maps.shape == (3, 1, 16, 16)
+    assert maps.dtype == torch.float32
+    assert maps.device == inputs.device
+    assert not maps.requires_grad
+    assert torch.isfinite(maps).all()
+    assert (maps >= 0).all()
+    assert maps.sum() > 0
+
+
+@pytest.mark.parametrize("name", ["guided_backprop", "gradcam", "fullgrad"])
+def test_float64_inputs_no_grad_and_default_target(name, model, inputs):
+    method = get_method(name)
+    predicted = model(inputs).argmax(1)
+    with torch.no_grad():  # e.g. captum.metrics.sensitivity_max calls explanations under no_grad
+        maps = method(model.double(), inputs.double(), None)
+    model.float()
+    assert maps.dtype == torch.float32
+    close(maps, method(model, inputs, predicted))
+
+
+def test_all_builtins_registered_with_labels_and_references():
+    for name in BUILTINS:
+        method = get_method(name)
+        assert isinstance(method, AttributionMethod)
+        assert method.label and method.reference and method.description
+    assert available_methods()[: len(BUILTINS)] == list(BUILTINS)
+    assert set(DEFAULT_TABLE5_METHODS) <= set(available_methods())
+    assert get_method("integrated_gradients").defaults["n_steps"] == 50
+    assert get_method("smoothgrad").defaults["nt_samples"] == 50
+    assert get_method("smoothgrad").defaults["noise"] == 0.15
+    assert get_method("smoothfullgrad").defaults["nt_samples"] == 25
+
+
+# ---------------------------------------------------------------------------------------
+# The registry
+# ---------------------------------------------------------------------------------------
+
+
+def test_unknown_name_lists_registered_methods():
+    with pytest.raises(ValueError, match="unknown method 'nope'; registered methods: .*gradcam.*fullgrad"):
+        get_method("nope")
+
+
+def test_names_are_case_and_dash_insensitive():
+    assert get_method("Integrated-Gradients").name == "integrated_gradients"
+
+
+def test_configured_variants():
+    ig = get_method("integrated_gradients", n_steps=20)
+    assert ig.params == {"n_steps": 20}
+    assert ig.parameters["n_steps"] == 20 and ig.parameters["method"] == "gausslegendre"
+    assert get_method("integrated_gradients").params == {}
+    assert ig.configure(internal_batch_size=4).parameters == {**ig.parameters, "internal_batch_size": 4}
+    assert get_method(ig) is ig
+    with pytest.raises(ValueError, match="no parameter 'steps'.*n_steps"):
+        get_method("integrated_gradients", steps=3)
+    for name, bad in [
+        ("integrated_gradients", {"n_steps": 0}),
+        ("smoothgrad", {"noise": -0.1}),
+        ("smoothgrad", {"nt_samples": 2.5}),
+        ("gradcam", {"interpolate_mode": "cubic"}),
+        ("fullgrad", {"postprocess": "eq5"}),
+        ("saliency", {"reduce": "mean"}),
+    ]:
+        with pytest.raises(ValueError, match=name):
+            get_method(name, **bad)
+
+
+def test_register_get_overwrite_unregister(clean_registry, model, inputs):
+    def edges(model, inputs, target, *, power=1.0):
+        return inputs.diff(dim=-1, append=inputs[..., -1:]).abs().sum(1, keepdim=True) ** power
+
+    method = register_method("edges", edges, label="Edges")
+    assert method.label == "Edges" and method.defaults == {"power": 1.0}
+    assert "edges" in available_methods()
+    maps = get_method("edges", power=2.0)(model, inputs, TARGET)
+    close(maps, edges(model, inputs, TARGET, power=2.0))
+    with pytest.raises(ValueError, match="already registered"):
+        register_method("edges", edges)
+    replaced = register_method("edges", lambda m, x, t: x.abs().sum(1, keepdim=True), overwrite=True)
+    assert replaced.label == "edges" and replaced.defaults == {}
+    with pytest.raises(ValueError, match="already registered"):
+        register_method("fullgrad", edges)
+    unregister_method("edges")
+    assert "edges" not in available_methods()
+    with pytest.raises(ValueError, match="unknown method"):
+        unregister_method("edges")
+    with pytest.raises(ValueError, match="invalid method name"):
+        register_method("2 bad", edges)
+    with pytest.raises(TypeError):
+        register_method("notcallable", 3)
+
+
+def test_user_methods_are_held_to_the_convention(clean_registry, model, inputs):
+    register_method("wrong_shape", lambda m, x, t: x)
+    register_method("signed", lambda m, x, t: x.sum(1, keepdim=True))
+    with pytest.raises(ValueError, match="shape"):
+        get_method("wrong_shape")(model, inputs, TARGET)
+    with pytest.raises(ValueError, match="non-negative"):
+        get_method("signed")(model, inputs, TARGET)
+    seen = {}
+
+    def record(model, inputs, target):
+        seen["target"] = target
+        return inputs.abs().sum(1, keepdim=True)
+
+    register_method("record", record)
+    get_method("record")(model, inputs)
+    assert torch.equal(seen["target"], model(inputs).argmax(1))
+
+
+# ---------------------------------------------------------------------------------------
+# Grad-CAM's last convolution
+# ---------------------------------------------------------------------------------------
+
+
+class OutOfOrder(nn.Module):
+    """``late`` is defined first but runs last; ``unused`` is defined last and never runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.late = nn.Conv2d(4, 4, 3, padding=1)
+        self.early = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(4, 2)
+        self.unused = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.late(torch.relu(self.early(x))))
+        return self.head(x.mean((2, 3)))
+
+
+def test_find_last_conv_follows_execution_order(model, inputs):
+    assert find_last_conv(model, inputs) == ("4", model[4])
+    odd = randomize_parameters_(OutOfOrder()).eval()
+    assert find_last_conv(odd, inputs)[0] == "late"
+    maps = get_method("gradcam")(odd, inputs, 1)
+    assert maps.shape == (3, 1, 16, 16)
+
+
+def test_find_last_conv_resnet18():
+    net = randomize_parameters_(torchvision.models.resnet18(num_classes=5), seed=0).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    name, module = find_last_conv(net, x)
+    assert name == "layer4.1.conv2" and module is net.layer4[1].conv2
+    cam = LayerGradCam(net, module).attribute(x, target=[1, 3], relu_attributions=True)
+    expected = LayerAttribution.interpolate(cam, (32, 32), interpolate_mode="bilinear")
+    close(get_method("gradcam")(net, x, torch.tensor([1, 3])), expected)
+
+
+def test_find_last_conv_without_convolution():
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 2)).eval()
+    with pytest.raises(ValueError, match="no nn.Conv2d"):
+        get_method("gradcam")(mlp, torch.randn(1, 3, 4, 4), 0)
+    with pytest.raises(ValueError, match="no module named"):
+        get_method("gradcam", layer="features.99")(mlp, torch.randn(1, 3, 4, 4), 0)
+
+
+def test_bad_inputs_are_refused(model):
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        get_method("fullgrad")(model, torch.randn(3, 16, 16), 0)
+    with pytest.raises(TypeError, match="floating-point"):
+        get_method("fullgrad")(model, torch.zeros(1, 3, 16, 16, dtype=torch.uint8), 0)
