@@ -131,8 +131,13 @@ def _check_target(target: TargetType, output: Tensor, batch_size: int, *, method
                 f"{method}: target list has {len(target)} entries for a batch of {batch_size} examples."
             )
         for item in target:
-            if isinstance(item, int):
+            if isinstance(item, int) and not isinstance(item, bool):
                 check_index(item, "index ")
+            elif not isinstance(item, tuple):
+                raise TypeError(
+                    f"{method}: a target list holds ints (one class per example) or tuples, "
+                    f"not {type(item).__name__}."
+                )
     elif isinstance(target, tuple):
         if len(target) != output.dim() - 1:
             raise ValueError(

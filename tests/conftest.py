@@ -68,6 +68,18 @@ def build_zoo_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float64
     return model.to(dtype).eval()
 
 
+def vgg_features_small_head(seed: int = 0) -> torch.nn.Module:
+    """VGG-11-BN's 8 conv-BN blocks with a small head: the 25088x4096 float64 classifier
+    would dominate the test time without testing anything the zoo does not."""
+    model = build_zoo_model("vgg11_bn", seed)
+    model.avgpool = torch.nn.AdaptiveAvgPool2d(1)
+    model.classifier = torch.nn.Sequential(
+        torch.nn.Linear(512, 64), torch.nn.ReLU(inplace=True), torch.nn.Dropout(), torch.nn.Linear(64, 10)
+    )
+    randomize_parameters_(model.classifier, seed)
+    return model.double().eval()
+
+
 @pytest.fixture
 def float64_vgg() -> torch.nn.Module:
     return build_zoo_model("vgg11_bn")

@@ -1,0 +1,160 @@
+"""Each operation's intercept c = g(a) - J_g(a) a against finite differences.
+
+With ``f(x) = sum(g(x))`` every output gradient is 1, so the bias term the engine reports
+for ``g`` is ``sum(c)``; ``J a`` is measured independently as the central difference
+``(g(a + h a) - g(a - h a)) / 2h`` (the derivative along the ray through ``a``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from captum_fullgrad import full_jacobian
+
+
+def finite_difference_intercept(g, a: torch.Tensor, h: float = 1e-6) -> torch.Tensor:
+    with torch.no_grad():
+        directional = (g(a * (1 + h)) - g(a * (1 - h))) / (2 * h)
+        return (g(a) - directional).flatten(1).sum(1)
+
+
+ELEMENTWISE = {
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    "hardswish": F.hardswish,
+    "hardsigmoid": F.hardsigmoid,
+    "elu": F.elu,
+    "softplus": F.softplus,
+    "mish": F.mish,
+    "relu6": F.relu6,
+    "hardtanh": lambda t: F.hardtanh(t, -0.5, 0.7),
+    "celu": F.celu,
+    "selu": F.selu,
+    "exp": torch.exp,
+    "square": lambda t: t * t,
+    "softmax": lambda t: F.softmax(t, dim=1),
+    "log_softmax": lambda t: F.log_softmax(t, dim=1),
+}
+NORMS = {
+    "layer_norm": lambda: nn.LayerNorm([4, 5, 5]),
+    "group_norm": lambda: nn.GroupNorm(2, 4),
+    "instance_norm": lambda: nn.InstanceNorm2d(4, affine=True),
+    "batch_norm_eval": lambda: nn.BatchNorm2d(4),
+}
+ZERO = {
+    "relu": F.relu,
+    "leaky_relu": lambda t: F.leaky_relu(t, 0.1),
+    "max_pool": lambda t: F.max_pool2d(t, 2),
+    "avg_pool": lambda t: F.avg_pool2d(t, 2),
+    "flatten_mean": lambda t: t.flatten(1).mean(1, keepdim=True),
+    "interpolate": lambda t: F.interpolate(t, scale_factor=2, mode="bilinear"),
+    "abs": torch.abs,
+    "permute": lambda t: t.permute(0, 2, 3, 1),
+}
+
+
+def _randomised(module: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.5 + (1.0 if "weight" in name else 0.0))
+        for name, b in module.named_buffers():
+            if "running_mean" in name:
+                b.copy_(torch.randn_like(b) * 0.3)
+            elif "running_var" in name:
+                b.copy_(torch.rand_like(b) + 0.5)
+    return module.double().eval()
+
+
+def _check(g, a):
+    fj = full_jacobian(lambda t: g(t).flatten(1).sum(1), a)
+    engine = sum(fj.bias_terms.values()) if fj.bias_terms else torch.zeros(a.shape[0], dtype=a.dtype)
+    expected = finite_difference_intercept(g, a)
+    torch.testing.assert_close(engine, expected, rtol=1e-6, atol=1e-7)
+    assert fj.completeness_delta.abs().max() < 1e-9
+    return engine
+
+
+@pytest.mark.parametrize("name", sorted(ELEMENTWISE))
+def test_elementwise_intercepts(name):
+    a = torch.randn(2, 4, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 4
+    engine = _check(ELEMENTWISE[name], a)
+    assert engine.abs().max() > 1e-3  # not a homogeneous op: a real intercept was tested
+
+
+@pytest.mark.parametrize("name", sorted(NORMS))
+def test_normalisation_intercepts(name):
+    torch.manual_seed(0)
+    module = _randomised(NORMS[name]())
+    a = torch.randn(2, 4, 5, 5, dtype=torch.float64) * 2 + 0.5
+    engine = _check(module, a)
+    assert engine.abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", sorted(ZERO))
+def test_homogeneous_operations_add_nothing(name):
+    a = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    fj = full_jacobian(lambda t: ZERO[name](t).flatten(1).sum(1), a)
+    assert len(fj.bias_jacobians) == 0
+    torch.testing.assert_close(finite_difference_intercept(ZERO[name], a), torch.zeros(2, dtype=a.dtype), atol=1e-7, rtol=0)
+
+
+def test_explicit_biases_of_every_layer_type():
+    torch.manual_seed(0)
+    layers = [
+        (nn.Conv1d(3, 4, 3), (2, 3, 9)),
+        (nn.Conv2d(3, 4, 3), (2, 3, 7, 7)),
+        (nn.Conv3d(3, 4, 3), (2, 3, 5, 5, 5)),
+        (nn.ConvTranspose2d(3, 4, 3), (2, 3, 5, 5)),
+        (nn.Linear(6, 4), (2, 6)),
+    ]
+    for layer, shape in layers:
+        layer = _randomised(layer)
+        a = torch.randn(*shape, dtype=torch.float64)
+        engine = _check(layer, a)
+        # The intercept is the bias broadcast over the output: sum over positions of b.
+        out_positions = layer(a)[0, 0].numel()
+        torch.testing.assert_close(engine, layer.bias.sum().detach().expand(2) * out_positions)
+
+
+def test_products_constants_and_concatenation():
+    constant = torch.randn(1, 4, 1, 1, dtype=torch.float64)
+    token = torch.randn(1, 4, 1, 5, dtype=torch.float64)
+    cases = {
+        "product_of_activations": lambda t: torch.sigmoid(t.mean((2, 3), keepdim=True)) * t,
+        "matmul_of_activations": lambda t: t.flatten(2) @ t.flatten(2).transpose(1, 2),
+        "einsum_three_operands": lambda t: torch.einsum("bchw,bchw,bchw->bc", t, t, t),
+        "add_constant": lambda t: t + constant,
+        "radd_scalar": lambda t: 2.5 + t,
+        "rsub": lambda t: 1.0 - t,
+        "sub_alpha": lambda t: torch.sub(t, constant, alpha=0.5),
+        "cat_constant": lambda t: torch.cat([token.expand(t.shape[0], -1, -1, -1), t], 2),
+        "pad_value": lambda t: F.pad(t, (1, 1), value=0.3),
+        "division_by_activation": lambda t: 1.0 / (1.5 + t.abs()),
+        "where_clamp": lambda t: torch.clamp(t, -0.5, 0.5),
+    }
+    a = torch.randn(2, 4, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    for name, g in cases.items():
+        _check(g, a)
+
+
+def test_in_place_nonlinearities():
+    a = torch.randn(2, 4, 5, 5, dtype=torch.float64) * 3
+
+    def g(t):
+        t = t * 1.0
+        F.hardswish(t, inplace=True)
+        t = t * 1.0
+        t.sigmoid_()
+        t = t * 2.0
+        t += 0.25
+        t[:, 0] = 0.5
+        F.elu(t, inplace=True)
+        return t
+
+    _check(g, a)
