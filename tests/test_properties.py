@@ -1,0 +1,114 @@
+"""Completeness (eq. 1) is a law of every network: random convolutional networks must obey it."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from captum_fullgrad import FullGradient, full_jacobian
+from captum_fullgrad.testing import randomize_parameters_
+
+ACTIVATIONS = {
+    "relu": lambda: nn.ReLU(inplace=True),
+    "relu6": lambda: nn.ReLU6(),
+    "leaky_relu": lambda: nn.LeakyReLU(0.1, inplace=True),
+    "silu": lambda: nn.SiLU(),
+    "gelu": lambda: nn.GELU(),
+    "tanh": lambda: nn.Tanh(),
+    "sigmoid": lambda: nn.Sigmoid(),
+    "hardswish": lambda: nn.Hardswish(),
+    "elu": lambda: nn.ELU(),
+    "softplus": lambda: nn.Softplus(),
+    "mish": lambda: nn.Mish(),
+    "identity": lambda: nn.Identity(),
+}
+NORMS = ["none", "batch", "group", "instance"]
+
+
+class Block(nn.Module):
+    def __init__(self, channels: int, spec: dict) -> None:
+        super().__init__()
+        out = spec["width"]
+        self.conv = nn.Conv2d(channels, out, spec["kernel"], padding=spec["kernel"] // 2, bias=spec["bias"])
+        norm = spec["norm"]
+        self.norm = {
+            "none": nn.Identity(),
+            "batch": nn.BatchNorm2d(out),
+            "group": nn.GroupNorm(1, out),
+            "instance": nn.InstanceNorm2d(out, affine=True),
+        }[norm]
+        self.act = ACTIVATIONS[spec["activation"]]()
+        self.residual = spec["residual"] and channels == out
+        self.reuse = spec["reuse"] and channels == out
+        self.gate = spec["gate"]
+        self.pool = spec["pool"]
+
+    def forward(self, x):
+        y = self.act(self.norm(self.conv(x)))
+        if self.reuse:
+            y = self.act(self.conv(y))  # the same module twice
+        if self.gate:
+            y = y * torch.sigmoid(y.mean((2, 3), keepdim=True))  # squeeze-and-excitation product
+        if self.residual:
+            y = y + x
+        if self.pool:
+            y = F.max_pool2d(y, 2)
+        return y
+
+
+class RandomNet(nn.Module):
+    def __init__(self, specs, concat: bool, classes: int = 3) -> None:
+        super().__init__()
+        blocks, channels = [], 3
+        for spec in specs:
+            blocks.append(Block(channels, spec))
+            channels = spec["width"]
+        self.blocks = nn.ModuleList(blocks)
+        self.concat = concat
+        self.head = nn.Linear(channels * (2 if concat else 1), classes)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        pooled = x.mean((2, 3))
+        if self.concat:
+            pooled = torch.cat([pooled, x.amax((2, 3))], 1)
+        return self.head(pooled)
+
+
+block_spec = st.fixed_dictionaries(
+    {
+        "width": st.sampled_from([2, 4, 6]),
+        "kernel": st.sampled_from([1, 3]),
+        "bias": st.booleans(),
+        "norm": st.sampled_from(NORMS),
+        "activation": st.sampled_from(sorted(ACTIVATIONS)),
+        "residual": st.booleans(),
+        "reuse": st.booleans(),
+        "gate": st.booleans(),
+        "pool": st.booleans(),
+    }
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    specs=st.lists(block_spec, min_size=1, max_size=4),
+    concat=st.booleans(),
+    seed=st.integers(0, 2**16),
+    batch=st.integers(1, 3),
+)
+def test_completeness_holds_for_random_networks(specs, concat, seed, batch):
+    torch.manual_seed(seed)
+    model = randomize_parameters_(RandomNet(specs, concat).double(), seed).eval()
+    x = torch.randn(batch, 3, 8, 8, dtype=torch.float64)
+    fj = full_jacobian(model, x, target=seed % 3)
+    scale = fj.output.abs() + fj.input_term.abs() + sum((t.abs() for t in fj.bias_terms.values()), torch.zeros_like(fj.output))
+    assert not fj.failed_ops
+    assert (fj.completeness_delta.abs() <= 1e-9 * scale + 1e-12).all()
+    # The attribution's delta is the same gap, computed from the reduced maps.
+    _, delta = FullGradient(model).attribute(x, target=seed % 3, return_convergence_delta=True)
+    assert (delta.abs() <= 1e-9 * scale + 1e-12).all()
