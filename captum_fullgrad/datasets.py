@@ -170,11 +170,14 @@ def render_shapes(n: int, seed: int, size: int = 64) -> ShapeScenes:
     ys, xs = np.meshgrid(coords, coords, indexing="ij")
     # One independent stream per image, keyed by (seed, index): the result does not
     # depend on n or on the order of generation, and the global random state is untouched.
-    root = np.random.SeedSequence(int(seed))
+    entropy = np.random.SeedSequence(int(seed)).entropy
     for i in range(n):
-        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(root.entropy, spawn_key=(i,))))
-        scene = _render_scene(rng, xs, ys, size)
-        backgrounds[i], images[i], masks[i], distractor_masks[i], labels[i], num_distractors[i] = scene
+        rng = np.random.default_rng(np.random.SeedSequence(entropy, spawn_key=(i,)))
+        background, image, mask, distractor_mask, label, count = _render_scene(rng, xs, ys, size)
+        backgrounds[i], images[i], masks[i], distractor_masks[i] = (
+            background, image, mask, distractor_mask
+        )  # fmt: skip
+        labels[i], num_distractors[i] = label, count
 
     return ShapeScenes(
         images=torch.from_numpy(images),
@@ -336,7 +339,7 @@ assert len(_CLASS_DRAWERS) == len(SHAPE_CLASSES)
 # --------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _texture(name: str) -> np.ndarray:
     """A bundled scikit-image texture, grey-scale float32 stretched to [0, 1].
 

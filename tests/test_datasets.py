@@ -71,7 +71,11 @@ def test_leaves_global_random_state_alone() -> None:
     synthetic_shapes(4, seed=0)
     assert torch.equal(torch.get_rng_state(), torch_state)
     after = np.random.get_state()
-    assert after[0] == np_state[0] and np.array_equal(after[1], np_state[1]) and after[2:] == np_state[2:]
+    assert (
+        after[0] == np_state[0]
+        and np.array_equal(after[1], np_state[1])
+        and after[2:] == np_state[2:]
+    )
 
 
 def test_every_class_appears_roughly_balanced(scenes: ShapeScenes) -> None:
