@@ -182,11 +182,15 @@ def test_zero_reference_output_gives_large_finite_change():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu():
     model, inputs, target, contribution = random_linear_problem()
-    torch.backends.cuda.matmul.allow_tf32 = False
     cpu = pixel_perturbation(model, inputs, target, torch.zeros_like(contribution))
-    gpu = pixel_perturbation(
-        model.cuda(), inputs.cuda(), target.cuda(), torch.zeros_like(contribution).cuda()
-    )
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # compare full-precision logits
+    try:
+        gpu = pixel_perturbation(
+            model.cuda(), inputs.cuda(), target.cuda(), torch.zeros_like(contribution).cuda()
+        )
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     assert gpu.changes.device.type == "cuda"
     # Same tie-breaking order on both devices: the permutation is drawn on the CPU.
     torch.testing.assert_close(gpu.changes.cpu(), cpu.changes, rtol=1e-4, atol=1e-5)
