@@ -33,7 +33,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -122,9 +122,13 @@ def _check_images(images: Any, name: str = "images") -> Tensor:
     if images.dim() == 3:
         images = images.unsqueeze(0)
     if images.dim() != 4 or images.shape[0] == 0:
-        raise ValueError(f"{name} must have shape (N, C, H, W) with N >= 1, got {tuple(images.shape)}")
+        raise ValueError(
+            f"{name} must have shape (N, C, H, W) with N >= 1, got {tuple(images.shape)}"
+        )
     if not images.is_floating_point():
-        raise TypeError(f"{name} must be floating point (the model's input), got dtype {images.dtype}")
+        raise TypeError(
+            f"{name} must be floating point (the model's input), got dtype {images.dtype}"
+        )
     return images
 
 
@@ -141,7 +145,9 @@ def _resolve_targets(targets: Any, predictions: Tensor, num_classes: int) -> Ten
     if resolved.numel() != n:
         raise ValueError(f"got {resolved.numel()} targets for {n} images")
     if num_classes > 0 and ((resolved < 0) | (resolved >= num_classes)).any():
-        raise ValueError(f"targets must be class indices in [0, {num_classes - 1}], got {resolved.tolist()}")
+        raise ValueError(
+            f"targets must be class indices in [0, {num_classes - 1}], got {resolved.tolist()}"
+        )
     return resolved
 
 
@@ -182,7 +188,9 @@ def attribution_maps(
     """
     inputs = _check_images(inputs, "inputs")
     resolved = _resolve_methods(methods)
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+    ):
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     logits = _logits(model, inputs, batch_size)
     probabilities = logits.softmax(dim=1)
@@ -252,9 +260,15 @@ def normalize_maps(maps: Tensor, percentile: float = 99.0) -> Tensor:
     if not 0 < percentile <= 100:
         raise ValueError(f"percentile must be in (0, 100], got {percentile}")
     if maps.dim() < 2:
-        raise ValueError(f"maps must have at least 2 dimensions (H, W), got shape {tuple(maps.shape)}")
+        raise ValueError(
+            f"maps must have at least 2 dimensions (H, W), got shape {tuple(maps.shape)}"
+        )
     shape = maps.shape
-    flat = maps.detach().float().reshape(-1, shape[-2] * shape[-1]) if maps.dim() > 2 else maps.detach().float().reshape(1, -1)
+    flat = (
+        maps.detach().float().reshape(-1, shape[-2] * shape[-1])
+        if maps.dim() > 2
+        else maps.detach().float().reshape(1, -1)
+    )
     flat = flat.clamp(min=0)
     if flat.shape[1] <= 16_000_000:
         scale = torch.quantile(flat, percentile / 100.0, dim=1, keepdim=True)
@@ -263,7 +277,9 @@ def normalize_maps(maps: Tensor, percentile: float = 99.0) -> Tensor:
         scale = flat.kthvalue(k, dim=1, keepdim=True).values
     peak = flat.amax(dim=1, keepdim=True)
     scale = torch.where(scale > 0, scale, peak)
-    scaled = torch.where(scale > 0, flat / scale.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(flat))
+    scaled = torch.where(
+        scale > 0, flat / scale.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(flat)
+    )
     return scaled.clamp(0.0, 1.0).reshape(shape)
 
 
@@ -294,7 +310,9 @@ def _to_display(images: Any, n: int, reference: Tensor) -> List[np.ndarray]:
             f"display images must be {n} image(s) of shape (3, H, W), (H, W, 3) or (1, H, W); "
             f"got an array of shape {array.shape}"
         )
-    array = array.astype(np.float32) / 255.0 if array.dtype == np.uint8 else array.astype(np.float32)
+    array = (
+        array.astype(np.float32) / 255.0 if array.dtype == np.uint8 else array.astype(np.float32)
+    )
     array = np.clip(array, 0.0, 1.0)
     return [a[..., 0] if a.shape[-1] == 1 else a for a in array]
 
@@ -377,12 +395,16 @@ def comparison_grid(
     images = _check_images(images)
     result = precomputed
     if result is None:
-        result = attribution_maps(model, images, targets, methods, batch_size=batch_size, progress=progress)
+        result = attribution_maps(
+            model, images, targets, methods, batch_size=batch_size, progress=progress
+        )
     names = list(result.maps)
     n = images.shape[0]
     for name in names:
         if result.maps[name].shape[0] != n:
-            raise ValueError(f"precomputed maps of {name!r} are for {result.maps[name].shape[0]} images, not {n}")
+            raise ValueError(
+                f"precomputed maps of {name!r} are for {result.maps[name].shape[0]} images, not {n}"
+            )
     pictures = _to_display(display_images, n, images)
     if row_labels is not None and len(row_labels) != n:
         raise ValueError(f"got {len(row_labels)} row labels for {n} images")
@@ -390,30 +412,46 @@ def comparison_grid(
     extent = (0, width, height, 0)
 
     columns = 1 + len(names)
-    figure = Figure(figsize=(cell_size * columns + 0.8, cell_size * n + (0.55 if title else 0.3)), layout="constrained")
+    figure = Figure(
+        figsize=(cell_size * columns + 0.8, cell_size * n + (0.55 if title else 0.3)),
+        layout="constrained",
+    )
     FigureCanvasAgg(figure)
     grid = figure.add_gridspec(n, columns + 1, width_ratios=[1.0] * columns + [0.06])
     image_artist = None
     for row in range(n):
         ax = figure.add_subplot(grid[row, 0])
-        ax.imshow(pictures[row], extent=extent, cmap="gray" if pictures[row].ndim == 2 else None, interpolation="antialiased")
+        ax.imshow(
+            pictures[row],
+            extent=extent,
+            cmap="gray" if pictures[row].ndim == 2 else None,
+            interpolation="antialiased",
+        )
         _clean_axes(ax)
         predicted = int(result.predictions[row])
         target = int(result.targets[row])
         lines = [] if row_labels is None else [_short(str(row_labels[row]), 26)]
-        lines += [f"{_short(_class_name(categories, predicted), 22)}  p={float(result.probabilities[row, predicted]):.2f}"]
+        p_predicted = float(result.probabilities[row, predicted])
+        lines += [f"{_short(_class_name(categories, predicted), 22)}  p={p_predicted:.2f}"]
         if target != predicted:
-            lines.append(f"explains {_short(_class_name(categories, target), 14)}  p={float(result.probabilities[row, target]):.2f}")
+            p_target = float(result.probabilities[row, target])
+            lines.append(
+                f"explains {_short(_class_name(categories, target), 14)}  p={p_target:.2f}"
+            )
         ax.set_ylabel("\n".join(lines), fontsize=8)
         if row == 0:
             ax.set_title("Image\n(prediction, p)", fontsize=9)
         for column, name in enumerate(names, start=1):
             ax = figure.add_subplot(grid[row, column])
             shown = normalize_maps(result.maps[name][row], percentile)[0].numpy()
-            image_artist = ax.imshow(shown, extent=extent, cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
+            image_artist = ax.imshow(
+                shown, extent=extent, cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest"
+            )
             _clean_axes(ax)
             if row == 0:
-                ax.set_title("\n".join(textwrap.wrap(result.labels.get(name, name), 14)), fontsize=9)
+                ax.set_title(
+                    "\n".join(textwrap.wrap(result.labels.get(name, name), 14)), fontsize=9
+                )
     colorbar_ax = figure.add_subplot(grid[:, columns])
     bar = figure.colorbar(image_artist, cax=colorbar_ax)
     bar.set_label(f"saliency / its {percentile:g}th percentile (clipped)", fontsize=8)
@@ -464,17 +502,25 @@ class DecompositionSummary:
 
 def _single_image(image: Tensor) -> Tensor:
     if not isinstance(image, Tensor):
-        raise TypeError(f"image must be a tensor (C, H, W) or (1, C, H, W), got {type(image).__name__}")
+        raise TypeError(
+            f"image must be a tensor (C, H, W) or (1, C, H, W), got {type(image).__name__}"
+        )
     if image.dim() == 3:
         image = image.unsqueeze(0)
     if image.dim() != 4 or image.shape[0] != 1:
-        raise ValueError(f"image must have shape (C, H, W) or (1, C, H, W), got {tuple(image.shape)}")
+        raise ValueError(
+            f"image must have shape (C, H, W) or (1, C, H, W), got {tuple(image.shape)}"
+        )
     if not image.is_floating_point():
-        raise TypeError(f"image must be floating point (the model's input), got dtype {image.dtype}")
+        raise TypeError(
+            f"image must be floating point (the model's input), got dtype {image.dtype}"
+        )
     return image
 
 
-def decomposition_summary(model: Any, image: Tensor, target: Optional[int] = None) -> DecompositionSummary:
+def decomposition_summary(
+    model: Any, image: Tensor, target: Optional[int] = None
+) -> DecompositionSummary:
     """Decompose ``model``'s output on one image with :func:`~captum_fullgrad.full_jacobian`.
 
     Args:
@@ -491,7 +537,9 @@ def decomposition_summary(model: Any, image: Tensor, target: Optional[int] = Non
         if target is None:
             target = int(probabilities.argmax())
         if not 0 <= int(target) < output.shape[1]:
-            raise ValueError(f"target must be a class index in [0, {output.shape[1] - 1}], got {target}")
+            raise ValueError(
+                f"target must be a class index in [0, {output.shape[1] - 1}], got {target}"
+            )
         target = int(target)
         probability = float(probabilities[target])
     fj = full_jacobian(model, image, target=target)
@@ -520,7 +568,9 @@ def decomposition_summary(model: Any, image: Tensor, target: Optional[int] = Non
 def _signed_panel(ax: Any, values: Tensor, extent: Tuple[float, ...], cmap: str) -> Any:
     array = values.float().numpy()
     limit = float(np.abs(array).max()) or 1.0
-    return ax.imshow(array, extent=extent, cmap=cmap, vmin=-limit, vmax=limit, interpolation="nearest")
+    return ax.imshow(
+        array, extent=extent, cmap=cmap, vmin=-limit, vmax=limit, interpolation="nearest"
+    )
 
 
 def decomposition_figure(
@@ -571,7 +621,9 @@ def decomposition_figure(
     if summary is None:
         summary = decomposition_summary(model, image, target)
     picture = _to_display(
-        None if display_image is None else (display_image[None] if getattr(display_image, "ndim", 0) == 3 else display_image),
+        None
+        if display_image is None
+        else (display_image[None] if getattr(display_image, "ndim", 0) == 3 else display_image),
         1,
         image,
     )[0]
@@ -583,7 +635,9 @@ def decomposition_figure(
     panels = 2 + len(summary.block_maps)
     rows = math.ceil((panels + 2) / max_columns)
     columns = math.ceil((panels + 2) / rows)
-    figure = Figure(figsize=(cell_size * columns, cell_size * rows * 1.12 + 1.0), layout="constrained")
+    figure = Figure(
+        figsize=(cell_size * columns, cell_size * rows * 1.12 + 1.0), layout="constrained"
+    )
     FigureCanvasAgg(figure)
     grid = figure.add_gridspec(rows, columns)
 
@@ -605,7 +659,9 @@ def decomposition_figure(
         ax = panel(index)
         _signed_panel(ax, values, extent, cmap)
         size = "×".join(str(s) for s in values.shape)
-        ax.set_title(f"{_short(block, 18)} ({size})\nΣ = {summary.block_terms[block]:.5g}", fontsize=9)
+        ax.set_title(
+            f"{_short(block, 18)} ({size})\nΣ = {summary.block_terms[block]:.5g}", fontsize=9
+        )
 
     first_free = max(0, panels - (rows - 1) * columns)
     host = figure.add_subplot(grid[rows - 1, first_free:])
@@ -618,15 +674,18 @@ def decomposition_figure(
     _waterfall(host.inset_axes([left, 0.08, 0.97 - left, 0.78]), summary)
 
     blocks_sum = sum(summary.block_terms.values())
-    sources = ", ".join(summary.non_spatial_sources[:3]) + (" …" if len(summary.non_spatial_sources) > 3 else "")
+    sources = ", ".join(summary.non_spatial_sources[:3]) + (
+        " …" if len(summary.non_spatial_sources) > 3 else ""
+    )
     probability = "" if math.isnan(summary.probability) else f", p = {summary.probability:.3f}"
     relative = abs(summary.completeness_gap) / max(abs(summary.output), 1e-12)
+    terms = f"{summary.input_term:.5g} + {blocks_sum:.5g} + {summary.non_spatial:.5g}"
     footer = (
-        "input term + Σ spatial blocks + non-spatial = f(x):   "
-        f"{summary.input_term:.5g} + {blocks_sum:.5g} + {summary.non_spatial:.5g} = {summary.total:.5g}\n"
-        f"f(x) = {summary.output:.5g};  completeness gap f(x) − sum = {summary.completeness_gap:.2e}"
-        f" ({relative:.1e} relative)\n"
-        f"non-spatial sources: {sources or 'none'}.   Red > 0 > blue; each map has its own symmetric colour scale."
+        f"input term + Σ spatial blocks + non-spatial = f(x):   {terms} = {summary.total:.5g}\n"
+        f"f(x) = {summary.output:.5g};  completeness gap f(x) − sum = "
+        f"{summary.completeness_gap:.2e} ({relative:.1e} relative)\n"
+        f"non-spatial sources: {sources or 'none'}.   "
+        "Red > 0 > blue; each map has its own symmetric colour scale."
     )
     figure.supxlabel(footer, fontsize=8.5)
     if title is None:
@@ -675,7 +734,9 @@ def save_figure(figure: Figure, path: Union[str, "os.PathLike[str]"], *, dpi: in
     path = Path(path)
     fmt = _FORMATS.get(path.suffix.lower())
     if fmt is None:
-        raise ValueError(f"cannot tell the format of {str(path)!r}: use a .png, .pdf or .svg file name")
+        raise ValueError(
+            f"cannot tell the format of {str(path)!r}: use a .png, .pdf or .svg file name"
+        )
     directory = path.parent
     directory.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=directory)

@@ -125,7 +125,7 @@ class AttributionMethod:
         return _configured(self, {**self.params, **params})
 
     def __call__(self, model: Any, inputs: Tensor, target: Any = None) -> Tensor:
-        """The saliency map ``(B, 1, H, W)`` of ``inputs`` for ``target`` (None: predicted class)."""
+        """The ``(B, 1, H, W)`` map of ``inputs`` for ``target`` (None: the predicted class)."""
         x = _check_inputs(inputs, self.name)
         with torch.enable_grad():
             target = _resolve_target(model, x, target)
@@ -221,7 +221,9 @@ def _register(
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
     if key in _REGISTRY and not overwrite:
-        raise ValueError(f"a method named {key!r} is already registered; pass overwrite=True to replace it")
+        raise ValueError(
+            f"a method named {key!r} is already registered; pass overwrite=True to replace it"
+        )
     method = AttributionMethod(
         name=key,
         label=label if label is not None else key,
@@ -301,9 +303,13 @@ def _check_inputs(inputs: Any, name: str) -> Tensor:
     if isinstance(inputs, tuple) and len(inputs) == 1:
         inputs = inputs[0]
     if not isinstance(inputs, Tensor):
-        raise TypeError(f"method {name!r} expects an image tensor (B, C, H, W), got {type(inputs).__name__}")
+        raise TypeError(
+            f"method {name!r} expects an image tensor (B, C, H, W), got {type(inputs).__name__}"
+        )
     if inputs.dim() != 4 or inputs.shape[0] == 0:
-        raise ValueError(f"method {name!r} expects images of shape (B, C, H, W), got {tuple(inputs.shape)}")
+        raise ValueError(
+            f"method {name!r} expects images of shape (B, C, H, W), got {tuple(inputs.shape)}"
+        )
     if not inputs.is_floating_point():
         raise TypeError(f"method {name!r} needs floating-point images, got dtype {inputs.dtype}")
     return inputs.detach()
@@ -327,7 +333,9 @@ def _check_output(result: Any, inputs: Tensor, name: str) -> Tensor:
         raise TypeError(f"method {name!r} returned {type(result).__name__}, expected a tensor")
     expected = (inputs.shape[0], 1, *inputs.shape[2:])
     if tuple(result.shape) != expected:
-        raise ValueError(f"method {name!r} returned a map of shape {tuple(result.shape)}, expected {expected}")
+        raise ValueError(
+            f"method {name!r} returned a map of shape {tuple(result.shape)}, expected {expected}"
+        )
     result = result.detach().to(device=inputs.device, dtype=torch.float32)
     if not torch.isfinite(result).all():
         raise ValueError(f"method {name!r} returned NaN or infinite values")
@@ -387,7 +395,11 @@ class _SeededNoise:
 
     def __init__(self, seed: Optional[int], device: torch.device) -> None:
         self.seed = seed
-        self.devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+        self.devices = (
+            [device.index if device.index is not None else torch.cuda.current_device()]
+            if device.type == "cuda"
+            else []
+        )
 
     def __enter__(self) -> None:
         if self.seed is None:
@@ -412,7 +424,12 @@ def _optional_positive_int(name: str, value: Any, method: str) -> None:
 
 
 def _non_negative(name: str, value: Any, method: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not value >= 0
+        or value == float("inf")
+    ):
         raise ValueError(f"{method}: {name} must be a finite number >= 0, got {value!r}")
 
 
@@ -478,13 +495,24 @@ def _integrated_gradients(
     return _channel_abs(attribution)
 
 
-def _check_integrated_gradients(*, n_steps: Any, baseline: Any, method: Any, internal_batch_size: Any) -> None:
+def _check_integrated_gradients(
+    *, n_steps: Any, baseline: Any, method: Any, internal_batch_size: Any
+) -> None:
     name = "integrated_gradients"
     _positive_int("n_steps", n_steps, name)
     _optional_positive_int("internal_batch_size", internal_batch_size, name)
-    _choice("method", method, ("riemann_right", "riemann_left", "riemann_middle", "riemann_trapezoid", "gausslegendre"), name)
-    if not (isinstance(baseline, (int, float, Tensor)) or callable(baseline)) or isinstance(baseline, bool):
-        raise ValueError(f"{name}: baseline must be a number, a tensor or a callable, got {baseline!r}")
+    _choice(
+        "method",
+        method,
+        ("riemann_right", "riemann_left", "riemann_middle", "riemann_trapezoid", "gausslegendre"),
+        name,
+    )
+    if not (isinstance(baseline, (int, float, Tensor)) or callable(baseline)) or isinstance(
+        baseline, bool
+    ):
+        raise ValueError(
+            f"{name}: baseline must be a number, a tensor or a callable, got {baseline!r}"
+        )
 
 
 def _per_example_noise_tunnel(
@@ -543,7 +571,9 @@ def _smoothgrad(
     return _channel_abs(attribution)
 
 
-def _check_noise(name: str, nt_samples: Any, noise: Any, nt_samples_batch_size: Any, seed: Any) -> None:
+def _check_noise(
+    name: str, nt_samples: Any, noise: Any, nt_samples_batch_size: Any, seed: Any
+) -> None:
     _positive_int("nt_samples", nt_samples, name)
     _non_negative("noise", noise, name)
     _optional_positive_int("nt_samples_batch_size", nt_samples_batch_size, name)
@@ -551,13 +581,17 @@ def _check_noise(name: str, nt_samples: Any, noise: Any, nt_samples_batch_size: 
         raise ValueError(f"{name}: seed must be an integer or None, got {seed!r}")
 
 
-def _check_smoothgrad(*, nt_samples: Any, noise: Any, abs_before_mean: Any, nt_samples_batch_size: Any, seed: Any) -> None:
+def _check_smoothgrad(
+    *, nt_samples: Any, noise: Any, abs_before_mean: Any, nt_samples_batch_size: Any, seed: Any
+) -> None:
     _check_noise("smoothgrad", nt_samples, noise, nt_samples_batch_size, seed)
     _choice("abs_before_mean", abs_before_mean, (True, False), "smoothgrad")
 
 
 # Last convolution of each model and input shape, found once by a forward pass.
-_LAST_CONV: "weakref.WeakKeyDictionary[nn.Module, Dict[Tuple[Any, ...], str]]" = weakref.WeakKeyDictionary()
+_LAST_CONV: "weakref.WeakKeyDictionary[nn.Module, Dict[Tuple[Any, ...], str]]" = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def find_last_conv(model: nn.Module, inputs: Tensor) -> Tuple[str, nn.Module]:
@@ -575,7 +609,9 @@ def find_last_conv(model: nn.Module, inputs: Tensor) -> Tuple[str, nn.Module]:
         ValueError: no ``nn.Conv2d`` runs in the forward pass.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"Grad-CAM needs an nn.Module to find its last convolution, got {type(model).__name__}")
+        raise TypeError(
+            f"Grad-CAM needs an nn.Module to find its last convolution, got {type(model).__name__}"
+        )
     key = (tuple(inputs.shape[1:]), inputs.dtype, str(inputs.device))
     cached = _LAST_CONV.get(model, {}).get(key)
     modules = dict(model.named_modules())
@@ -620,17 +656,25 @@ def _gradcam(
     else:
         module = layer
     with _Quiet():
-        cam = LayerGradCam(model, module).attribute(_grad_input(inputs), target=target, relu_attributions=True)
+        cam = LayerGradCam(model, module).attribute(
+            _grad_input(inputs), target=target, relu_attributions=True
+        )
     if cam.dim() != 4:
-        raise ValueError(f"gradcam: layer output must be (B, C, h, w); its Grad-CAM has shape {tuple(cam.shape)}")
-    cam = LayerAttribution.interpolate(cam, tuple(inputs.shape[2:]), interpolate_mode=interpolate_mode)
+        raise ValueError(
+            f"gradcam: layer output must be (B, C, h, w); its Grad-CAM has shape {tuple(cam.shape)}"
+        )
+    cam = LayerAttribution.interpolate(
+        cam, tuple(inputs.shape[2:]), interpolate_mode=interpolate_mode
+    )
     return cam.clamp(min=0)  # bicubic interpolation can undershoot zero
 
 
 def _check_gradcam(*, layer: Any, interpolate_mode: Any) -> None:
     if layer is not None and not isinstance(layer, (str, nn.Module)):
         raise ValueError(f"gradcam: layer must be None, a module name or a module, got {layer!r}")
-    _choice("interpolate_mode", interpolate_mode, ("bilinear", "bicubic", "nearest", "area"), "gradcam")
+    _choice(
+        "interpolate_mode", interpolate_mode, ("bilinear", "bicubic", "nearest", "area"), "gradcam"
+    )
 
 
 def _fullgrad(
@@ -677,18 +721,29 @@ def _fullgrad_bias(
     )
 
 
-def _check_fullgrad_common(name: str, postprocess: Any, interpolate_mode: Any, internal_batch_size: Any) -> None:
+def _check_fullgrad_common(
+    name: str, postprocess: Any, interpolate_mode: Any, internal_batch_size: Any
+) -> None:
     _choice("postprocess", postprocess, ("eq4", "neurips2019"), name)
     _choice("interpolate_mode", interpolate_mode, ("bilinear", "bicubic", "nearest", "area"), name)
     _optional_positive_int("internal_batch_size", internal_batch_size, name)
 
 
-def _check_fullgrad(*, postprocess: Any, interpolate_mode: Any, layers: Any, internal_batch_size: Any, include_input_gradient: Any) -> None:
+def _check_fullgrad(
+    *,
+    postprocess: Any,
+    interpolate_mode: Any,
+    layers: Any,
+    internal_batch_size: Any,
+    include_input_gradient: Any,
+) -> None:
     _check_fullgrad_common("fullgrad", postprocess, interpolate_mode, internal_batch_size)
     _choice("include_input_gradient", include_input_gradient, (True, False), "fullgrad")
 
 
-def _check_fullgrad_bias(*, postprocess: Any, interpolate_mode: Any, layers: Any, internal_batch_size: Any) -> None:
+def _check_fullgrad_bias(
+    *, postprocess: Any, interpolate_mode: Any, layers: Any, internal_batch_size: Any
+) -> None:
     _check_fullgrad_common("fullgrad_bias", postprocess, interpolate_mode, internal_batch_size)
 
 
@@ -720,25 +775,63 @@ def _smoothfullgrad(
 
 
 def _check_smoothfullgrad(
-    *, nt_samples: Any, noise: Any, postprocess: Any, interpolate_mode: Any, layers: Any, nt_samples_batch_size: Any, seed: Any
+    *,
+    nt_samples: Any,
+    noise: Any,
+    postprocess: Any,
+    interpolate_mode: Any,
+    layers: Any,
+    nt_samples_batch_size: Any,
+    seed: Any,
 ) -> None:
     _check_noise("smoothfullgrad", nt_samples, noise, nt_samples_batch_size, seed)
     _check_fullgrad_common("smoothfullgrad", postprocess, interpolate_mode, None)
 
 
-_SIMONYAN = "Simonyan, Vedaldi & Zisserman, 'Deep inside convolutional networks', ICLR workshop 2014"
+_SIMONYAN = (
+    "Simonyan, Vedaldi & Zisserman, 'Deep inside convolutional networks', ICLR workshop 2014"
+)
 _SHRIKUMAR = "Shrikumar et al., 'Not just a black box', arXiv:1605.01713, 2016"
-_SPRINGENBERG = "Springenberg et al., 'Striving for simplicity: the all convolutional net', ICLR workshop 2015"
+_SPRINGENBERG = (
+    "Springenberg et al., 'Striving for simplicity: the all convolutional net', ICLR workshop 2015"
+)
 _SUNDARARAJAN = "Sundararajan, Taly & Yan, 'Axiomatic attribution for deep networks', ICML 2017"
 _SMILKOV = "Smilkov et al., 'SmoothGrad: removing noise by adding noise', arXiv:1706.03825, 2017"
 _SELVARAJU = "Selvaraju et al., 'Grad-CAM: visual explanations from deep networks', ICCV 2017"
-_SRINIVAS = "Srinivas & Fleuret, 'Full-gradient representation for neural network visualization', NeurIPS 2019 (eq. 4)"
-_SRINIVAS_SMOOTH = "Srinivas & Fleuret 2019; SmoothFullGrad of the authors' code (idiap/fullgrad-saliency)"
+_SRINIVAS = (
+    "Srinivas & Fleuret, 'Full-Jacobian representation of neural networks', 2019, eq. 4 "
+    "(postprocess='neurips2019': 'Full-gradient representation for neural network "
+    "visualization', NeurIPS 2019)"
+)
+_SRINIVAS_SMOOTH = (
+    "Srinivas & Fleuret 2019; SmoothFullGrad of the authors' code (idiap/fullgrad-saliency)"
+)
 
 _BUILTINS = (
-    ("saliency", _saliency, "Gradient", "|d f / d x|, maximum over colour channels", _SIMONYAN, _check_saliency),
-    ("input_x_gradient", _input_x_gradient, "Input × gradient", "|x * d f / d x| summed over channels", _SHRIKUMAR, None),
-    ("guided_backprop", _guided_backprop, "Guided backprop", "|guided backpropagation| summed over channels", _SPRINGENBERG, None),
+    (
+        "saliency",
+        _saliency,
+        "Gradient",
+        "|d f / d x|, maximum over colour channels",
+        _SIMONYAN,
+        _check_saliency,
+    ),
+    (
+        "input_x_gradient",
+        _input_x_gradient,
+        "Input × gradient",
+        "|x * d f / d x| summed over channels",
+        _SHRIKUMAR,
+        None,
+    ),
+    (
+        "guided_backprop",
+        _guided_backprop,
+        "Guided backprop",
+        "|guided backpropagation| summed over channels",
+        _SPRINGENBERG,
+        None,
+    ),
     (
         "integrated_gradients",
         _integrated_gradients,
@@ -751,7 +844,8 @@ _BUILTINS = (
         "smoothgrad",
         _smoothgrad,
         "SmoothGrad",
-        "mean |gradient| over noisy copies (noise std = 15 % of the input range) summed over channels",
+        "mean |gradient| over noisy copies (noise std = 15 % of the input range), "
+        "summed over channels",
         _SMILKOV,
         _check_smoothgrad,
     ),
@@ -763,7 +857,14 @@ _BUILTINS = (
         _SELVARAJU,
         _check_gradcam,
     ),
-    ("fullgrad", _fullgrad, "FullGrad", "eq. 4: |x * grad| + sum of |channel-summed bias-Jacobians|", _SRINIVAS, _check_fullgrad),
+    (
+        "fullgrad",
+        _fullgrad,
+        "FullGrad",
+        "eq. 4: |x * grad| + sum of |channel-summed bias-Jacobians|",
+        _SRINIVAS,
+        _check_fullgrad,
+    ),
     (
         "fullgrad_bias",
         _fullgrad_bias,

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from matplotlib.figure import Figure
-from torch import nn
 
 from captum_fullgrad.figures import (
     attribution_maps,
@@ -82,7 +81,15 @@ def test_grid_layout_titles_and_row_labels(grid, model, images):
     image_axes = [ax for ax in grid.axes if ax.images]
     assert len(image_axes) == 3 * 7 + 0  # 3 rows x (image + 6 methods); the colour bar has no image
     titles = [ax.get_title() for ax in grid.axes if ax.get_title()]
-    for label in ["Image", "Guided\nbackprop", "Integrated\ngradients", "SmoothGrad", "Grad-CAM", "FullGrad", "Bias-Jacobian"]:
+    for label in [
+        "Image",
+        "Guided\nbackprop",
+        "Integrated\ngradients",
+        "SmoothGrad",
+        "Grad-CAM",
+        "FullGrad",
+        "Bias-Jacobian",
+    ]:
         assert any(t.startswith(label) for t in titles), label
     with torch.no_grad():
         probabilities = model(images).softmax(1)
@@ -109,7 +116,14 @@ def test_grid_targets_display_images_row_labels_and_precomputed(model, images):
     assert set(result.seconds) == set(methods) and all(s >= 0 for s in result.seconds.values())
     display = (images.permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)  # (N, H, W, 3) uint8
     figure = comparison_grid(
-        model, images, 2, methods, CATEGORIES, display, precomputed=result, row_labels=["a.png", "b.png", "c.png"]
+        model,
+        images,
+        2,
+        methods,
+        CATEGORIES,
+        display,
+        precomputed=result,
+        row_labels=["a.png", "b.png", "c.png"],
     )
     labels = [ax.get_ylabel() for ax in figure.axes if ax.get_ylabel()]
     assert labels[0].startswith("a.png\n")
@@ -169,7 +183,9 @@ def test_save_png_and_pdf(grid, tmp_path):
     assert data.startswith(PNG_SIGNATURE)
     pixels = matplotlib.image.imread(png)
     width, height = grid.get_size_inches() * 50
-    assert pixels.shape[0] == pytest.approx(height, abs=2) and pixels.shape[1] == pytest.approx(width, abs=2)
+    assert pixels.shape[0] == pytest.approx(height, abs=2) and pixels.shape[1] == pytest.approx(
+        width, abs=2
+    )
     assert pixels.shape[2] in (3, 4)
     pdf = save_figure(grid, tmp_path / "grid.PDF")
     content = pdf.read_bytes()
@@ -229,7 +245,10 @@ def test_decomposition_figure_numbers_add_up_to_f_x(model, images, tmp_path):
     shares = [float(m) for t in strings for m in re.findall(r"Σ = " + NUMBER, t)]
     assert len(shares) == 1 + 3  # the input term and three blocks
     footer = next(t for t in strings if "= f(x):" in t)
-    a, b, c, total = map(float, re.search(rf"= f\(x\):\s+{NUMBER} \+ {NUMBER} \+ {NUMBER} = {NUMBER}", footer).groups())
+    a, b, c, total = map(
+        float,
+        re.search(rf"= f\(x\):\s+{NUMBER} \+ {NUMBER} \+ {NUMBER} = {NUMBER}", footer).groups(),
+    )
     stated = float(re.search(rf"\nf\(x\) = {NUMBER};", footer).group(1))
     scale = sum(abs(v) for v in shares) + abs(c)
     assert a == pytest.approx(shares[0], rel=1e-4)
@@ -238,7 +257,9 @@ def test_decomposition_figure_numbers_add_up_to_f_x(model, images, tmp_path):
     assert total == pytest.approx(output, rel=1e-4) and stated == pytest.approx(output, rel=1e-4)
     assert any("triangle" in t for t in strings)
     # Signed panels: a diverging colour map centred at zero.
-    for im in (im for ax in figure.axes for im in ax.get_images() if im.get_cmap().name == "RdBu_r"):
+    for im in (
+        im for ax in figure.axes for im in ax.get_images() if im.get_cmap().name == "RdBu_r"
+    ):
         low, high = im.get_clim()
         assert low == -high
     png = save_figure(figure, tmp_path / "decomposition.png", dpi=40)

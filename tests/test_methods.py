@@ -111,25 +111,42 @@ def test_guided_backprop_is_captum_abs_channel_sum(model, inputs):
 
 def test_integrated_gradients_is_captum_with_zero_baseline(model, inputs):
     expected = IntegratedGradients(model).attribute(inputs, baselines=0.0, target=TARGET, n_steps=6)
-    close(get_method("integrated_gradients", n_steps=6)(model, inputs, TARGET), expected.abs().sum(1, keepdim=True))
+    close(
+        get_method("integrated_gradients", n_steps=6)(model, inputs, TARGET),
+        expected.abs().sum(1, keepdim=True),
+    )
 
 
 def test_integrated_gradients_baseline_options(model, inputs):
     baseline = torch.full_like(inputs[0], -0.5)
-    expected = IntegratedGradients(model).attribute(inputs, baselines=baseline[None], target=TARGET, n_steps=4)
+    expected = IntegratedGradients(model).attribute(
+        inputs, baselines=baseline[None], target=TARGET, n_steps=4
+    )
     expected = expected.abs().sum(1, keepdim=True)
-    close(get_method("integrated_gradients", n_steps=4, baseline=baseline)(model, inputs, TARGET), expected)
-    close(get_method("integrated_gradients", n_steps=4, baseline=-0.5)(model, inputs, TARGET), expected)
-    as_callable = get_method("integrated_gradients", n_steps=4, baseline=lambda x: torch.full_like(x, -0.5))
+    close(
+        get_method("integrated_gradients", n_steps=4, baseline=baseline)(model, inputs, TARGET),
+        expected,
+    )
+    close(
+        get_method("integrated_gradients", n_steps=4, baseline=-0.5)(model, inputs, TARGET),
+        expected,
+    )
+    as_callable = get_method(
+        "integrated_gradients", n_steps=4, baseline=lambda x: torch.full_like(x, -0.5)
+    )
     close(as_callable(model, inputs, TARGET), expected)
 
 
 def test_input_x_gradient_and_saliency(model, inputs):
     expected = InputXGradient(model).attribute(inputs.clone().requires_grad_(), target=TARGET)
-    close(get_method("input_x_gradient")(model, inputs, TARGET), expected.abs().sum(1, keepdim=True))
+    close(
+        get_method("input_x_gradient")(model, inputs, TARGET), expected.abs().sum(1, keepdim=True)
+    )
     gradient = Saliency(model).attribute(inputs.clone().requires_grad_(), target=TARGET, abs=True)
     close(get_method("saliency")(model, inputs, TARGET), gradient.amax(1, keepdim=True))
-    close(get_method("saliency", reduce="sum")(model, inputs, TARGET), gradient.sum(1, keepdim=True))
+    close(
+        get_method("saliency", reduce="sum")(model, inputs, TARGET), gradient.sum(1, keepdim=True)
+    )
 
 
 def _noise_tunnel_by_hand(attribution, inputs, samples, noise, seed, **kwargs):
@@ -159,7 +176,12 @@ def test_smoothgrad_is_noise_tunnel_over_saliency_with_relative_noise(model, inp
     close(method(model, inputs, TARGET), expected.sum(1, keepdim=True))
     # Mean of |grad| (Captum's Saliency(abs=True)), not |mean grad|, unless asked.
     signed = _noise_tunnel_by_hand(Saliency(model), inputs, 3, 0.15, seed=7, abs=False)
-    close(get_method("smoothgrad", nt_samples=3, seed=7, abs_before_mean=False)(model, inputs, TARGET), signed.abs().sum(1, keepdim=True))
+    close(
+        get_method("smoothgrad", nt_samples=3, seed=7, abs_before_mean=False)(
+            model, inputs, TARGET
+        ),
+        signed.abs().sum(1, keepdim=True),
+    )
 
 
 def test_smoothgrad_is_seeded_and_leaves_the_global_rng_alone(model, inputs):
@@ -168,7 +190,9 @@ def test_smoothgrad_is_seeded_and_leaves_the_global_rng_alone(model, inputs):
     first = method(model, inputs, TARGET)
     assert torch.equal(torch.get_rng_state(), state)
     assert torch.equal(first, method(model, inputs, TARGET))
-    assert not torch.equal(first, get_method("smoothgrad", nt_samples=2, seed=1)(model, inputs, TARGET))
+    assert not torch.equal(
+        first, get_method("smoothgrad", nt_samples=2, seed=1)(model, inputs, TARGET)
+    )
 
 
 def test_gradcam_is_layer_gradcam_on_the_last_conv_upsampled(model, inputs):
@@ -182,15 +206,21 @@ def test_gradcam_is_layer_gradcam_on_the_last_conv_upsampled(model, inputs):
 
 def test_fullgrad_methods_are_full_gradient(model, inputs):
     full = FullGradient(model).attribute(inputs, target=TARGET, single_channel=True)
-    bias = FullGradient(model).attribute(inputs, target=TARGET, single_channel=True, include_input_gradient=False)
+    bias = FullGradient(model).attribute(
+        inputs, target=TARGET, single_channel=True, include_input_gradient=False
+    )
     close(get_method("fullgrad")(model, inputs, TARGET), full)
     close(get_method("fullgrad_bias")(model, inputs, TARGET), bias)
-    authors = FullGradient(model).attribute(inputs, target=TARGET, single_channel=True, postprocess="neurips2019")
+    authors = FullGradient(model).attribute(
+        inputs, target=TARGET, single_channel=True, postprocess="neurips2019"
+    )
     close(get_method("fullgrad", postprocess="neurips2019")(model, inputs, TARGET), authors)
 
 
 def test_smoothfullgrad_is_noise_tunnel_over_full_gradient(model, inputs):
-    expected = _noise_tunnel_by_hand(FullGradient(model), inputs, 2, 0.15, seed=0, single_channel=True)
+    expected = _noise_tunnel_by_hand(
+        FullGradient(model), inputs, 2, 0.15, seed=0, single_channel=True
+    )
     close(get_method("smoothfullgrad", nt_samples=2)(model, inputs, TARGET), expected)
 
 
@@ -242,7 +272,9 @@ def test_all_builtins_registered_with_labels_and_references():
 
 
 def test_unknown_name_lists_registered_methods():
-    with pytest.raises(ValueError, match="unknown method 'nope'; registered methods: .*gradcam.*fullgrad"):
+    with pytest.raises(
+        ValueError, match="unknown method 'nope'; registered methods: .*gradcam.*fullgrad"
+    ):
         get_method("nope")
 
 
@@ -255,7 +287,10 @@ def test_configured_variants():
     assert ig.params == {"n_steps": 20}
     assert ig.parameters["n_steps"] == 20 and ig.parameters["method"] == "gausslegendre"
     assert get_method("integrated_gradients").params == {}
-    assert ig.configure(internal_batch_size=4).parameters == {**ig.parameters, "internal_batch_size": 4}
+    assert ig.configure(internal_batch_size=4).parameters == {
+        **ig.parameters,
+        "internal_batch_size": 4,
+    }
     assert get_method(ig) is ig
     with pytest.raises(ValueError, match="no parameter 'steps'.*n_steps"):
         get_method("integrated_gradients", steps=3)
@@ -282,7 +317,9 @@ def test_register_get_overwrite_unregister(clean_registry, model, inputs):
     close(maps, edges(model, inputs, TARGET, power=2.0))
     with pytest.raises(ValueError, match="already registered"):
         register_method("edges", edges)
-    replaced = register_method("edges", lambda m, x, t: x.abs().sum(1, keepdim=True), overwrite=True)
+    replaced = register_method(
+        "edges", lambda m, x, t: x.abs().sum(1, keepdim=True), overwrite=True
+    )
     assert replaced.label == "edges" and replaced.defaults == {}
     with pytest.raises(ValueError, match="already registered"):
         register_method("fullgrad", edges)
