@@ -473,7 +473,7 @@ def _integrated_gradients(
     n_steps: int = 50,
     baseline: Union[float, Tensor, Callable[[Tensor], Tensor]] = 0.0,
     method: str = "gausslegendre",
-    internal_batch_size: Optional[int] = None,
+    internal_batch_size: Optional[int] = 32,
 ) -> Tensor:
     if callable(baseline) and not isinstance(baseline, Tensor):
         baseline = baseline(inputs)
@@ -555,7 +555,7 @@ def _smoothgrad(
     nt_samples: int = 50,
     noise: float = 0.15,
     abs_before_mean: bool = True,
-    nt_samples_batch_size: Optional[int] = None,
+    nt_samples_batch_size: Optional[int] = 25,
     seed: Optional[int] = 0,
 ) -> Tensor:
     attribution = _per_example_noise_tunnel(
@@ -757,7 +757,7 @@ def _smoothfullgrad(
     postprocess: str = "eq4",
     interpolate_mode: str = "bilinear",
     layers: Optional[Sequence[Union[str, nn.Module]]] = None,
-    nt_samples_batch_size: Optional[int] = None,
+    nt_samples_batch_size: Optional[int] = 25,
     seed: Optional[int] = 0,
 ) -> Tensor:
     return _per_example_noise_tunnel(
