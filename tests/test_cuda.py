@@ -1,0 +1,56 @@
+"""CUDA checks (skipped where no CUDA device is present; run by benchmarks/gpu.sh)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from captum.attr import NoiseTunnel
+
+from captum_fullgrad import FullGradient, full_jacobian
+
+from .conftest import build_zoo_model, vgg_features_small_head
+
+pytestmark = pytest.mark.cuda
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny", "densenet121"])
+def test_completeness_float64_on_cuda(name):
+    model = build_zoo_model(name).cuda()
+    x = torch.rand(2, 3, 64, 64, dtype=torch.float64, device="cuda")
+    with torch.no_grad():
+        target = model(x).abs().argmax(1)
+    fj = full_jacobian(model, x, target=target)
+    assert (fj.completeness_delta.abs() / fj.output.abs()).max() < 1e-6
+    assert not fj.failed_ops
+
+
+def test_cuda_equals_cpu():
+    model = vgg_features_small_head()
+    x = torch.rand(2, 3, 48, 64, dtype=torch.float64)
+    cpu = FullGradient(model).attribute(x, target=[1, 2])
+    gpu = FullGradient(model.cuda()).attribute(x.cuda(), target=torch.tensor([1, 2], device="cuda"))
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), cpu)
+    model.cpu()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_on_cuda_reports_its_gap(dtype):
+    model = build_zoo_model("vgg11_bn", dtype=torch.float32).cuda()
+    x = torch.rand(4, 3, 64, 64, device="cuda")
+    with torch.autocast("cuda", dtype=dtype):
+        attr, delta = FullGradient(model).attribute(x, target=3, return_convergence_delta=True)
+    with torch.no_grad():
+        output = model(x)[:, 3].abs()
+    assert torch.isfinite(attr).all() and attr.shape == x.shape
+    assert (delta.abs() / output).max() < 0.5
+
+
+def test_noise_tunnel_and_state_on_cuda():
+    model = build_zoo_model("resnet18", dtype=torch.float32).cuda()
+    x = torch.rand(2, 3, 64, 64, device="cuda")
+    hooks_before = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    smooth = NoiseTunnel(FullGradient(model)).attribute(x, target=1, nt_type="smoothgrad", nt_samples=4, stdevs=0.05)
+    assert smooth.shape == x.shape and smooth.device.type == "cuda"
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == hooks_before
+    assert all(p.grad is None for p in model.parameters())
