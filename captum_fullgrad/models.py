@@ -23,7 +23,10 @@ Example::
     >>> loaded = load_model("shapes")
     >>> loaded.categories
     ['disc', 'square', 'triangle', 'cross']
-    >>> logits = loaded.model(loaded.transform(images))  # images: (N, 3, 64, 64) in [0, 1]
+    >>> from captum_fullgrad.datasets import synthetic_shapes
+    >>> images, labels, masks = synthetic_shapes(4, seed=0)  # (4, 3, 64, 64) in [0, 1]
+    >>> loaded.model(loaded.transform(images)).shape
+    torch.Size([4, 4])
 """
 
 from __future__ import annotations
