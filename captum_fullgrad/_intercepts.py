@@ -44,10 +44,13 @@ class Intercept:
     channel axis, such as a bias) or ``dense`` (a tensor broadcastable to the output) is set.
     """
 
-    output: Tensor
+    output: Optional[Tensor]  # released once the capture has hooked it (no reference cycle)
     dense: Optional[Tensor] = None
     channel_vector: Optional[Tensor] = None
     channel_dim: Optional[int] = None  # axis of ``output`` that ``channel_vector`` runs along
+    # Eval BatchNorm only: d output / d input per channel, so that a convolution's bias
+    # feeding it can be folded into one reduction (df/dz_conv = scale * df/dy_bn).
+    input_scale: Optional[Tensor] = None
 
 
 @dataclass
@@ -192,7 +195,11 @@ def _batch_norm(ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[
     effective_bias = -running_mean * scale
     if bias is not None:
         effective_bias = effective_bias + bias
-    intercepts = [Intercept(out, channel_vector=effective_bias, channel_dim=1)] if ctx.graph_outputs(out) else []
+    intercepts = (
+        [Intercept(out, channel_vector=effective_bias, channel_dim=1, input_scale=scale)]
+        if ctx.graph_outputs(out)
+        else []
+    )
     return OpResult(out, intercepts, layout=CHANNELS_FIRST)
 
 

@@ -85,6 +85,8 @@ def select_output(output: Any, target: TargetType, batch_size: int, *, method: s
             )
         return output.reshape(batch_size)
     _check_target(target, output, batch_size, method=method)
+    if isinstance(target, Tensor) and target.device != output.device:
+        target = target.to(output.device, non_blocking=True)
     selected = _select_targets(output, target)
     if selected.numel() != batch_size:
         raise ValueError(
@@ -146,6 +148,19 @@ def _check_target(target: TargetType, output: Tensor, batch_size: int, *, method
             )
     else:
         raise TypeError(f"{method}: unsupported target type {type(target).__name__}.")
+
+
+def target_on_host(target: TargetType) -> TargetType:
+    """A tensor target copied to the CPU once, before the forward pass.
+
+    Its range check needs the output's class count; checking a CUDA tensor after the
+    forward pass would stall the host between the forward and the backward pass.
+    """
+    if isinstance(target, Tensor):
+        return target.detach().cpu()
+    if isinstance(target, list) and any(isinstance(t, Tensor) for t in target):
+        return [int(t) if isinstance(t, Tensor) and t.numel() == 1 else t for t in target]
+    return target
 
 
 def slice_target(target: TargetType, start: int, stop: int, batch_size: int) -> TargetType:

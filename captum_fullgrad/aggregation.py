@@ -64,6 +64,9 @@ class MapCollector:
             raise ValueError(f"postprocess must be one of {POSTPROCESS_MODES}, got {postprocess!r}.")
         self.postprocess = postprocess
         self.selected = selected
+        # Eq. 4 sums a conv-BN block before the absolute value anyway, so the capture may
+        # reduce the pair in one pass over the BatchNorm's gradient (see Capture).
+        self.fold_conv_batch_norm = postprocess == EQ4 and selected is None
         self.block_maps: "OrderedDict[str, Tensor]" = OrderedDict()
         self.bias_sum: Optional[Tensor] = None
         self.mapped_sources: List[BiasSource] = []
@@ -73,14 +76,15 @@ class MapCollector:
 
     def on_gradient(self, source: BiasSource, grad: Tensor) -> None:
         with torch.autocast(grad.device.type, enabled=False):
-            grad = grad.to(_accumulation_dtype(grad.dtype))
             in_map = source.spatial and (self.selected is None or self.selected(source))
             if in_map and self.postprocess == EQ4:
-                summed = source.channel_summed(grad)
+                summed = source.channel_summed(grad, include_folded=True)
+                summed = summed.to(_accumulation_dtype(summed.dtype))
                 contribution = summed.flatten(1).sum(1)
                 key = source.block
                 self.block_maps[key] = self.block_maps[key] + summed if key in self.block_maps else summed
             else:
+                grad = grad.to(_accumulation_dtype(grad.dtype))
                 contribution = source.per_example_sum(grad)
                 if in_map:
                     bias_jacobian = source.bias_jacobian(grad)

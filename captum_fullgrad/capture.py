@@ -68,6 +68,10 @@ class BiasSource:
     block: str
     intercept: Intercept = field(repr=False)
     batch_dim: int = 0
+    # Set by a capture whose collector folds conv-BN pairs: the convolution's bias mapped
+    # through the BatchNorm, ``b_conv * gamma / sqrt(var + eps)``; the convolution's own
+    # hook is then not registered.
+    folded_vector: Optional[Tensor] = field(default=None, repr=False)
 
     def broadcast_intercept(self) -> Tensor:
         """The intercept as a tensor broadcastable to :attr:`shape`."""
@@ -96,15 +100,24 @@ class BiasSource:
         """Sum a bias-Jacobian of this source over everything but its batch axis, ``(B,)``."""
         return bias_jacobian.movedim(self.batch_dim, 0).flatten(1).sum(1)
 
-    def channel_summed(self, grad: Tensor) -> Tensor:
-        """``sum_c f^b_{l,c}``: the bias-Jacobian summed over channels, ``(B, *spatial)``."""
+    def channel_summed(self, grad: Tensor, include_folded: bool = False) -> Tensor:
+        """``sum_c f^b_{l,c}``: the bias-Jacobian summed over channels, ``(B, *spatial)``.
+
+        ``include_folded`` adds a folded convolution's share (see :attr:`folded_vector`).
+        """
         assert self.channel_dim is not None
         if self.intercept.channel_vector is not None and self.intercept.channel_dim == self.channel_dim:
-            vector = self.intercept.channel_vector.to(grad.dtype)
+            vector = self.intercept.channel_vector
+            if include_folded and self.folded_vector is not None:
+                vector = vector + self.folded_vector
+            # The vector goes to the gradient's dtype (bf16 under autocast) rather than the
+            # gradient to float32: a full-size conversion per layer would cost more than
+            # the reduction itself.
+            vector = vector.to(grad.dtype)
             if self.channel_dim == grad.dim() - 1:
                 return grad @ vector
             # Contract the channel axis without materialising grad * bias.
-            return torch.einsum("bc...,c->b...", grad, vector)
+            return torch.matmul(vector, grad.flatten(2)).view(grad.shape[0], *grad.shape[2:])
         return self.bias_jacobian(grad).sum(self.channel_dim)
 
 
@@ -199,7 +212,11 @@ class Capture:
         self.failed_ops: List[str] = []
         self._module_stack: List[Tuple[str, bool, List[int]]] = []
         self._handles: List[Any] = []
-        self._conv_outputs: Dict[int, Tuple[weakref.ref, int, str]] = {}
+        self._conv_outputs: Dict[int, Tuple[weakref.ref, int, str, BiasSource]] = {}
+        self._hooks: Dict[BiasSource, Any] = {}
+        self._folded: Dict[int, Tuple[weakref.ref, BiasSource, BiasSource]] = {}
+        self._conv_uses: Dict[int, int] = {}
+        self._fold_conv_bn = bool(getattr(collector, "fold_conv_batch_norm", False))
         self._mode: Optional[_Mode] = None
         self._input_rank = inputs.dim()
         self._batch_size = inputs.shape[0]
@@ -276,6 +293,10 @@ class Capture:
 
     # ------------------------------------------------------------------ ops
     def _process(self, mode: _Mode, func: Callable, args: Sequence[Any], kwargs: Dict[str, Any], graph_inputs: List[Tensor]) -> Any:
+        inplace = _intercepts.is_inplace(func, args, kwargs)
+        if inplace and self._folded:
+            # About to overwrite a folded convolution output: hook its current version first.
+            self._unfold(graph_inputs)
         result = _intercepts.apply_rule(mode, func, args, kwargs)
         if result.failed:
             self.failed_ops.append(result.failed)
@@ -283,7 +304,12 @@ class Capture:
         produced = args[0] if value is None else value
         outputs = mode.graph_outputs(produced)
         if not outputs:
-            return value
+            return value  # metadata (.dim(), .shape) and non-differentiable reads
+        # A differentiable read of a convolution output: counts against conv-BN folding.
+        if self._conv_outputs:
+            self._count_conv_uses(graph_inputs)
+        if self._folded and not inplace:
+            self._unfold(graph_inputs)
         batch_dims = self._infer_batch_dims(func, args, kwargs, graph_inputs, outputs)
         layout = self._infer_layout(func, args, kwargs, graph_inputs, outputs, result.layout)
         for output, batch_dim in zip(outputs, batch_dims):
@@ -395,12 +421,58 @@ class Capture:
         )
         if op in _CONV_NAMES:
             # A BatchNorm reading exactly this tensor joins this convolution's block.
-            self._conv_outputs[id(output)] = (weakref.ref(output), output._version, f"@{index}")
+            self._conv_outputs[id(output)] = (weakref.ref(output), output._version, f"@{index}", source)
             source.block = f"@{index}"
         self.sources.append(source)
         self.collector.on_source(source)
+        # The hook closes over the source; the source must not hold the output tensor, or
+        # tensor -> hook -> source -> tensor is a cycle Python's collector cannot see
+        # through autograd, and every activation would leak.
+        intercept.output = None
+        self._hooks[source] = output.register_hook(self._hook_for(source))
+        if op == "batch_norm" and intercept.input_scale is not None and self._fold_conv_bn and graph_inputs:
+            self._fold_into_batch_norm(graph_inputs[0], source)
+
+    def _count_conv_uses(self, graph_inputs: List[Tensor]) -> None:
+        for tensor in graph_inputs:
+            entry = self._conv_outputs.get(id(tensor))
+            if entry is not None and entry[0]() is tensor:
+                self._conv_uses[id(tensor)] = self._conv_uses.get(id(tensor), 0) + 1
+
+    def _hook_for(self, source: BiasSource) -> Callable[[Tensor], None]:
         collector = self.collector
-        output.register_hook(lambda grad, source=source: collector.on_gradient(source, grad))
+        return lambda grad: collector.on_gradient(source, grad)
+
+    def _fold_into_batch_norm(self, conv_output: Tensor, batch_norm: BiasSource) -> None:
+        """One reduction for a conv-BN pair: df/dz_conv = gamma / sqrt(var + eps) * df/dy_bn in eval.
+
+        Exact only while the convolution's output feeds nothing but this BatchNorm;
+        :meth:`_unfold` restores the convolution's own hook as soon as anything else reads it.
+        """
+        entry = self._conv_outputs.get(id(conv_output))
+        if entry is None or entry[0]() is not conv_output or entry[1] != conv_output._version:
+            return
+        if self._conv_uses.get(id(conv_output), 0) != 1 or not batch_norm.spatial:
+            return  # something besides this BatchNorm read it: keep the convolution's hook
+        conv = entry[3]
+        if conv.intercept.channel_vector is None or conv.folded_vector is not None:
+            return
+        handle = self._hooks.pop(conv, None)
+        if handle is None:
+            return
+        handle.remove()
+        batch_norm.folded_vector = conv.intercept.channel_vector * batch_norm.intercept.input_scale
+        self._folded[id(conv_output)] = (weakref.ref(conv_output), conv, batch_norm)
+
+    def _unfold(self, graph_inputs: List[Tensor]) -> None:
+        for tensor in graph_inputs:
+            entry = self._folded.get(id(tensor))
+            if entry is None or entry[0]() is not tensor:
+                continue
+            _, conv, batch_norm = self._folded.pop(id(tensor))
+            batch_norm.folded_vector = None
+            # Registered before the op that reads (or overwrites) it runs: right version.
+            self._hooks[conv] = tensor.register_hook(self._hook_for(conv))
 
 
 def _spatial_shape(shape: Sequence[int], layout: str) -> Tuple[int, ...]:

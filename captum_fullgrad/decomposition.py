@@ -173,6 +173,7 @@ def full_jacobian(
     if not allow_training_mode:
         _validation.check_eval_mode(model, method=method)
     extra = _validation.format_additional_forward_args(additional_forward_args)
+    target = _validation.target_on_host(target)
     collector = _KeepBiasJacobians()
     run = forward_backward(
         model,

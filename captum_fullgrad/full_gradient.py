@@ -139,6 +139,7 @@ class FullGradient(GradientAttribution):
         if align_corners is None:
             align_corners = postprocess != EQ4
         extra = _validation.format_additional_forward_args(additional_forward_args)
+        target = _validation.target_on_host(target)
 
         batch = x.shape[0]
         chunk = internal_batch_size or batch

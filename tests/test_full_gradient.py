@@ -307,3 +307,38 @@ def test_one_and_three_dimensional_inputs():
     v = torch.randn(1, 1, 6, 7, 8, dtype=torch.float64)
     attr, delta = FullGradient(volume).attribute(v, target=1, return_convergence_delta=True)
     assert attr.shape == v.shape and delta.abs().max() < 1e-10
+
+
+class ConvOutputReused(nn.Module):
+    """A convolution whose output feeds its BatchNorm and something else (before or after)."""
+
+    def __init__(self, reuse_before: bool) -> None:
+        super().__init__()
+        self.reuse_before = reuse_before
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        z = self.conv(x)
+        side = torch.tanh(z) if self.reuse_before else None
+        y = F.relu(self.bn(z))
+        if side is None:
+            side = torch.tanh(z)
+        y = F.relu(self.bn2(self.conv2(y))) + side  # conv2 -> bn2 is a clean pair
+        return self.head(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("reuse_before", [True, False])
+def test_conv_bn_folding_respects_other_readers(reuse_before):
+    """Eq. 4 reduces a conv-BN pair in one pass over the BN gradient, which is exact only
+    while nothing else reads the convolution's output."""
+    model = randomize_parameters_(ConvOutputReused(reuse_before).double(), 4).eval()
+    x = torch.rand(2, 3, 6, 7, dtype=torch.float64)
+    attributions, delta = FullGradient(model).attribute(x, target=2, single_channel=True, return_convergence_delta=True)
+    assert delta.abs().max() < 1e-10
+    fj = full_jacobian(model, x, target=2)
+    expected = (fj.input_jacobian * x).abs().sum(1) + sum(m.abs() for m in fj.spatial_maps().values())
+    torch.testing.assert_close(attributions[:, 0], expected)
