@@ -210,7 +210,7 @@ class Capture:
         self.tracker = _GraphTracker()
         self.sources: List[BiasSource] = []
         self.failed_ops: List[str] = []
-        self._module_stack: List[Tuple[str, bool, List[int]]] = []
+        self._module_stack: List[Tuple[str, bool, List[int], int]] = []
         self._handles: List[Any] = []
         self._conv_outputs: Dict[int, Tuple[weakref.ref, int, str, BiasSource]] = {}
         self._hooks: Dict[BiasSource, Any] = {}
@@ -247,20 +247,30 @@ class Capture:
     def _install_module_hooks(self) -> None:
         if not isinstance(self.forward_func, nn.Module):
             return
-        for name, module in self.forward_func.named_modules():
-            is_leaf = next(module.children(), None) is None
+        # Two global hooks instead of two per submodule: registering ~120 handles per call
+        # cost more than a VGG-16 forward pass on the host. Modules outside the model
+        # (another model called from its forward) are not named after.
+        names = {
+            id(module): (name, next(module.children(), None) is None)
+            for name, module in self.forward_func.named_modules()
+        }
+        stack = self._module_stack
 
-            def pre_hook(_module, _args, name=name, is_leaf=is_leaf):
-                self._module_stack.append((name, is_leaf, [0]))
+        def pre_hook(module: nn.Module, _args: Any) -> None:
+            entry = names.get(id(module))
+            if entry is not None:
+                stack.append((entry[0], entry[1], [0], id(module)))
 
-            def post_hook(_module, _args, _output, name=name):
-                # Pop up to and including this module; tolerates a forward that raised.
-                while self._module_stack:
-                    if self._module_stack.pop()[0] == name:
-                        break
+        def post_hook(module: nn.Module, _args: Any, _output: Any) -> None:
+            if id(module) not in names:
+                return
+            # Pop up to and including this module; tolerates a forward that raised.
+            while stack:
+                if stack.pop()[3] == id(module):
+                    break
 
-            self._handles.append(module.register_forward_pre_hook(pre_hook))
-            self._handles.append(module.register_forward_hook(post_hook, always_call=True))
+        self._handles.append(nn.modules.module.register_module_forward_pre_hook(pre_hook))
+        self._handles.append(nn.modules.module.register_module_forward_hook(post_hook, always_call=True))
 
     def _remove_module_hooks(self) -> None:
         for handle in self._handles:
@@ -271,7 +281,7 @@ class Capture:
     def _base_name(self, op: str) -> Tuple[str, str]:
         if not self._module_stack:
             return "", op
-        module, is_leaf, count = self._module_stack[-1]
+        module, is_leaf, count, _ = self._module_stack[-1]
         count[0] += 1
         if is_leaf and count[0] == 1:
             return module, module

@@ -41,6 +41,10 @@ def snapshot(model: nn.Module):
             k: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
             for k, m in model.named_modules()
         },
+        "global_hooks": (
+            len(nn.modules.module._global_forward_hooks),
+            len(nn.modules.module._global_forward_pre_hooks),
+        ),
     }
 
 
@@ -51,6 +55,7 @@ def assert_unchanged(before, model):
     assert after["training"] == before["training"]
     assert after["inplace"] == before["inplace"]
     assert after["hooks"] == before["hooks"]
+    assert after["global_hooks"] == before["global_hooks"] == (0, 0)
     for key, value in before["state"].items():
         assert torch.equal(after["state"][key], value), key
 
