@@ -22,6 +22,11 @@ Metrics, their reference, and which direction is better:
 
 Controls any method should beat: :class:`UniformRandomMap`, :class:`BlurredRandomMap`,
 :class:`SobelEdgeMap`. Statistics: :func:`bootstrap_ci`, :func:`trapezoid`.
+
+The suite: :func:`evaluate` runs every method (and the controls) through every metric
+and returns an :class:`EvaluationReport` (means with bootstrap CIs, JSON, Markdown,
+plots); :func:`write_report` writes it to a directory. ``captum-fullgrad evaluate`` is
+its command line (:mod:`captum_fullgrad.evaluation.command`); see ``docs/evaluation.md``.
 """
 
 from captum_fullgrad.evaluation.captum_scores import infidelity_score, sensitivity_score
@@ -44,10 +49,24 @@ from captum_fullgrad.evaluation.sanity import (
     ssim,
 )
 from captum_fullgrad.evaluation.statistics import bootstrap_ci, trapezoid
+from captum_fullgrad.evaluation.suite import (
+    CONTROL_NAMES,
+    EvaluationReport,
+    EvaluationSettings,
+    MetricInfo,
+    MetricValue,
+    evaluate,
+    write_report,
+)
 
 __all__ = [
     "BlurredRandomMap",
+    "CONTROL_NAMES",
     "CascadingRandomisationResult",
+    "EvaluationReport",
+    "EvaluationSettings",
+    "MetricInfo",
+    "MetricValue",
     "PixelPerturbationResult",
     "RoadResult",
     "SobelEdgeMap",
@@ -55,6 +74,7 @@ __all__ = [
     "blurred_random_map",
     "bootstrap_ci",
     "cascading_randomisation",
+    "evaluate",
     "infidelity_score",
     "noisy_linear_imputation",
     "pixel_perturbation",
@@ -69,4 +89,5 @@ __all__ = [
     "ssim",
     "trapezoid",
     "uniform_random_map",
+    "write_report",
 ]
