@@ -709,7 +709,8 @@ def _waterfall(ax: Any, summary: DecompositionSummary) -> None:
     ax.set_yticks(range(len(labels)), labels, fontsize=7 if len(labels) <= 10 else 6)
     ax.invert_yaxis()
     ax.tick_params(axis="x", labelsize=7)
-    ax.margins(x=0.04)
+    ax.use_sticky_edges = False  # bars stick to their ends; let the margin show them whole
+    ax.margins(x=0.04, y=0.04)
     ax.set_title("running sum of the terms = f(x)", fontsize=9)
     for spine in ("top", "right"):
         ax.spines[spine].set_visible(False)

@@ -362,7 +362,7 @@ def test_demo_small(capsys, tmp_path):
         row = next(line for line in report.splitlines() if line.startswith(f"| {label} |"))
         hits, rate, ms = row.split("|")[2:5]
         assert hits.strip().endswith("/4") and rate.strip().endswith("%") and float(ms) > 0
-    assert "max |gap|" in report and "completeness gap" in report
+    assert "max relative gap" in report and "completeness gap" in report
     assert "Not made: the ImageNet weights of VGG-16-BN are not in the torch hub cache" in report
     assert "![comparison grid](comparison_grid.png)" in report
 
