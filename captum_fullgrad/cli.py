@@ -870,7 +870,10 @@ _SHOWN_PARAMS = (
 # Registry of subcommands and the entry point
 # --------------------------------------------------------------------------------------
 
-#: Every subcommand: add ``bench`` and ``evaluate`` here (one builder + one function each).
+from .evaluation import command as _evaluate  # noqa: E402 - the evaluate subcommand
+
+#: Every subcommand, in --help order: one parser builder and one function each (add ``bench``
+#: here).
 COMMANDS: List[Command] = [
     Command(
         "demo",
@@ -901,6 +904,14 @@ COMMANDS: List[Command] = [
         description="Write the input-gradient term and every block's bias-Jacobian map for one "
         "image, each with its share of the output f(x), and the completeness check.",
         epilog="example: captum-fullgrad decompose --model vgg16_bn --image cat.jpg --out cat.png",
+    ),
+    Command(
+        "evaluate",
+        _evaluate.HELP,
+        _evaluate.add_arguments,
+        _evaluate.run,
+        _evaluate.DESCRIPTION,
+        _evaluate.EPILOG,
     ),
 ]
 
