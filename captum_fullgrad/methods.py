@@ -132,6 +132,9 @@ class AttributionMethod:
             result = self.fn(model, x, target, **self.params)
         return _check_output(result, x, self.name)
 
+    def __hash__(self) -> int:  # the parameter mappings are not hashable
+        return hash((self.name, self.fn))
+
     def __repr__(self) -> str:
         shown = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
         return f"AttributionMethod({self.name!r}{', ' + shown if shown else ''})"

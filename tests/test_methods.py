@@ -292,6 +292,8 @@ def test_configured_variants():
         "internal_batch_size": 4,
     }
     assert get_method(ig) is ig
+    assert ig == get_method("integrated_gradients", n_steps=20) and ig != get_method("fullgrad")
+    assert len({ig, get_method("integrated_gradients", n_steps=20), get_method("fullgrad")}) == 2
     with pytest.raises(ValueError, match="no parameter 'steps'.*n_steps"):
         get_method("integrated_gradients", steps=3)
     for name, bad in [
