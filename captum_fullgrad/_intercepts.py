@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import weakref
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -76,6 +77,13 @@ class Context:
 
     def graph_outputs(self, value: Any) -> List[Tensor]:
         """The tensors of ``value`` that carry gradient back to the network input."""
+        # Fast paths first: this runs once per operation of the forward pass.
+        if isinstance(value, Tensor):
+            return [value] if _is_graph_output(value) else []
+        if isinstance(value, (tuple, list)) and all(isinstance(v, Tensor) for v in value):
+            return [v for v in value if _is_graph_output(v)]
+        if not isinstance(value, (tuple, list, dict)):
+            return []  # .dim(), .shape, None from __setitem__...
         flat, _ = tree_flatten(value)
         return [t for t in flat if _is_graph_output(t)]
 
@@ -187,20 +195,44 @@ def _batch_norm(ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[
             layout=CHANNELS_FIRST,
         )
     out = func(*args, **kwargs)
-    # Eval mode: y = (x - mu) * gamma / sqrt(var + eps) + beta is affine, with the
-    # effective bias of seed section 3.2.
-    scale = torch.rsqrt(running_var + eps)
-    if weight is not None:
-        scale = scale * weight
-    effective_bias = -running_mean * scale
-    if bias is not None:
-        effective_bias = effective_bias + bias
+    scale, effective_bias = _batch_norm_affine(running_mean, running_var, weight, bias, eps)
     intercepts = (
         [Intercept(out, channel_vector=effective_bias, channel_dim=1, input_scale=scale)]
         if ctx.graph_outputs(out)
         else []
     )
     return OpResult(out, intercepts, layout=CHANNELS_FIRST)
+
+
+# Eval BatchNorm's (scale, effective bias) per module, reused while its statistics and
+# affine terms are unchanged (same tensors, same versions): four small kernels per layer
+# per call otherwise. Parameters that require grad are not cached, so that training
+# losses differentiate through them.
+_BN_CACHE: Dict[int, Tuple[weakref.ref, Tuple[Any, ...], Tensor, Tensor]] = {}
+
+
+def _batch_norm_affine(running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tuple[Tensor, Tensor]:
+    """Eval mode: y = (x - mu) * gamma / sqrt(var + eps) + beta, with the effective bias of
+    seed section 3.2: ``beta - mu * gamma / sqrt(var + eps)``."""
+    cacheable = torch.is_grad_enabled() is False or not any(
+        t is not None and t.requires_grad for t in (weight, bias)
+    )
+    key = tuple((id(t), t._version) if t is not None else None for t in (running_mean, running_var, weight, bias)) + (eps,)
+    if cacheable:
+        hit = _BN_CACHE.get(id(running_var))
+        if hit is not None and hit[0]() is running_var and hit[1] == key:
+            return hit[2], hit[3]
+    scale = torch.rsqrt(running_var + eps)
+    if weight is not None:
+        scale = scale * weight
+    effective_bias = -running_mean * scale
+    if bias is not None:
+        effective_bias = effective_bias + bias
+    if cacheable:
+        if len(_BN_CACHE) > 4096:  # stale entries of models long gone
+            _BN_CACHE.clear()
+        _BN_CACHE[id(running_var)] = (weakref.ref(running_var), key, scale, effective_bias)
+    return scale, effective_bias
 
 
 def _add_sub(ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]) -> OpResult:

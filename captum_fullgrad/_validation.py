@@ -47,6 +47,8 @@ def check_eval_mode(forward_func: Callable[..., Any], *, method: str) -> None:
     """Refuse a model in training mode: BatchNorm would use batch statistics, dropout noise."""
     if not isinstance(forward_func, nn.Module):
         return
+    if not any(m.training for m in forward_func.modules()):
+        return
     training = [name or type(m).__name__ for name, m in forward_func.named_modules() if m.training]
     if training:
         shown = ", ".join(training[:5]) + (f" and {len(training) - 5} more" if len(training) > 5 else "")

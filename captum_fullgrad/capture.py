@@ -311,6 +311,19 @@ class Capture:
         if result.failed:
             self.failed_ops.append(result.failed)
         value = result.value
+        if (
+            result.intercepts
+            and isinstance(value, Tensor)
+            and value._base is not None
+            and not inplace
+            and not any(value._base is t or value._base is t._base for t in graph_inputs)
+        ):
+            # A view of a temporary inside the op (instance_norm reshapes to one batch):
+            # a hook on such a view does not survive a later in-place op on it (an
+            # in-place ReLU rebases it), so hand the model a plain tensor instead.
+            value = value.clone()
+            for intercept in result.intercepts:
+                intercept.output = value
         produced = args[0] if value is None else value
         outputs = mode.graph_outputs(produced)
         if not outputs:

@@ -222,32 +222,51 @@ class _Collector:
     backward pass; from then on ``on_gradient`` keeps, for each chosen layer, either the
     element-wise sum of its sources' bias-Jacobians (``kind="full"``, for the penalty) or
     the sum of their channel-summed maps (``kind="map"``, for matching). Other sources'
-    gradients are dropped at once. ``close`` is called when the pass is over: the hooks stay
-    on the graph and fire again during the caller's ``loss.backward()`` (with second-order
-    gradients), which must neither cost anything nor change what was kept.
+    gradients are dropped at once. With ``keep_outputs`` it also keeps the output tensor of
+    each spatial source (for attention maps; only the chosen layers' survive ``choose``).
+
+    ``release`` must be called when the pass is over, also on error. The capture's hooks
+    stay on the graph and close over this collector, so anything it still held (kept maps
+    are part of the double-backward graph, outputs are activations) would form a reference
+    cycle through autograd that Python cannot collect. After ``release`` the hooks, which
+    fire again during the caller's ``loss.backward()`` with second-order gradients, do
+    nothing.
     """
 
-    def __init__(self, kind: str = "full") -> None:
+    def __init__(self, kind: str = "full", keep_outputs: bool = False) -> None:
         self.kind = kind
+        self.keep_outputs = keep_outputs
         self.closed = False
         self.sources: List[BiasSource] = []
+        self.outputs: Dict[BiasSource, Tensor] = {}
         self._keys: Dict[BiasSource, List[str]] = {}
         self.kept: "OrderedDict[str, Tensor]" = OrderedDict()
         self.layers: List[Tuple[str, List[BiasSource]]] = []
 
     def on_source(self, source: BiasSource) -> None:
         self.sources.append(source)
+        # The capture releases ``intercept.output`` right after this call.
+        output = getattr(source.intercept, "output", None)
+        if self.keep_outputs and source.spatial and isinstance(output, Tensor):
+            self.outputs[source] = output
 
-    def choose(self, layers: List[Tuple[str, List[BiasSource]]]) -> None:
+    def choose(self, layers: List[Tuple[str, List[BiasSource]]], gradients: bool = True) -> None:
         self.layers = layers
         self._keys = {}
-        for key, members in layers:
-            for member in members:
-                self._keys.setdefault(member, []).append(key)
+        if gradients:
+            for key, members in layers:
+                for member in members:
+                    self._keys.setdefault(member, []).append(key)
+        needed = {members[-1] for _, members in layers}
+        self.outputs = {s: t for s, t in self.outputs.items() if s in needed}
 
-    def close(self) -> None:
+    def release(self) -> None:
         self.closed = True
         self._keys = {}
+        self.kept = OrderedDict()
+        self.outputs = {}
+        self.sources = []
+        self.layers = []
 
     def on_gradient(self, source: BiasSource, grad: Optional[Tensor]) -> None:
         if self.closed or grad is None:
@@ -271,6 +290,15 @@ class _Collector:
         if self.kind == "map":
             del shape[members[-1].channel_dim]
         return torch.zeros(shape, dtype=like.dtype, device=like.device)
+
+    def activation(self, key: str) -> Tensor:
+        members = dict(self.layers)[key]
+        if members[-1] not in self.outputs:
+            raise RuntimeError(
+                f"the capture did not hand over the output of layer {key!r}; attention matching needs "
+                "BiasSource.intercept.output at on_source time."
+            )
+        return self.outputs[members[-1]]
 
 
 # --------------------------------------------------------------------------- penalty
@@ -332,15 +360,16 @@ def bias_jacobian_penalty(
         collector.choose(_resolve_layers(collector.sources, chosen, role=method, need_spatial=False))
         return selected
 
-    run = forward_backward(model, x, select, extra, collector, create_graph=True)
-    collector.close()
-    output = box["output"]
-    penalty = output.sum() * 0.0  # keeps the graph when no gradient reached the layers
-    for key, _ in collector.layers:
-        if key in collector.kept:
-            bj = collector.kept[key]
-            penalty = penalty + bj.flatten(1).pow(2).sum(1).mean().to(penalty.dtype)
-    del run
+    try:
+        forward_backward(model, x, select, extra, collector, create_graph=True)
+        output = box["output"]
+        penalty = output.sum() * 0.0  # keeps the graph when no gradient reached the layers
+        for key, _ in collector.layers:
+            if key in collector.kept:
+                bj = collector.kept[key]
+                penalty = penalty + bj.flatten(1).pow(2).sum(1).mean().to(penalty.dtype)
+    finally:
+        collector.release()
     return (penalty, output) if return_output else penalty
 
 
@@ -471,8 +500,9 @@ def _attention_map(activation: Tensor, channel_dim: int, nonlinearity: Optional[
 class _Network:
     output: Tensor
     input_jacobian: Optional[Tensor]
-    collector: _Collector
     layers: List[Tuple[str, List[BiasSource]]]
+    maps: Dict[str, Tensor]  # channel-summed bias-Jacobian map per chosen layer
+    activations: Dict[str, Tensor]  # output of each chosen layer (for attention)
 
 
 def _run_network(
@@ -485,37 +515,48 @@ def _run_network(
     choose_default: Callable[[List[str]], List[str]],
     role: str,
     jacobians: bool,
-    capture: bool,
+    maps: bool,
+    attention: bool,
     create_graph: bool,
 ) -> _Network:
-    """One network's pass: logits, input-Jacobian and channel-summed maps of chosen layers."""
-    collector = _Collector("map")
-    box: Dict[str, Any] = {}
+    """One network's pass: logits, input-Jacobian, maps and activations of the chosen layers.
+
+    ``jacobians``: one backward pass (input-Jacobian; bias-Jacobian maps when ``maps``);
+    otherwise the forward pass runs under capture only when ``attention`` needs the
+    layers' outputs, and plainly else.
+    """
+    collector = _Collector("map", keep_outputs=attention)
+    box: Dict[str, Any] = {"layers": []}
 
     def select(output: Any) -> Tensor:
         selected = _validation.select_output(output, target, x.shape[0], method="full_jacobian_matching_loss")
         box["output"] = output
-        chosen = names if names is not None else choose_default(_spatial_block_names(collector.sources))
-        box["layers"] = _resolve_layers(collector.sources, chosen, role=role, need_spatial=True)
-        collector.choose(box["layers"] if jacobians else [])
+        if maps or attention:
+            chosen = names if names is not None else choose_default(_spatial_block_names(collector.sources))
+            box["layers"] = _resolve_layers(collector.sources, chosen, role=role, need_spatial=True)
+        collector.choose(box["layers"], gradients=maps)
         return selected
 
     input_jacobian = None
-    if jacobians:
-        run = forward_backward(model, x, select, extra, collector, create_graph=create_graph)
-        collector.close()
-        input_jacobian = run.input_gradient
-    elif capture:
-        copy = x.detach().clone().requires_grad_(True)
-        with torch.enable_grad():
-            with Capture(model, copy, collector):
-                output = model(copy, *extra)
-            select(output)
-    else:
-        box["output"] = model(x, *extra)
-        _validation.select_output(box["output"], target, x.shape[0], method="full_jacobian_matching_loss")
-        box["layers"] = []
-    return _Network(box["output"], input_jacobian, collector, box["layers"])
+    try:
+        if jacobians:
+            run = forward_backward(model, x, select, extra, collector, create_graph=create_graph)
+            input_jacobian = run.input_gradient
+        elif attention:
+            copy = x.detach().clone().requires_grad_(True)
+            with torch.enable_grad():
+                with Capture(model, copy, collector):
+                    output = model(copy, *extra)
+                select(output)
+        else:
+            select(model(x, *extra))
+        layers = box["layers"]
+        like = box["output"]
+        kept_maps = {key: collector.value(key, like) for key, _ in layers} if maps else {}
+        activations = {key: collector.activation(key) for key, _ in layers} if attention else {}
+    finally:
+        collector.release()
+    return _Network(box["output"], input_jacobian, layers, kept_maps, activations)
 
 
 def full_jacobian_matching_loss(
@@ -635,13 +676,15 @@ def full_jacobian_matching_loss(
     teacher_run = _run_network(
         teacher, x, target, extra,
         names=teacher_names if need_maps else [], choose_default=teacher_default, role=f"{method}: teacher",
-        jacobians=need_jacobians, capture=need_maps, create_graph=False,
+        jacobians=need_jacobians, maps=weights.bias_jacobian > 0, attention=weights.attention > 0,
+        create_graph=False,
     )
     teacher_layers = teacher_run.layers
     student_run = _run_network(
         student, x, target, extra,
         names=student_names if need_maps else [], choose_default=student_default, role=f"{method}: student",
-        jacobians=need_jacobians, capture=need_maps, create_graph=True,
+        jacobians=need_jacobians, maps=weights.bias_jacobian > 0, attention=weights.attention > 0,
+        create_graph=True,
     )
     student_layers = student_run.layers
     if need_maps and layer_pairs is None:
@@ -669,19 +712,18 @@ def full_jacobian_matching_loss(
         terms["input_jacobian"] = (s_j - t_j.to(s_j.dtype)).pow(2).flatten(1).sum(1).mean()
     pairs_out = [(s, t) for (s, _), (t, _) in zip(student_layers, teacher_layers)]
     if weights.bias_jacobian > 0:
-        distances = []
-        for (s_name, _), (t_name, _) in zip(student_layers, teacher_layers):
-            s_map = student_run.collector.value(s_name, s_out)
-            t_map = teacher_run.collector.value(t_name, s_out).detach()
-            distances.append(_map_distance(s_map, t_map))
+        distances = [
+            _map_distance(student_run.maps[s_name], teacher_run.maps[t_name].detach())
+            for (s_name, _), (t_name, _) in zip(student_layers, teacher_layers)
+        ]
         terms["bias_jacobian"] = torch.stack(distances).mean()
     if weights.attention > 0:
         distances = []
         for (s_name, s_members), (t_name, t_members) in zip(student_layers, teacher_layers):
-            s_last, t_last = s_members[-1], t_members[-1]
-            s_map = _attention_map(s_last.intercept.output, s_last.channel_dim, attention_nonlinearity)
+            s_dim, t_dim = s_members[-1].channel_dim, t_members[-1].channel_dim
+            s_map = _attention_map(student_run.activations[s_name], s_dim, attention_nonlinearity)
             with torch.no_grad():
-                t_map = _attention_map(t_last.intercept.output.detach(), t_last.channel_dim, attention_nonlinearity)
+                t_map = _attention_map(teacher_run.activations[t_name].detach(), t_dim, attention_nonlinearity)
             distances.append(_map_distance(s_map, t_map))
         terms["attention"] = torch.stack(distances).mean()
     for name, value in terms.items():

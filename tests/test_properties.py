@@ -62,10 +62,13 @@ class Block(nn.Module):
 class RandomNet(nn.Module):
     def __init__(self, specs, concat: bool, classes: int = 3) -> None:
         super().__init__()
-        blocks, channels = [], 3
+        blocks, channels, size = [], 3, 8
         for spec in specs:
+            # Keep at least 2x2 positions (instance norm needs more than one).
+            spec = {**spec, "pool": spec["pool"] and size >= 4}
             blocks.append(Block(channels, spec))
             channels = spec["width"]
+            size //= 2 if spec["pool"] else 1
         self.blocks = nn.ModuleList(blocks)
         self.concat = concat
         self.head = nn.Linear(channels * (2 if concat else 1), classes)
