@@ -872,6 +872,29 @@ _SHOWN_PARAMS = (
 
 from .evaluation import command as _evaluate  # noqa: E402 - the evaluate subcommand
 
+
+def _bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from .benchmark import bench_arguments
+
+    bench_arguments(parser)
+    _add_runtime_options(parser)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .benchmark import bench_from_args, write_results
+
+    device = _resolve_device(args.device)
+    out = Path(args.out)
+    _make_dir(out, "--out")
+    try:
+        result = bench_from_args(args, device, progress=_progress(args))
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    for path in write_results(result, out, args.name):
+        print(path)
+    print(result.to_markdown())
+    return EXIT_OK
+
 #: Every subcommand, in --help order: one parser builder and one function each (add ``bench``
 #: here).
 COMMANDS: List[Command] = [
@@ -904,6 +927,16 @@ COMMANDS: List[Command] = [
         description="Write the input-gradient term and every block's bias-Jacobian map for one "
         "image, each with its share of the output f(x), and the completeness check.",
         epilog="example: captum-fullgrad decompose --model vgg16_bn --image cat.jpg --out cat.png",
+    ),
+    Command(
+        "bench",
+        "attribution speed of every method, as ratios to Captum's Saliency from the same run",
+        _bench_arguments,
+        _bench,
+        description="Time every registered method (and pytorch-grad-cam's FullGrad when installed) "
+        "on a torchvision classifier or module:function with random weights: warm-ups, CUDA "
+        "synchronisation, medians over repeats, peak CUDA memory. Writes OUT/NAME.json, .md, .png.",
+        epilog="example: captum-fullgrad bench --model vgg16_bn --batch-sizes 1,16,64 --device cuda --out bench-out",
     ),
     Command(
         "evaluate",

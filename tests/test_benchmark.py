@@ -60,3 +60,15 @@ def test_command_line_entry_point(tmp_path, capsys):
     assert main(["--methods", "nonsense", "--out", str(tmp_path), "--device", "cpu"]) == 2
     assert "unknown method" in capsys.readouterr().err
     assert main(["--batch-sizes", "0", "--out", str(tmp_path), "--device", "cpu"]) == 2
+
+
+def test_bench_subcommand(tmp_path, capsys):
+    from captum_fullgrad.cli import main as cli_main
+
+    code = cli_main(["bench", "--model", "resnet18", "--methods", "saliency,fullgrad", "--batch-sizes", "1",
+                     "--input-size", "32", "--repeats", "1", "--warmup", "0", "--device", "cpu",
+                     "--out", str(tmp_path), "--no-progress"])
+    assert code == 0 and (tmp_path / "bench.md").exists()
+    assert cli_main(["bench", "--model", "not_a_model", "--out", str(tmp_path), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model" in err and "Traceback" not in err
