@@ -9,7 +9,8 @@ returning an exit status); ``cli.py`` registers them as::
     Command("evaluate", _evaluate.HELP, _evaluate.add_arguments, _evaluate.run, _evaluate.DESCRIPTION, _evaluate.EPILOG),
 
 with ``from .evaluation import command as _evaluate``. :func:`add_parser` adds the same
-subcommand to any ``argparse`` subparsers object.
+subcommand to any ``argparse`` subparsers object, and ``python -m
+captum_fullgrad.evaluation.command [options]`` runs it on its own (:func:`main`).
 
 Only models whose test images come with object masks can be evaluated: the bundled
 ``shapes`` network, on held-out synthetic scenes (:func:`captum_fullgrad.datasets.
@@ -399,3 +400,16 @@ def _run(args: argparse.Namespace) -> int:
         f"for {len(report.methods)} methods on {args.n} images in {wall:.1f} s"
     )
     return EXIT_OK
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m captum_fullgrad.evaluation.command [options]``: the subcommand on its own
+    (the same options and outputs as ``captum-fullgrad evaluate``)."""
+    parser = argparse.ArgumentParser(prog=f"{PROG} evaluate", description=DESCRIPTION, epilog=EPILOG)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return run(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

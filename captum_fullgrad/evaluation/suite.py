@@ -23,6 +23,7 @@ Metrics (key: which way is better: what it is; reference):
 
 - ``pointing_game`` (higher): hit rate; a hit when every maximum of the map lies on the
   object mask dilated by ``pointing_tolerance`` px. Zhang et al., ECCV 2016.
+- ``pointing_game_0px`` (higher): the same without tolerance (the maxima on the mask).
 - ``relevance_mass`` (higher): share of the map's mass on the object. Arras et al. 2022.
 - ``relevance_rank`` (higher): share of the |mask| most salient pixels on the object.
   Arras et al. 2022.
@@ -658,6 +659,7 @@ def evaluate(
             bar.stage("localisation", method.name)
             m = maps[method.name]
             record(method.name, _info("pointing_game", n, settings), pointing_game(m, masks, settings.pointing_tolerance).float())
+            record(method.name, _info("pointing_game_0px", n, settings), pointing_game(m, masks, 0).float())
             record(method.name, _info("relevance_mass", n, settings), relevance_mass(m, masks))
             record(method.name, _info("relevance_rank", n, settings), relevance_rank(m, masks))
             bar.step()
@@ -906,6 +908,7 @@ def _summary(values: np.ndarray, settings: EvaluationSettings, seed: int) -> Met
 
 _BASE_METRICS: Tuple[Tuple[str, str, bool, str, str, str], ...] = (
     ("pointing_game", "Pointing game", True, "localisation", "hit rate: every maximum of the map lies on the object mask dilated by {tol} px", _REF_POINTING),
+    ("pointing_game_0px", "Pointing game (0 px)", True, "localisation", "hit rate with no tolerance: every maximum of the map lies on the object mask itself", _REF_POINTING),
     ("relevance_mass", "Relevance mass", True, "localisation", "share of the map's total mass inside the object mask", _REF_ARRAS),
     ("relevance_rank", "Relevance rank", True, "localisation", "share of the |mask| most salient pixels inside the object mask", _REF_ARRAS),
     ("pixel_perturbation_least_area", "Pixel pert., least first (area)", False, "pixel_perturbation", "absolute fractional change of the true class's {output} after replacing the k % least salient pixels by the mean colour, averaged over k = {ks} % (trapezoid area / width)", _REF_SRINIVAS),

@@ -84,6 +84,7 @@ def test_json_schema(report):
     assert meta["wall_time_s"] > 0
     expected = {
         "pointing_game",
+        "pointing_game_0px",
         "relevance_mass",
         "relevance_rank",
         "pixel_perturbation_least_area",
