@@ -68,6 +68,7 @@ __all__ = [
     "find_last_conv",
     "get_method",
     "register_method",
+    "smoothing_noise",
     "unregister_method",
 ]
 
@@ -374,48 +375,6 @@ class _Quiet:
         self._context.__exit__(*exc)
 
 
-def _target_at(target: Any, index: int) -> Any:
-    """The target of example ``index`` from a per-batch target (int, tuple, list or tensor)."""
-    if target is None or isinstance(target, (int, tuple)):
-        return target
-    if isinstance(target, Tensor):
-        if target.numel() == 1:
-            return int(target.reshape(-1)[0])
-        item = target[index]
-        return int(item) if item.dim() == 0 else item
-    if isinstance(target, list):
-        return target[index]
-    return target
-
-
-def _noise_scale(x: Tensor, noise: float) -> float:
-    """Standard deviation = ``noise`` times the example's value range (Smilkov et al., sec. 3.2)."""
-    return float(noise) * float(x.max() - x.min())
-
-
-class _SeededNoise:
-    """Draw NoiseTunnel's noise from a fixed seed without disturbing the global RNG."""
-
-    def __init__(self, seed: Optional[int], device: torch.device) -> None:
-        self.seed = seed
-        self.devices = (
-            [device.index if device.index is not None else torch.cuda.current_device()]
-            if device.type == "cuda"
-            else []
-        )
-
-    def __enter__(self) -> None:
-        if self.seed is None:
-            return
-        self._fork = torch.random.fork_rng(devices=self.devices)
-        self._fork.__enter__()
-        torch.manual_seed(self.seed)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.seed is not None:
-            self._fork.__exit__(*exc)
-
-
 def _positive_int(name: str, value: Any, method: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{method}: {name} must be a positive integer, got {value!r}")
@@ -518,7 +477,33 @@ def _check_integrated_gradients(
         )
 
 
-def _per_example_noise_tunnel(
+def smoothing_noise(inputs: Tensor, nt_samples: int, noise: float, seed: Optional[int]) -> Tensor:
+    """Gaussian noise ``(nt_samples, *inputs.shape)`` whose standard deviation is ``noise``
+    times each example's value range ``max - min`` (Smilkov et al. 2017, sec. 3.2).
+
+    Drawn on the CPU from its own generator when ``seed`` is given, so the same seed gives
+    the same noise on every device and the global random state is left alone.
+    """
+    scale = noise * (inputs.flatten(1).amax(1) - inputs.flatten(1).amin(1))
+    shape = (nt_samples, *inputs.shape)
+    if seed is None:
+        draws = torch.randn(shape, device=inputs.device, dtype=inputs.dtype)
+    else:
+        generator = torch.Generator().manual_seed(int(seed))
+        draws = torch.randn(shape, generator=generator, dtype=inputs.dtype).to(inputs.device)
+    return draws * scale.view(1, -1, *([1] * (inputs.dim() - 1)))
+
+
+def _tile_target(target: Any, copies: int) -> Any:
+    """A per-example target repeated for ``copies`` sample-major copies of the batch."""
+    if isinstance(target, Tensor) and target.numel() > 1:
+        return target.reshape(-1).repeat(copies)
+    if isinstance(target, list):
+        return target * copies
+    return target
+
+
+def _noise_tunnel(
     attribution: Any,
     inputs: Tensor,
     target: Any,
@@ -529,25 +514,33 @@ def _per_example_noise_tunnel(
     seed: Optional[int],
     **kwargs: Any,
 ) -> Tensor:
-    """NoiseTunnel ("smoothgrad": the mean of the attributions of noisy copies), one example at
-    a time so that the noise's standard deviation is ``noise`` times that example's range."""
-    tunnel = NoiseTunnel(attribution)
-    maps = []
-    with _SeededNoise(seed, inputs.device), _Quiet():
-        for index in range(inputs.shape[0]):
-            x = inputs[index : index + 1]
-            maps.append(
-                tunnel.attribute(
-                    _grad_input(x),
-                    nt_type="smoothgrad",
-                    nt_samples=nt_samples,
-                    nt_samples_batch_size=nt_samples_batch_size,
-                    stdevs=_noise_scale(x, noise),
-                    target=_target_at(target, index),
-                    **kwargs,
-                )
-            )
-    return torch.cat(maps)
+    """SmoothGrad: the mean attribution of ``nt_samples`` noisy copies of every example.
+
+    What Captum's ``NoiseTunnel(nt_type="smoothgrad")`` computes, with the noise's standard
+    deviation relative to each example's range (NoiseTunnel takes one value per input
+    tensor); every example's copies go through the attribution together, at most
+    ``nt_samples_batch_size`` samples of the whole batch per call.
+    """
+    target = _resolve_target_for_copies(target)
+    noise_draws = smoothing_noise(inputs, nt_samples, noise, seed)
+    per_call = nt_samples_batch_size or nt_samples
+    total: Optional[Tensor] = None
+    with _Quiet():
+        for start in range(0, nt_samples, per_call):
+            chunk = noise_draws[start : start + per_call]
+            copies = chunk.shape[0]
+            noisy = (inputs.unsqueeze(0) + chunk).reshape(copies * inputs.shape[0], *inputs.shape[1:])
+            result = attribution.attribute(_grad_input(noisy), target=_tile_target(target, copies), **kwargs)
+            summed = result.reshape(copies, inputs.shape[0], *result.shape[1:]).sum(0)
+            total = summed if total is None else total + summed
+    assert total is not None
+    return total / nt_samples
+
+
+def _resolve_target_for_copies(target: Any) -> Any:
+    if isinstance(target, Tensor) and target.numel() == 1:
+        return int(target.reshape(-1)[0])
+    return target
 
 
 def _smoothgrad(
@@ -561,7 +554,7 @@ def _smoothgrad(
     nt_samples_batch_size: Optional[int] = 25,
     seed: Optional[int] = 0,
 ) -> Tensor:
-    attribution = _per_example_noise_tunnel(
+    attribution = _noise_tunnel(
         Saliency(model),
         inputs,
         target,
@@ -763,7 +756,7 @@ def _smoothfullgrad(
     nt_samples_batch_size: Optional[int] = 25,
     seed: Optional[int] = 0,
 ) -> Tensor:
-    return _per_example_noise_tunnel(
+    return _noise_tunnel(
         FullGradient(model, layers=layers),
         inputs,
         target,

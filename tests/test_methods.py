@@ -25,6 +25,7 @@ from captum_fullgrad.methods import (
     find_last_conv,
     get_method,
     register_method,
+    smoothing_noise,
     unregister_method,
 )
 from captum_fullgrad.testing import randomize_parameters_
@@ -150,24 +151,16 @@ def test_input_x_gradient_and_saliency(model, inputs):
 
 
 def _noise_tunnel_by_hand(attribution, inputs, samples, noise, seed, **kwargs):
-    """NoiseTunnel one example at a time, std = noise * (max - min) of that example."""
-    maps = []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for i in range(inputs.shape[0]):
-            x = inputs[i : i + 1]
-            std = noise * float(x.max() - x.min())
-            maps.append(
-                NoiseTunnel(attribution).attribute(
-                    x.clone().requires_grad_(),
-                    nt_type="smoothgrad",
-                    nt_samples=samples,
-                    stdevs=std,
-                    target=int(TARGET[i]),
-                    **kwargs,
-                )
-            )
-    return torch.cat(maps)
+    """SmoothGrad written out: the mean attribution over the noisy copies, one copy at a
+    time; std = noise * (max - min) of each example."""
+    draws = smoothing_noise(inputs, samples, noise, seed)
+    ranges = inputs.flatten(1).amax(1) - inputs.flatten(1).amin(1)
+    assert torch.allclose(draws.flatten(2).std(2).mean(0) / (noise * ranges), torch.ones(len(ranges)), atol=0.35)
+    total = 0
+    for k in range(samples):
+        noisy = (inputs + draws[k]).clone().requires_grad_()
+        total = total + attribution.attribute(noisy, target=TARGET, **kwargs)
+    return total / samples
 
 
 def test_smoothgrad_is_noise_tunnel_over_saliency_with_relative_noise(model, inputs):
@@ -222,6 +215,9 @@ def test_smoothfullgrad_is_noise_tunnel_over_full_gradient(model, inputs):
         FullGradient(model), inputs, 2, 0.15, seed=0, single_channel=True
     )
     close(get_method("smoothfullgrad", nt_samples=2)(model, inputs, TARGET), expected)
+    # Chunks of samples give the same mean; batched equals per-example.
+    chunked = get_method("smoothfullgrad", nt_samples=2, nt_samples_batch_size=1)(model, inputs, TARGET)
+    close(chunked, expected)
 
 
 # ---------------------------------------------------------------------------------------
