@@ -9,9 +9,14 @@
 # samples, SmoothFullGrad 25 samples). Takes about 10-15 minutes on 2 quiet CPU cores.
 #
 # Same as `captum-fullgrad evaluate ...` once the subcommand is registered in cli.py.
+#
+# OMP_WAIT_POLICY=PASSIVE: on a shared machine whose cores are busy, OpenMP's default
+# spin-waiting made two torch threads up to 10x slower than one (a waiting thread burns
+# the core its partner needs); with passive waiting two threads are never slower.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec python -m captum_fullgrad.evaluation.command \
+export OMP_WAIT_POLICY=PASSIVE
+exec "${PYTHON:-python}" -m captum_fullgrad.evaluation.command \
     --model shapes --n 500 --data-seed 10000 --seed 0 --batch-size 50 \
     --road-n 50 --infidelity-n 200 --sensitivity-n 16 --sanity-n 16 \
     --device cpu --threads 2 --no-progress \

@@ -314,6 +314,29 @@ def _command_line(args: argparse.Namespace) -> str:
     return " ".join(shlex.quote(p) for p in parts)
 
 
+def _git_commit() -> Optional[str]:
+    """The commit of the package's checkout (``+dirty`` if package files differ), or None."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        )
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "captum_fullgrad"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``captum-fullgrad evaluate`` with parsed ``args``; return the exit status.
 
@@ -387,6 +410,8 @@ def _run(args: argparse.Namespace) -> int:
             "weights": loaded.weights if loaded.weights is None else str(loaded.weights),
             "fast": bool(args.fast),
             "command": _command_line(args),
+            "environment": {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS") if k in os.environ},
+            "git_commit": _git_commit(),
         },
     )
     try:
