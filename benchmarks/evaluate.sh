@@ -8,7 +8,7 @@
 # Methods keep their registry defaults (integrated gradients 50 steps, SmoothGrad 50
 # samples, SmoothFullGrad 25 samples). Takes about 10-15 minutes on 2 quiet CPU cores.
 #
-# Same as `captum-fullgrad evaluate ...` once the subcommand is registered in cli.py.
+# `python -m captum_fullgrad.cli evaluate` is `captum-fullgrad evaluate`.
 #
 # OMP_WAIT_POLICY=PASSIVE: on a shared machine whose cores are busy, OpenMP's default
 # spin-waiting made two torch threads up to 10x slower than one (a waiting thread burns
@@ -16,7 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY=PASSIVE
-exec "${PYTHON:-python}" -m captum_fullgrad.evaluation.command \
+exec "${PYTHON:-python}" -m captum_fullgrad.cli evaluate \
     --model shapes --n 500 --data-seed 10000 --seed 0 --batch-size 50 \
     --road-n 50 --infidelity-n 200 --sensitivity-n 16 --sanity-n 16 \
     --device cpu --threads 2 --no-progress \
