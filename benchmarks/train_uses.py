@@ -155,7 +155,7 @@ def default_config(smoke: bool = False) -> Dict[str, Any]:
         "matching_scale": {"output": 1.0, "input_jacobian": 100.0, "bias_jacobian": 100.0, "attention": 100.0},
         "num_pairs": 2,
         "grid": {
-            "size": 10,
+            "size": 50,  # at 10 per class every regulariser is near chance: nothing to choose from
             "seed": 100,
             "dropout": [0.25, 0.5],
             "bias_weight_decay": [1e-1, 1.0, 1e1],
@@ -172,7 +172,7 @@ def default_config(smoke: bool = False) -> Dict[str, Any]:
         config["teacher"] = {**config["teacher"], "steps": 20}
         config["train"] = {**config["train"], "steps": 10}
         config["regularisation_train"] = {**config["regularisation_train"], "steps": 10}
-        config["grid"] = {**config["grid"], "dropout": [0.5], "bias_weight_decay": [1e-1], "bias_jacobian": [1.0]}
+        config["grid"] = {**config["grid"], "size": 10, "dropout": [0.5], "bias_weight_decay": [1e-1], "bias_jacobian": [1.0]}
     return config
 
 

@@ -549,7 +549,9 @@ def _run_network(
                     output = model(copy, *extra)
                 select(output)
         else:
-            select(model(x, *extra))
+            # Nothing to differentiate for the teacher: no graph.
+            with torch.set_grad_enabled(create_graph and torch.is_grad_enabled()):
+                select(model(x, *extra))
         layers = box["layers"]
         like = box["output"]
         kept_maps = {key: collector.value(key, like) for key, _ in layers} if maps else {}

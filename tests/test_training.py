@@ -269,3 +269,22 @@ def test_layer_pairing_errors():
         MatchingWeights(attention=-1.0)
     with pytest.raises(ValueError, match="differs from the teacher"):
         full_jacobian_matching_loss(vgg(num_classes=4), teacher, x, y, weights="activation")
+
+
+def test_no_reference_cycle_keeps_activations_alive():
+    """The capture's hooks close over the collector: it must hold nothing once the loss is built,
+    or hook -> collector -> activation/graph -> hook is a cycle that Python cannot collect."""
+    import weakref
+
+    teacher = vgg()
+    student = vgg(widths=(5, 6), seed=2).train()
+    x, y = batch()
+    seen = []
+    handle = student[5].register_forward_hook(lambda module, args, out: seen.append(weakref.ref(out)))
+    loss = full_jacobian_matching_loss(student, teacher, x, y, weights="full_jacobian_attention")
+    loss.backward()
+    penalty = bias_jacobian_penalty(student, x, y)
+    penalty.backward()
+    handle.remove()
+    del loss, penalty
+    assert len(seen) == 2 and all(ref() is None for ref in seen)
