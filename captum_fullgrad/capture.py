@@ -122,7 +122,14 @@ class BiasSource:
 
 
 class Collector(Protocol):
-    """Receives each bias source at forward time and its output gradient at backward time."""
+    """Receives each bias source at forward time and its output gradient at backward time.
+
+    During ``on_source`` (and only then) ``source.intercept.output`` is the operation's
+    output tensor; the capture releases it right after, since a source that kept it would
+    close a reference cycle through its own gradient hook. The hooks are removed when the
+    backward pass of :func:`forward_backward` returns, so a later backward pass through a
+    ``create_graph=True`` result does not call the collector again.
+    """
 
     def on_source(self, source: BiasSource) -> None: ...
 
@@ -462,6 +469,12 @@ class Capture:
             if entry is not None and entry[0]() is tensor:
                 self._conv_uses[id(tensor)] = self._conv_uses.get(id(tensor), 0) + 1
 
+    def remove_gradient_hooks(self) -> None:
+        """Detach every tensor hook this capture registered."""
+        for handle in self._hooks.values():
+            handle.remove()
+        self._hooks.clear()
+
     def _hook_for(self, source: BiasSource) -> Callable[[Tensor], None]:
         collector = self.collector
         return lambda grad: collector.on_gradient(source, grad)
@@ -566,13 +579,16 @@ def forward_backward(
     with torch.enable_grad():
         with Capture(forward_func, x, collector) as capture:
             output = forward_func(x, *additional_forward_args)
-        selected = select(output)
-        if selected.requires_grad:
-            (input_gradient,) = torch.autograd.grad(
-                selected.sum(), x, create_graph=create_graph, allow_unused=True
-            )
-        else:
-            input_gradient = None
+        try:
+            selected = select(output)
+            if selected.requires_grad:
+                (input_gradient,) = torch.autograd.grad(
+                    selected.sum(), x, create_graph=create_graph, allow_unused=True
+                )
+            else:
+                input_gradient = None
+        finally:
+            capture.remove_gradient_hooks()
     if input_gradient is None:
         input_gradient = torch.zeros_like(x)
     return Pass(

@@ -255,3 +255,28 @@ def test_no_activation_outlives_the_call():
         handle.remove()
     gc.collect()
     assert seen and all(ref() is None for ref in seen)
+
+
+def test_hooks_do_not_fire_again_in_a_later_backward_pass():
+    """With create_graph=True the caller backpropagates through the result; the capture's
+    gradient hooks must not run (and collect) a second time."""
+    from captum_fullgrad.capture import forward_backward
+
+    calls = []
+
+    class Counting:
+        def on_source(self, source):
+            pass
+
+        def on_gradient(self, source, grad):
+            calls.append(source.name)
+
+    model = randomize_parameters_(nn.Sequential(nn.Conv2d(3, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 4 * 4, 2)).double())
+    model.eval()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    run = forward_backward(model, x, lambda out: out[:, 0], (), Counting(), create_graph=True)
+    first = len(calls)
+    assert first == 3
+    run.input_gradient.pow(2).sum().backward()
+    assert len(calls) == first
+    assert model[0].bias.grad is not None  # the double backward itself went through
