@@ -786,7 +786,9 @@ def evaluate(
                     n_perturb_samples=settings.sensitivity_samples,
                     perturb_radius=settings.sensitivity_radius,
                     seed=seed,
-                    max_examples_per_batch=_captum_batch(n_sens, settings.sensitivity_samples, batch_size),
+                    # Perturbed inputs per explanation call: at most batch_size (the
+                    # sampling methods' peak memory grows with the batch), at least n_sens.
+                    max_examples_per_batch=_captum_batch(n_sens, settings.sensitivity_samples, batch_size, 1),
                 )
                 record(method.name, _info("sensitivity_max", n_sens, settings), scores)
                 bar.step()
@@ -875,10 +877,12 @@ def evaluate(
     )
 
 
-def _captum_batch(n: int, samples: int, batch_size: int) -> int:
-    """``max_examples_per_batch`` for Captum's metrics: Captum requires at least ``n``
-    (every example in each sub-batch) and at most ``n * samples``."""
-    return max(n, min(n * samples, batch_size * samples))
+def _captum_batch(n: int, samples: int, batch_size: int, per_example: Optional[int] = None) -> int:
+    """``max_examples_per_batch`` for Captum's metrics: about ``batch_size * per_example``
+    (default ``samples``) perturbed inputs per sub-batch, within Captum's bounds: at least
+    ``n`` (every example in each sub-batch) and at most ``n * samples``."""
+    per_example = samples if per_example is None else per_example
+    return max(n, min(n * samples, batch_size * per_example))
 
 
 def _as_map(maps: Tensor, name: str) -> Tensor:
