@@ -88,7 +88,9 @@ def _device_spec(text: str) -> str:
 
 def _param(text: str) -> str:
     if re.fullmatch(r"[A-Za-z][\w-]*\.\w+=.*", text.strip()) is None:
-        raise argparse.ArgumentTypeError(f"expected METHOD.PARAMETER=VALUE, e.g. integrated_gradients.n_steps=20, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected METHOD.PARAMETER=VALUE, e.g. integrated_gradients.n_steps=20, got {text!r}"
+        )
     return text.strip()
 
 
@@ -108,15 +110,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="DEFAULT",
         help="DEFAULT (the bundled weights), a path to a state dict file, or 'random' (default: DEFAULT)",
     )
-    parser.add_argument("--n", type=_positive_int, default=500, help="images to generate and evaluate (default: 500)")
-    parser.add_argument("--out", default="evaluation-out", help="output directory (default: evaluation-out)")
+    parser.add_argument(
+        "--n",
+        type=_positive_int,
+        default=500,
+        help="images to generate and evaluate (default: 500)",
+    )
+    parser.add_argument(
+        "--out", default="evaluation-out", help="output directory (default: evaluation-out)"
+    )
     parser.add_argument(
         "--methods",
         default=None,
         help="comma-separated method names (default: every registered method); the controls "
         "uniform_random, blurred_random and sobel_edges are always added unless --no-controls",
     )
-    parser.add_argument("--no-controls", action="store_true", help="do not add the three control maps")
+    parser.add_argument(
+        "--no-controls", action="store_true", help="do not add the three control maps"
+    )
     parser.add_argument(
         "--param",
         action="append",
@@ -125,19 +136,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="METHOD.NAME=VALUE",
         help="set a method parameter, e.g. integrated_gradients.n_steps=20 (repeatable; overrides --fast)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the metrics' randomness and the controls (default: 0)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the metrics' randomness and the controls (default: 0)",
+    )
     parser.add_argument(
         "--data-seed",
         type=int,
         default=DEFAULT_DATA_SEED,
         help=f"seed of the generated scenes (default: {DEFAULT_DATA_SEED}, held out from training)",
     )
-    parser.add_argument("--batch-size", type=_positive_int, default=50, help="images per method call and forward pass (default: 50)")
+    parser.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=50,
+        help="images per method call and forward pass (default: 50)",
+    )
     for flag, field, what in (
         ("--road-n", "n_road", "ROAD"),
         ("--infidelity-n", "n_infidelity", "the infidelity"),
-        ("--sensitivity-n", "n_sensitivity", "max-sensitivity (recomputes every map per perturbation)"),
-        ("--sanity-n", "n_sanity", "the cascading-randomisation sanity check (recomputes every map per layer)"),
+        (
+            "--sensitivity-n",
+            "n_sensitivity",
+            "max-sensitivity (recomputes every map per perturbation)",
+        ),
+        (
+            "--sanity-n",
+            "n_sanity",
+            "the cascading-randomisation sanity check (recomputes every map per layer)",
+        ),
     ):
         parser.add_argument(
             flag,
@@ -159,7 +188,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="where to run: auto (CUDA when available, else CPU), cpu, cuda or cuda:N (default: auto)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    parser.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="CPU threads for torch (default: torch's choice)",
+    )
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -197,7 +231,9 @@ def _check_model(name: str) -> str:
             f"--model {name!r}: evaluate needs images with ground-truth object masks, which are only "
             f"generated for: {', '.join(MASKED_MODELS)}"
         )
-    raise _BadInput(f"--model {name!r}: unknown model; evaluate supports: {', '.join(MASKED_MODELS)}")
+    raise _BadInput(
+        f"--model {name!r}: unknown model; evaluate supports: {', '.join(MASKED_MODELS)}"
+    )
 
 
 def _device(spec: str) -> Any:
@@ -208,9 +244,13 @@ def _device(spec: str) -> Any:
     device = torch.device(spec)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise _BadInput(f"--device {spec}: CUDA is not available on this machine (use --device cpu or auto)")
+            raise _BadInput(
+                f"--device {spec}: CUDA is not available on this machine (use --device cpu or auto)"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise _BadInput(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+            raise _BadInput(
+                f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) are visible"
+            )
     return device
 
 
@@ -226,7 +266,9 @@ def _methods(text: Optional[str]) -> Optional[List[str]]:
     known = list(available_methods()) + list(CONTROL_NAMES)
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise _BadInput(f"--methods: unknown method(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        raise _BadInput(
+            f"--methods: unknown method(s) {', '.join(unknown)}; known: {', '.join(known)}"
+        )
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise _BadInput(f"--methods: each method may appear once; repeated: {', '.join(repeated)}")
@@ -265,9 +307,13 @@ def _out_dir(text: str) -> Path:
     while not probe.exists() and probe.parent != probe:
         probe = probe.parent
     if not probe.is_dir():
-        raise _BadInput(f"cannot create output directory {text!r}: {str(probe)!r} is not a directory")
+        raise _BadInput(
+            f"cannot create output directory {text!r}: {str(probe)!r} is not a directory"
+        )
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise _BadInput(f"cannot create or write output directory {text!r}: permission denied on {str(probe)!r}")
+        raise _BadInput(
+            f"cannot create or write output directory {text!r}: permission denied on {str(probe)!r}"
+        )
     return out
 
 
@@ -282,14 +328,25 @@ def _load(name: str, weights: str, device: Any) -> Any:
     except (ValueError, TypeError, OSError, KeyError) as exc:
         raise _BadInput(_one_line(exc)) from None
     except RuntimeError as exc:  # torch.load on a corrupt file
-        raise _BadInput(f"cannot load weights {weights!r} for model {name!r}: {_one_line(exc)[:300]}") from None
+        raise _BadInput(
+            f"cannot load weights {weights!r} for model {name!r}: {_one_line(exc)[:300]}"
+        ) from None
 
 
 def _command_line(args: argparse.Namespace) -> str:
     parts = [PROG, "evaluate", "--model", args.model]
     if args.weights != "DEFAULT":
         parts += ["--weights", args.weights]
-    parts += ["--n", str(args.n), "--out", args.out, "--seed", str(args.seed), "--data-seed", str(args.data_seed)]
+    parts += [
+        "--n",
+        str(args.n),
+        "--out",
+        args.out,
+        "--seed",
+        str(args.seed),
+        "--data-seed",
+        str(args.data_seed),
+    ]
     parts += ["--batch-size", str(args.batch_size)]
     for flag, value in (
         ("--road-n", args.road_n),
@@ -321,7 +378,11 @@ def _git_commit() -> Optional[str]:
     root = Path(__file__).resolve().parents[2]
     try:
         head = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
         )
         if head.returncode != 0:
             return None
@@ -367,7 +428,9 @@ def _run(args: argparse.Namespace) -> int:
     out = _out_dir(args.out)
     methods = _methods(args.methods)
     settings = EvaluationSettings.fast() if args.fast else EvaluationSettings()
-    params = _method_params(list(args.param), {k: dict(v) for k, v in settings.method_params.items()})
+    params = _method_params(
+        list(args.param), {k: dict(v) for k, v in settings.method_params.items()}
+    )
     if methods is not None:
         named = {item.partition(".")[0].strip().lower().replace("-", "_") for item in args.param}
         unused = sorted(named - set(methods))
@@ -410,7 +473,9 @@ def _run(args: argparse.Namespace) -> int:
             "weights": loaded.weights if loaded.weights is None else str(loaded.weights),
             "fast": bool(args.fast),
             "command": _command_line(args),
-            "environment": {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS") if k in os.environ},
+            "environment": {
+                k: os.environ[k] for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS") if k in os.environ
+            },
             "git_commit": _git_commit(),
         },
     )
@@ -430,7 +495,9 @@ def _run(args: argparse.Namespace) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     """``python -m captum_fullgrad.evaluation.command [options]``: the subcommand on its own
     (the same options and outputs as ``captum-fullgrad evaluate``)."""
-    parser = argparse.ArgumentParser(prog=f"{PROG} evaluate", description=DESCRIPTION, epilog=EPILOG)
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} evaluate", description=DESCRIPTION, epilog=EPILOG
+    )
     add_arguments(parser)
     args = parser.parse_args(argv)
     return run(args)

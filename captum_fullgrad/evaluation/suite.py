@@ -312,7 +312,11 @@ class EvaluationReport:
     def ranking(self, metric: str) -> List[Tuple[str, MetricValue, int]]:
         """``(method, value, rank)`` from best to worst; tied means share a rank."""
         info = self.metrics[metric]
-        rows = [(m, r[metric]) for m, r in self.results.items() if metric in r and _finite(r[metric].mean)]
+        rows = [
+            (m, r[metric])
+            for m, r in self.results.items()
+            if metric in r and _finite(r[metric].mean)
+        ]
         sign = -1.0 if info.higher_is_better else 1.0
         rows.sort(key=lambda item: sign * item[1].mean)
         ranked: List[Tuple[str, MetricValue, int]] = []
@@ -381,7 +385,9 @@ class EvaluationReport:
         """The report as a Markdown document: overview, FullGrad's standing, rankings."""
         return _markdown(self)
 
-    def plot(self, out_dir: Union[str, "os.PathLike[str]", None] = None, dpi: int = 90) -> Dict[str, Any]:
+    def plot(
+        self, out_dir: Union[str, "os.PathLike[str]", None] = None, dpi: int = 90
+    ) -> Dict[str, Any]:
         """Curves of the pixel perturbation, ROAD and the sanity check.
 
         Returns ``{name: matplotlib Figure}`` for the curves present (``"pixel_perturbation"``,
@@ -442,14 +448,21 @@ def _resolve_methods(
         if isinstance(spec, str):
             key = spec.strip().lower().replace("-", "_")
             if key in CONTROL_NAMES:
-                resolved.append(_Method(key, _CONTROL_LABELS[key], _control(key, seed), "control", {}))
+                resolved.append(
+                    _Method(key, _CONTROL_LABELS[key], _control(key, seed), "control", {})
+                )
                 continue
             method = get_method(key, **dict(method_params.get(key, {})))
         elif isinstance(spec, AttributionMethod):
             method = spec
             if spec.name in method_params:
                 method = spec.configure(**dict(method_params[spec.name]))
-        elif isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str) and callable(spec[1]):
+        elif (
+            isinstance(spec, tuple)
+            and len(spec) == 2
+            and isinstance(spec[0], str)
+            and callable(spec[1])
+        ):
             resolved.append(_Method(spec[0], spec[0], spec[1], "method", {}))
             continue
         else:
@@ -457,7 +470,9 @@ def _resolve_methods(
                 "methods must be names, AttributionMethod objects or (name, callable) pairs, "
                 f"got {spec!r}"
             )
-        resolved.append(_Method(method.name, method.label, method, "method", dict(method.parameters)))
+        resolved.append(
+            _Method(method.name, method.label, method, "method", dict(method.parameters))
+        )
     unknown = sorted(set(method_params) - set(available_methods()))
     if unknown:
         raise ValueError(
@@ -468,7 +483,9 @@ def _resolve_methods(
         present = {m.name for m in resolved}
         for name in CONTROL_NAMES:
             if name not in present:
-                resolved.append(_Method(name, _CONTROL_LABELS[name], _control(name, seed), "control", {}))
+                resolved.append(
+                    _Method(name, _CONTROL_LABELS[name], _control(name, seed), "control", {})
+                )
     names = [m.name for m in resolved]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
@@ -508,7 +525,9 @@ class _Progress:
     def __init__(self, total: int, enabled: bool) -> None:
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=total, desc="evaluate", unit="step", file=sys.stderr, disable=not enabled)
+        self.bar = tqdm(
+            total=total, desc="evaluate", unit="step", file=sys.stderr, disable=not enabled
+        )
 
     def stage(self, stage: str, method: str) -> None:
         self.bar.set_postfix_str(f"{stage}: {method}", refresh=True)
@@ -585,7 +604,9 @@ def evaluate(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[0] == 0:
-        raise ValueError(f"images must be a (N, C, H, W) tensor with N >= 1, got {getattr(images, 'shape', images)}")
+        raise ValueError(
+            f"images must be a (N, C, H, W) tensor with N >= 1, got {getattr(images, 'shape', images)}"
+        )
     n, _, h, w = images.shape
     labels = torch.as_tensor(labels).reshape(-1).long()
     masks = torch.as_tensor(masks)
@@ -658,8 +679,16 @@ def evaluate(
         for method in resolved:
             bar.stage("localisation", method.name)
             m = maps[method.name]
-            record(method.name, _info("pointing_game", n, settings), pointing_game(m, masks, settings.pointing_tolerance).float())
-            record(method.name, _info("pointing_game_0px", n, settings), pointing_game(m, masks, 0).float())
+            record(
+                method.name,
+                _info("pointing_game", n, settings),
+                pointing_game(m, masks, settings.pointing_tolerance).float(),
+            )
+            record(
+                method.name,
+                _info("pointing_game_0px", n, settings),
+                pointing_game(m, masks, 0).float(),
+            )
             record(method.name, _info("relevance_mass", n, settings), relevance_mass(m, masks))
             record(method.name, _info("relevance_rank", n, settings), relevance_rank(m, masks))
             bar.step()
@@ -685,10 +714,16 @@ def evaluate(
                     seed=seed,
                     batch_size=batch_size,
                 )
-                area = result.auc_per_example / width if len(percentages) > 1 else result.changes[:, 0]
+                area = (
+                    result.auc_per_example / width if len(percentages) > 1 else result.changes[:, 0]
+                )
                 record(method.name, _info(f"pixel_perturbation_{order}_area", n, settings), area)
                 for j, k in enumerate(percentages):
-                    record(method.name, _info(f"pixel_perturbation_{order}@{_fmt_k(k)}", n, settings), result.changes[:, j])
+                    record(
+                        method.name,
+                        _info(f"pixel_perturbation_{order}@{_fmt_k(k)}", n, settings),
+                        result.changes[:, j],
+                    )
                 curves[method.name][f"pixel_perturbation_{order}"] = {
                     "x": list(percentages),
                     "y": result.mean_curve.double().cpu().tolist(),
@@ -701,7 +736,9 @@ def evaluate(
         if n_road_images:
             start = time.perf_counter()
             road_percentages = tuple(float(k) for k in settings.road_percentages)
-            road_width = road_percentages[-1] - road_percentages[0] if len(road_percentages) > 1 else 1.0
+            road_width = (
+                road_percentages[-1] - road_percentages[0] if len(road_percentages) > 1 else 1.0
+            )
             chunk = max(1, int(settings.road_chunk))
             for method in resolved:
                 bar.stage("ROAD", method.name)
@@ -726,14 +763,22 @@ def evaluate(
                         probs.append(part.probabilities.double())
                     correct_t, probs_t = torch.cat(correct), torch.cat(probs)
                     if len(road_percentages) > 1:
-                        x = torch.tensor(road_percentages, dtype=torch.float64, device=correct_t.device)
+                        x = torch.tensor(
+                            road_percentages, dtype=torch.float64, device=correct_t.device
+                        )
                         acc = trapezoid(correct_t, x) / road_width
                         prob = trapezoid(probs_t, x) / road_width
                     else:
                         acc, prob = correct_t[:, 0], probs_t[:, 0]
                     probabilities[order] = prob
-                    record(method.name, _info(f"road_{order}_accuracy", n_road_images, settings), acc)
-                    record(method.name, _info(f"road_{order}_probability", n_road_images, settings), prob)
+                    record(
+                        method.name, _info(f"road_{order}_accuracy", n_road_images, settings), acc
+                    )
+                    record(
+                        method.name,
+                        _info(f"road_{order}_probability", n_road_images, settings),
+                        prob,
+                    )
                     curves[method.name][f"road_{order}_accuracy"] = {
                         "x": list(road_percentages),
                         "y": correct_t.mean(0).cpu().tolist(),
@@ -742,7 +787,11 @@ def evaluate(
                         "x": list(road_percentages),
                         "y": probs_t.mean(0).cpu().tolist(),
                     }
-                record(method.name, _info("road_gap", n_road_images, settings), probabilities["lerf"] - probabilities["morf"])
+                record(
+                    method.name,
+                    _info("road_gap", n_road_images, settings),
+                    probabilities["lerf"] - probabilities["morf"],
+                )
                 bar.step()
             timings["road"] = time.perf_counter() - start
 
@@ -764,7 +813,9 @@ def evaluate(
                     noise_std=noise,
                     normalize=True,
                     seed=seed,
-                    max_examples_per_batch=_captum_batch(n_inf, settings.infidelity_samples, batch_size),
+                    max_examples_per_batch=_captum_batch(
+                        n_inf, settings.infidelity_samples, batch_size
+                    ),
                     maps=maps[method.name][sl],
                 )
                 record(method.name, _info("infidelity", n_inf, settings), scores)
@@ -788,7 +839,9 @@ def evaluate(
                     seed=seed,
                     # Perturbed inputs per explanation call: at most batch_size (the
                     # sampling methods' peak memory grows with the batch), at least n_sens.
-                    max_examples_per_batch=_captum_batch(n_sens, settings.sensitivity_samples, batch_size, 1),
+                    max_examples_per_batch=_captum_batch(
+                        n_sens, settings.sensitivity_samples, batch_size, 1
+                    ),
                 )
                 record(method.name, _info("sensitivity_max", n_sens, settings), scores)
                 bar.step()
@@ -822,7 +875,9 @@ def evaluate(
 
     # Summaries with bootstrap confidence intervals.
     start = time.perf_counter()
-    ordered_infos = OrderedDict(sorted(metric_infos.items(), key=lambda item: _metric_order(item[0])))
+    ordered_infos = OrderedDict(
+        sorted(metric_infos.items(), key=lambda item: _metric_order(item[0]))
+    )
     results: "OrderedDict[str, OrderedDict[str, MetricValue]]" = OrderedDict()
     for method in resolved:
         row: "OrderedDict[str, MetricValue]" = OrderedDict()
@@ -860,7 +915,8 @@ def evaluate(
         "subsets": subsets,
         "settings": settings.to_dict(),
         "methods": {
-            m.name: {"label": m.label, "kind": m.kind, "parameters": _jsonable(m.parameters)} for m in resolved
+            m.name: {"label": m.label, "kind": m.kind, "parameters": _jsonable(m.parameters)}
+            for m in resolved
         },
         "infidelity_noise_std": infidelity_noise_abs,
         "sanity_layers": sanity_layers,
@@ -902,7 +958,9 @@ def _summary(values: np.ndarray, settings: EvaluationSettings, seed: int) -> Met
     finite = values[np.isfinite(values)]
     if finite.size == 0:
         return MetricValue(float("nan"), float("nan"), float("nan"), 0)
-    mean, low, high = bootstrap_ci(finite, n_resamples=settings.n_bootstrap, confidence=settings.confidence, seed=seed)
+    mean, low, high = bootstrap_ci(
+        finite, n_resamples=settings.n_bootstrap, confidence=settings.confidence, seed=seed
+    )
     return MetricValue(mean, low, high, int(finite.size))
 
 
@@ -911,21 +969,126 @@ def _summary(values: np.ndarray, settings: EvaluationSettings, seed: int) -> Met
 # --------------------------------------------------------------------------------------
 
 _BASE_METRICS: Tuple[Tuple[str, str, bool, str, str, str], ...] = (
-    ("pointing_game", "Pointing game", True, "localisation", "hit rate: every maximum of the map lies on the object mask dilated by {tol} px", _REF_POINTING),
-    ("pointing_game_0px", "Pointing game (0 px)", True, "localisation", "hit rate with no tolerance: every maximum of the map lies on the object mask itself", _REF_POINTING),
-    ("relevance_mass", "Relevance mass", True, "localisation", "share of the map's total mass inside the object mask", _REF_ARRAS),
-    ("relevance_rank", "Relevance rank", True, "localisation", "share of the |mask| most salient pixels inside the object mask", _REF_ARRAS),
-    ("pixel_perturbation_least_area", "Pixel pert., least first (area)", False, "pixel_perturbation", "absolute fractional change of the true class's {output} after replacing the k % least salient pixels by the mean colour, averaged over k = {ks} % (trapezoid area / width)", _REF_SRINIVAS),
-    ("pixel_perturbation_most_area", "Pixel pert., most first (area)", True, "pixel_perturbation", "the same, removing the k % most salient pixels first", _REF_SAMEK),
-    ("road_morf_accuracy", "ROAD MoRF accuracy", False, "road", "top-1 accuracy after imputing the most relevant pixels first, averaged over {road} % removed", _REF_ROAD),
-    ("road_lerf_accuracy", "ROAD LeRF accuracy", True, "road", "top-1 accuracy after imputing the least relevant pixels first, averaged over {road} % removed", _REF_ROAD),
-    ("road_morf_probability", "ROAD MoRF probability", False, "road", "true-class softmax probability, most relevant imputed first, averaged over the removal levels", _REF_ROAD),
-    ("road_lerf_probability", "ROAD LeRF probability", True, "road", "true-class softmax probability, least relevant imputed first, averaged over the removal levels", _REF_ROAD),
-    ("road_gap", "ROAD LeRF − MoRF", True, "road", "per-image LeRF minus MoRF probability (about 0 for an uninformative order)", _REF_ROAD),
-    ("sanity_spearman_abs", "Sanity: Spearman (abs.)", False, "sanity", "Spearman correlation of |map| with the trained model's |map|, averaged over the cascading randomisation steps (output layer first)", _REF_ADEBAYO),
-    ("sanity_ssim", "Sanity: SSIM", False, "sanity", "SSIM of the normalised |map| with the trained model's, averaged over the randomisation steps", _REF_ADEBAYO),
-    ("infidelity", "Infidelity", False, "captum", "Captum infidelity: squared error of the map's prediction of the logit change under Gaussian noise (std {noise} x the images' pixel std), after optimal rescaling", _REF_YEH),
-    ("sensitivity_max", "Max-sensitivity", False, "captum", "Captum sensitivity_max: largest relative change of the map under uniform noise of radius {radius} ({samples} draws)", _REF_YEH),
+    (
+        "pointing_game",
+        "Pointing game",
+        True,
+        "localisation",
+        "hit rate: every maximum of the map lies on the object mask dilated by {tol} px",
+        _REF_POINTING,
+    ),
+    (
+        "pointing_game_0px",
+        "Pointing game (0 px)",
+        True,
+        "localisation",
+        "hit rate with no tolerance: every maximum of the map lies on the object mask itself",
+        _REF_POINTING,
+    ),
+    (
+        "relevance_mass",
+        "Relevance mass",
+        True,
+        "localisation",
+        "share of the map's total mass inside the object mask",
+        _REF_ARRAS,
+    ),
+    (
+        "relevance_rank",
+        "Relevance rank",
+        True,
+        "localisation",
+        "share of the |mask| most salient pixels inside the object mask",
+        _REF_ARRAS,
+    ),
+    (
+        "pixel_perturbation_least_area",
+        "Pixel pert., least first (area)",
+        False,
+        "pixel_perturbation",
+        "absolute fractional change of the true class's {output} after replacing the k % least salient pixels by the mean colour, averaged over k = {ks} % (trapezoid area / width)",
+        _REF_SRINIVAS,
+    ),
+    (
+        "pixel_perturbation_most_area",
+        "Pixel pert., most first (area)",
+        True,
+        "pixel_perturbation",
+        "the same, removing the k % most salient pixels first",
+        _REF_SAMEK,
+    ),
+    (
+        "road_morf_accuracy",
+        "ROAD MoRF accuracy",
+        False,
+        "road",
+        "top-1 accuracy after imputing the most relevant pixels first, averaged over {road} % removed",
+        _REF_ROAD,
+    ),
+    (
+        "road_lerf_accuracy",
+        "ROAD LeRF accuracy",
+        True,
+        "road",
+        "top-1 accuracy after imputing the least relevant pixels first, averaged over {road} % removed",
+        _REF_ROAD,
+    ),
+    (
+        "road_morf_probability",
+        "ROAD MoRF probability",
+        False,
+        "road",
+        "true-class softmax probability, most relevant imputed first, averaged over the removal levels",
+        _REF_ROAD,
+    ),
+    (
+        "road_lerf_probability",
+        "ROAD LeRF probability",
+        True,
+        "road",
+        "true-class softmax probability, least relevant imputed first, averaged over the removal levels",
+        _REF_ROAD,
+    ),
+    (
+        "road_gap",
+        "ROAD LeRF − MoRF",
+        True,
+        "road",
+        "per-image LeRF minus MoRF probability (about 0 for an uninformative order)",
+        _REF_ROAD,
+    ),
+    (
+        "sanity_spearman_abs",
+        "Sanity: Spearman (abs.)",
+        False,
+        "sanity",
+        "Spearman correlation of |map| with the trained model's |map|, averaged over the cascading randomisation steps (output layer first)",
+        _REF_ADEBAYO,
+    ),
+    (
+        "sanity_ssim",
+        "Sanity: SSIM",
+        False,
+        "sanity",
+        "SSIM of the normalised |map| with the trained model's, averaged over the randomisation steps",
+        _REF_ADEBAYO,
+    ),
+    (
+        "infidelity",
+        "Infidelity",
+        False,
+        "captum",
+        "Captum infidelity: squared error of the map's prediction of the logit change under Gaussian noise (std {noise} x the images' pixel std), after optimal rescaling",
+        _REF_YEH,
+    ),
+    (
+        "sensitivity_max",
+        "Max-sensitivity",
+        False,
+        "captum",
+        "Captum sensitivity_max: largest relative change of the map under uniform noise of radius {radius} ({samples} draws)",
+        _REF_YEH,
+    ),
 )
 _BASE_INDEX = {row[0]: i for i, row in enumerate(_BASE_METRICS)}
 
@@ -1047,11 +1210,17 @@ def _markdown(report: EvaluationReport) -> str:
 
     headline = [key for key in HEADLINE_METRICS if key in report.metrics]
     best = {key: report.best(key) for key in headline}
-    best_control = {key: report.best(key, exclude=[m for m in report.methods if not report.is_control(m)]) for key in headline}
+    best_control = {
+        key: report.best(key, exclude=[m for m in report.methods if not report.is_control(m)])
+        for key in headline
+    }
 
     add("## Overview")
     add("")
-    header = ["method"] + [f"{report.metrics[k].label} {report.metrics[k].arrow} (n={report.metrics[k].n})" for k in headline]
+    header = ["method"] + [
+        f"{report.metrics[k].label} {report.metrics[k].arrow} (n={report.metrics[k].n})"
+        for k in headline
+    ]
     add("| " + " | ".join(header) + " |")
     add("|" + "---|" * len(header))
     for method in report.methods:
@@ -1075,10 +1244,17 @@ def _markdown(report: EvaluationReport) -> str:
     for key in headline:
         for method, _, rank in report.ranking(key):
             rank_of[method][key] = rank
-    header = ["method"] + [f"{report.metrics[k].label} {report.metrics[k].arrow}" for k in headline] + ["mean rank"]
+    header = (
+        ["method"]
+        + [f"{report.metrics[k].label} {report.metrics[k].arrow}" for k in headline]
+        + ["mean rank"]
+    )
     add("| " + " | ".join(header) + " |")
     add("|" + "---|" * len(header))
-    order = sorted(report.methods, key=lambda m: np.mean(list(rank_of[m].values())) if rank_of[m] else float("inf"))
+    order = sorted(
+        report.methods,
+        key=lambda m: np.mean(list(rank_of[m].values())) if rank_of[m] else float("inf"),
+    )
     for method in order:
         ranks = rank_of[method]
         cells = [_method_cell(report, method)]
@@ -1100,7 +1276,9 @@ def _markdown(report: EvaluationReport) -> str:
             "bootstrap interval of the per-image differences."
         )
         add("")
-        add(f"| metric | direction | n | `{subject}` | rank | best other | its value | difference [95 % CI] | verdict |")
+        add(
+            f"| metric | direction | n | `{subject}` | rank | best other | its value | difference [95 % CI] | verdict |"
+        )
         add("|---|---|---|---|---|---|---|---|---|")
         for key in headline:
             outcome = _verdict(report, key, subject)
@@ -1134,7 +1312,11 @@ def _markdown(report: EvaluationReport) -> str:
                 name, mean = f"**{name}**", f"**{mean}**"
             dagger = ""
             if control_mean is not None and not report.is_control(method):
-                beats = value.mean > control_mean if info.higher_is_better else value.mean < control_mean
+                beats = (
+                    value.mean > control_mean
+                    if info.higher_is_better
+                    else value.mean < control_mean
+                )
                 dagger = "" if beats else " †"
             add(f"| {rank} | {name}{dagger} | {mean} | [{_fmt(value.low)}, {_fmt(value.high)}] |")
         add("")
@@ -1167,9 +1349,18 @@ def _markdown(report: EvaluationReport) -> str:
     add("## Plots")
     add("")
     for name, caption in (
-        ("pixel_perturbation", "Pixel perturbation curves (left: least salient removed first, lower is better; right: most salient first, higher is better)"),
-        ("road", "ROAD accuracy curves (left: MoRF, lower is better; right: LeRF, higher is better)"),
-        ("sanity", "Cascading randomisation (similarity to the trained model's map; lower is better once layers are randomised)"),
+        (
+            "pixel_perturbation",
+            "Pixel perturbation curves (left: least salient removed first, lower is better; right: most salient first, higher is better)",
+        ),
+        (
+            "road",
+            "ROAD accuracy curves (left: MoRF, lower is better; right: LeRF, higher is better)",
+        ),
+        (
+            "sanity",
+            "Cascading randomisation (similarity to the trained model's map; lower is better once layers are randomised)",
+        ),
     ):
         if any(name.split("_")[0] in curve for m in report.curves.values() for curve in m):
             add(f"![{caption}]({name}.png)")
@@ -1180,17 +1371,25 @@ def _markdown(report: EvaluationReport) -> str:
     add("## Settings")
     add("")
     subsets = meta.get("subsets", {})
-    add("Images per metric: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in subsets.items()) + ".")
+    add(
+        "Images per metric: "
+        + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in subsets.items())
+        + "."
+    )
     add("")
     settings = meta.get("settings", {})
     shown = {k: v for k, v in settings.items() if k != "method_params" and not k.startswith("n_")}
     add("Metric settings: " + ", ".join(f"`{k}` = {v}" for k, v in shown.items()) + ".")
     add("")
     if meta.get("sanity_layers"):
-        add("Sanity check: layers randomised in this order (cascading, output first): " + ", ".join(f"`{x}`" for x in meta["sanity_layers"]) + ".")
+        add(
+            "Sanity check: layers randomised in this order (cascading, output first): "
+            + ", ".join(f"`{x}`" for x in meta["sanity_layers"])
+            + "."
+        )
         undefined = {m: c for m, c in meta.get("sanity_undefined", {}).items() if c}
         if undefined:
-            add(
+            lines[-1] += (
                 " Spearman correlations that were undefined (a constant map) were counted as 0: "
                 + ", ".join(f"`{m}` {c}" for m, c in undefined.items())
                 + "."
@@ -1200,13 +1399,22 @@ def _markdown(report: EvaluationReport) -> str:
     add("|---|---|---|---|")
     for method in report.methods:
         info = meta.get("methods", {}).get(method, {})
-        params = ", ".join(f"{k}={v}" for k, v in info.get("parameters", {}).items() if v is not None) or "-"
+        params = (
+            ", ".join(f"{k}={v}" for k, v in info.get("parameters", {}).items() if v is not None)
+            or "-"
+        )
         seconds = meta.get("map_seconds_per_image", {}).get(method)
-        add(f"| `{method}` | {info.get('kind', '')} | {params} | {'' if seconds is None else f'{seconds:.4f}'} |")
+        add(
+            f"| `{method}` | {info.get('kind', '')} | {params} | {'' if seconds is None else f'{seconds:.4f}'} |"
+        )
     add("")
     timings = meta.get("timings_s", {})
     if timings:
-        add("Wall time per stage: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in timings.items()) + ".")
+        add(
+            "Wall time per stage: "
+            + ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in timings.items())
+            + "."
+        )
         add("")
     if meta.get("command"):
         add("Command:")
@@ -1241,11 +1449,24 @@ def _styles(report: EvaluationReport) -> Dict[str, Dict[str, Any]]:
         }
     for method in report.methods:
         if report.is_control(method):
-            styles[method] = {"color": greys.get(method, "0.5"), "linestyle": dashes.get(method, ":"), "linewidth": 1.4}
+            styles[method] = {
+                "color": greys.get(method, "0.5"),
+                "linestyle": dashes.get(method, ":"),
+                "linewidth": 1.4,
+            }
     return styles
 
 
-def _panel(ax: Any, report: EvaluationReport, curve: str, styles: Dict[str, Dict[str, Any]], xlabel: str, ylabel: str, title: str, logx: bool = False) -> bool:
+def _panel(
+    ax: Any,
+    report: EvaluationReport,
+    curve: str,
+    styles: Dict[str, Dict[str, Any]],
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    logx: bool = False,
+) -> bool:
     drawn = False
     for method in report.methods:
         data = report.curves.get(method, {}).get(curve)
@@ -1262,7 +1483,13 @@ def _panel(ax: Any, report: EvaluationReport, curve: str, styles: Dict[str, Dict
     return drawn
 
 
-def _figure(report: EvaluationReport, panels: Sequence[Tuple[str, str, str, str, bool]], styles: Dict[str, Dict[str, Any]], suptitle: str, xticks: Optional[Sequence[str]] = None) -> Optional[Any]:
+def _figure(
+    report: EvaluationReport,
+    panels: Sequence[Tuple[str, str, str, str, bool]],
+    styles: Dict[str, Dict[str, Any]],
+    suptitle: str,
+    xticks: Optional[Sequence[str]] = None,
+) -> Optional[Any]:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -1280,7 +1507,9 @@ def _figure(report: EvaluationReport, panels: Sequence[Tuple[str, str, str, str,
     handles, labels = np.atleast_1d(axes)[0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="center right", fontsize=8, frameon=False)
     figure.suptitle(suptitle, fontsize=11)
-    figure.subplots_adjust(left=0.06, right=0.80, bottom=0.24 if xticks is not None else 0.14, top=0.86, wspace=0.25)
+    figure.subplots_adjust(
+        left=0.06, right=0.80, bottom=0.24 if xticks is not None else 0.14, top=0.86, wspace=0.25
+    )
     return figure
 
 
@@ -1288,13 +1517,29 @@ def _plots(report: EvaluationReport) -> Dict[str, Any]:
     styles = _styles(report)
     model = report.meta.get("model")
     figures: Dict[str, Any] = {}
-    n_pp = report.metrics["pixel_perturbation_least_area"].n if "pixel_perturbation_least_area" in report.metrics else 0
+    n_pp = (
+        report.metrics["pixel_perturbation_least_area"].n
+        if "pixel_perturbation_least_area" in report.metrics
+        else 0
+    )
     output = report.meta.get("settings", {}).get("perturbation_output", "logit")
     figure = _figure(
         report,
         [
-            ("pixel_perturbation_least", "% pixels removed (least salient first)", f"|fractional {output} change|", "Least salient first (lower is better)", True),
-            ("pixel_perturbation_most", "% pixels removed (most salient first)", f"|fractional {output} change|", "Most salient first (higher is better)", True),
+            (
+                "pixel_perturbation_least",
+                "% pixels removed (least salient first)",
+                f"|fractional {output} change|",
+                "Least salient first (lower is better)",
+                True,
+            ),
+            (
+                "pixel_perturbation_most",
+                "% pixels removed (most salient first)",
+                f"|fractional {output} change|",
+                "Most salient first (higher is better)",
+                True,
+            ),
         ],
         styles,
         f"Pixel perturbation, {model}, n = {n_pp}",
@@ -1305,8 +1550,20 @@ def _plots(report: EvaluationReport) -> Dict[str, Any]:
         figure = _figure(
             report,
             [
-                ("road_morf_accuracy", "% pixels imputed (most relevant first)", "accuracy", "MoRF (lower is better)", False),
-                ("road_lerf_accuracy", "% pixels imputed (least relevant first)", "accuracy", "LeRF (higher is better)", False),
+                (
+                    "road_morf_accuracy",
+                    "% pixels imputed (most relevant first)",
+                    "accuracy",
+                    "MoRF (lower is better)",
+                    False,
+                ),
+                (
+                    "road_lerf_accuracy",
+                    "% pixels imputed (least relevant first)",
+                    "accuracy",
+                    "LeRF (higher is better)",
+                    False,
+                ),
             ],
             styles,
             f"ROAD (noisy linear imputation), {model}, n = {report.metrics['road_morf_accuracy'].n}",
@@ -1318,8 +1575,20 @@ def _plots(report: EvaluationReport) -> Dict[str, Any]:
         figure = _figure(
             report,
             [
-                ("sanity_spearman_abs", "randomised up to (cascading, output first)", "Spearman of |map|", "Rank correlation (lower is better)", False),
-                ("sanity_ssim", "randomised up to (cascading, output first)", "SSIM", "SSIM (lower is better)", False),
+                (
+                    "sanity_spearman_abs",
+                    "randomised up to (cascading, output first)",
+                    "Spearman of |map|",
+                    "Rank correlation (lower is better)",
+                    False,
+                ),
+                (
+                    "sanity_ssim",
+                    "randomised up to (cascading, output first)",
+                    "SSIM",
+                    "SSIM (lower is better)",
+                    False,
+                ),
             ],
             styles,
             f"Cascading randomisation, {model}, n = {report.metrics['sanity_spearman_abs'].n}",
@@ -1337,7 +1606,9 @@ def _plots(report: EvaluationReport) -> Dict[str, Any]:
 
 def _write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    descriptor, temporary = tempfile.mkstemp(
+        prefix=f".{path.name}.", suffix=".part", dir=path.parent
+    )
     try:
         with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
             handle.write(text)
@@ -1353,7 +1624,9 @@ def _write_text(path: Path, text: str) -> None:
         raise
 
 
-def write_report(report: EvaluationReport, out_dir: Union[str, "os.PathLike[str]"], dpi: int = 90) -> List[Path]:
+def write_report(
+    report: EvaluationReport, out_dir: Union[str, "os.PathLike[str]"], dpi: int = 90
+) -> List[Path]:
     """Write ``results.json``, ``results.md`` and the plots (PNG) to ``out_dir``.
 
     Each file is written to a temporary file and moved into place, so none is ever left

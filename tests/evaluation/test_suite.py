@@ -15,10 +15,10 @@ from captum_fullgrad.evaluation import (
     CONTROL_NAMES,
     EvaluationReport,
     EvaluationSettings,
+    command,
     evaluate,
     write_report,
 )
-from captum_fullgrad.evaluation import command
 from captum_fullgrad.models import ShapesVGG
 from captum_fullgrad.testing import randomize_parameters_
 
@@ -56,7 +56,16 @@ def settings():
 @pytest.fixture(scope="module")
 def report(model, data, settings) -> EvaluationReport:
     images, labels, masks = data
-    return evaluate(model, images, labels, masks, methods=METHODS, settings=settings, progress=False, model_name="tiny")
+    return evaluate(
+        model,
+        images,
+        labels,
+        masks,
+        methods=METHODS,
+        settings=settings,
+        progress=False,
+        model_name="tiny",
+    )
 
 
 def test_methods_and_controls_in_order(report):
@@ -70,7 +79,19 @@ def test_json_schema(report):
     doc = json.loads(report.to_json())
     assert set(doc) == {"meta", "metrics", "results", "curves"}
     meta = doc["meta"]
-    for key in ("model", "n", "seed", "torch", "captum", "date", "wall_time_s", "timings_s", "accuracy", "subsets", "settings"):
+    for key in (
+        "model",
+        "n",
+        "seed",
+        "torch",
+        "captum",
+        "date",
+        "wall_time_s",
+        "timings_s",
+        "accuracy",
+        "subsets",
+        "settings",
+    ):
         assert key in meta, key
     assert meta["model"] == "tiny" and meta["n"] == N and meta["seed"] == 0
     assert meta["subsets"] == {
@@ -99,7 +120,9 @@ def test_json_schema(report):
         "infidelity",
         "sensitivity_max",
     }
-    expected |= {f"pixel_perturbation_{order}@{k}" for order in ("least", "most") for k in ("1", "5", "10")}
+    expected |= {
+        f"pixel_perturbation_{order}@{k}" for order in ("least", "most") for k in ("1", "5", "10")
+    }
     assert set(doc["metrics"]) == expected
     assert list(doc["results"]) == report.methods
     for method, metrics in doc["results"].items():
@@ -107,7 +130,11 @@ def test_json_schema(report):
         for key, value in metrics.items():
             assert set(value) == {"mean", "low", "high", "n"}
             assert value["n"] == doc["metrics"][key]["n"]
-            assert value["low"] - 1e-12 <= value["mean"] <= value["high"] + 1e-12, (method, key, value)
+            assert value["low"] - 1e-12 <= value["mean"] <= value["high"] + 1e-12, (
+                method,
+                key,
+                value,
+            )
     assert doc["metrics"]["sanity_ssim"]["n"] == 2 and doc["metrics"]["pointing_game"]["n"] == N
     assert doc["metrics"]["pointing_game"]["higher_is_better"] is True
     assert doc["metrics"]["infidelity"]["higher_is_better"] is False
@@ -120,7 +147,13 @@ def test_json_schema(report):
 def test_values_in_range_and_controls_fail_sanity(report):
     for method in report.methods:
         r = report.results[method]
-        for key in ("pointing_game", "relevance_mass", "relevance_rank", "road_morf_accuracy", "road_lerf_probability"):
+        for key in (
+            "pointing_game",
+            "relevance_mass",
+            "relevance_rank",
+            "road_morf_accuracy",
+            "road_lerf_probability",
+        ):
             assert 0.0 <= r[key].mean <= 1.0
     # The controls ignore the model: randomising it leaves their maps unchanged.
     for control in CONTROL_NAMES:
@@ -135,7 +168,11 @@ def test_markdown_ranks_with_directions(report):
     assert text.startswith("# Saliency evaluation: model `tiny`")
     assert "## Overview" in text and "## Where `fullgrad` wins and loses" in text
     assert "| method | Pointing game ↑ (n=6) |" in text
-    for key in ("Pointing game: higher is better (n = 6)", "Infidelity: lower is better (n = 6)", "Sanity: SSIM: lower is better (n = 2)"):
+    for key in (
+        "Pointing game: higher is better (n = 6)",
+        "Infidelity: lower is better (n = 6)",
+        "Sanity: SSIM: lower is better (n = 2)",
+    ):
         assert f"### {key}" in text
     for method in report.methods:
         assert f"`{method}`" in text
@@ -187,7 +224,9 @@ def test_oracle_map_wins_localisation_and_results_are_deterministic(model, data)
 
     kwargs = dict(
         methods=[("oracle", oracle), "saliency"],
-        settings=EvaluationSettings.fast(n_road=0, n_infidelity=0, n_sensitivity=0, n_sanity=0, n_bootstrap=50),
+        settings=EvaluationSettings.fast(
+            n_road=0, n_infidelity=0, n_sensitivity=0, n_sanity=0, n_bootstrap=50
+        ),
         progress=False,
     )
     first = evaluate(model, images, labels, masks, **kwargs)
@@ -236,7 +275,12 @@ def test_command_runs_and_writes_everything(tmp_path, capsys):
     doc = json.loads((out / "results.json").read_text())
     assert list(doc["results"]) == ["fullgrad", "gradcam", *CONTROL_NAMES]
     meta = doc["meta"]
-    assert meta["model"] == "shapes" and meta["n"] == N and meta["data_seed"] == 10_000 and meta["fast"] is True
+    assert (
+        meta["model"] == "shapes"
+        and meta["n"] == N
+        and meta["data_seed"] == 10_000
+        and meta["fast"] is True
+    )
     assert meta["methods"]["gradcam"]["parameters"]["interpolate_mode"] == "bicubic"
     assert meta["accuracy"] > 0.8  # the bundled weights
     assert "--fast" in meta["command"] and "--sanity-n 2" in meta["command"]
@@ -252,7 +296,10 @@ def test_command_runs_and_writes_everything(tmp_path, capsys):
         (["--model", "vgg16"], "only generated for: shapes"),
         (["--model", "no_such_model"], "unknown model"),
         (["--methods", "fullgrad,nope"], "unknown method"),
-        (["--methods", "fullgrad", "--param", "gradcam.interpolate_mode=nearest"], "not in --methods"),
+        (
+            ["--methods", "fullgrad", "--param", "gradcam.interpolate_mode=nearest"],
+            "not in --methods",
+        ),
         (["--param", "integrated_gradients.n_stepz=3"], "no parameter 'n_stepz'"),
     ],
 )
