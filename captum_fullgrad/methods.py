@@ -477,6 +477,12 @@ def _check_integrated_gradients(
         )
 
 
+#: Default bound on the noisy images of one attribution call in the SmoothGrad adapters:
+#: memory grows with the images of a call (about 45 MB per 64 px image for FullGrad on
+#: the shapes model, about 120 MB per 224 px image for VGG-16-BN on a GPU).
+NOISY_IMAGES_PER_CALL = 64
+
+
 def smoothing_noise(inputs: Tensor, nt_samples: int, noise: float, seed: Optional[int]) -> Tensor:
     """Gaussian noise ``(nt_samples, *inputs.shape)`` whose standard deviation is ``noise``
     times each example's value range ``max - min`` (Smilkov et al. 2017, sec. 3.2).
@@ -519,11 +525,13 @@ def _noise_tunnel(
     What Captum's ``NoiseTunnel(nt_type="smoothgrad")`` computes, with the noise's standard
     deviation relative to each example's range (NoiseTunnel takes one value per input
     tensor); every example's copies go through the attribution together, at most
-    ``nt_samples_batch_size`` samples of the whole batch per call.
+    ``nt_samples_batch_size`` samples of the whole batch per call (Captum's meaning); by
+    default as many samples as keep a call within :data:`NOISY_IMAGES_PER_CALL` images,
+    and at least one.
     """
     target = _resolve_target_for_copies(target)
     noise_draws = smoothing_noise(inputs, nt_samples, noise, seed)
-    per_call = nt_samples_batch_size or nt_samples
+    per_call = nt_samples_batch_size or max(1, NOISY_IMAGES_PER_CALL // inputs.shape[0])
     total: Optional[Tensor] = None
     with _Quiet():
         for start in range(0, nt_samples, per_call):
@@ -551,7 +559,7 @@ def _smoothgrad(
     nt_samples: int = 50,
     noise: float = 0.15,
     abs_before_mean: bool = True,
-    nt_samples_batch_size: Optional[int] = 25,
+    nt_samples_batch_size: Optional[int] = None,
     seed: Optional[int] = 0,
 ) -> Tensor:
     attribution = _noise_tunnel(
@@ -753,7 +761,7 @@ def _smoothfullgrad(
     postprocess: str = "eq4",
     interpolate_mode: str = "bilinear",
     layers: Optional[Sequence[Union[str, nn.Module]]] = None,
-    nt_samples_batch_size: Optional[int] = 25,
+    nt_samples_batch_size: Optional[int] = None,
     seed: Optional[int] = 0,
 ) -> Tensor:
     return _noise_tunnel(

