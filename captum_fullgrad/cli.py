@@ -26,6 +26,10 @@ from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tupl
 
 import torch
 
+from ._argtypes import device_spec as _device_spec
+from ._argtypes import non_negative_int as _non_negative_int
+from ._argtypes import positive_int as _positive_int
+
 __all__ = ["COMMANDS", "CliError", "Command", "build_parser", "main"]
 
 PROG = "captum-fullgrad"
@@ -78,30 +82,10 @@ class Command:
 # --------------------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
 
 
-def _device_spec(text: str) -> str:
-    if re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", text.strip().lower()) is None:
-        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
-    return text.strip().lower()
 
 
 def _add_runtime_options(parser: argparse.ArgumentParser) -> None:

@@ -37,6 +37,10 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from .._argtypes import device_spec as _device_spec
+from .._argtypes import non_negative_int as _non_negative_int
+from .._argtypes import positive_int as _positive_int
+
 PROG = "captum-fullgrad"
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
@@ -60,30 +64,10 @@ class _BadInput(Exception):
     """Bad input: one line on stderr, exit status 2."""
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
 
 
-def _device_spec(text: str) -> str:
-    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", text.strip().lower()) is None:
-        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
-    return text.strip().lower()
 
 
 def _param(text: str) -> str:
