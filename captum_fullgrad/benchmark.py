@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from ._io import atomic_write, write_text
 from .full_gradient import FullGradient
 from .testing import randomize_parameters_
 
@@ -363,11 +364,11 @@ def _quartiles(samples: List[float]):
 
 def write_results(result: BenchmarkResult, out_dir: Path, stem: str) -> List[Path]:
     """Write ``stem.json``, ``stem.md`` and ``stem.png`` into ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md", out_dir / f"{stem}.png"]
-    paths[0].write_text(result.to_json())
-    paths[1].write_text(result.to_markdown())
-    result.plot().savefig(paths[2], dpi=110)
+    write_text(paths[0], result.to_json())
+    write_text(paths[1], result.to_markdown())
+    figure = result.plot()
+    atomic_write(paths[2], lambda handle: figure.savefig(handle, format="png", dpi=110), binary=True)
     return paths
 
 

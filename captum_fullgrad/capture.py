@@ -25,7 +25,6 @@ from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tupl
 import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
 
 from . import _intercepts
 from ._intercepts import CHANNELS_FIRST, CHANNELS_LAST, Intercept, op_name

@@ -29,6 +29,7 @@ import torch
 from ._argtypes import device_spec as _device_spec
 from ._argtypes import non_negative_int as _non_negative_int
 from ._argtypes import positive_int as _positive_int
+from ._io import write_text
 
 __all__ = ["COMMANDS", "CliError", "Command", "build_parser", "main"]
 
@@ -598,24 +599,10 @@ _BUILTIN_ORDER = (
 
 
 def _write_text(path: Path, text: str) -> None:
-    import tempfile
-
     _make_dir(path.parent, "output directory")
-    descriptor, temporary = tempfile.mkstemp(
-        prefix=f".{path.name}.", suffix=".part", dir=path.parent
-    )
     try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
-        os.replace(temporary, path)
+        write_text(path, text)
     except OSError as exc:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
         raise CliError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from None
 
 

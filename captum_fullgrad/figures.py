@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import tempfile
 import textwrap
 import time
 from collections import OrderedDict
@@ -42,6 +41,7 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from .decomposition import full_jacobian
+from ._io import atomic_write
 from .methods import DEFAULT_TABLE5_METHODS, AttributionMethod, get_method
 
 __all__ = [
@@ -738,22 +738,7 @@ def save_figure(figure: Figure, path: Union[str, "os.PathLike[str]"], *, dpi: in
         raise ValueError(
             f"cannot tell the format of {str(path)!r}: use a .png, .pdf or .svg file name"
         )
-    directory = path.parent
-    directory.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=directory)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            figure.savefig(handle, format=fmt, dpi=dpi, metadata=_metadata(fmt))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
-        os.replace(temporary, path)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
-        raise
+    atomic_write(path, lambda handle: figure.savefig(handle, format=fmt, dpi=dpi, metadata=_metadata(fmt)), binary=True)
     return path
 
 

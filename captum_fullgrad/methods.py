@@ -53,7 +53,6 @@ from captum.attr import (
     IntegratedGradients,
     LayerAttribution,
     LayerGradCam,
-    NoiseTunnel,
     Saliency,
 )
 from torch import Tensor, nn

@@ -102,7 +102,6 @@ import math
 import os
 import platform
 import sys
-import tempfile
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, replace
@@ -113,6 +112,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from captum_fullgrad._io import write_text
 from captum_fullgrad.evaluation.captum_scores import infidelity_score, sensitivity_score
 from captum_fullgrad.evaluation.controls import BlurredRandomMap, SobelEdgeMap, UniformRandomMap
 from captum_fullgrad.evaluation.localisation import pointing_game, relevance_mass, relevance_rank
@@ -1605,23 +1605,7 @@ def _plots(report: EvaluationReport) -> Dict[str, Any]:
 
 
 def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(
-        prefix=f".{path.name}.", suffix=".part", dir=path.parent
-    )
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
-        os.replace(temporary, path)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
-        raise
+    write_text(path, text)
 
 
 def write_report(
