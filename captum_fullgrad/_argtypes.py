@@ -1,4 +1,4 @@
-"""Argument types shared by the command-line subcommands (argparse ``type=`` callables)."""
+"""Argument types and options shared by the command-line subcommands."""
 
 from __future__ import annotations
 
@@ -30,3 +30,20 @@ def device_spec(text: str) -> str:
     if re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", text.strip().lower()) is None:
         raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
     return text.strip().lower()
+
+
+def add_runtime_options(parser: argparse.ArgumentParser) -> None:
+    """``--device``, ``--no-progress`` and ``--threads``, the same for every subcommand."""
+    parser.add_argument(
+        "--device",
+        type=device_spec,
+        default="auto",
+        help="where to run: auto (CUDA when available, else CPU), cpu, cuda or cuda:N (default: auto)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="CPU threads for torch (default: torch's choice)",
+    )

@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tupl
 
 import torch
 
-from ._argtypes import device_spec as _device_spec
+from ._argtypes import add_runtime_options as _add_runtime_options
 from ._argtypes import non_negative_int as _non_negative_int
 from ._argtypes import positive_int as _positive_int
 from ._io import write_text
@@ -87,22 +87,6 @@ class Command:
 
 
 
-
-
-def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--device",
-        type=_device_spec,
-        default="auto",
-        help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N (default: auto)",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    parser.add_argument(
-        "--threads",
-        type=_positive_int,
-        default=None,
-        help="CPU threads for torch (default: torch's choice)",
-    )
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from .._argtypes import device_spec as _device_spec
+from .._argtypes import add_runtime_options
 from .._argtypes import non_negative_int as _non_negative_int
 from .._argtypes import positive_int as _positive_int
 
@@ -165,19 +165,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="cheap settings for tests and smoke runs: integrated gradients with 8 steps, SmoothGrad and "
         "SmoothFullGrad with 4 samples, 3 ROAD levels, few perturbations and resamples",
     )
-    parser.add_argument(
-        "--device",
-        type=_device_spec,
-        default="auto",
-        help="where to run: auto (CUDA when available, else CPU), cpu, cuda or cuda:N (default: auto)",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    parser.add_argument(
-        "--threads",
-        type=_positive_int,
-        default=None,
-        help="CPU threads for torch (default: torch's choice)",
-    )
+    add_runtime_options(parser)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
