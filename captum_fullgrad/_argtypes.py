@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import re
 
+import torch
+
 
 def positive_int(text: str) -> int:
     try:
@@ -47,3 +49,21 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="CPU threads for torch (default: torch's choice)",
     )
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` (CUDA when available, else CPU) or an explicit device that exists here.
+
+    Raises ``ValueError`` naming the problem (the subcommands turn it into exit status 2).
+    """
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {spec}: CUDA is not available on this machine (use --device cpu or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"--device {spec}: MPS is not available on this machine")
+    return device

@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tupl
 import torch
 
 from ._argtypes import add_runtime_options as _add_runtime_options
+from ._argtypes import resolve_device
 from ._argtypes import non_negative_int as _non_negative_int
 from ._argtypes import positive_int as _positive_int
 from ._io import write_text
@@ -110,23 +111,10 @@ def _progress(args: argparse.Namespace) -> bool:
 
 
 def _resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise CliError(
-                f"--device {spec}: CUDA is not available on this machine (use --device cpu or auto)"
-            )
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise CliError(
-                f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) are visible"
-            )
-    if device.type == "mps" and not (
-        hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
-    ):
-        raise CliError(f"--device {spec}: MPS is not available on this machine")
-    return device
+    try:
+        return resolve_device(spec)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
 
 
 def _check_writable_dir(directory: Path, what: str) -> None:

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from .._argtypes import add_runtime_options
+from .._argtypes import add_runtime_options, resolve_device
 from .._argtypes import non_negative_int as _non_negative_int
 from .._argtypes import positive_int as _positive_int
 
@@ -209,21 +209,10 @@ def _check_model(name: str) -> str:
 
 
 def _device(spec: str) -> Any:
-    import torch
-
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise _BadInput(
-                f"--device {spec}: CUDA is not available on this machine (use --device cpu or auto)"
-            )
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise _BadInput(
-                f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) are visible"
-            )
-    return device
+    try:
+        return resolve_device(spec)
+    except ValueError as exc:
+        raise _BadInput(str(exc)) from None
 
 
 def _methods(text: Optional[str]) -> Optional[List[str]]:

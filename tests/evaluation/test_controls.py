@@ -13,14 +13,6 @@ from captum_fullgrad.evaluation import (
 from captum_fullgrad.evaluation.controls import _gaussian_blur
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    # Tiny tensors: intra-op threads only add synchronisation, which is very costly on a
-    # shared, busy machine. Restored afterwards for the rest of the session.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 INPUTS = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))

@@ -6,14 +6,6 @@ from captum_fullgrad.evaluation import pointing_game, relevance_mass, relevance_
 from captum_fullgrad.evaluation.localisation import _disk_dilate
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    # Tiny tensors: intra-op threads only add synchronisation, which is very costly on a
-    # shared, busy machine. Restored afterwards for the rest of the session.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def square_mask(size=16, top=6, left=6, side=3, batch=1):

@@ -8,14 +8,6 @@ from captum_fullgrad.evaluation import pixel_perturbation
 from captum_fullgrad.evaluation.perturbation import _percent_to_count, _removal_ranks
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    # Tiny tensors: intra-op threads only add synchronisation, which is very costly on a
-    # shared, busy machine. Restored afterwards for the rest of the session.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class LinearLogits(nn.Module):

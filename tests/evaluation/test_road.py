@@ -6,14 +6,6 @@ from torch import nn
 from captum_fullgrad.evaluation import noisy_linear_imputation, road
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    # Tiny tensors: intra-op threads only add synchronisation, which is very costly on a
-    # shared, busy machine. Restored afterwards for the rest of the session.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # Offsets and weights of the 8-neighbourhood (Rong et al. 2022), written out again

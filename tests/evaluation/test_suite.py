@@ -27,13 +27,6 @@ METHODS = ["fullgrad", "gradcam", "saliency"]
 PLOTS = ("pixel_perturbation.png", "road.png", "sanity.png")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    # Tiny tensors: intra-op threads only add synchronisation on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
