@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from captum_fullgrad.datasets import SHAPE_CLASSES, synthetic_shapes
+from captum_fullgrad.datasets import SHAPE_CLASSES, random_symmetry, synthetic_shapes
 from captum_fullgrad.models import ShapesVGG
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "captum_fullgrad" / "weights" / "shapes_vgg.pt"
@@ -58,16 +58,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def augment(images: Tensor, generator: torch.Generator) -> Tensor:
-    """Random flips and quarter turns of a batch: the class of a shape is invariant to them."""
-    flip_h, flip_v, transpose = torch.rand(3, generator=generator) < 0.5
-    if flip_h:
-        images = images.flip(-1)
-    if flip_v:
-        images = images.flip(-2)
-    if transpose:
-        images = images.transpose(-1, -2)
-    return images.contiguous()
 
 
 @torch.no_grad()
@@ -119,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         total_loss, correct = 0.0, 0
         for step in range(steps_per_epoch):
             index = order[step * args.batch_size : (step + 1) * args.batch_size]
-            images, labels = augment(train_x[index], generator), train_y[index]
+            images, labels = random_symmetry(train_x[index], generator), train_y[index]
             logits = model(images)
             loss = loss_fn(logits, labels)
             optimizer.zero_grad(set_to_none=True)

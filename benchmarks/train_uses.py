@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import multiprocessing as mp
 import os
 import platform
@@ -43,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from captum_fullgrad.datasets import SHAPE_CLASSES, synthetic_shapes
+from captum_fullgrad.datasets import SHAPE_CLASSES, random_symmetry, synthetic_shapes
 from captum_fullgrad.training import (
     MATCHING_PRESETS,
     MatchingWeights,
@@ -201,16 +200,6 @@ def subset(labels: Tensor, per_class: int, seed: int) -> Tensor:
     return torch.cat(chosen).sort().values
 
 
-def augment(images: Tensor, generator: torch.Generator) -> Tensor:
-    """A random element of the square's symmetry group (the classes are invariant to it)."""
-    flip_h, flip_v, transpose = (torch.rand(3, generator=generator) < 0.5).tolist()
-    if flip_h:
-        images = images.flip(-1)
-    if flip_v:
-        images = images.flip(-2)
-    if transpose:
-        images = images.transpose(-1, -2)
-    return images.contiguous()
 
 
 @torch.no_grad()
@@ -245,7 +234,7 @@ def fit(
             order = torch.randperm(len(images), generator=generator)
         index, order = order[:batch_size], order[batch_size:]
         model.train()
-        loss = loss_fn(model, augment(images[index], generator), labels[index])
+        loss = loss_fn(model, random_symmetry(images[index], generator), labels[index])
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()

@@ -43,6 +43,7 @@ __all__ = [
     "SHAPE_CLASSES",
     "DISTRACTOR_SHAPES",
     "ShapeScenes",
+    "random_symmetry",
     "render_shapes",
     "synthetic_shapes",
 ]
@@ -372,3 +373,20 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     tint = rng.uniform(-_BACKGROUND_TINT, _BACKGROUND_TINT, size=3).astype(np.float32)
     grey = 0.5 + contrast * (crop - 0.5)
     return (grey[None, :, :] + tint[:, None, None]).astype(np.float32)
+
+
+def random_symmetry(images: Tensor, generator: torch.Generator) -> Tensor:
+    """A random element of the square's symmetry group (flips, transpose) applied to a batch.
+
+    The classes of :func:`synthetic_shapes` are invariant to it (a disc, square, triangle
+    or cross stays one), so the training scripts use it as augmentation. Draws three
+    numbers from ``generator``.
+    """
+    flip_h, flip_v, transpose = (torch.rand(3, generator=generator) < 0.5).tolist()
+    if flip_h:
+        images = images.flip(-1)
+    if flip_v:
+        images = images.flip(-2)
+    if transpose:
+        images = images.transpose(-1, -2)
+    return images.contiguous()

@@ -171,3 +171,20 @@ def test_invalid_arguments(kwargs: dict) -> None:
     arguments = {"n": 2, "seed": 0, **kwargs}
     with pytest.raises(ValueError):
         synthetic_shapes(**arguments)
+
+
+def test_random_symmetry_is_a_symmetry_of_the_square_and_seeded():
+    from captum_fullgrad.datasets import random_symmetry
+
+    images = synthetic_shapes(4, seed=3, size=32)[0]
+    symmetries = []
+    for transpose in (False, True):
+        for flip_v in (False, True):
+            for flip_h in (False, True):
+                t = images.flip(-1) if flip_h else images
+                t = t.flip(-2) if flip_v else t
+                symmetries.append(t.transpose(-1, -2) if transpose else t)
+    for seed in range(6):
+        out = random_symmetry(images, torch.Generator().manual_seed(seed))
+        assert any(torch.equal(out, s) for s in symmetries)
+        assert torch.equal(out, random_symmetry(images, torch.Generator().manual_seed(seed)))
