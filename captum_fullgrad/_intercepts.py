@@ -150,28 +150,27 @@ def _channel_first_zero(ctx: Context, func: Callable, args: Sequence[Any], kwarg
     return OpResult(func(*args, **kwargs), [], layout=CHANNELS_FIRST)
 
 
-def _conv(ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]) -> OpResult:
+def _biased_linear_map(ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str, Any], channels_last: bool) -> OpResult:
+    """``W a + b`` with a constant ``W`` (convolution, linear): the intercept is the bias,
+    along the output's channel axis (axis 1 for convolutions, the last for ``F.linear``)."""
     weight = _arg(args, kwargs, 1, "weight")
-    if ctx.is_graph(weight):
+    if ctx.is_graph(weight):  # a weight computed from the input: bilinear, not affine
         return _generic(ctx, func, args, kwargs)
     bias = _arg(args, kwargs, 2, "bias")
     out = func(*args, **kwargs)
     intercepts = []
     if bias is not None and ctx.graph_outputs(out):
-        intercepts.append(Intercept(out, channel_vector=bias, channel_dim=1))
-    return OpResult(out, intercepts, layout=CHANNELS_FIRST)
+        channel_dim = out.dim() - 1 if channels_last else 1
+        intercepts.append(Intercept(out, channel_vector=bias, channel_dim=channel_dim))
+    return OpResult(out, intercepts, layout=None if channels_last else CHANNELS_FIRST)
+
+
+def _conv(ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]) -> OpResult:
+    return _biased_linear_map(ctx, func, args, kwargs, channels_last=False)
 
 
 def _linear(ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]) -> OpResult:
-    weight = _arg(args, kwargs, 1, "weight")
-    if ctx.is_graph(weight):
-        return _generic(ctx, func, args, kwargs)
-    bias = _arg(args, kwargs, 2, "bias")
-    out = func(*args, **kwargs)
-    intercepts = []
-    if bias is not None and ctx.graph_outputs(out):
-        intercepts.append(Intercept(out, channel_vector=bias, channel_dim=out.dim() - 1))
-    return OpResult(out, intercepts)
+    return _biased_linear_map(ctx, func, args, kwargs, channels_last=True)
 
 
 def _batch_norm(ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]) -> OpResult:
