@@ -216,7 +216,11 @@ def _batch_norm_affine(running_mean: Tensor, running_var: Tensor, weight: Option
     cacheable = torch.is_grad_enabled() is False or not any(
         t is not None and t.requires_grad for t in (weight, bias)
     )
-    key = tuple((id(t), t._version) if t is not None else None for t in (running_mean, running_var, weight, bias)) + (eps,)
+    # Identity, in-place writes (version) and ``.data`` assignments (data pointer, which
+    # ``module.to`` uses and which leaves the version unchanged).
+    key = tuple(
+        (id(t), t._version, t.data_ptr()) if t is not None else None for t in (running_mean, running_var, weight, bias)
+    ) + (eps,)
     if cacheable:
         hit = _BN_CACHE.get(id(running_var))
         if hit is not None and hit[0]() is running_var and hit[1] == key:

@@ -38,6 +38,9 @@ POSTPROCESS_MODES = (EQ4, NEURIPS2019)
 _EPS = 1e-6
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     # Half-precision gradients (autocast) are reduced in float32.
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
@@ -68,41 +71,92 @@ class MapCollector:
         # reduce the pair in one pass over the BatchNorm's gradient (see Capture).
         self.fold_conv_batch_norm = postprocess == EQ4 and selected is None
         self.block_maps: "OrderedDict[str, Tensor]" = OrderedDict()
-        self.bias_sum: Optional[Tensor] = None
+        self._other_sum: Optional[Tensor] = None  # terms of sources outside the eq4 maps
+        self._groups: Optional[List[Tensor]] = None
         self.mapped_sources: List[BiasSource] = []
 
     def on_source(self, source: BiasSource) -> None:
         pass
 
     def on_gradient(self, source: BiasSource, grad: Tensor) -> None:
-        with torch.autocast(grad.device.type, enabled=False):
-            in_map = source.spatial and (self.selected is None or self.selected(source))
-            if in_map and self.postprocess == EQ4:
-                summed = source.channel_summed(grad, include_folded=True)
-                summed = summed.to(_accumulation_dtype(summed.dtype))
-                contribution = summed.flatten(1).sum(1)
-                key = source.block
-                self.block_maps[key] = self.block_maps[key] + summed if key in self.block_maps else summed
-            else:
-                grad = grad.to(_accumulation_dtype(grad.dtype))
-                contribution = source.per_example_sum(grad)
-                if in_map:
-                    bias_jacobian = source.bias_jacobian(grad)
-                    rescaled = minmax_rescale(bias_jacobian.abs()).sum(source.channel_dim)
-                    # Authors' code: one map per source, no conv-BN grouping.
-                    self.block_maps[source.name] = rescaled
+        if _autocast_enabled(grad.device.type):
+            with torch.autocast(grad.device.type, enabled=False):
+                self._reduce(source, grad)
+        else:
+            # Entering an autocast context costs more host time than the reduction of a
+            # small layer; only do it when a caller's autocast is active.
+            self._reduce(source, grad)
+
+    def _reduce(self, source: BiasSource, grad: Tensor) -> None:
+        in_map = source.spatial and (self.selected is None or self.selected(source))
+        if in_map and self.postprocess == EQ4:
+            # One kernel per layer here; the completeness share of these maps (their
+            # spatial sums) and the absolute values are taken once per resolution at the end.
+            summed = source.channel_summed(grad, include_folded=True)
+            if summed.dtype in _HALF:
+                summed = summed.float()
+            key = source.block
+            self.block_maps[key] = self.block_maps[key] + summed if key in self.block_maps else summed
+            self._groups = None
+        else:
+            grad = grad.to(_accumulation_dtype(grad.dtype))
+            contribution = source.per_example_sum(grad)
+            self._other_sum = contribution if self._other_sum is None else self._other_sum + contribution
             if in_map:
-                self.mapped_sources.append(source)
-            self.bias_sum = contribution if self.bias_sum is None else self.bias_sum + contribution
+                bias_jacobian = source.bias_jacobian(grad)
+                rescaled = minmax_rescale(bias_jacobian.abs()).sum(source.channel_dim)
+                # Authors' code: one map per source, no conv-BN grouping.
+                self.block_maps[source.name] = rescaled
+        if in_map:
+            self.mapped_sources.append(source)
+
+    def _grouped(self) -> List[Tensor]:
+        """The block maps stacked by resolution: ``[(B, n_blocks, *size), ...]``."""
+        if self._groups is None:
+            by_size: Dict[Tuple[int, ...], List[Tensor]] = OrderedDict()
+            for m in self.block_maps.values():
+                by_size.setdefault(tuple(m.shape[1:]), []).append(m)
+            self._groups = [torch.stack(g, 1) if len(g) > 1 else g[0].unsqueeze(1) for g in by_size.values()]
+        return self._groups
+
+    @property
+    def bias_sum(self) -> Optional[Tensor]:
+        """``sum_g <df/dy_g, c_g>`` per example, ``(B,)``: the bias part of eq. 1."""
+        total = self._other_sum
+        if self.postprocess == EQ4 and self.block_maps:
+            groups = self._grouped()
+            flat = groups[0].flatten(1) if len(groups) == 1 else torch.cat([g.flatten(1) for g in groups], 1)
+            part = flat.sum(1)
+            total = part if total is None else total + part
+        return total
 
     def bias_map(self, size: Sequence[int], mode: str, align_corners: Optional[bool]) -> Optional[Tensor]:
         """``sum_l resize(|block map|)`` at the input's spatial ``size``: ``(B, *size)``."""
         if not self.block_maps:
             return None
-        maps = self.block_maps.values()
-        if self.postprocess == EQ4:
-            maps = [m.abs() for m in maps]
-        return resize_and_sum(list(maps), size, mode, align_corners)
+        if self.postprocess != EQ4:
+            return resize_and_sum(list(self.block_maps.values()), size, mode, align_corners)
+        # Resizing is linear: the blocks of one resolution are summed (after the absolute
+        # value) before the single interpolation of that resolution.
+        size = tuple(int(s) for s in size)
+        mode = interpolation_mode(mode, len(size))
+        if mode in ("nearest", "nearest-exact", "area"):
+            align_corners = None
+        total: Optional[Tensor] = None
+        for stacked in self._grouped():
+            summed = stacked.abs().sum(1, keepdim=True)
+            if tuple(summed.shape[2:]) != size:
+                summed = F.interpolate(summed, size=size, mode=mode, align_corners=align_corners)
+            total = summed if total is None else total + summed
+        assert total is not None
+        return total[:, 0]
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 has no device argument
+        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
 
 
 def interpolation_mode(mode: str, spatial_rank: int) -> str:

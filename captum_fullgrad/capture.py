@@ -71,6 +71,9 @@ class BiasSource:
     # through the BatchNorm, ``b_conv * gamma / sqrt(var + eps)``; the convolution's own
     # hook is then not registered.
     folded_vector: Optional[Tensor] = field(default=None, repr=False)
+    # ``channel_vector + folded_vector``, when the recorder has it at hand (a replay keeps
+    # it across calls); otherwise computed at backward time.
+    block_vector: Optional[Tensor] = field(default=None, repr=False)
 
     def broadcast_intercept(self) -> Tensor:
         """The intercept as a tensor broadcastable to :attr:`shape`."""
@@ -108,11 +111,12 @@ class BiasSource:
         if self.intercept.channel_vector is not None and self.intercept.channel_dim == self.channel_dim:
             vector = self.intercept.channel_vector
             if include_folded and self.folded_vector is not None:
-                vector = vector + self.folded_vector
+                vector = self.block_vector if self.block_vector is not None else vector + self.folded_vector
             # The vector goes to the gradient's dtype (bf16 under autocast) rather than the
             # gradient to float32: a full-size conversion per layer would cost more than
             # the reduction itself.
-            vector = vector.to(grad.dtype)
+            if vector.dtype != grad.dtype:
+                vector = vector.to(grad.dtype)
             if self.channel_dim == grad.dim() - 1:
                 return grad @ vector
             # Contract the channel axis without materialising grad * bias.
@@ -216,7 +220,13 @@ class Capture:
         self.tracker = _GraphTracker()
         self.sources: List[BiasSource] = []
         self.failed_ops: List[str] = []
-        self._module_stack: List[Tuple[str, bool, List[int], int]] = []
+        self._module_stack: List[Tuple[str, bool, List[int], int, nn.Module, int]] = []
+        # For a CapturePlan: every module call in the order the calls returned (forward
+        # hooks' order), and for each source made by the first operation of a leaf
+        # module, that module and the position of its call in ``module_calls``.
+        self.module_calls: List[nn.Module] = []
+        self._call_positions: Dict[int, int] = {}
+        self._origins: Dict[BiasSource, Tuple[nn.Module, int]] = {}
         self._handles: List[Any] = []
         self._conv_outputs: Dict[int, Tuple[weakref.ref, int, str, BiasSource]] = {}
         self._hooks: Dict[BiasSource, Any] = {}
@@ -261,18 +271,25 @@ class Capture:
             for name, module in self.forward_func.named_modules()
         }
         stack = self._module_stack
+        calls = self.module_calls
+        positions = self._call_positions
+        started = [0]
 
         def pre_hook(module: nn.Module, _args: Any) -> None:
             entry = names.get(id(module))
             if entry is not None:
-                stack.append((entry[0], entry[1], [0], id(module)))
+                stack.append((entry[0], entry[1], [0], id(module), module, started[0]))
+                started[0] += 1
 
         def post_hook(module: nn.Module, _args: Any, _output: Any) -> None:
+            calls.append(module)
             if id(module) not in names:
                 return
             # Pop up to and including this module; tolerates a forward that raised.
             while stack:
-                if stack.pop()[3] == id(module):
+                popped = stack.pop()
+                if popped[3] == id(module):
+                    positions[popped[5]] = len(calls) - 1
                     break
 
         self._handles.append(nn.modules.module.register_module_forward_pre_hook(pre_hook))
@@ -284,14 +301,14 @@ class Capture:
         self._handles.clear()
         self._module_stack.clear()
 
-    def _base_name(self, op: str) -> Tuple[str, str]:
+    def _base_name(self, op: str) -> Tuple[str, str, Optional[Tuple[nn.Module, int]]]:
         if not self._module_stack:
-            return "", op
-        module, is_leaf, count, _ = self._module_stack[-1]
+            return "", op, None
+        module, is_leaf, count, _, obj, call = self._module_stack[-1]
         count[0] += 1
         if is_leaf and count[0] == 1:
-            return module, module
-        return module, f"{module}:{op}" if module else op
+            return module, module, (obj, call)
+        return module, f"{module}:{op}" if module else op, None
 
     def _finalise_names(self) -> None:
         counts: Dict[str, int] = {}
@@ -416,7 +433,7 @@ class Capture:
 
     def _add_source(self, op: str, intercept: Intercept, graph_inputs: List[Tensor]) -> None:
         output = intercept.output
-        module, name = self._base_name(op)
+        module, name, origin = self._base_name(op)
         layout = self.tracker.layout(output)
         batch_dim = self.tracker.batch_dim(output)
         if batch_dim is None:
@@ -453,6 +470,8 @@ class Capture:
             self._conv_outputs[id(output)] = (weakref.ref(output), output._version, f"@{index}", source)
             source.block = f"@{index}"
         self.sources.append(source)
+        if origin is not None:
+            self._origins[source] = origin
         self.collector.on_source(source)
         # The hook closes over the source; the source must not hold the output tensor, or
         # tensor -> hook -> source -> tensor is a cycle Python's collector cannot see
@@ -467,6 +486,18 @@ class Capture:
             entry = self._conv_outputs.get(id(tensor))
             if entry is not None and entry[0]() is tensor:
                 self._conv_uses[id(tensor)] = self._conv_uses.get(id(tensor), 0) + 1
+
+    def origin(self, source: BiasSource) -> Optional[Tuple[nn.Module, int]]:
+        """The leaf module whose first operation made ``source`` and the position of that
+        call in :attr:`module_calls`; ``None`` for an operation written in a ``forward``."""
+        entry = self._origins.get(source)
+        if entry is None or entry[1] not in self._call_positions:
+            return None
+        return entry[0], self._call_positions[entry[1]]
+
+    def folded_pairs(self) -> List[Tuple[BiasSource, BiasSource]]:
+        """The (convolution, BatchNorm) pairs reduced as one at the end of the forward pass."""
+        return [(conv, batch_norm) for _, conv, batch_norm in self._folded.values()]
 
     def remove_gradient_hooks(self) -> None:
         """Detach every tensor hook this capture registered."""
@@ -551,6 +582,9 @@ class Pass:
     input_gradient: Tensor  # grad_x f, the input's shape
     sources: List[BiasSource]
     failed_ops: List[str]
+    # What recorded the sources: the Capture (a CapturePlan can be made from it) or the
+    # plan's replay.
+    recorder: Any = None
 
 
 def forward_backward(
@@ -560,8 +594,14 @@ def forward_backward(
     additional_forward_args: Tuple[Any, ...],
     collector: Collector,
     create_graph: bool = False,
+    plan: Any = None,
 ) -> Pass:
     """One forward pass under capture, then one backward pass to the input.
+
+    ``plan`` (a :class:`captum_fullgrad.replay.CapturePlan`) replaces the traced capture
+    by its replay with module hooks; the replay raises
+    :class:`~captum_fullgrad.replay.ReplayMismatch` after the forward pass, before any
+    backward, when the forward pass did not follow the plan.
 
     The input is copied (``detach().clone()``) so that the caller's tensor, its
     ``requires_grad`` flag and its ``.grad`` stay as they were; ``torch.autograd.grad``
@@ -576,7 +616,8 @@ def forward_backward(
         x = inputs.clone()
     x.requires_grad_(True)
     with torch.enable_grad():
-        with Capture(forward_func, x, collector) as capture:
+        recorder = Capture(forward_func, x, collector) if plan is None else plan.replay(x, collector)
+        with recorder as capture:
             output = forward_func(x, *additional_forward_args)
         try:
             selected = select(output)
@@ -596,4 +637,5 @@ def forward_backward(
         input_gradient=input_gradient,
         sources=capture.sources,
         failed_ops=capture.failed_ops,
+        recorder=capture,
     )

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from . import _validation
 from .aggregation import EQ4, POSTPROCESS_MODES, MapCollector, input_term_map, interpolation_mode
 from .capture import BiasSource, forward_backward
+from .replay import CapturePlan, ReplayMismatch, call_signature, plans_for
 
 __all__ = ["FullGradient"]
 
@@ -52,6 +53,14 @@ class FullGradient(GradientAttribution):
             source names such as ``"features.1.0.block.2:mul"``; a module includes its
             submodules). ``None`` takes every spatial bias source. The convergence delta
             always uses every source.
+        reuse_capture: the first call for an input shape traces every torch operation of
+            the forward pass; when all bias sources sit in ``Conv``, ``Linear`` and eval
+            ``BatchNorm`` modules (VGG, ResNet, DenseNet...), later calls with the same
+            input shape, dtype, device and extra-argument shapes find them again with
+            plain module hooks, guarded by the planned module call order (see
+            :mod:`captum_fullgrad.replay`), which removes most of the per-call host time.
+            ``False`` traces every call: use it for a forward whose operations change
+            with the input values, not only with its shape. Default: True
 
     Examples::
 
@@ -67,9 +76,13 @@ class FullGradient(GradientAttribution):
         self,
         forward_func: Callable[..., Tensor],
         layers: Optional[Sequence[Union[str, nn.Module]]] = None,
+        *,
+        reuse_capture: bool = True,
     ) -> None:
         GradientAttribution.__init__(self, forward_func)
         self.layers = _validation.layer_names(forward_func, layers)
+        self.reuse_capture = reuse_capture
+        self._plans = plans_for(forward_func)
 
     def has_convergence_delta(self) -> bool:
         """True: the delta is eq. 1's completeness gap, ``f(x) - (<grad, x> + sum of bias-Jacobians)``."""
@@ -177,14 +190,23 @@ class FullGradient(GradientAttribution):
         interpolate_mode: str,
         align_corners: bool,
     ) -> Tuple[Tensor, Tensor]:
+        def select(output: Any) -> Tensor:
+            return _validation.select_output(output, target, x.shape[0], method="FullGradient")
+
         collector = MapCollector(postprocess, self._layer_filter())
-        run = forward_backward(
-            self.forward_func,
-            x,
-            lambda output: _validation.select_output(output, target, x.shape[0], method="FullGradient"),
-            extra,
-            collector,
-        )
+        signature = call_signature(x, extra, postprocess, self.layers) if self.reuse_capture else None
+        plan = self._plans.get(signature) if signature is not None else None
+        if plan is not None:
+            try:
+                run = forward_backward(self.forward_func, x, select, extra, collector, plan=plan)
+            except ReplayMismatch:
+                self._plans.mismatched(signature)
+                plan = None
+                collector = MapCollector(postprocess, self._layer_filter())
+        if plan is None:
+            run = forward_backward(self.forward_func, x, select, extra, collector)
+            if signature is not None:
+                self._plans.put(signature, CapturePlan.record(run.recorder))
         self._check_layers_matched(run.sources)
         spatial = x.shape[2:]
         if include_input_gradient:

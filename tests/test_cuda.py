@@ -54,3 +54,20 @@ def test_noise_tunnel_and_state_on_cuda():
     assert smooth.shape == x.shape and smooth.device.type == "cuda"
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == hooks_before
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_replay_on_cuda_equals_the_trace_and_follows_a_device_move():
+    model = vgg_features_small_head().float()
+    x = torch.rand(3, 3, 48, 48)
+    cpu = FullGradient(model).attribute(x, target=1)
+    model.cuda()
+    xc = x.cuda()
+    traced = FullGradient(model, reuse_capture=False).attribute(xc, target=1)
+    FullGradient(model).attribute(xc, target=1)
+    replayed, delta = FullGradient(model).attribute(xc, target=1, return_convergence_delta=True)
+    torch.testing.assert_close(replayed, traced)
+    torch.testing.assert_close(replayed.cpu(), cpu, rtol=1e-4, atol=1e-5)
+    assert (delta.abs() < 1e-3).all()
+    model.cpu()
+    again = FullGradient(model).attribute(x, target=1)  # the CPU plan, after .cuda().cpu()
+    torch.testing.assert_close(again, cpu)

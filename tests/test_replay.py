@@ -1,0 +1,270 @@
+"""Replay: later calls find the traced bias sources with module hooks, exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from captum.attr import NoiseTunnel
+from torch import nn
+
+from captum_fullgrad import FullGradient
+from captum_fullgrad import capture as capture_module
+from captum_fullgrad.replay import CapturePlan, Replay
+from captum_fullgrad.testing import randomize_parameters_
+
+from .conftest import ZOO_INPUT_SIZE, build_zoo_model
+
+# Every bias source of these sits in a Conv/Linear/BatchNorm module: they get a plan.
+REPLAYABLE = ["vgg11_bn", "alexnet", "resnet18", "densenet121", "squeezenet1_1", "googlenet", "shufflenet_v2_x0_5"]
+# These have intercepts in other operations (ReLU6, SiLU, SE products, LayerNorm, GELU).
+TRACED = ["mobilenet_v2", "efficientnet_b0", "convnext_tiny"]
+
+
+class Recorders:
+    """Which recorder (traced Capture or Replay) ran each forward pass."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.kinds: list = []
+        original = capture_module.forward_backward
+
+        def spy(*args, **kwargs):
+            run = original(*args, **kwargs)
+            self.kinds.append(type(run.recorder).__name__)
+            return run
+
+        monkeypatch.setattr("captum_fullgrad.full_gradient.forward_backward", spy)
+
+
+@pytest.fixture
+def recorders(monkeypatch):
+    return Recorders(monkeypatch)
+
+
+def _attribute(fullgrad: FullGradient, x: torch.Tensor, target=3, **kwargs):
+    return fullgrad.attribute(x, target=target, return_convergence_delta=True, **kwargs)
+
+
+@pytest.mark.parametrize("name", REPLAYABLE)
+def test_replay_equals_the_trace_on_the_zoo(name, recorders):
+    model = build_zoo_model(name)
+    size = ZOO_INPUT_SIZE.get(name, 48)
+    x = torch.randn(2, 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    target = model(x).argmax(1)  # a live output (SqueezeNet's last ReLU zeroes others)
+    fullgrad = FullGradient(model)
+    first, first_delta = _attribute(fullgrad, x, target)
+    second, second_delta = _attribute(fullgrad, x * 0.5, target)
+    traced, traced_delta = _attribute(FullGradient(model, reuse_capture=False), x * 0.5, target)
+    assert recorders.kinds == ["Capture", "Replay", "Capture"]
+    torch.testing.assert_close(second, traced, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(second_delta, traced_delta, rtol=0, atol=1e-10)
+    assert not torch.equal(first, second)  # a different input, not a cached answer
+
+
+@pytest.mark.parametrize("name", TRACED)
+def test_no_plan_when_an_operation_outside_the_bias_modules_has_an_intercept(name, recorders):
+    model = build_zoo_model(name)
+    x = torch.randn(1, 3, 48, 48, dtype=torch.float64)
+    fullgrad = FullGradient(model)
+    _attribute(fullgrad, x)
+    _attribute(fullgrad, x)
+    assert recorders.kinds == ["Capture", "Capture"]
+    assert len(fullgrad._plans) == 0
+
+
+def test_single_channel_layers_and_neurips_modes_replay_exactly(recorders):
+    model = build_zoo_model("resnet18")
+    x = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+    for kwargs, layers in [
+        ({"single_channel": True}, None),
+        ({"postprocess": "neurips2019"}, None),
+        ({"include_input_gradient": False}, ["layer2", "layer4"]),
+    ]:
+        fullgrad = FullGradient(model, layers=layers)
+        reference = _attribute(FullGradient(model, layers=layers, reuse_capture=False), x, **kwargs)
+        _attribute(fullgrad, x, **kwargs)
+        replayed = _attribute(fullgrad, x, **kwargs)
+        torch.testing.assert_close(replayed, reference, rtol=1e-12, atol=1e-12)
+    assert recorders.kinds.count("Replay") == 3
+
+
+def test_changed_parameters_and_statistics_are_read_at_each_call():
+    model = build_zoo_model("vgg11_bn")
+    x = torch.randn(1, 3, 48, 48, dtype=torch.float64)
+    fullgrad = FullGradient(model)
+    _attribute(fullgrad, x)
+    _attribute(fullgrad, x)
+    with torch.no_grad():
+        model.features[0].bias.add_(0.3)  # in place: a folded conv bias
+        model.features[1].running_var.mul_(2.0)  # in place: a BN statistic
+        model.features[5].weight = nn.Parameter(model.features[5].weight * 1.5)  # replaced
+        model.classifier[0].bias.sub_(0.1)
+    replayed = _attribute(fullgrad, x)
+    traced = _attribute(FullGradient(model, reuse_capture=False), x)
+    torch.testing.assert_close(replayed, traced, rtol=1e-12, atol=1e-12)
+
+
+class Switch(nn.Module):
+    """A forward whose module calls depend on a flag: the replay must notice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.extra = nn.Conv2d(4, 4, 1)
+        self.head = nn.Linear(4, 2)
+        self.use_extra = False
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.conv(x)))
+        if self.use_extra:
+            y = torch.relu(self.extra(y))
+        return self.head(y.mean((2, 3)))
+
+
+def test_a_forward_that_leaves_the_plan_is_traced_again(recorders):
+    model = randomize_parameters_(Switch().double(), 0).eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    fullgrad = FullGradient(model)
+    _attribute(fullgrad, x, target=1)
+    model.use_extra = True
+    replayed, delta = _attribute(fullgrad, x, target=1)
+    reference, reference_delta = _attribute(FullGradient(model, reuse_capture=False), x, target=1)
+    torch.testing.assert_close(replayed, reference, rtol=1e-12, atol=1e-12)
+    assert delta.abs().max() < 1e-12
+    # The mismatching replay ran the forward pass, then the call was traced.
+    assert recorders.kinds == ["Capture", "Capture", "Capture"]
+    model.use_extra = False
+    _attribute(fullgrad, x, target=1)  # a new plan from the previous trace does not fit
+    _attribute(fullgrad, x, target=1)
+    assert recorders.kinds[3:] == ["Capture", "Capture"]
+    # Two mismatches for the same call signature: traced from then on.
+    assert len(fullgrad._plans) == 0
+    assert not model._forward_hooks and not model.conv._forward_hooks and not model.extra._forward_hooks
+
+
+class ValueDependent(nn.Module):
+    """The documented blind spot: an intercept that only some input values create."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        if bool(x.mean() > 0):
+            y = y + 1.0  # a constant added: its own bias source
+        return self.head(y.mean((2, 3)))
+
+
+def test_the_delta_reveals_a_value_dependent_operation_the_guard_cannot_see():
+    model = randomize_parameters_(ValueDependent().double(), 0).eval()
+    negative = -torch.rand(1, 3, 8, 8, dtype=torch.float64)
+    fullgrad = FullGradient(model)
+    _attribute(fullgrad, negative, target=1)
+    _, delta = _attribute(fullgrad, -negative, target=1)
+    assert delta.abs().max() > 1e-3  # the missed "+ 1" shows in the completeness gap
+    _, traced_delta = _attribute(FullGradient(model, reuse_capture=False), -negative, target=1)
+    assert traced_delta.abs().max() < 1e-12
+
+
+def test_shape_dtype_and_batch_get_their_own_plans(recorders):
+    model = build_zoo_model("resnet18")
+    fullgrad = FullGradient(model)
+    for shape in [(1, 3, 48, 48), (2, 3, 48, 48), (1, 3, 64, 48), (1, 3, 48, 48)]:
+        _attribute(fullgrad, torch.randn(*shape, dtype=torch.float64))
+    assert recorders.kinds == ["Capture", "Capture", "Capture", "Replay"]
+    assert len(fullgrad._plans) == 3
+
+
+def test_internal_batches_and_noise_tunnel_reuse_their_plan(recorders):
+    model = build_zoo_model("vgg11_bn")
+    x = torch.randn(5, 3, 48, 48, dtype=torch.float64)
+    fullgrad = FullGradient(model)
+    chunked = _attribute(fullgrad, x, internal_batch_size=2)  # 2, 2, 1
+    whole = _attribute(FullGradient(model, reuse_capture=False), x)
+    torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-12)
+    assert recorders.kinds == ["Capture", "Replay", "Capture", "Capture"]
+    recorders.kinds.clear()
+    NoiseTunnel(fullgrad).attribute(x[:2], target=1, nt_type="smoothgrad", nt_samples=4, nt_samples_batch_size=4)
+    NoiseTunnel(fullgrad).attribute(x[2:4], target=1, nt_type="smoothgrad", nt_samples=4, nt_samples_batch_size=4)
+    assert "Replay" in recorders.kinds
+
+
+def test_replay_leaves_no_hook_even_when_the_forward_raises():
+    model = build_zoo_model("resnet18")
+    x = torch.randn(1, 3, 48, 48, dtype=torch.float64)
+    fullgrad = FullGradient(model)
+    _attribute(fullgrad, x)
+
+    def boom(module, args, output):
+        raise RuntimeError("boom")
+
+    handle = model.layer3[0].conv2.register_forward_hook(boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        _attribute(fullgrad, x)
+    handle.remove()
+    for module in model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks
+    _attribute(fullgrad, x)  # and the plan still works
+
+
+def test_a_plan_needs_exact_module_types():
+    class MyConv(nn.Conv2d):
+        def forward(self, x):
+            return super().forward(x) * 1.0
+
+    model = nn.Sequential(MyConv(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
+    model(torch.randn(1, 3, 8, 8))
+    randomize_parameters_(model.double(), 0).eval()
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    from captum_fullgrad.aggregation import MapCollector
+
+    run = capture_module.forward_backward(model, x, lambda o: o[:, 0], (), MapCollector())
+    assert CapturePlan.record(run.recorder) is None
+    assert isinstance(run.recorder, capture_module.Capture) and not isinstance(run.recorder, Replay)
+
+
+def test_autocast_state_is_part_of_the_signature(recorders):
+    model = build_zoo_model("resnet18", dtype=torch.float32)
+    x = torch.randn(1, 3, 48, 48)
+    fullgrad = FullGradient(model)
+    _attribute(fullgrad, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, delta = _attribute(fullgrad, x)
+        _, delta_again = _attribute(fullgrad, x)
+    assert recorders.kinds == ["Capture", "Capture", "Replay"]
+    torch.testing.assert_close(delta_again, delta)
+
+
+def test_plans_are_shared_per_model_and_do_not_keep_it_alive(recorders):
+    import gc
+    import weakref
+
+    from captum_fullgrad import replay
+
+    model = build_zoo_model("resnet18")
+    x = torch.randn(1, 3, 48, 48, dtype=torch.float64)
+    _attribute(FullGradient(model), x)
+    _attribute(FullGradient(model), x)  # a new attribution object per batch, as Captum code often does
+    assert recorders.kinds == ["Capture", "Replay"]
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
+    assert all(m is not None for m in replay._PLANS.keys())
+
+
+def test_parameters_swapped_through_data_are_not_served_from_a_stale_cache():
+    # ``param.data = ...`` (what ``module.to`` does) leaves the version counter unchanged.
+    model = build_zoo_model("vgg11_bn")
+    x = torch.randn(1, 3, 48, 48, dtype=torch.float64)
+    fullgrad = FullGradient(model)
+    _attribute(fullgrad, x)
+    _attribute(fullgrad, x)
+    bn = model.features[1]
+    bn.running_mean.data = bn.running_mean.data + 0.5
+    model.features[0].bias.data = model.features[0].bias.data * 2
+    replayed = _attribute(fullgrad, x)
+    traced = _attribute(FullGradient(model, reuse_capture=False), x)
+    torch.testing.assert_close(replayed, traced, rtol=1e-12, atol=1e-12)
