@@ -38,11 +38,15 @@ from .testing import randomize_parameters_
 __all__ = ["BenchmarkResult", "Measurement", "DEFAULT_BENCH_METHODS", "run_benchmark", "load_bench_model"]
 
 #: Methods timed by default; "forward" is a plain forward pass under no_grad (a reference,
-#: not an attribution). SmoothGrad and SmoothFullGrad use the same sample count.
+#: not an attribution). "fullgrad" is a FullGradient used call after call (from the second
+#: call on it replays its capture plan where the model allows one); "fullgrad_traced" traces
+#: every call (``reuse_capture=False``: the cost of a first call, or of a model without a
+#: plan). SmoothGrad and SmoothFullGrad use the same sample count.
 DEFAULT_BENCH_METHODS = (
     "forward",
     "saliency",
     "fullgrad",
+    "fullgrad_traced",
     "smoothfullgrad",
     "smoothgrad",
     "guided_backprop",
@@ -83,7 +87,8 @@ class BenchmarkResult:
         m = self.meta
         lines = [
             f"Model `{m['model']}`, input {m['input_size']}x{m['input_size']}, {m['dtype']}"
-            f"{' (autocast)' if m['dtype'] != 'float32' else ''}, device {m['device_name']}, "
+            f"{' (autocast)' if m['dtype'] != 'float32' else ''}"
+            f"{', channels-last' if m.get('channels_last') else ''}, device {m['device_name']}, "
             f"torch {m['torch']}, {m['threads']} CPU threads, {m['date']}.",
             "Median of {r} timed calls after {w} warm-ups; ratios are to Saliency in the same run.".format(
                 r=m["repeats"], w=m["warmup"]
@@ -179,9 +184,9 @@ def _method_callables(
                     cam.activations_and_grads.release()
 
             callables[name] = grad_cam_fullgrad
-        elif name == "fullgrad":
-            fullgrad = FullGradient(model)
-            callables[name] = lambda x, target: fullgrad.attribute(
+        elif name in ("fullgrad", "fullgrad_traced"):
+            fullgrad = FullGradient(model, reuse_capture=name == "fullgrad")
+            callables[name] = lambda x, target, fullgrad=fullgrad: fullgrad.attribute(
                 x, target=target, single_channel=True, internal_batch_size=internal_batch_size
             )
         elif name == "saliency":
@@ -217,6 +222,7 @@ def run_benchmark(
     internal_batch_size: Optional[int] = None,
     slow_methods_max_batch: int = 16,
     progress: bool = False,
+    channels_last: bool = False,
 ) -> BenchmarkResult:
     """Time every method at every batch size; ratios to Saliency from the same run.
 
@@ -235,6 +241,8 @@ def run_benchmark(
         slow_methods_max_batch: integrated gradients, the noise-tunnel methods and
             pytorch-grad-cam's FullGrad run only up to this batch size (each costs tens of
             passes); larger batches are skipped and marked.
+        channels_last: model and inputs in ``torch.channels_last`` memory format (what
+            cuDNN's reduced-precision convolutions prefer), for every method alike.
     """
     device = torch.device(device)
     if dtype not in ("float32", "bfloat16", "float16"):
@@ -242,6 +250,8 @@ def run_benchmark(
     if "saliency" not in methods:
         methods = ["saliency", *methods]
     model = model.to(device).eval()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     callables = _method_callables(model, methods, noise_samples, internal_batch_size)
     autocast = dtype != "float32"
     meta = {
@@ -259,6 +269,7 @@ def run_benchmark(
         "internal_batch_size": internal_batch_size,
         "tf32": bool(device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32),
         "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+        "channels_last": channels_last,
     }
     result = BenchmarkResult(meta=meta)
     slow = {"integrated_gradients", "smoothgrad", "smoothfullgrad", "pytorch_grad_cam_fullgrad"}
@@ -273,6 +284,8 @@ def run_benchmark(
         iterator = tqdm(batch_sizes, desc="batch sizes", leave=False)
     for batch in iterator:
         x = torch.rand(batch, 3, input_size, input_size, generator=generator).to(device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         target = torch.randint(0, 10, (batch,), generator=generator).to(device)
         active = {
             n: f
@@ -394,6 +407,9 @@ def bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default="bench", help="file stem of the outputs (default: bench)")
     parser.add_argument("--tf32", action="store_true", help="allow TF32 matmuls and convolutions on CUDA (as in ANCHORS)")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN autotune convolution algorithms")
+    parser.add_argument(
+        "--channels-last", action="store_true", help="model and inputs in channels-last memory format (every method alike)"
+    )
 
 
 def parse_int_list(text: str, what: str) -> List[int]:
@@ -457,6 +473,7 @@ def bench_from_args(args: argparse.Namespace, device: torch.device, progress: bo
         internal_batch_size=args.internal_batch_size,
         slow_methods_max_batch=args.slow_max_batch,
         progress=progress,
+        channels_last=args.channels_last,
     )
 
 

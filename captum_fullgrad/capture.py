@@ -119,6 +119,12 @@ class BiasSource:
                 vector = vector.to(grad.dtype)
             if self.channel_dim == grad.dim() - 1:
                 return grad @ vector
+            if not grad.is_contiguous():
+                # Channels-last memory (a model in torch.channels_last): contract the
+                # channel axis where it is stored last, instead of copying to NCHW.
+                moved = grad.movedim(self.channel_dim, -1)
+                if moved.is_contiguous():
+                    return moved @ vector
             # Contract the channel axis without materialising grad * bias.
             return torch.matmul(vector, grad.flatten(2)).view(grad.shape[0], *grad.shape[2:])
         return self.bias_jacobian(grad).sum(self.channel_dim)

@@ -72,3 +72,13 @@ def test_bench_subcommand(tmp_path, capsys):
     assert cli_main(["bench", "--model", "not_a_model", "--out", str(tmp_path), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "unknown model" in err and "Traceback" not in err
+
+
+def test_channels_last_runs_every_method_in_that_format():
+    result = run_benchmark(
+        tiny_cnn(), "tiny", methods=["fullgrad", "fullgrad_traced", "gradcam"], batch_sizes=(2,), input_size=32,
+        repeats=1, warmup=1, channels_last=True,
+    )
+    assert result.meta["channels_last"] is True
+    assert "channels-last" in result.to_markdown()
+    assert {m.method for m in result.measurements if m.repeats} == {"saliency", "fullgrad", "fullgrad_traced", "gradcam"}
