@@ -180,19 +180,10 @@ def _batch_norm(ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[
     bias = _arg(args, kwargs, 4, "bias")
     training = _arg(args, kwargs, 5, "training", False)
     eps = _arg(args, kwargs, 7, "eps", 1e-5)
-    if training or running_mean is None or running_var is None or ctx.is_graph(weight) or ctx.is_graph(bias):
-        # Batch statistics: the output is a non-linear function of the whole batch. The
-        # forward-mode pass must not update the running statistics a second time.
-        input_ = _arg(args, kwargs, 0, "input")
-        return _generic(
-            ctx,
-            func,
-            args,
-            kwargs,
-            reevaluate=lambda a: F.batch_norm(a, None, None, weight, bias, True, 0.0, eps),
-            reevaluate_inputs=[input_],
-            layout=CHANNELS_FIRST,
-        )
+    if ctx.is_graph(weight) or ctx.is_graph(bias):
+        return _generic(ctx, func, args, kwargs, layout=CHANNELS_FIRST)
+    if training or running_mean is None or running_var is None:
+        return _batch_norm_batch_statistics(ctx, func, args, kwargs, weight, bias, eps)
     out = func(*args, **kwargs)
     scale, effective_bias = _batch_norm_affine(running_mean, running_var, weight, bias, eps)
     intercepts = (
@@ -201,6 +192,36 @@ def _batch_norm(ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[
         else []
     )
     return OpResult(out, intercepts, layout=CHANNELS_FIRST)
+
+
+def _batch_norm_batch_statistics(
+    ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str, Any], weight: Any, bias: Any, eps: float
+) -> OpResult:
+    """BatchNorm on batch statistics (training mode), in closed form.
+
+    ``y = gamma (a - mu_B) / sqrt(var_B + eps) + beta`` with ``mu_B``, ``var_B`` (biased)
+    taken over every axis but the channels. Along ``a -> (1 + t) a`` the normalised part
+    changes only through ``eps``: ``J a = (y - beta) eps / (var_B + eps)``, so
+    ``c = y - (y - beta) eps / (var_B + eps)``. Unlike forward-mode AD, this stays
+    differentiable in ``gamma``, ``beta`` and the batch statistics (the bias-Jacobian
+    penalty trains through it), and the real call updates the running statistics once.
+    """
+    input_ = _arg(args, kwargs, 0, "input")
+    out = func(*args, **kwargs)
+    if not ctx.graph_outputs(out) or not isinstance(input_, Tensor) or input_.dim() < 2:
+        return OpResult(out, [], layout=CHANNELS_FIRST)
+    dims = [0, *range(2, input_.dim())]
+    shape = [1, -1] + [1] * (input_.dim() - 2)
+    with torch.autocast(input_.device.type, enabled=False):
+        values = input_.float() if input_.dtype in (torch.float16, torch.bfloat16) else input_
+        variance = values.var(dims, unbiased=False)
+        shrink = (eps / (variance + eps)).reshape(shape)
+        # A copy: the product below saves its operand for double backpropagation, and the
+        # model may overwrite ``out`` in place (an in-place ReLU) before that.
+        y = out.clone()
+        normalised_part = y if bias is None else y - bias.reshape(shape)
+        constant = y - normalised_part * shrink.to(out.dtype)
+    return OpResult(out, [Intercept(out, dense=constant)], layout=CHANNELS_FIRST)
 
 
 # Eval BatchNorm's (scale, effective bias) per module, reused while its statistics and

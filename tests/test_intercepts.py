@@ -96,6 +96,34 @@ def test_normalisation_intercepts(name):
     assert engine.abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("affine", [True, False])
+def test_batch_norm_on_batch_statistics_has_a_differentiable_closed_form(affine):
+    """Training-mode BN: c = y - (y - beta) eps / (var_B + eps), checked against forward-mode
+    AD, with gradients reaching gamma and beta through it. Batch statistics couple the
+    examples, so completeness holds for the batch total, not per example."""
+    torch.manual_seed(0)
+    module = _randomised(nn.BatchNorm2d(4, eps=0.3, affine=affine)).train()
+    a = torch.randn(3, 4, 5, 5, dtype=torch.float64) * 0.7 + 0.2
+    fj = full_jacobian(lambda t: module(t).flatten(1).sum(1), a)
+    (intercept,) = fj.bias_jacobians.values()  # df/dy = 1: the bias-Jacobian is c itself
+
+    def batch_norm(t):
+        return F.batch_norm(t, None, None, module.weight, module.bias, True, 0.0, module.eps)
+
+    with torch.no_grad():
+        value, along_itself = torch.func.jvp(batch_norm, (a,), (a,))
+    torch.testing.assert_close(intercept, value - along_itself, rtol=1e-10, atol=1e-12)
+    assert intercept.abs().max() > 1e-3
+    assert abs(float(fj.completeness_delta.sum())) < 1e-9
+    if affine:
+        fj = full_jacobian(
+            lambda t: F.relu(module(t), inplace=True).flatten(1).sum(1), a, create_graph=True, allow_training_mode=True
+        )
+        total = sum(t.sum() for t in fj.bias_terms.values())
+        grads = torch.autograd.grad(total, [module.weight, module.bias])
+        assert all(g is not None and g.abs().max() > 0 for g in grads)
+
+
 @pytest.mark.parametrize("name", sorted(ZERO))
 def test_homogeneous_operations_add_nothing(name):
     a = torch.randn(2, 4, 6, 6, dtype=torch.float64)
