@@ -57,6 +57,7 @@ from captum.attr import (
 )
 from torch import Tensor, nn
 
+from . import _validation
 from .full_gradient import FullGradient
 
 __all__ = [
@@ -444,6 +445,29 @@ def _integrated_gradients(
             baseline = baseline.unsqueeze(0)
     else:
         baseline = float(baseline)
+    batch = inputs.shape[0]
+    if internal_batch_size is not None and batch > internal_batch_size:
+        # Captum needs internal_batch_size >= the number of examples (it warns and
+        # evaluates all examples at once otherwise): split the examples instead, so the
+        # bound on images per forward pass holds.
+        parts = []
+        for start in range(0, batch, internal_batch_size):
+            stop = min(start + internal_batch_size, batch)
+            part_baseline = baseline
+            if isinstance(baseline, Tensor) and baseline.shape[0] == batch and batch > 1:
+                part_baseline = baseline[start:stop]
+            parts.append(
+                _integrated_gradients(
+                    model,
+                    inputs[start:stop],
+                    _validation.slice_target(target, start, stop, batch),
+                    n_steps=n_steps,
+                    baseline=part_baseline,
+                    method=method,
+                    internal_batch_size=internal_batch_size,
+                )
+            )
+        return torch.cat(parts)
     with _Quiet():
         attribution = IntegratedGradients(model).attribute(
             _grad_input(inputs),

@@ -118,6 +118,27 @@ def test_integrated_gradients_is_captum_with_zero_baseline(model, inputs):
     )
 
 
+def test_integrated_gradients_splits_batches_larger_than_its_internal_batch(model, inputs):
+    """Captum refuses internal_batch_size < examples (it warns and evaluates all at once):
+    the adapter splits the examples instead, with the same result and no warning."""
+    import warnings
+
+    targets = list(range(inputs.shape[0]))
+    whole = get_method("integrated_gradients", n_steps=4, internal_batch_size=None)(model, inputs, targets)
+    per_image_baseline = torch.full_like(inputs, -0.25)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        split = get_method("integrated_gradients", n_steps=4, internal_batch_size=1)(model, inputs, targets)
+        split_baseline = get_method("integrated_gradients", n_steps=4, internal_batch_size=1, baseline=per_image_baseline)(
+            model, inputs, targets
+        )
+    close(split, whole)
+    expected = get_method("integrated_gradients", n_steps=4, internal_batch_size=None, baseline=per_image_baseline)(
+        model, inputs, targets
+    )
+    close(split_baseline, expected)
+
+
 def test_integrated_gradients_baseline_options(model, inputs):
     baseline = torch.full_like(inputs[0], -0.5)
     expected = IntegratedGradients(model).attribute(
