@@ -4,13 +4,15 @@
 #   bash benchmarks/gpu.sh OUT_DIR
 # Needs torch, torchvision, matplotlib, pytest, hypothesis, scikit-image; captum (and,
 # optionally, grad-cam for pytorch-grad-cam's FullGrad) from wheels in .whl/ if missing.
+# Through the device tool (which returns at most 8 files), pack the directory:
+#   bash benchmarks/gpu.sh /tmp/gpu; tar czf "$OUT/gpu.tgz" -C /tmp gpu
 set -uo pipefail
 out=${1:-gpu-results}
 mkdir -p "$out"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 CAPTUM_FULLGRAD_OFFLINE=1
+export PYTHONPATH="$PWD:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 CAPTUM_FULLGRAD_OFFLINE=1
 {
   date -u +"date: %Y-%m-%d %H:%M UTC"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -30,6 +32,20 @@ timeout 90 python3 -m captum_fullgrad.benchmark --model vgg16_bn --batch-sizes 6
   --methods forward,saliency,fullgrad --repeats 10 --warmup 3 --tf32 --cudnn-benchmark --no-progress \
   --out "$out" --name bench_bf16 > "$out/bench_bf16.log" 2>&1
 tail -6 "$out/bench_bf16.log"
+
+# 3b. The same in channels-last memory (cuDNN's bf16 kernels are NHWC), bf16 and float32.
+for dtype in bfloat16 float32; do
+  timeout 90 python3 -m captum_fullgrad.benchmark --model vgg16_bn --batch-sizes 64 --dtype $dtype --channels-last \
+    --methods forward,saliency,fullgrad --repeats 10 --warmup 3 --tf32 --cudnn-benchmark --no-progress \
+    --out "$out" --name bench_${dtype}_channels_last > "$out/bench_${dtype}_channels_last.log" 2>&1
+  tail -5 "$out/bench_${dtype}_channels_last.log"
+done
+
+# 3c. Host time per call: VGG-16-BN's graph at 1/16 width, where the GPU waits for Python.
+timeout 60 python3 -m captum_fullgrad.benchmark --model host_models:thin_vgg16_bn --input-size 64 --batch-sizes 1,16 \
+  --methods forward,saliency,fullgrad,fullgrad_traced --repeats 30 --warmup 3 --no-progress \
+  --out "$out" --name bench_host > "$out/bench_host.log" 2>&1
+tail -10 "$out/bench_host.log"
 
 # 4. Large batches bounded by internal_batch_size: time should grow linearly with the batch.
 timeout 120 python3 -m captum_fullgrad.benchmark --model vgg16_bn --batch-sizes 64,128,256 --internal-batch-size 64 \
