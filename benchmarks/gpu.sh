@@ -42,7 +42,7 @@ for dtype in bfloat16 float32; do
 done
 
 # 3c. Host time per call: VGG-16-BN's graph at 1/16 width, where the GPU waits for Python.
-timeout 60 python3 -m captum_fullgrad.benchmark --model host_models:thin_vgg16_bn --input-size 64 --batch-sizes 1,16 \
+timeout 60 python3 -m captum_fullgrad.benchmark --model host_models:thin_vgg16_bn --input-size 32 --batch-sizes 1,16 \
   --methods forward,saliency,fullgrad,fullgrad_traced --repeats 30 --warmup 3 --no-progress \
   --out "$out" --name bench_host > "$out/bench_host.log" 2>&1
 tail -10 "$out/bench_host.log"

@@ -4,10 +4,10 @@ At small GPU batches an attribution method waits for the host, not the GPU: what
 its speed there is the Python work per call (hooks, capture, the reductions' kernel
 launches). ``thin_vgg16_bn`` has exactly VGG-16-BN's operation graph (13 conv-BN-ReLU
 blocks, 5 max-pools, a 3-layer classifier with dropout) at 1/16 of its width, so that on a
-CPU at 64 px the arithmetic is small and a method's time is mostly its host time.
+CPU at 32 px the arithmetic is small and a method's time is mostly its host time.
 
     PYTHONPATH=benchmarks captum-fullgrad bench --model host_models:thin_vgg16_bn \\
-        --input-size 64 --batch-sizes 1 --methods forward,saliency,fullgrad,fullgrad_traced
+        --input-size 32 --batch-sizes 1 --methods forward,saliency,fullgrad,fullgrad_traced
 """
 
 from __future__ import annotations
