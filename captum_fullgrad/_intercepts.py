@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import weakref
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -224,38 +223,20 @@ def _batch_norm_batch_statistics(
     return OpResult(out, [Intercept(out, dense=constant)], layout=CHANNELS_FIRST)
 
 
-# Eval BatchNorm's (scale, effective bias) per module, reused while its statistics and
-# affine terms are unchanged (same tensors, same versions): four small kernels per layer
-# per call otherwise. Parameters that require grad are not cached, so that training
-# losses differentiate through them.
-_BN_CACHE: Dict[int, Tuple[weakref.ref, Tuple[Any, ...], Tensor, Tensor]] = {}
-
-
 def _batch_norm_affine(running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tuple[Tensor, Tensor]:
     """Eval mode: y = (x - mu) * gamma / sqrt(var + eps) + beta, with the effective bias of
-    seed section 3.2: ``beta - mu * gamma / sqrt(var + eps)``."""
-    cacheable = torch.is_grad_enabled() is False or not any(
-        t is not None and t.requires_grad for t in (weight, bias)
-    )
-    # Identity, in-place writes (version) and ``.data`` assignments (data pointer, which
-    # ``module.to`` uses and which leaves the version unchanged).
-    key = tuple(
-        (id(t), t._version, t.data_ptr()) if t is not None else None for t in (running_mean, running_var, weight, bias)
-    ) + (eps,)
-    if cacheable:
-        hit = _BN_CACHE.get(id(running_var))
-        if hit is not None and hit[0]() is running_var and hit[1] == key:
-            return hit[2], hit[3]
+    seed section 3.2: ``beta - mu * gamma / sqrt(var + eps)``.
+
+    Computed on every call, never cached: a training-mode forward pass updates the running
+    statistics in place without bumping their version counter, and writes through
+    ``.data`` bump nothing either, so no cheap key can tell that they changed.
+    """
     scale = torch.rsqrt(running_var + eps)
     if weight is not None:
         scale = scale * weight
     effective_bias = -running_mean * scale
     if bias is not None:
         effective_bias = effective_bias + bias
-    if cacheable:
-        if len(_BN_CACHE) > 4096:  # stale entries of models long gone
-            _BN_CACHE.clear()
-        _BN_CACHE[id(running_var)] = (weakref.ref(running_var), key, scale, effective_bias)
     return scale, effective_bias
 
 

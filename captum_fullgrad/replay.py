@@ -18,8 +18,11 @@ parameters (so changed weights, biases or BatchNorm statistics are picked up).
 A plan is made only when every source of the traced call came from the first operation of
 a leaf module of one of the exact types ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``,
 ``nn.Linear`` or ``nn.BatchNorm1d/2d/3d`` in eval mode (subclasses may override
-``forward``), and no operation failed. The replay checks, call by call, that the planned
-modules run in the planned order with the planned output shapes; when they do not, it
+``forward``), and no operation failed. The replay checks, call by call, that the same
+modules run in the same order with the planned output shapes and the same forward hooks,
+that the global module hooks are the same and that no planned layer gained or lost a
+bias; BatchNorm vectors are recomputed every call (training steps change the running
+statistics without a version bump). When a check fails, it
 raises :class:`ReplayMismatch` after the forward pass and before any backward pass, and the
 caller traces the call instead. What the guard cannot see is a functional operation with
 an intercept that a ``forward`` performs only for some input values; the completeness
@@ -38,7 +41,7 @@ from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ._intercepts import Intercept, _batch_norm_affine
+from ._intercepts import Intercept
 from .capture import BiasSource, Capture, Collector
 
 __all__ = ["CapturePlan", "PlanCache", "ReplayMismatch", "call_signature", "plans_for"]
@@ -66,6 +69,7 @@ class _Step:
     # that BatchNorm has ``absorbs`` set to this convolution's step.
     folded_into: Optional[int] = None
     absorbs: Optional[int] = None
+    batch_norm: bool = False
 
 
 class CapturePlan:
@@ -82,52 +86,83 @@ class CapturePlan:
         # references: plans are cached per model and must not keep it alive.
         self.calls: Tuple["weakref.ref[nn.Module]", ...] = tuple(weakref.ref(m) for m in calls)
         self.step_at: Tuple[Optional[int], ...] = tuple(step_at)
-        # Each step's source as last built, and for a BatchNorm the tensors and versions it
-        # was built from: rebuilt only when a parameter or statistic is replaced or
-        # modified in place, so that a steady replay launches no kernel of its own.
+        self.step_call: Tuple[int, ...] = tuple(step_at.index(i) for i in range(len(self.steps)))
+        self._batch_norm_steps = [i for i, s in enumerate(self.steps) if s.batch_norm]
+        # Whether each call of a Conv/Linear/BatchNorm module that made no source had a
+        # bias (a bias added later would be a source the plan does not have).
+        self.had_bias: Tuple[Optional[bool], ...] = tuple(
+            None if k is not None or type(m) not in _OPS else getattr(m, "bias", None) is not None
+            for m, k in zip(calls, step_at)
+        )
+        # User hooks per call (None: none), and the global module hooks: a hook added or
+        # removed later may add or remove an operation, so the plan would not fit.
+        self.hooks_at: Tuple[Any, ...] = tuple(_hook_key(m) for m in calls)
+        self.global_hooks = _global_hook_key()
+        # Each Conv/Linear step's source as last built: its intercept is the bias parameter
+        # itself, so in-place changes are seen through it.
         self._sources: List[Optional[BiasSource]] = [None] * len(self.steps)
-        self._keys: List[Any] = [None] * len(self.steps)
 
-    def source_for(self, step: int, module: nn.Module) -> Optional[BiasSource]:
+    def source_for(self, step: int, module: nn.Module, batch_norm: Dict[int, Tuple[Tensor, ...]]) -> Optional[BiasSource]:
         """The source of ``step`` from the module's current parameters; ``None`` if it has none."""
         planned = self.steps[step]
-        cached = self._sources[step]
-        if not isinstance(module, _BATCH_NORMS):
-            bias = module.bias
-            if bias is None:
+        channel_dim = planned.template.intercept.channel_dim
+        if isinstance(module, _BATCH_NORMS):
+            vectors = batch_norm.get(step)
+            if vectors is None:
                 return None
-            if cached is not None and cached.intercept.channel_vector is bias:
-                return cached  # the parameter itself: in-place changes are seen through it
-            intercept = Intercept(None, channel_vector=bias, channel_dim=planned.template.intercept.channel_dim)
-            return self._store(step, _with_intercept(planned.template, intercept), None)
-        if module.training or module.running_mean is None or module.running_var is None:
-            return None
-        conv_bias = None
-        if planned.absorbs is not None:
-            conv = self._sources[planned.absorbs]
-            assert conv is not None
-            conv_bias = conv.intercept.channel_vector
-        tensors = (module.running_mean, module.running_var, module.weight, module.bias, conv_bias)
-        key = self._keys[step]
-        if cached is not None and _unchanged(key, tensors, module.eps):
-            return cached
-        # Without gradient: a replay never differentiates through parameters.
-        with torch.no_grad():
-            scale, effective_bias = _batch_norm_affine(*tensors[:4], module.eps)
-            intercept = Intercept(
-                None, channel_vector=effective_bias, channel_dim=planned.template.intercept.channel_dim, input_scale=scale
+            scale, effective_bias, folded, block = vectors
+            source = _with_intercept(
+                planned.template, Intercept(None, channel_vector=effective_bias, channel_dim=channel_dim, input_scale=scale)
             )
-            source = _with_intercept(planned.template, intercept)
-            if conv_bias is not None:
-                source.folded_vector = conv_bias * scale
-                source.block_vector = effective_bias + source.folded_vector
-        key = (tensors, _state(tensors), module.eps)
-        return self._store(step, source, key)
+            source.folded_vector, source.block_vector = folded, block
+            return source
+        bias = module.bias
+        if bias is None:
+            return None
+        cached = self._sources[step]
+        if cached is not None and cached.intercept.channel_vector is bias:
+            return cached
+        cached = self._sources[step] = _with_intercept(planned.template, Intercept(None, channel_vector=bias, channel_dim=channel_dim))
+        return cached
 
-    def _store(self, step: int, source: BiasSource, key: Any) -> BiasSource:
-        self._sources[step] = source
-        self._keys[step] = key
-        return source
+    def batch_norm_vectors(self) -> Optional[Dict[int, Tuple[Tensor, ...]]]:
+        """Every BatchNorm step's (scale, effective bias, folded conv bias, block vector).
+
+        Recomputed on every call from the modules' current statistics and parameters (a
+        training-mode forward pass and writes through ``.data`` change them without a
+        version bump), in a few multi-tensor kernels rather than five per layer. ``None``
+        when a module is gone, training, or without running statistics or a folded bias.
+        """
+        steps = self._batch_norm_steps
+        if not steps:
+            return {}
+        modules = [self.calls[self.step_call[i]]() for i in steps]
+        convs: List[Optional[nn.Module]] = []
+        for step, bn in zip(steps, modules):
+            if bn is None or bn.training or bn.running_mean is None or bn.running_var is None:
+                return None
+            absorbs = self.steps[step].absorbs
+            conv = None if absorbs is None else self.calls[self.step_call[absorbs]]()
+            if absorbs is not None and (conv is None or conv.bias is None):
+                return None
+            convs.append(conv)
+        with torch.no_grad():
+            # scale = gamma / sqrt(var + eps); effective bias = beta - mean * scale (seed 3.2)
+            scales = list(torch._foreach_add([bn.running_var for bn in modules], [float(bn.eps) for bn in modules]))
+            torch._foreach_rsqrt_(scales)
+            _foreach_pairs(torch._foreach_mul_, scales, [bn.weight for bn in modules])
+            effective = list(torch._foreach_mul([bn.running_mean for bn in modules], scales))
+            torch._foreach_neg_(effective)
+            _foreach_pairs(torch._foreach_add_, effective, [bn.bias for bn in modules])
+            folded: List[Optional[Tensor]] = [None] * len(steps)
+            blocks: List[Optional[Tensor]] = [None] * len(steps)
+            with_conv = [i for i, conv in enumerate(convs) if conv is not None]
+            if with_conv:
+                products = torch._foreach_mul([convs[i].bias for i in with_conv], [scales[i] for i in with_conv])
+                sums = torch._foreach_add([effective[i] for i in with_conv], products)
+                for i, product, total in zip(with_conv, products, sums):
+                    folded[i], blocks[i] = product, total
+        return {step: (scales[i], effective[i], folded[i], blocks[i]) for i, step in enumerate(steps)}
 
     @classmethod
     def record(cls, capture: Capture) -> Optional["CapturePlan"]:
@@ -152,7 +187,7 @@ class CapturePlan:
             step_at[call] = len(steps)
             layout_only = Intercept(None, channel_dim=source.intercept.channel_dim)
             template = dataclasses.replace(source, intercept=layout_only, folded_vector=None, block_vector=None)
-            steps.append(_Step(template=template, shape=source.shape))
+            steps.append(_Step(template=template, shape=source.shape, batch_norm=isinstance(module, _BATCH_NORMS)))
         for conv, batch_norm in capture.folded_pairs():
             i, j = position[id(conv)], position[id(batch_norm)]
             steps[i] = dataclasses.replace(steps[i], folded_into=j)
@@ -172,18 +207,23 @@ def _with_intercept(template: BiasSource, intercept: Intercept) -> BiasSource:
     return source
 
 
-def _state(tensors: Tuple[Optional[Tensor], ...]) -> Tuple[Any, ...]:
-    # The version counts in-place writes; the data pointer catches ``param.data = ...``
-    # (``module.to``, ``module.cuda``), which leaves the version as it was.
-    return tuple(None if t is None else (t._version, t.data_ptr()) for t in tensors)
+def _foreach_pairs(op: Any, tensors: List[Tensor], others: List[Optional[Tensor]]) -> None:
+    """``op(tensors[i], others[i])`` in place for every ``i`` whose ``others[i]`` is set."""
+    pairs = [(t, o) for t, o in zip(tensors, others) if o is not None]
+    if pairs:
+        op([t for t, _ in pairs], [o for _, o in pairs])
 
 
-def _unchanged(key: Any, tensors: Tuple[Optional[Tensor], ...], eps: float) -> bool:
-    old_tensors, states, old_eps = key
-    for old, new in zip(old_tensors, tensors):
-        if old is not new:
-            return False
-    return old_eps == eps and states == _state(tensors)
+def _hook_key(module: nn.Module) -> Any:
+    if not (module._forward_hooks or module._forward_pre_hooks):
+        return None
+    return (tuple(module._forward_hooks), tuple(module._forward_pre_hooks))
+
+
+def _global_hook_key() -> Any:
+    from torch.nn.modules import module as module_file
+
+    return (tuple(module_file._global_forward_hooks), tuple(module_file._global_forward_pre_hooks))
 
 
 class Replay:
@@ -201,6 +241,12 @@ class Replay:
         self._next = 0
 
     def __enter__(self) -> "Replay":
+        if _global_hook_key() != self.plan.global_hooks:
+            raise ReplayMismatch("global module hooks were added or removed since the trace")
+        batch_norm = self.plan.batch_norm_vectors()
+        if batch_norm is None:
+            raise ReplayMismatch("a planned BatchNorm is gone, training, or lost its folded convolution's bias")
+        self._batch_norm = batch_norm
         # One global forward hook rather than one per module: it sees every module call,
         # so the guard compares the whole call sequence with the trace's, and it costs
         # less than registering and removing a handle per module.
@@ -236,14 +282,22 @@ class Replay:
         if k >= len(plan.calls) or plan.calls[k]() is not module:
             self.matched = False
             return
+        if (module._forward_hooks or module._forward_pre_hooks or plan.hooks_at[k] is not None) and _hook_key(
+            module
+        ) != plan.hooks_at[k]:
+            self.matched = False  # a user hook added or removed: it may add an operation
+            return
         index = plan.step_at[k]
         if index is None:
+            had_bias = plan.had_bias[k]
+            if had_bias is not None and (getattr(module, "bias", None) is not None) != had_bias:
+                self.matched = False  # a bias added to (or removed from) a planned layer
             return
         step = plan.steps[index]
         if not isinstance(output, Tensor) or output.shape != step.shape or not output.requires_grad:
             self.matched = False
             return
-        source = plan.source_for(index, module)
+        source = plan.source_for(index, module, self._batch_norm)
         if source is None:
             self.matched = False
             return

@@ -268,3 +268,69 @@ def test_parameters_swapped_through_data_are_not_served_from_a_stale_cache():
     replayed = _attribute(fullgrad, x)
     traced = _attribute(FullGradient(model, reuse_capture=False), x)
     torch.testing.assert_close(replayed, traced, rtol=1e-12, atol=1e-12)
+
+
+def _replay_matches_trace(model, x, change, recorders=None, target=1):
+    fullgrad = FullGradient(model)
+    _attribute(fullgrad, x, target=target)
+    _attribute(fullgrad, x, target=target)
+    change()
+    replayed, delta = _attribute(fullgrad, x, target=target)
+    traced, traced_delta = _attribute(FullGradient(model, reuse_capture=False), x, target=target)
+    torch.testing.assert_close(replayed, traced, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(delta, traced_delta, rtol=0, atol=1e-12)
+    assert traced_delta.abs().max() < 1e-10
+
+
+def test_statistics_updated_by_a_training_step_without_a_version_bump():
+    # BatchNorm's kernel updates the running statistics in place without bumping their
+    # version counter: no cache keyed on versions may serve them (reviewer's finding).
+    model = vgg_like()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+
+    def train_step():
+        model.train()
+        model(torch.randn(4, 3, 16, 16, dtype=torch.float64) * 3 + 1)
+        model.eval()
+
+    _replay_matches_trace(model, x, train_step)
+
+
+def test_in_place_writes_through_data_are_seen():
+    model = vgg_like()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+
+    def write():
+        model[1].running_var.data.mul_(3)
+        model[1].weight.data.mul_(2)
+        model[0].bias.data.add_(1)  # a convolution folded into its BatchNorm
+
+    _replay_matches_trace(model, x, write)
+
+
+def test_a_user_hook_or_a_new_bias_after_the_trace_is_not_missed():
+    model = vgg_like()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    handles = []
+    _replay_matches_trace(model, x, lambda: handles.append(model[3].register_forward_hook(lambda m, i, o: o + 1.0)))
+    handles.pop().remove()
+    _replay_matches_trace(model, x, lambda: handles.append(model[4].register_forward_pre_hook(lambda m, a: (a[0] * 2 + 0.5,))))
+    handles.pop().remove()
+    _replay_matches_trace(
+        model, x, lambda: handles.append(nn.modules.module.register_module_forward_hook(lambda m, i, o: o))
+    )
+    handles.pop().remove()
+
+    def add_bias():
+        model[3].bias = nn.Parameter(torch.randn(5, dtype=torch.float64))
+
+    _replay_matches_trace(model, x, add_bias)
+
+
+def vgg_like() -> nn.Module:
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
+        nn.Conv2d(4, 5, 3, padding=1, bias=False), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(5 * 8 * 8, 3),
+    )
+    return randomize_parameters_(model.double(), 0).eval()
