@@ -82,79 +82,69 @@ class RandomNet(nn.Module):
         return self.head(pooled)
 
 
-block_spec = st.fixed_dictionaries(
-    {
-        "width": st.sampled_from([2, 4, 6]),
-        "kernel": st.sampled_from([1, 3]),
-        "bias": st.booleans(),
-        "norm": st.sampled_from(NORMS),
-        "activation": st.sampled_from(sorted(ACTIVATIONS)),
-        "residual": st.booleans(),
-        "reuse": st.booleans(),
-        "gate": st.booleans(),
-        "pool": st.booleans(),
-    }
-)
+def block_specs(activations, norms, gate):
+    """A strategy for one Block's spec, with the activations, norms and gating given."""
+    return st.fixed_dictionaries(
+        {
+            "width": st.sampled_from([2, 4, 6]),
+            "kernel": st.sampled_from([1, 3]),
+            "bias": st.booleans(),
+            "norm": st.sampled_from(norms),
+            "activation": st.sampled_from(activations),
+            "residual": st.booleans(),
+            "reuse": st.booleans(),
+            "gate": gate,
+            "pool": st.booleans(),
+        }
+    )
+
+
+block_spec = block_specs(sorted(ACTIVATIONS), NORMS, st.booleans())
+
+
+@st.composite
+def random_networks(draw, spec):
+    """``(model, input, target)``: a random float64 network of 1-4 ``spec`` blocks in eval mode."""
+    specs = draw(st.lists(spec, min_size=1, max_size=4))
+    concat, seed, batch = draw(st.booleans()), draw(st.integers(0, 2**16)), draw(st.integers(1, 3))
+    torch.manual_seed(seed)
+    model = randomize_parameters_(RandomNet(specs, concat).double(), seed).eval()
+    return model, torch.randn(batch, 3, 8, 8, dtype=torch.float64), seed % 3
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    specs=st.lists(block_spec, min_size=1, max_size=4),
-    concat=st.booleans(),
-    seed=st.integers(0, 2**16),
-    batch=st.integers(1, 3),
-)
-def test_completeness_holds_for_random_networks(specs, concat, seed, batch):
-    torch.manual_seed(seed)
-    model = randomize_parameters_(RandomNet(specs, concat).double(), seed).eval()
-    x = torch.randn(batch, 3, 8, 8, dtype=torch.float64)
-    fj = full_jacobian(model, x, target=seed % 3)
+@given(case=random_networks(block_spec))
+def test_completeness_holds_for_random_networks(case):
+    model, x, target = case
+    fj = full_jacobian(model, x, target=target)
     scale = fj.output.abs() + fj.input_term.abs() + sum((t.abs() for t in fj.bias_terms.values()), torch.zeros_like(fj.output))
     assert not fj.failed_ops
     assert (fj.completeness_delta.abs() <= 1e-9 * scale + 1e-12).all()
     # The attribution's delta is the same gap, computed from the reduced maps.
-    first, delta = FullGradient(model).attribute(x, target=seed % 3, return_convergence_delta=True)
+    first, delta = FullGradient(model).attribute(x, target=target, return_convergence_delta=True)
     assert (delta.abs() <= 1e-9 * scale + 1e-12).all()
     # A second call replays the first one's plan where the network has one (bias sources
     # only in Conv/Linear/BatchNorm modules): the same map and gap.
-    again, delta_again = FullGradient(model).attribute(x, target=seed % 3, return_convergence_delta=True)
+    again, delta_again = FullGradient(model).attribute(x, target=target, return_convergence_delta=True)
     torch.testing.assert_close(again, first, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(delta_again, delta, rtol=0, atol=1e-9 * float(scale.max()) + 1e-12)
 
 
-replayable_block_spec = st.fixed_dictionaries(
-    {
-        "width": st.sampled_from([2, 4, 6]),
-        "kernel": st.sampled_from([1, 3]),
-        "bias": st.booleans(),
-        "norm": st.sampled_from(["none", "batch"]),
-        "activation": st.sampled_from(["relu", "leaky_relu", "identity"]),
-        "residual": st.booleans(),
-        "reuse": st.booleans(),
-        "gate": st.just(False),
-        "pool": st.booleans(),
-    }
-)
+# Every intercept in a Conv/Linear/BatchNorm module: networks that get a capture plan.
+replayable_block_spec = block_specs(["relu", "leaky_relu", "identity"], ["none", "batch"], st.just(False))
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    specs=st.lists(replayable_block_spec, min_size=1, max_size=4),
-    concat=st.booleans(),
-    seed=st.integers(0, 2**16),
-    batch=st.integers(1, 3),
-)
-def test_replay_equals_the_trace_for_random_networks(specs, concat, seed, batch):
+@given(case=random_networks(replayable_block_spec))
+def test_replay_equals_the_trace_for_random_networks(case):
     """Networks whose every intercept sits in Conv/Linear/BatchNorm modules (residuals, a
     module called twice, conv-BN folding or not) replay their plan exactly."""
     from captum_fullgrad.replay import plans_for
 
-    torch.manual_seed(seed)
-    model = randomize_parameters_(RandomNet(specs, concat).double(), seed).eval()
-    x = torch.randn(batch, 3, 8, 8, dtype=torch.float64)
-    traced, traced_delta = FullGradient(model, reuse_capture=False).attribute(x, target=seed % 3, return_convergence_delta=True)
-    FullGradient(model).attribute(x * 2, target=seed % 3)  # records the plan
+    model, x, target = case
+    traced, traced_delta = FullGradient(model, reuse_capture=False).attribute(x, target=target, return_convergence_delta=True)
+    FullGradient(model).attribute(x * 2, target=target)  # records the plan
     assert len(plans_for(model)) == 1
-    replayed, delta = FullGradient(model).attribute(x, target=seed % 3, return_convergence_delta=True)
+    replayed, delta = FullGradient(model).attribute(x, target=target, return_convergence_delta=True)
     torch.testing.assert_close(replayed, traced, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(delta, traced_delta, rtol=0, atol=1e-10)
