@@ -453,7 +453,11 @@ def _demo(args: argparse.Namespace) -> int:
         raise CliError(f"--out {args.out!r} exists and is not a directory")
     _check_writable_dir(out, "output directory")
     grid_methods = _methods(args.methods)
-    pointing_methods = _methods(args.pointing_methods or ",".join(_BUILTIN_ORDER))
+    from .methods import DEFAULT_TABLE5_METHODS
+
+    # Every built-in method for the pointing game: Table 5's columns, then the rest.
+    builtin = (*DEFAULT_TABLE5_METHODS, "smoothfullgrad", "input_x_gradient", "saliency")
+    pointing_methods = _methods(args.pointing_methods or ",".join(builtin))
     device = _resolve_device(args.device)
     progress = _progress(args)
     loaded = _load_model("shapes", "DEFAULT", device)
@@ -555,19 +559,6 @@ def _demo(args: argparse.Namespace) -> int:
     )
     return EXIT_OK
 
-
-#: Built-in methods in the order the demo's pointing game lists them.
-_BUILTIN_ORDER = (
-    "guided_backprop",
-    "integrated_gradients",
-    "smoothgrad",
-    "gradcam",
-    "fullgrad",
-    "fullgrad_bias",
-    "smoothfullgrad",
-    "input_x_gradient",
-    "saliency",
-)
 
 
 def _write_text(path: Path, text: str) -> None:
