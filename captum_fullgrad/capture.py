@@ -30,6 +30,7 @@ from . import _intercepts
 from ._intercepts import CHANNELS_FIRST, CHANNELS_LAST, Intercept, op_name
 
 _PERMUTATIONS = ("permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "t")
+_RESHAPES = ("view", "reshape", "view_as", "reshape_as", "flatten", "unflatten")
 _CONV_NAMES = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
 
 
@@ -66,7 +67,12 @@ class BiasSource:
     spatial: bool
     block: str
     intercept: Intercept = field(repr=False)
-    batch_dim: int = 0
+    # The axis of the output that runs over the examples. It may hold ``k`` slices per
+    # example with the example outermost (Swin's windows, ``(B * windows, ...)``): example
+    # ``i // k`` owns slice ``i``. ``None`` only for a single example, whose operation mixed
+    # that axis into another: the whole tensor then belongs to it.
+    batch_dim: Optional[int] = 0
+    batch_size: Optional[int] = None  # the number of examples; None: the batch axis's size
     # Set by a capture whose collector folds conv-BN pairs: the convolution's bias mapped
     # through the BatchNorm, ``b_conv * gamma / sqrt(var + eps)``; the convolution's own
     # hook is then not registered.
@@ -89,7 +95,7 @@ class BiasSource:
 
     def per_example_sum(self, grad: Tensor) -> Tensor:
         """``<df/dy_g, c_g>`` for each example: this source's term of eq. 1, shape ``(B,)``."""
-        if self.batch_dim != 0:
+        if self.batch_dim != 0 or (self.batch_size is not None and self.shape[0] != self.batch_size):
             return self.per_example_total(self.bias_jacobian(grad))
         if self.intercept.channel_vector is not None:
             channel_dim = self.intercept.channel_dim
@@ -100,7 +106,10 @@ class BiasSource:
 
     def per_example_total(self, bias_jacobian: Tensor) -> Tensor:
         """Sum a bias-Jacobian of this source over everything but its batch axis, ``(B,)``."""
-        return bias_jacobian.movedim(self.batch_dim, 0).flatten(1).sum(1)
+        if self.batch_dim is None:
+            return bias_jacobian.sum().reshape(1)
+        along_batch = bias_jacobian.movedim(self.batch_dim, 0)
+        return along_batch.reshape(self.batch_size or along_batch.shape[0], -1).sum(1)
 
     def channel_summed(self, grad: Tensor, include_folded: bool = False) -> Tensor:
         """``sum_c f^b_{l,c}``: the bias-Jacobian summed over channels, ``(B, *spatial)``.
@@ -150,8 +159,9 @@ class _GraphTracker:
 
     Keyed by ``id`` with a weak reference to rule out reused ids; parameters and buffers
     are never graph tensors, even when they require grad (training uses). The batch axis
-    is followed through transposes (``nn.MultiheadAttention`` works sequence-first) so
-    that every term of eq. 1 can be split per example.
+    is followed through transposes (``nn.MultiheadAttention`` works sequence-first) and
+    through reshapes that fold more slices into it with the example outermost (windowed
+    attention), so that every term of eq. 1 can be split per example.
     """
 
     def __init__(self) -> None:
@@ -365,7 +375,7 @@ class Capture:
         batch_dims = self._infer_batch_dims(func, args, kwargs, graph_inputs, outputs)
         layout = self._infer_layout(func, args, kwargs, graph_inputs, outputs, result.layout)
         for output, batch_dim in zip(outputs, batch_dims):
-            usable = output.dim() == self._input_rank and batch_dim == 0
+            usable = output.dim() == self._input_rank and batch_dim == 0 and output.shape[0] == self._batch_size
             self.tracker.add(output, layout if usable else None, batch_dim)
         op = op_name(func)
         for intercept in result.intercepts:
@@ -380,20 +390,33 @@ class Capture:
         graph_inputs: List[Tensor],
         outputs: List[Tensor],
     ) -> List[Optional[int]]:
-        """The batch axis of each output: followed through permutations, else kept where it fits."""
+        """The batch axis of each output: followed through permutations and reshapes, else
+        kept where it fits. An axis may hold several slices per example, example outermost."""
         batch = self._batch_size
         source = graph_inputs[0]
         source_dim = self.tracker.batch_dim(source)
+        extent = source.shape[source_dim] if source_dim is not None and source.dim() > source_dim else None
         name = getattr(func, "__name__", "")
         if name in _PERMUTATIONS and source_dim is not None:
             perm = _permutation(name, source.dim(), args[1:], kwargs)
             if perm is not None:
                 return [perm.index(source_dim)] * len(outputs)
+        if source_dim is not None:
+            removed = _removed_dims(name, source.dim(), args[1:], kwargs)
+            if removed and source_dim not in removed:
+                # Indexing an axis before the batch axis away (``q, k, v = qkv[0], qkv[1], ...``).
+                moved = source_dim - sum(1 for d in removed if d < source_dim)
+                if all(o.dim() > moved and o.shape[moved] == extent for o in outputs):
+                    return [moved] * len(outputs)
         dims: List[Optional[int]] = []
         for output in outputs:
-            if source_dim is not None and output.dim() == source.dim() and output.shape[source_dim] == batch:
+            if source_dim is not None and output.dim() == source.dim() and output.shape[source_dim] == extent:
                 dims.append(source_dim)
             elif output.dim() > 0 and output.shape[0] == batch:
+                dims.append(0)
+            elif name in _RESHAPES and source_dim == 0 and output.dim() > 0 and output.shape[0] % batch == 0:
+                # Row-major: each example's elements stay contiguous, so the first axis
+                # holds a whole number of slices per example, the example outermost.
                 dims.append(0)
             else:
                 dims.append(None)
@@ -442,12 +465,10 @@ class Capture:
         module, name, origin = self._base_name(op)
         layout = self.tracker.layout(output)
         batch_dim = self.tracker.batch_dim(output)
-        if batch_dim is None:
-            if self._batch_size != 1:
-                # Its share of f(x) cannot be split per example: report, never guess.
-                self.failed_ops.append(f"{name} (no batch axis)")
-                return
-            batch_dim = 0
+        if batch_dim is None and self._batch_size != 1:
+            # Its share of f(x) cannot be split per example: report, never guess.
+            self.failed_ops.append(f"{name} (no batch axis)")
+            return
         if output.dim() == self._input_rank and layout is not None:
             channel_dim = 1 if layout == CHANNELS_FIRST else output.dim() - 1
             spatial = any(s > 1 for s in _spatial_shape(output.shape, layout))
@@ -470,6 +491,7 @@ class Capture:
             block=block,
             intercept=intercept,
             batch_dim=batch_dim,
+            batch_size=self._batch_size,
         )
         if op in _CONV_NAMES:
             # A BatchNorm reading exactly this tensor joins this convolution's block.
@@ -549,6 +571,19 @@ class Capture:
 
 def _spatial_shape(shape: Sequence[int], layout: str) -> Tuple[int, ...]:
     return tuple(shape[2:]) if layout == CHANNELS_FIRST else tuple(shape[1:-1])
+
+
+def _removed_dims(name: str, rank: int, args: Sequence[Any], kwargs: Dict[str, Any]) -> Optional[List[int]]:
+    """The input axes that integer indexing removes (``x[0]``, ``x[:, 1]``, ``select``, ``unbind``)."""
+    if name == "__getitem__" and args:
+        index = args[0] if isinstance(args[0], tuple) else (args[0],)
+        if len(index) > rank or not all(isinstance(i, (int, slice)) and not isinstance(i, bool) for i in index):
+            return None  # None, Ellipsis, tensors and masks move axes in other ways
+        return [d for d, i in enumerate(index) if isinstance(i, int)]
+    if name in ("select", "unbind"):
+        dim = args[0] if args else kwargs.get("dim", 0)
+        return [dim % rank] if isinstance(dim, int) and rank > 0 else None
+    return None
 
 
 def _permutation(name: str, rank: int, args: Sequence[Any], kwargs: Dict[str, Any]) -> Optional[List[int]]:

@@ -223,6 +223,60 @@ def test_batched_equals_per_example():
             torch.testing.assert_close(single.bias_jacobians[name], batched.bias_jacobians[name][i : i + 1])
 
 
+def _tiny_swin() -> nn.Module:
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    model = SwinTransformer(
+        patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=[4, 4], num_classes=5
+    )
+    return randomize_parameters_(model, 0).double().eval()
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_windowed_attention_is_complete_per_example(batch):
+    """Swin folds windows into the batch axis, ``(B * windows, tokens, C)``, and splits
+    ``q, k, v = qkv[0], qkv[1], qkv[2]``: every term must still be split per example (a
+    single example once had its terms summed per window, several had them dropped)."""
+    model = _tiny_swin()
+    x = torch.rand(batch, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    target = list(range(batch))
+    fj = full_jacobian(model, x, target=target)
+    assert not fj.failed_ops
+    assert_complete(fj, rtol=1e-9)
+    assert (bias_share(fj) > 1e-3).all()
+    if batch > 1:
+        single = full_jacobian(model, x[1:2], target=1)
+        torch.testing.assert_close(single.completeness_delta, fj.completeness_delta[1:2], rtol=0, atol=1e-12)
+        for name, term in single.bias_terms.items():
+            torch.testing.assert_close(term, fj.bias_terms[name][1:2], rtol=1e-9, atol=1e-12)
+
+
+def test_batch_axis_followed_through_reshapes_and_indexing():
+    """Patches folded into the batch axis with the example outermost, an index that drops
+    an axis before it, ``unbind``: each example keeps its own terms."""
+    torch.manual_seed(0)
+    proj = nn.Linear(4, 12).double()
+    randomize_parameters_(proj, 0)
+
+    def model(t):
+        b = t.shape[0]
+        patches = t.reshape(b, 4, 4, 4).permute(0, 2, 1, 3).reshape(b * 4, 4, 4)  # (B*4, 4, 4)
+        qkv = proj(patches).reshape(b * 4, 4, 3, 4).permute(2, 0, 1, 3)  # (3, B*4, 4, 4)
+        q, k = qkv[0], qkv[1]
+        _, _, v = qkv.unbind(0)
+        mixed = torch.softmax(q @ k.transpose(-1, -2), -1) @ v + 0.3
+        return mixed.reshape(b, -1).tanh().sum(1)
+
+    x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    fj = full_jacobian(model, x)
+    assert not fj.failed_ops
+    assert_complete(fj, rtol=1e-9)
+    for i in range(3):
+        single = full_jacobian(model, x[i : i + 1])
+        for name, term in single.bias_terms.items():
+            torch.testing.assert_close(term, fj.bias_terms[name][i : i + 1], rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("norm", [nn.InstanceNorm2d(4, affine=True), nn.GroupNorm(2, 4)])
 def test_norms_returning_views_survive_in_place_activations(norm):
     """instance_norm returns a view of an internal tensor; an in-place ReLU then rebases it."""
