@@ -240,6 +240,61 @@ def _batch_norm_affine(running_mean: Tensor, running_var: Tensor, weight: Option
     return scale, effective_bias
 
 
+def _normalisation(ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]) -> OpResult:
+    """Layer, group and RMS normalisation, in closed form.
+
+    ``y = gamma (a - mu) / sqrt(var + eps) + beta`` with statistics over the normalised
+    axes of each example (RMS: no ``mu``, ``var`` is the mean square, no ``beta``). Along
+    ``a -> (1 + t) a`` only ``eps`` keeps the normalised part from being invariant:
+    ``J a = (y - beta) eps / (var + eps)``, so ``c = y - (y - beta) eps / (var + eps)``, as
+    for BatchNorm on batch statistics. Forward-mode AD through ``layer_norm`` runs a Python
+    decomposition, a large share of a transformer's attribution time.
+    """
+    a = _arg(args, kwargs, 0, "input")
+    name = op_name(func)
+    weight = _arg(args, kwargs, 2, "weight")
+    bias = None if name == "rms_norm" else _arg(args, kwargs, 3, "bias")
+    if not isinstance(a, Tensor) or not a.is_floating_point() or a.dim() < 2 or ctx.is_graph(weight) or ctx.is_graph(bias):
+        return _generic(ctx, func, args, kwargs)
+    if name == "group_norm":
+        groups = int(_arg(args, kwargs, 1, "num_groups"))
+        eps = _arg(args, kwargs, 4, "eps", 1e-5)
+        reduce_dims = [-1]
+    else:
+        normalized_shape = _arg(args, kwargs, 1, "normalized_shape")
+        count = 1 if isinstance(normalized_shape, int) else len(normalized_shape)
+        reduce_dims = list(range(-count, 0))
+        eps = _arg(args, kwargs, 3 if name == "rms_norm" else 4, "eps", None if name == "rms_norm" else 1e-5)
+    with torch.no_grad(), torch.autocast(a.device.type, enabled=False):
+        values = a.detach()
+        if values.dtype in (torch.float16, torch.bfloat16):
+            values = values.float()  # the kernels accumulate statistics in float32 too
+        if eps is None:  # rms_norm's default: the epsilon of its accumulation type
+            eps = torch.finfo(values.dtype).eps
+        if name == "group_norm":
+            grouped = values.reshape(values.shape[0], groups, -1)
+            variance = grouped.var(-1, unbiased=False, keepdim=True)
+            variance = variance.expand(-1, -1, values.shape[1] // groups).reshape(
+                values.shape[0], values.shape[1], *([1] * (values.dim() - 2))
+            )
+        elif name == "rms_norm":
+            variance = values.square().mean(reduce_dims, keepdim=True)
+        else:
+            variance = values.var(reduce_dims, unbiased=False, keepdim=True)
+        shrink = eps / (variance + eps)
+    value = func(*args, **kwargs)
+    if not _is_graph_output(value):
+        return OpResult(value, [])
+    with torch.no_grad(), torch.autocast(a.device.type, enabled=False):
+        y = value.detach()
+        normalised_part = y
+        if bias is not None:
+            shape = [-1] + [1] * (y.dim() - 2) if name == "group_norm" else list(bias.shape)
+            normalised_part = y - bias.detach().reshape(shape).to(y.dtype)
+        constant = y - normalised_part * shrink.to(y.dtype)
+    return OpResult(value, [Intercept(value, dense=constant)])
+
+
 def _add_sub(ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]) -> OpResult:
     name = getattr(func, "__name__", "")
     a, b = args[0], _arg(args, kwargs, 1, "other")
@@ -317,6 +372,73 @@ def _pad(ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str, An
     with torch.no_grad():
         constant = func(torch.zeros_like(args[0]), *args[1:], **kwargs)
     return OpResult(out, [Intercept(out, dense=constant)])
+
+
+# ----------------------------------------------------------- element-wise activations
+# An element-wise ``y = g(a)`` has a diagonal Jacobian, so ``J_g(a) a`` is ``g``'s own
+# backward kernel with ``a`` in the place of the output gradient: one kernel, the very
+# derivative formula the backward pass uses (so eq. 1 stays exact), where forward-mode AD
+# needs copies of the input, a dual forward pass and its tangent. Taken before the call, it
+# also needs no copy of an input that an in-place activation is about to overwrite.
+
+
+def _hardtanh_linear_part(a: Tensor, args: Sequence[Any], kwargs: Dict[str, Any], func: Callable) -> Tensor:
+    if op_name(func) == "relu6":
+        low, high = 0.0, 6.0
+    else:
+        low, high = _arg(args, kwargs, 1, "min_val", -1.0), _arg(args, kwargs, 2, "max_val", 1.0)
+    return torch.ops.aten.hardtanh_backward(a, a, low, high)
+
+
+_INPUT_LINEAR_PARTS: Dict[str, Callable[[Tensor, Sequence[Any], Dict[str, Any], Callable], Tensor]] = {
+    "silu": lambda a, args, kwargs, func: torch.ops.aten.silu_backward(a, a),
+    "gelu": lambda a, args, kwargs, func: torch.ops.aten.gelu_backward(
+        a, a, approximate=_arg(args, kwargs, 1, "approximate", "none")
+    ),
+    "hardswish": lambda a, args, kwargs, func: torch.ops.aten.hardswish_backward(a, a),
+    "hardsigmoid": lambda a, args, kwargs, func: torch.ops.aten.hardsigmoid_backward(a, a),
+    "hardtanh": _hardtanh_linear_part,
+    "relu6": _hardtanh_linear_part,
+    "mish": lambda a, args, kwargs, func: torch.ops.aten.mish_backward(a, a),
+    "softplus": lambda a, args, kwargs, func: torch.ops.aten.softplus_backward(
+        a, a, _arg(args, kwargs, 1, "beta", 1.0), _arg(args, kwargs, 2, "threshold", 20.0)
+    ),
+    "elu": lambda a, args, kwargs, func: torch.ops.aten.elu_backward(
+        a, _arg(args, kwargs, 1, "alpha", 1.0), 1.0, 1.0, False, a
+    ),
+}
+# Backward kernels that read the result instead of the input (out-of-place calls only).
+_OUTPUT_LINEAR_PARTS: Dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "sigmoid": lambda a, y: torch.ops.aten.sigmoid_backward(a, y),
+    "tanh": lambda a, y: torch.ops.aten.tanh_backward(a, y),
+}
+
+
+def _elementwise(ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]) -> OpResult:
+    """``c = g(a) - g'(a) a`` for the common activations, with ``g'(a) a`` from the backward kernel."""
+    a = _arg(args, kwargs, 0, "input")
+    name = op_name(func)
+    inplace = is_inplace(func, args, kwargs)
+    if not isinstance(a, Tensor) or not a.is_floating_point() or (inplace and name in _OUTPUT_LINEAR_PARTS):
+        return _generic(ctx, func, args, kwargs)
+    input_part = _INPUT_LINEAR_PARTS.get(name)
+    linear_part = None
+    if input_part is not None:
+        try:
+            with torch.no_grad():
+                linear_part = input_part(a.detach(), args, kwargs, func)
+        except (RuntimeError, NotImplementedError):  # a dtype or device without the kernel
+            return _generic(ctx, func, args, kwargs)
+    value = func(*args, **kwargs)
+    produced = a if value is None else value
+    if not _is_graph_output(produced):
+        return OpResult(value, [])
+    with torch.no_grad():
+        y = produced.detach()
+        if linear_part is None:
+            linear_part = _OUTPUT_LINEAR_PARTS[name](a.detach(), y)
+        constant = y - linear_part
+    return OpResult(value, [Intercept(produced, dense=constant)])
 
 
 def _generic(
@@ -459,6 +581,8 @@ _NAMED_RULES: Dict[str, Callable[..., OpResult]] = {
     **{n: _multilinear for n in "matmul __matmul__ __rmatmul__ mm bmm mv dot inner outer einsum".split()},
     **{n: _cat for n in "cat concat concatenate stack hstack vstack dstack".split()},
     "pad": _pad,
+    **{n: _normalisation for n in "layer_norm group_norm rms_norm".split()},
+    **{n: _elementwise for n in "silu silu_ gelu hardswish hardswish_ hardsigmoid hardsigmoid_ hardtanh hardtanh_ relu6 relu6_ mish mish_ softplus elu elu_ sigmoid tanh".split()},
     **{n: _zero for n in _ZERO_NAMES},
     **{n: _channel_first_zero for n in _CHANNEL_FIRST_ZERO_NAMES},
 }

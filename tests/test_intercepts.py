@@ -186,3 +186,70 @@ def test_in_place_nonlinearities():
         return t
 
     _check(g, a)
+
+
+CLOSED_FORM = {
+    "silu": lambda t, inplace: F.silu(t, inplace=inplace),
+    "gelu": lambda t, inplace: F.gelu(t),
+    "gelu_tanh": lambda t, inplace: F.gelu(t, approximate="tanh"),
+    "hardswish": lambda t, inplace: F.hardswish(t, inplace=inplace),
+    "hardsigmoid": lambda t, inplace: F.hardsigmoid(t, inplace=inplace),
+    "relu6": lambda t, inplace: F.relu6(t, inplace=inplace),
+    "relu6_module": lambda t, inplace: nn.ReLU6(inplace=inplace)(t),
+    "hardtanh": lambda t, inplace: F.hardtanh(t, -0.5, 0.7, inplace=inplace),
+    "mish": lambda t, inplace: F.mish(t, inplace=inplace),
+    "softplus": lambda t, inplace: F.softplus(t, beta=2.0, threshold=3.0),
+    "elu": lambda t, inplace: F.elu(t, alpha=0.7, inplace=inplace),
+    "sigmoid": lambda t, inplace: torch.sigmoid(t),
+    "tanh": lambda t, inplace: t.tanh(),
+}
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("name", sorted(CLOSED_FORM))
+def test_activation_closed_forms_equal_forward_mode_ad(name, inplace):
+    """The activations' closed forms (their backward kernel applied to the input) give the
+    intercept forward-mode AD gives, in place or not: the input an in-place activation
+    overwrites was read before the call."""
+    a = torch.randn(2, 4, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 3
+    a[0, 0, 0, :3] = torch.tensor([0.0, 6.0, -0.5], dtype=torch.float64)  # kinks of relu6/hardtanh
+
+    def g(t):
+        return CLOSED_FORM[name](t * 1.0, inplace)
+
+    fj = full_jacobian(lambda t: g(t).flatten(1).sum(1), a)
+    (intercept,) = fj.bias_jacobians.values()  # df/dy = 1: the bias-Jacobian is c itself
+    with torch.no_grad():
+        value, along_itself = torch.func.jvp(lambda t: CLOSED_FORM[name](t.clone(), False), (a,), (a,))
+    torch.testing.assert_close(intercept, value - along_itself, rtol=1e-12, atol=1e-12)
+    assert fj.completeness_delta.abs().max() < 1e-10
+
+
+NORM_CLOSED_FORMS = {
+    "layer_norm_chw": (lambda: nn.LayerNorm([4, 5, 5], eps=0.2), (2, 4, 5, 5)),
+    "layer_norm_tokens": (lambda: nn.LayerNorm(5, eps=0.2), (2, 3, 5)),
+    "layer_norm_no_affine": (lambda: nn.LayerNorm(5, eps=0.2, elementwise_affine=False), (2, 4, 5)),
+    "group_norm": (lambda: nn.GroupNorm(2, 4, eps=0.2), (2, 4, 5, 5)),
+    "group_norm_1d": (lambda: nn.GroupNorm(4, 4, eps=0.2), (2, 4, 7)),
+}
+if hasattr(nn, "RMSNorm"):
+    NORM_CLOSED_FORMS["rms_norm"] = (lambda: nn.RMSNorm(5, eps=0.2), (2, 3, 5))
+    NORM_CLOSED_FORMS["rms_norm_default_eps"] = (lambda: nn.RMSNorm([4, 5]), (2, 3, 4, 5))
+
+
+@pytest.mark.parametrize("name", sorted(NORM_CLOSED_FORMS))
+def test_normalisation_closed_forms_equal_forward_mode_ad(name):
+    """Layer/group/RMS norm: ``c = y - (y - beta) eps / (var + eps)`` equals forward-mode AD's
+    intercept (a large ``eps`` so that the correction term is far from rounding)."""
+    torch.manual_seed(0)
+    make, shape = NORM_CLOSED_FORMS[name]
+    module = _randomised(make())
+    a = torch.randn(*shape, dtype=torch.float64) * 0.4 + 0.1
+    fj = full_jacobian(lambda t: module(t).flatten(1).sum(1), a)
+    (intercept,) = fj.bias_jacobians.values()
+    with torch.no_grad():
+        value, along_itself = torch.func.jvp(module, (a,), (a,))
+    torch.testing.assert_close(intercept, value - along_itself, rtol=1e-10, atol=1e-12)
+    if "default_eps" not in name:
+        assert (intercept - value).abs().max() > 1e-3  # the eps term was exercised
+    assert fj.completeness_delta.abs().max() < 1e-10
