@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from captum_fullgrad import full_jacobian
+from captum_fullgrad import FullGradient, full_jacobian
 from captum_fullgrad.testing import randomize_parameters_
 
 from .conftest import ZOO, ZOO_INPUT_SIZE, build_zoo_model
@@ -244,6 +244,8 @@ def test_windowed_attention_is_complete_per_example(batch):
     assert not fj.failed_ops
     assert_complete(fj, rtol=1e-9)
     assert (bias_share(fj) > 1e-3).all()
+    _, delta = FullGradient(model).attribute(x, target=target, return_convergence_delta=True)
+    assert (delta.abs() < 1e-9 * fj.output.abs()).all()
     if batch > 1:
         single = full_jacobian(model, x[1:2], target=1)
         torch.testing.assert_close(single.completeness_delta, fj.completeness_delta[1:2], rtol=0, atol=1e-12)
