@@ -414,6 +414,64 @@ _OUTPUT_LINEAR_PARTS: Dict[str, Callable[[Tensor, Tensor], Tensor]] = {
 }
 
 
+# Leaf activation modules whose ``forward`` is exactly their functional op: a capture plan
+# (captum_fullgrad.replay) finds their intercepts with a forward hook instead of a trace.
+_ACTIVATION_MODULES: Dict[type, str] = {
+    torch.nn.Hardtanh: "hardtanh",
+    torch.nn.ReLU6: "hardtanh",
+    torch.nn.SiLU: "silu",
+    torch.nn.GELU: "gelu",
+    torch.nn.Hardswish: "hardswish",
+    torch.nn.Hardsigmoid: "hardsigmoid",
+    torch.nn.Mish: "mish",
+    torch.nn.ELU: "elu",
+    torch.nn.Softplus: "softplus",
+    torch.nn.Sigmoid: "sigmoid",
+    torch.nn.Tanh: "tanh",
+}
+
+
+def activation_settings(module: torch.nn.Module) -> Optional[Tuple[Any, ...]]:
+    """What the intercept of an activation module depends on besides its input and output:
+    ``(op name, *attributes)``; ``None`` when a forward hook cannot compute it (another
+    module type, or an in-place activation whose input is gone by the time the hook runs,
+    except hardtanh, whose intercept the output determines)."""
+    name = _ACTIVATION_MODULES.get(type(module))
+    if name is None:
+        return None
+    inplace = bool(getattr(module, "inplace", False))
+    if name == "hardtanh":
+        return (name, float(module.min_val), float(module.max_val), inplace)
+    if inplace:
+        return None
+    if name == "gelu":
+        return (name, module.approximate)
+    if name == "elu":
+        return (name, float(module.alpha))
+    if name == "softplus":
+        return (name, float(module.beta), float(module.threshold))
+    return (name,)
+
+
+def activation_intercept(settings: Tuple[Any, ...], a: Tensor, y: Tensor) -> Tensor:
+    """The intercept ``y - g'(a) a`` of an activation module's call, as :func:`_elementwise`
+    computes it for the traced op (the same kernels, so the same values)."""
+    name = settings[0]
+    with torch.no_grad():
+        a, y = a.detach(), y.detach()
+        if name == "hardtanh":
+            # y * 1[low < y < high] == a * 1[low < a < high]: the output suffices.
+            linear_part = torch.ops.aten.hardtanh_backward(y, y, settings[1], settings[2])
+        elif name in _OUTPUT_LINEAR_PARTS:
+            linear_part = _OUTPUT_LINEAR_PARTS[name](a, y)
+        else:
+            args, kwargs = (a, *settings[1:]), {}
+            if name == "gelu":
+                args, kwargs = (a,), {"approximate": settings[1]}
+            linear_part = _INPUT_LINEAR_PARTS[name](a, args, kwargs, None)
+        return y - linear_part
+
+
 def _elementwise(ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]) -> OpResult:
     """``c = g(a) - g'(a) a`` for the common activations, with ``g'(a) a`` from the backward kernel."""
     a = _arg(args, kwargs, 0, "input")

@@ -12,13 +12,15 @@ intercept (seed section 3.2). For such a network the trace of one call says ever
 later calls need: which module calls produce a source, in which order, and which
 convolution's bias is reduced together with the BatchNorm that reads it. A
 :class:`CapturePlan` keeps that, and :meth:`CapturePlan.replay` finds the same sources
-with one forward hook per module, reading each intercept from the module's current
+with one global forward hook, reading each intercept from the module's current
 parameters (so changed weights, biases or BatchNorm statistics are picked up).
 
 A plan is made only when every source of the traced call came from the first operation of
 a leaf module of one of the exact types ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``,
-``nn.Linear`` or ``nn.BatchNorm1d/2d/3d`` in eval mode (subclasses may override
-``forward``), and no operation failed. The replay checks, call by call, that the same
+``nn.Linear``, ``nn.BatchNorm1d/2d/3d`` in eval mode, or an activation module whose
+intercept a forward hook can compute from the call's input and output
+(``_intercepts.activation_settings``: MobileNet-V2's ReLU6, SiLU, GELU...; subclasses may
+override ``forward``), and no operation failed. The replay checks, call by call, that the same
 modules run in the same order with the planned output shapes and the same forward hooks,
 that the global module hooks are the same and that no planned layer gained or lost a
 bias; BatchNorm vectors are recomputed every call (training steps change the running
@@ -41,7 +43,7 @@ from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ._intercepts import Intercept
+from ._intercepts import Intercept, activation_intercept, activation_settings
 from .capture import BiasSource, Capture, Collector
 
 __all__ = ["CapturePlan", "PlanCache", "ReplayMismatch", "call_signature", "plans_for"]
@@ -70,6 +72,9 @@ class _Step:
     folded_into: Optional[int] = None
     absorbs: Optional[int] = None
     batch_norm: bool = False
+    # An activation module's op name and attributes (see ``activation_settings``): its
+    # dense intercept is computed from the call's input and output.
+    activation: Optional[Tuple[Any, ...]] = None
 
 
 class CapturePlan:
@@ -177,17 +182,28 @@ class CapturePlan:
             if origin is None:
                 return None  # an operation written in a forward
             module, call = origin
-            if source.op not in _OPS.get(type(module), ()) or step_at[call] is not None:
-                return None  # an unfamiliar module, or a second source in one call
-            if source.intercept.channel_vector is None:
-                return None
-            if isinstance(module, _BATCH_NORMS) and source.intercept.input_scale is None:
+            if step_at[call] is not None:
+                return None  # a second source in one call
+            activation = activation_settings(module)
+            if activation is not None:
+                if source.op != activation[0] or source.intercept.dense is None:
+                    return None
+            elif source.op not in _OPS.get(type(module), ()) or source.intercept.channel_vector is None:
+                return None  # an unfamiliar module
+            elif isinstance(module, _BATCH_NORMS) and source.intercept.input_scale is None:
                 return None  # batch statistics: the intercept needs forward-mode AD
             position[id(source)] = len(steps)
             step_at[call] = len(steps)
             layout_only = Intercept(None, channel_dim=source.intercept.channel_dim)
             template = dataclasses.replace(source, intercept=layout_only, folded_vector=None, block_vector=None)
-            steps.append(_Step(template=template, shape=source.shape, batch_norm=isinstance(module, _BATCH_NORMS)))
+            steps.append(
+                _Step(
+                    template=template,
+                    shape=source.shape,
+                    batch_norm=isinstance(module, _BATCH_NORMS),
+                    activation=activation,
+                )
+            )
         for conv, batch_norm in capture.folded_pairs():
             i, j = position[id(conv)], position[id(batch_norm)]
             steps[i] = dataclasses.replace(steps[i], folded_into=j)
@@ -273,7 +289,7 @@ class Replay:
             handle.remove()
         self._hooks.clear()
 
-    def _on_output(self, module: nn.Module, _args: Any, output: Any) -> None:
+    def _on_output(self, module: nn.Module, args: Any, output: Any) -> None:
         k = self._next
         self._next = k + 1
         if not self.matched:
@@ -297,10 +313,17 @@ class Replay:
         if not isinstance(output, Tensor) or output.shape != step.shape or not output.requires_grad:
             self.matched = False
             return
-        source = plan.source_for(index, module, self._batch_norm)
-        if source is None:
-            self.matched = False
-            return
+        if step.activation is not None:
+            if activation_settings(module) != step.activation or not args or not isinstance(args[0], Tensor):
+                self.matched = False  # an attribute changed (approximate, inplace, min_val...)
+                return
+            intercept = Intercept(None, dense=activation_intercept(step.activation, args[0], output))
+            source = _with_intercept(step.template, intercept)
+        else:
+            source = plan.source_for(index, module, self._batch_norm)
+            if source is None:
+                self.matched = False
+                return
         self.sources.append(source)
         intercept = source.intercept
         intercept.output = output

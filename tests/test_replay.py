@@ -14,10 +14,21 @@ from captum_fullgrad.testing import randomize_parameters_
 
 from .conftest import ZOO_INPUT_SIZE, build_zoo_model
 
-# Every bias source of these sits in a Conv/Linear/BatchNorm module: they get a plan.
-REPLAYABLE = ["vgg11_bn", "alexnet", "resnet18", "densenet121", "squeezenet1_1", "googlenet", "shufflenet_v2_x0_5"]
-# These have intercepts in other operations (ReLU6, SiLU, SE products, LayerNorm, GELU).
-TRACED = ["mobilenet_v2", "efficientnet_b0", "convnext_tiny"]
+# Every bias source of these sits in a Conv/Linear/BatchNorm or activation module: they
+# get a plan (MobileNet-V2's through its ReLU6 modules).
+REPLAYABLE = [
+    "vgg11_bn",
+    "alexnet",
+    "resnet18",
+    "densenet121",
+    "squeezenet1_1",
+    "googlenet",
+    "shufflenet_v2_x0_5",
+    "mobilenet_v2",
+]
+# These have intercepts in operations written in a forward (squeeze-and-excitation's
+# product, ConvNeXt's channels-last LayerNorm) or in in-place SiLU modules.
+TRACED = ["efficientnet_b0", "mobilenet_v3_small", "convnext_tiny"]
 
 
 class Recorders:
@@ -204,6 +215,67 @@ def test_replay_leaves_no_hook_even_when_the_forward_raises():
     for module in model.modules():
         assert not module._forward_hooks and not module._forward_pre_hooks
     _attribute(fullgrad, x)  # and the plan still works
+
+
+ACTIVATION_MODULES = [
+    nn.ReLU6(inplace=True),
+    nn.Hardtanh(-0.5, 0.8),
+    nn.SiLU(),
+    nn.GELU(approximate="tanh"),
+    nn.GELU(),
+    nn.Hardswish(),
+    nn.Hardsigmoid(),
+    nn.Mish(),
+    nn.ELU(alpha=0.7),
+    nn.Softplus(beta=2.0, threshold=1.5),
+    nn.Sigmoid(),
+    nn.Tanh(),
+]
+
+
+def _activation_network(activations) -> nn.Module:
+    layers = []
+    for i, activation in enumerate(activations):
+        layers += [nn.Conv2d(3 if i == 0 else 4, 4, 3, padding=1), activation]
+    layers += [nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 3)]
+    return randomize_parameters_(nn.Sequential(*layers).double(), 0).eval()
+
+
+def test_activation_modules_replay_exactly(recorders):
+    model = _activation_network(ACTIVATION_MODULES)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 3
+    fullgrad = FullGradient(model)
+    _attribute(fullgrad, x, target=1)
+    replayed, delta = _attribute(fullgrad, x * 0.7, target=1)
+    traced, traced_delta = _attribute(FullGradient(model, reuse_capture=False), x * 0.7, target=1)
+    assert recorders.kinds == ["Capture", "Replay", "Capture"]
+    torch.testing.assert_close(replayed, traced, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(delta, traced_delta, rtol=0, atol=1e-12)
+    assert delta.abs().max() < 1e-10
+
+
+def test_in_place_activations_that_need_their_input_are_traced(recorders):
+    model = _activation_network([nn.SiLU(inplace=True), nn.ReLU()])
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    fullgrad = FullGradient(model)
+    _attribute(fullgrad, x, target=0)
+    _, delta = _attribute(fullgrad, x, target=0)
+    assert recorders.kinds == ["Capture", "Capture"]
+    assert delta.abs().max() < 1e-10
+
+
+def test_a_changed_activation_attribute_leaves_the_plan(recorders):
+    model = _activation_network([nn.GELU(), nn.Hardtanh(-1.0, 1.0)])
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64) * 3
+    fullgrad = FullGradient(model)
+    _attribute(fullgrad, x, target=0)
+    model[1].approximate = "tanh"
+    model[3].max_val = 0.5
+    replayed, delta = _attribute(fullgrad, x, target=0)
+    traced, _ = _attribute(FullGradient(model, reuse_capture=False), x, target=0)
+    assert recorders.kinds == ["Capture", "Capture", "Capture"]
+    torch.testing.assert_close(replayed, traced, rtol=1e-12, atol=1e-12)
+    assert delta.abs().max() < 1e-10
 
 
 def test_a_plan_needs_exact_module_types():
