@@ -325,9 +325,9 @@ def _mul(ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str, An
     a, b = args[0], _arg(args, kwargs, 1, "other")
     out = func(*args, **kwargs)
     if ctx.is_graph(a) and ctx.is_graph(b) and ctx.graph_outputs(out):
-        # a * b is homogeneous of degree two: c = ab - (ab + ab) = -ab. Cloned because the
-        # model may overwrite its output in place later.
-        return OpResult(out, [Intercept(out, dense=-out.detach().clone())])
+        # a * b is homogeneous of degree two: c = ab - (ab + ab) = -ab. The negation is a
+        # new tensor, safe from a later in-place write to the output.
+        return OpResult(out, [Intercept(out, dense=-out.detach())])
     return OpResult(out, [])
 
 
@@ -347,7 +347,7 @@ def _multilinear(ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict
     if degree <= 1 or not ctx.graph_outputs(out):
         return OpResult(out, [])
     # A map linear in each of k graph operands: J a = k g(a), so c = (1 - k) g(a).
-    return OpResult(out, [Intercept(out, dense=(1 - degree) * out.detach().clone())])
+    return OpResult(out, [Intercept(out, dense=(1 - degree) * out.detach())])
 
 
 def _cat(ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]) -> OpResult:
@@ -433,43 +433,43 @@ _ACTIVATION_MODULES: Dict[type, str] = {
 
 def activation_settings(module: torch.nn.Module) -> Optional[Tuple[Any, ...]]:
     """What the intercept of an activation module depends on besides its input and output:
-    ``(op name, *attributes)``; ``None`` when a forward hook cannot compute it (another
-    module type, or an in-place activation whose input is gone by the time the hook runs,
-    except hardtanh, whose intercept the output determines)."""
+    ``(op name, inplace, *attributes)``; ``None`` for any other module."""
     name = _ACTIVATION_MODULES.get(type(module))
     if name is None:
         return None
     inplace = bool(getattr(module, "inplace", False))
     if name == "hardtanh":
-        return (name, float(module.min_val), float(module.max_val), inplace)
-    if inplace:
-        return None
+        return (name, inplace, float(module.min_val), float(module.max_val))
     if name == "gelu":
-        return (name, module.approximate)
+        return (name, inplace, module.approximate)
     if name == "elu":
-        return (name, float(module.alpha))
+        return (name, inplace, float(module.alpha))
     if name == "softplus":
-        return (name, float(module.beta), float(module.threshold))
-    return (name,)
+        return (name, inplace, float(module.beta), float(module.threshold))
+    return (name, inplace)
 
 
-def activation_intercept(settings: Tuple[Any, ...], a: Tensor, y: Tensor) -> Tensor:
-    """The intercept ``y - g'(a) a`` of an activation module's call, as :func:`_elementwise`
-    computes it for the traced op (the same kernels, so the same values)."""
+def activation_reads_input_first(settings: Tuple[Any, ...]) -> bool:
+    """Whether ``g'(a) a`` must be taken before the call (an in-place activation overwrites
+    ``a``); hardtanh's follows from its output: ``y 1[low < y < high] = a 1[low < a < high]``."""
+    return settings[1] and settings[0] != "hardtanh"
+
+
+def activation_linear_part(settings: Tuple[Any, ...], a: Tensor, y: Optional[Tensor] = None) -> Tensor:
+    """``g'(a) a`` of an activation module's call, with the kernels :func:`_elementwise` uses
+    for the traced op (so the same values); ``y`` is needed by hardtanh, sigmoid and tanh."""
     name = settings[0]
     with torch.no_grad():
-        a, y = a.detach(), y.detach()
         if name == "hardtanh":
-            # y * 1[low < y < high] == a * 1[low < a < high]: the output suffices.
-            linear_part = torch.ops.aten.hardtanh_backward(y, y, settings[1], settings[2])
-        elif name in _OUTPUT_LINEAR_PARTS:
-            linear_part = _OUTPUT_LINEAR_PARTS[name](a, y)
-        else:
-            args, kwargs = (a, *settings[1:]), {}
-            if name == "gelu":
-                args, kwargs = (a,), {"approximate": settings[1]}
-            linear_part = _INPUT_LINEAR_PARTS[name](a, args, kwargs, None)
-        return y - linear_part
+            y = y.detach()
+            return torch.ops.aten.hardtanh_backward(y, y, settings[2], settings[3])
+        a = a.detach()
+        if name in _OUTPUT_LINEAR_PARTS:
+            return _OUTPUT_LINEAR_PARTS[name](a, y.detach())
+        args, kwargs = (a, *settings[2:]), {}
+        if name == "gelu":
+            args, kwargs = (a,), {"approximate": settings[2]}
+        return _INPUT_LINEAR_PARTS[name](a, args, kwargs, None)
 
 
 def _elementwise(ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]) -> OpResult:

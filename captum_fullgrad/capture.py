@@ -243,6 +243,10 @@ class Capture:
         self.module_calls: List[nn.Module] = []
         self._call_positions: Dict[int, int] = {}
         self._origins: Dict[BiasSource, Tuple[nn.Module, int]] = {}
+        # Products of two graph tensors that a module returns (squeeze-and-excitation's
+        # ``scale * x``): their intercept, ``-y``, is a function of the module's output.
+        self._product_outputs: Dict[int, Tuple[weakref.ref, BiasSource]] = {}
+        self._output_origins: Dict[BiasSource, Tuple[nn.Module, int, type]] = {}
         self._handles: List[Any] = []
         self._conv_outputs: Dict[int, Tuple[weakref.ref, int, str, BiasSource]] = {}
         self._hooks: Dict[BiasSource, Any] = {}
@@ -289,6 +293,9 @@ class Capture:
         stack = self._module_stack
         calls = self.module_calls
         positions = self._call_positions
+        products = self._product_outputs
+        output_origins = self._output_origins
+        origins = self._origins
         started = [0]
 
         def pre_hook(module: nn.Module, _args: Any) -> None:
@@ -306,6 +313,12 @@ class Capture:
                 popped = stack.pop()
                 if popped[3] == id(module):
                     positions[popped[5]] = len(calls) - 1
+                    if products and isinstance(_output, Tensor):
+                        entry = products.get(id(_output))
+                        source = entry[1] if entry is not None and entry[0]() is _output else None
+                        if source is not None and source not in origins and source not in output_origins:
+                            # The innermost module, and the autograd node a replay must find.
+                            output_origins[source] = (module, popped[5], type(_output.grad_fn))
                     break
 
         self._handles.append(nn.modules.module.register_module_forward_pre_hook(pre_hook))
@@ -500,6 +513,8 @@ class Capture:
         self.sources.append(source)
         if origin is not None:
             self._origins[source] = origin
+        elif op == "mul" and intercept.dense is not None:
+            self._product_outputs[id(output)] = (weakref.ref(output), source)
         self.collector.on_source(source)
         # The hook closes over the source; the source must not hold the output tensor, or
         # tensor -> hook -> source -> tensor is a cycle Python's collector cannot see
@@ -522,6 +537,15 @@ class Capture:
         if entry is None or entry[1] not in self._call_positions:
             return None
         return entry[0], self._call_positions[entry[1]]
+
+    def output_origin(self, source: BiasSource) -> Optional[Tuple[nn.Module, int, type]]:
+        """For a product of two graph tensors that a module returned: the innermost such
+        module, the position of that call in :attr:`module_calls` and the type of the
+        autograd node that made the output; else ``None``."""
+        entry = self._output_origins.get(source)
+        if entry is None or entry[1] not in self._call_positions:
+            return None
+        return entry[0], self._call_positions[entry[1]], entry[2]
 
     def folded_pairs(self) -> List[Tuple[BiasSource, BiasSource]]:
         """The (convolution, BatchNorm) pairs reduced as one at the end of the forward pass."""

@@ -18,9 +18,11 @@ parameters (so changed weights, biases or BatchNorm statistics are picked up).
 A plan is made only when every source of the traced call came from the first operation of
 a leaf module of one of the exact types ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``,
 ``nn.Linear``, ``nn.BatchNorm1d/2d/3d`` in eval mode, or an activation module whose
-intercept a forward hook can compute from the call's input and output
-(``_intercepts.activation_settings``: MobileNet-V2's ReLU6, SiLU, GELU...; subclasses may
-override ``forward``), and no operation failed. The replay checks, call by call, that the same
+intercept follows from the call's input and output (``_intercepts.activation_settings``:
+ReLU6, SiLU, GELU...; an in-place one's input is read in a pre-hook), subclasses excluded
+(they may override ``forward``), or was a product of two graph tensors that a module
+returned (squeeze-and-excitation's ``scale * x``, intercept ``-y``), and no operation
+failed. The replay checks, call by call, that the same
 modules run in the same order with the planned output shapes and the same forward hooks,
 that the global module hooks are the same and that no planned layer gained or lost a
 bias; BatchNorm vectors are recomputed every call (training steps change the running
@@ -43,7 +45,7 @@ from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ._intercepts import Intercept, activation_intercept, activation_settings
+from ._intercepts import Intercept, activation_linear_part, activation_reads_input_first, activation_settings
 from .capture import BiasSource, Capture, Collector
 
 __all__ = ["CapturePlan", "PlanCache", "ReplayMismatch", "call_signature", "plans_for"]
@@ -75,6 +77,9 @@ class _Step:
     # An activation module's op name and attributes (see ``activation_settings``): its
     # dense intercept is computed from the call's input and output.
     activation: Optional[Tuple[Any, ...]] = None
+    # A product of two graph tensors returned by a (non-leaf) module: ``c = -y``, and the
+    # type of the autograd node that must have made the output.
+    product_node: Optional[type] = None
 
 
 class CapturePlan:
@@ -93,6 +98,13 @@ class CapturePlan:
         self.step_at: Tuple[Optional[int], ...] = tuple(step_at)
         self.step_call: Tuple[int, ...] = tuple(step_at.index(i) for i in range(len(self.steps)))
         self._batch_norm_steps = [i for i, s in enumerate(self.steps) if s.batch_norm]
+        # In-place activations whose input must be read before their call, by module id
+        # (the call-sequence guard checks identities).
+        self.read_first: Dict[int, Tuple[Any, ...]] = {
+            id(calls[self.step_call[i]]): s.activation
+            for i, s in enumerate(self.steps)
+            if s.activation is not None and activation_reads_input_first(s.activation)
+        }
         # Whether each call of a Conv/Linear/BatchNorm module that made no source had a
         # bias (a bias added later would be a source the plan does not have).
         self.had_bias: Tuple[Optional[bool], ...] = tuple(
@@ -178,20 +190,25 @@ class CapturePlan:
         position: Dict[int, int] = {}
         step_at: List[Optional[int]] = [None] * len(capture.module_calls)
         for source in capture.sources:
+            activation = product_node = None
             origin = capture.origin(source)
-            if origin is None:
-                return None  # an operation written in a forward
-            module, call = origin
+            if origin is not None:
+                module, call = origin
+                activation = activation_settings(module)
+                if activation is not None:
+                    if source.op != activation[0] or source.intercept.dense is None:
+                        return None
+                elif source.op not in _OPS.get(type(module), ()) or source.intercept.channel_vector is None:
+                    return None  # an unfamiliar module
+                elif isinstance(module, _BATCH_NORMS) and source.intercept.input_scale is None:
+                    return None  # batch statistics: the intercept needs forward-mode AD
+            else:
+                returned = capture.output_origin(source)
+                if returned is None:
+                    return None  # an operation written in a forward, not what it returns
+                module, call, product_node = returned
             if step_at[call] is not None:
                 return None  # a second source in one call
-            activation = activation_settings(module)
-            if activation is not None:
-                if source.op != activation[0] or source.intercept.dense is None:
-                    return None
-            elif source.op not in _OPS.get(type(module), ()) or source.intercept.channel_vector is None:
-                return None  # an unfamiliar module
-            elif isinstance(module, _BATCH_NORMS) and source.intercept.input_scale is None:
-                return None  # batch statistics: the intercept needs forward-mode AD
             position[id(source)] = len(steps)
             step_at[call] = len(steps)
             layout_only = Intercept(None, channel_dim=source.intercept.channel_dim)
@@ -202,6 +219,7 @@ class CapturePlan:
                     shape=source.shape,
                     batch_norm=isinstance(module, _BATCH_NORMS),
                     activation=activation,
+                    product_node=product_node,
                 )
             )
         for conv, batch_norm in capture.folded_pairs():
@@ -255,6 +273,7 @@ class Replay:
         self._handles: List[Any] = []
         self._hooks: List[Any] = []
         self._next = 0
+        self._linear_parts: Dict[int, Tensor] = {}
 
     def __enter__(self) -> "Replay":
         if _global_hook_key() != self.plan.global_hooks:
@@ -267,6 +286,8 @@ class Replay:
         # so the guard compares the whole call sequence with the trace's, and it costs
         # less than registering and removing a handle per module.
         self._handles.append(nn.modules.module.register_module_forward_hook(self._on_output))
+        if self.plan.read_first:
+            self._handles.append(nn.modules.module.register_module_forward_pre_hook(self._on_input))
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -282,6 +303,13 @@ class Replay:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._linear_parts.clear()
+
+    def _on_input(self, module: nn.Module, args: Any) -> None:
+        settings = self.plan.read_first.get(id(module))
+        if settings is not None and args and isinstance(args[0], Tensor):
+            # An in-place activation is about to overwrite its input: g'(a) a now.
+            self._linear_parts[id(module)] = activation_linear_part(settings, args[0])
 
     def remove_gradient_hooks(self) -> None:
         """Detach every gradient hook this replay registered."""
@@ -317,8 +345,21 @@ class Replay:
             if activation_settings(module) != step.activation or not args or not isinstance(args[0], Tensor):
                 self.matched = False  # an attribute changed (approximate, inplace, min_val...)
                 return
-            intercept = Intercept(None, dense=activation_intercept(step.activation, args[0], output))
+            if activation_reads_input_first(step.activation):
+                linear_part = self._linear_parts.pop(id(module), None)
+                if linear_part is None:
+                    self.matched = False
+                    return
+            else:
+                linear_part = activation_linear_part(step.activation, args[0], output)
+            intercept = Intercept(None, dense=output.detach() - linear_part)
             source = _with_intercept(step.template, intercept)
+        elif step.product_node is not None:
+            if type(output.grad_fn) is not step.product_node:
+                self.matched = False  # the module no longer returns the product
+                return
+            # a * b is homogeneous of degree two: c = -ab (as the trace's rule).
+            source = _with_intercept(step.template, Intercept(None, dense=-output.detach()))
         else:
             source = plan.source_for(index, module, self._batch_norm)
             if source is None:

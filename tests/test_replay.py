@@ -14,8 +14,8 @@ from captum_fullgrad.testing import randomize_parameters_
 
 from .conftest import ZOO_INPUT_SIZE, build_zoo_model
 
-# Every bias source of these sits in a Conv/Linear/BatchNorm or activation module: they
-# get a plan (MobileNet-V2's through its ReLU6 modules).
+# Every bias source of these sits in a Conv/Linear/BatchNorm or activation module, or is a
+# product a module returns (squeeze-and-excitation): they get a plan.
 REPLAYABLE = [
     "vgg11_bn",
     "alexnet",
@@ -25,10 +25,13 @@ REPLAYABLE = [
     "googlenet",
     "shufflenet_v2_x0_5",
     "mobilenet_v2",
+    "mobilenet_v3_small",
+    "efficientnet_b0",
+    "regnet_y_400mf",
 ]
-# These have intercepts in operations written in a forward (squeeze-and-excitation's
-# product, ConvNeXt's channels-last LayerNorm) or in in-place SiLU modules.
-TRACED = ["efficientnet_b0", "mobilenet_v3_small", "convnext_tiny"]
+# These have intercepts in operations written in a forward (ConvNeXt's channels-last
+# LayerNorm between two permutes, the vision transformer's attention and class token).
+TRACED = ["convnext_tiny", "vit"]
 
 
 class Recorders:
@@ -74,7 +77,7 @@ def test_replay_equals_the_trace_on_the_zoo(name, recorders):
 @pytest.mark.parametrize("name", TRACED)
 def test_no_plan_when_an_operation_outside_the_bias_modules_has_an_intercept(name, recorders):
     model = build_zoo_model(name)
-    x = torch.randn(1, 3, 48, 48, dtype=torch.float64)
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
     fullgrad = FullGradient(model)
     _attribute(fullgrad, x)
     _attribute(fullgrad, x)
@@ -254,14 +257,50 @@ def test_activation_modules_replay_exactly(recorders):
     assert delta.abs().max() < 1e-10
 
 
-def test_in_place_activations_that_need_their_input_are_traced(recorders):
-    model = _activation_network([nn.SiLU(inplace=True), nn.ReLU()])
-    x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+def test_in_place_activations_read_their_input_before_the_call(recorders):
+    """An in-place SiLU overwrites its input before a forward hook runs: the replay takes
+    g'(a) a in a pre-hook instead."""
+    model = _activation_network([nn.SiLU(inplace=True), nn.Hardswish(inplace=True), nn.Mish(inplace=True)])
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64) * 3
     fullgrad = FullGradient(model)
     _attribute(fullgrad, x, target=0)
-    _, delta = _attribute(fullgrad, x, target=0)
-    assert recorders.kinds == ["Capture", "Capture"]
+    replayed, delta = _attribute(fullgrad, x * 0.6, target=0)
+    traced, _ = _attribute(FullGradient(model, reuse_capture=False), x * 0.6, target=0)
+    assert recorders.kinds == ["Capture", "Replay", "Capture"]
+    torch.testing.assert_close(replayed, traced, rtol=1e-12, atol=1e-12)
     assert delta.abs().max() < 1e-10
+
+
+class Gate(nn.Module):
+    """Squeeze-and-excitation's shape: a module that returns a product of two activations."""
+
+    def __init__(self, product: bool = True) -> None:
+        super().__init__()
+        self.fc = nn.Conv2d(4, 4, 1)
+        self.gate = nn.Sigmoid()
+        self.product = product
+
+    def forward(self, x):
+        scale = self.gate(self.fc(x.mean((2, 3), keepdim=True)))
+        return scale * x if self.product else x + scale
+
+
+def test_a_returned_product_replays_and_its_guard_sees_a_change(recorders):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), Gate(), nn.Flatten(), nn.Linear(144, 2))
+    randomize_parameters_(model.double(), 0).eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    fullgrad = FullGradient(model)
+    _attribute(fullgrad, x, target=1)
+    replayed, delta = _attribute(fullgrad, x * 0.5, target=1)
+    traced, _ = _attribute(FullGradient(model, reuse_capture=False), x * 0.5, target=1)
+    torch.testing.assert_close(replayed, traced, rtol=1e-12, atol=1e-12)
+    assert delta.abs().max() < 1e-10
+    model[2].product = False  # the same modules, the same shapes: only the node differs
+    changed, changed_delta = _attribute(fullgrad, x, target=1)
+    reference, _ = _attribute(FullGradient(model, reuse_capture=False), x, target=1)
+    assert recorders.kinds == ["Capture", "Replay", "Capture", "Capture", "Capture"]
+    torch.testing.assert_close(changed, reference, rtol=1e-12, atol=1e-12)
+    assert changed_delta.abs().max() < 1e-10
 
 
 def test_a_changed_activation_attribute_leaves_the_plan(recorders):
