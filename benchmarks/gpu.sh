@@ -47,6 +47,14 @@ timeout 60 python3 -m captum_fullgrad.benchmark --model host_models:thin_vgg16_b
   --out "$out" --name bench_host > "$out/bench_host.log" 2>&1
 tail -10 "$out/bench_host.log"
 
+# 3d. Networks whose plans hold activation modules and squeeze-and-excitation products.
+for model in efficientnet_b0 mobilenet_v3_small; do
+  timeout 45 python3 -m captum_fullgrad.benchmark --model $model --batch-sizes 1,16 \
+    --methods saliency,fullgrad,fullgrad_traced --repeats 10 --warmup 3 --tf32 --cudnn-benchmark --no-progress \
+    --out "$out" --name bench_$model > "$out/bench_$model.log" 2>&1
+  tail -7 "$out/bench_$model.log"
+done
+
 # 4. Large batches bounded by internal_batch_size: time should grow linearly with the batch.
 timeout 120 python3 -m captum_fullgrad.benchmark --model vgg16_bn --batch-sizes 64,128,256 --internal-batch-size 64 \
   --methods saliency,fullgrad --repeats 3 --warmup 1 --tf32 --cudnn-benchmark --no-progress \
