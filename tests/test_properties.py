@@ -16,6 +16,7 @@ ACTIVATIONS = {
     "relu6": lambda: nn.ReLU6(),
     "leaky_relu": lambda: nn.LeakyReLU(0.1, inplace=True),
     "silu": lambda: nn.SiLU(),
+    "silu_in_place": lambda: nn.SiLU(inplace=True),
     "gelu": lambda: nn.GELU(),
     "tanh": lambda: nn.Tanh(),
     "sigmoid": lambda: nn.Sigmoid(),
@@ -124,21 +125,23 @@ def test_completeness_holds_for_random_networks(case):
     first, delta = FullGradient(model).attribute(x, target=target, return_convergence_delta=True)
     assert (delta.abs() <= 1e-9 * scale + 1e-12).all()
     # A second call replays the first one's plan where the network has one (bias sources
-    # only in Conv/Linear/BatchNorm modules): the same map and gap.
+    # only in Conv/Linear/BatchNorm or activation modules): the same map and gap.
     again, delta_again = FullGradient(model).attribute(x, target=target, return_convergence_delta=True)
     torch.testing.assert_close(again, first, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(delta_again, delta, rtol=0, atol=1e-9 * float(scale.max()) + 1e-12)
 
 
-# Every intercept in a Conv/Linear/BatchNorm module: networks that get a capture plan.
-replayable_block_spec = block_specs(["relu", "leaky_relu", "identity"], ["none", "batch"], st.just(False))
+# Every intercept in a Conv/Linear/BatchNorm or activation module: networks that get a
+# capture plan (the gate is a functional sigmoid, group and instance norm are traced).
+replayable_block_spec = block_specs(sorted(ACTIVATIONS), ["none", "batch"], st.just(False))
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=random_networks(replayable_block_spec))
 def test_replay_equals_the_trace_for_random_networks(case):
-    """Networks whose every intercept sits in Conv/Linear/BatchNorm modules (residuals, a
-    module called twice, conv-BN folding or not) replay their plan exactly."""
+    """Networks whose every intercept sits in Conv/Linear/BatchNorm or activation modules
+    (residuals, a module called twice, in-place activations, conv-BN folding or not)
+    replay their plan exactly."""
     from captum_fullgrad.replay import plans_for
 
     model, x, target = case
