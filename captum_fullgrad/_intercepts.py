@@ -241,14 +241,9 @@ def _batch_norm_affine(running_mean: Tensor, running_var: Tensor, weight: Option
 
 
 def _normalisation(ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]) -> OpResult:
-    """Layer, group and RMS normalisation, in closed form.
+    """Layer, group and RMS normalisation, in closed form (see :func:`normalisation_intercept`).
 
-    ``y = gamma (a - mu) / sqrt(var + eps) + beta`` with statistics over the normalised
-    axes of each example (RMS: no ``mu``, ``var`` is the mean square, no ``beta``). Along
-    ``a -> (1 + t) a`` only ``eps`` keeps the normalised part from being invariant:
-    ``J a = (y - beta) eps / (var + eps)``, so ``c = y - (y - beta) eps / (var + eps)``, as
-    for BatchNorm on batch statistics. Forward-mode AD through ``layer_norm`` runs a Python
-    decomposition, a large share of a transformer's attribution time.
+    Forward-mode AD through ``layer_norm`` runs a Python decomposition.
     """
     a = _arg(args, kwargs, 0, "input")
     name = op_name(func)
@@ -257,42 +252,76 @@ def _normalisation(ctx: Context, func: Callable, args: Sequence[Any], kwargs: Di
     if not isinstance(a, Tensor) or not a.is_floating_point() or a.dim() < 2 or ctx.is_graph(weight) or ctx.is_graph(bias):
         return _generic(ctx, func, args, kwargs)
     if name == "group_norm":
-        groups = int(_arg(args, kwargs, 1, "num_groups"))
+        axes = int(_arg(args, kwargs, 1, "num_groups"))
         eps = _arg(args, kwargs, 4, "eps", 1e-5)
-        reduce_dims = [-1]
     else:
         normalized_shape = _arg(args, kwargs, 1, "normalized_shape")
-        count = 1 if isinstance(normalized_shape, int) else len(normalized_shape)
-        reduce_dims = list(range(-count, 0))
+        axes = 1 if isinstance(normalized_shape, int) else len(normalized_shape)
         eps = _arg(args, kwargs, 3 if name == "rms_norm" else 4, "eps", None if name == "rms_norm" else 1e-5)
+    value = func(*args, **kwargs)
+    if not _is_graph_output(value):
+        return OpResult(value, [])
+    return OpResult(value, [Intercept(value, dense=normalisation_intercept((name, axes, eps), a, value, bias))])
+
+
+def normalisation_intercept(settings: Tuple[Any, ...], a: Tensor, y: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``c = y - (y - beta) eps / (var + eps)`` for ``y = gamma (a - mu) / sqrt(var + eps) + beta``.
+
+    The statistics are taken per example over the normalised axes (RMS: no ``mu``, ``var``
+    is the mean square, no ``beta``). Along ``a -> (1 + t) a`` only ``eps`` keeps the
+    normalised part from being invariant: ``J a = (y - beta) eps / (var + eps)``, as for
+    BatchNorm on batch statistics. ``settings`` is ``(kind, axes, eps)``: ``layer_norm``
+    and ``rms_norm`` normalise the last ``axes`` axes, ``group_norm`` ``axes`` groups of
+    channels, ``channel_layer_norm`` the channel axis 1 (torchvision's ``LayerNorm2d``).
+    """
+    kind, axes, eps = settings
     with torch.no_grad(), torch.autocast(a.device.type, enabled=False):
         values = a.detach()
         if values.dtype in (torch.float16, torch.bfloat16):
             values = values.float()  # the kernels accumulate statistics in float32 too
         if eps is None:  # rms_norm's default: the epsilon of its accumulation type
             eps = torch.finfo(values.dtype).eps
-        if name == "group_norm":
-            grouped = values.reshape(values.shape[0], groups, -1)
+        if kind == "group_norm":
+            grouped = values.reshape(values.shape[0], axes, -1)
             variance = grouped.var(-1, unbiased=False, keepdim=True)
-            variance = variance.expand(-1, -1, values.shape[1] // groups).reshape(
+            variance = variance.expand(-1, -1, values.shape[1] // axes).reshape(
                 values.shape[0], values.shape[1], *([1] * (values.dim() - 2))
             )
-        elif name == "rms_norm":
-            variance = values.square().mean(reduce_dims, keepdim=True)
+        elif kind == "channel_layer_norm":
+            variance = values.var(1, unbiased=False, keepdim=True)
+        elif kind == "rms_norm":
+            variance = values.square().mean(list(range(-axes, 0)), keepdim=True)
         else:
-            variance = values.var(reduce_dims, unbiased=False, keepdim=True)
+            variance = values.var(list(range(-axes, 0)), unbiased=False, keepdim=True)
         shrink = eps / (variance + eps)
-    value = func(*args, **kwargs)
-    if not _is_graph_output(value):
-        return OpResult(value, [])
-    with torch.no_grad(), torch.autocast(a.device.type, enabled=False):
-        y = value.detach()
+        y = y.detach()
         normalised_part = y
         if bias is not None:
-            shape = [-1] + [1] * (y.dim() - 2) if name == "group_norm" else list(bias.shape)
+            per_channel = kind in ("group_norm", "channel_layer_norm")
+            shape = [-1] + [1] * (y.dim() - 2) if per_channel else list(bias.shape)
             normalised_part = y - bias.detach().reshape(shape).to(y.dtype)
-        constant = y - normalised_part * shrink.to(y.dtype)
-    return OpResult(value, [Intercept(value, dense=constant)])
+        return y - normalised_part * shrink.to(y.dtype)
+
+
+try:  # ConvNeXt's channels-first LayerNorm: permute, layer_norm over channels, permute back
+    from torchvision.models.convnext import LayerNorm2d as _LayerNorm2d
+except ImportError:  # pragma: no cover - torchvision without ConvNeXt
+    _LayerNorm2d = None
+
+
+def normalisation_settings(module: torch.nn.Module) -> Optional[Tuple[Any, ...]]:
+    """``(kind, axes, eps)`` of a normalisation module of exactly a known type (see
+    :func:`normalisation_intercept`); ``None`` for any other module."""
+    kind = type(module)
+    if kind is torch.nn.LayerNorm:
+        return ("layer_norm", len(module.normalized_shape), float(module.eps))
+    if kind is torch.nn.GroupNorm:
+        return ("group_norm", int(module.num_groups), float(module.eps))
+    if _LayerNorm2d is not None and kind is _LayerNorm2d:
+        return ("channel_layer_norm", 1, float(module.eps))
+    if kind is getattr(torch.nn, "RMSNorm", None):
+        return ("rms_norm", len(module.normalized_shape), module.eps)
+    return None
 
 
 def _add_sub(ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]) -> OpResult:

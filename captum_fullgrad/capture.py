@@ -414,6 +414,16 @@ class Capture:
             perm = _permutation(name, source.dim(), args[1:], kwargs)
             if perm is not None:
                 return [perm.index(source_dim)] * len(outputs)
+        if source_dim is not None and name in ("stack", "unsqueeze"):
+            # A new axis at ``dim``: the batch axis moves right when it is not before it.
+            dim = (args[1] if len(args) > 1 else kwargs.get("dim", 0)) if name == "stack" else (
+                args[1] if len(args) > 1 else kwargs.get("dim")
+            )
+            if isinstance(dim, int):
+                dim = dim % (source.dim() + 1)
+                moved = source_dim + (1 if source_dim >= dim else 0)
+                if all(o.dim() > moved and o.shape[moved] == extent for o in outputs):
+                    return [moved] * len(outputs)
         if source_dim is not None:
             removed = _removed_dims(name, source.dim(), args[1:], kwargs)
             if removed and source_dim not in removed:
@@ -446,9 +456,12 @@ class Capture:
     ) -> Optional[str]:
         if forced is not None:
             return forced
-        source = next((t for t in graph_inputs if t.dim() == self._input_rank), None)
-        if source is None:
+        same_rank = [t for t in graph_inputs if t.dim() == self._input_rank]
+        if not same_rank:
             return None
+        # Prefer an operand shaped like the output: in ``s * x`` with a (N, C, 1, 1) gate
+        # ``s``, the output's layout is ``x``'s, whichever operand comes first.
+        source = next((t for t in same_rank if t.shape == outputs[0].shape and self.tracker.layout(t)), same_rank[0])
         layout = self.tracker.layout(source)
         name = getattr(func, "__name__", "")
         if name in _PERMUTATIONS and layout:

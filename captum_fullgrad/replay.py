@@ -19,7 +19,8 @@ A plan is made only when every source of the traced call came from the first ope
 a leaf module of one of the exact types ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``,
 ``nn.Linear``, ``nn.BatchNorm1d/2d/3d`` in eval mode, or an activation module whose
 intercept follows from the call's input and output (``_intercepts.activation_settings``:
-ReLU6, SiLU, GELU...; an in-place one's input is read in a pre-hook), subclasses excluded
+ReLU6, SiLU, GELU...; an in-place one's input is read in a pre-hook) or a normalisation
+module (``LayerNorm``, ``GroupNorm``, ``RMSNorm``, torchvision's ``LayerNorm2d``), subclasses excluded
 (they may override ``forward``), or was a product of two graph tensors that a module
 returned (squeeze-and-excitation's ``scale * x``, intercept ``-y``), and no operation
 failed. The replay checks, call by call, that the same
@@ -45,7 +46,14 @@ from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ._intercepts import Intercept, activation_linear_part, activation_reads_input_first, activation_settings
+from ._intercepts import (
+    Intercept,
+    activation_linear_part,
+    activation_reads_input_first,
+    activation_settings,
+    normalisation_intercept,
+    normalisation_settings,
+)
 from .capture import BiasSource, Capture, Collector
 
 __all__ = ["CapturePlan", "PlanCache", "ReplayMismatch", "call_signature", "plans_for"]
@@ -80,6 +88,8 @@ class _Step:
     # A product of two graph tensors returned by a (non-leaf) module: ``c = -y``, and the
     # type of the autograd node that must have made the output.
     product_node: Optional[type] = None
+    # A normalisation module's ``(kind, axes, eps)`` (see ``normalisation_settings``).
+    normalisation: Optional[Tuple[Any, ...]] = None
 
 
 class CapturePlan:
@@ -186,17 +196,25 @@ class CapturePlan:
         """The plan of a traced call, or ``None`` when it cannot be replayed exactly."""
         if not isinstance(capture, Capture) or capture.failed_ops or not capture.sources or not capture.module_calls:
             return None
+        if _global_hook_key()[0]:
+            # A global forward hook runs before the replay's and may replace a module's
+            # output, which the replay would then take for the operation's.
+            return None
         steps: List[_Step] = []
         position: Dict[int, int] = {}
         step_at: List[Optional[int]] = [None] * len(capture.module_calls)
         for source in capture.sources:
-            activation = product_node = None
+            activation = product_node = normalisation = None
             origin = capture.origin(source)
             if origin is not None:
                 module, call = origin
                 activation = activation_settings(module)
+                normalisation = normalisation_settings(module)
                 if activation is not None:
                     if source.op != activation[0] or source.intercept.dense is None:
+                        return None
+                elif normalisation is not None:
+                    if source.op != normalisation[0].replace("channel_", "") or source.intercept.dense is None:
                         return None
                 elif source.op not in _OPS.get(type(module), ()) or source.intercept.channel_vector is None:
                     return None  # an unfamiliar module
@@ -209,17 +227,25 @@ class CapturePlan:
                 module, call, product_node = returned
             if step_at[call] is not None:
                 return None  # a second source in one call
+            if activation is not None and activation_reads_input_first(activation) and module._forward_pre_hooks:
+                return None  # its own pre-hooks run after the replay's, and may change the input
             position[id(source)] = len(steps)
             step_at[call] = len(steps)
             layout_only = Intercept(None, channel_dim=source.intercept.channel_dim)
             template = dataclasses.replace(source, intercept=layout_only, folded_vector=None, block_vector=None)
+            if normalisation is not None and normalisation[0] == "channel_layer_norm":
+                # Traced on the channels-last tensor between LayerNorm2d's permutes, replayed
+                # on the module's channels-first output: the same channel sums.
+                n, *spatial, channels = source.shape
+                template = dataclasses.replace(template, shape=torch.Size([n, channels, *spatial]), channel_dim=1)
             steps.append(
                 _Step(
                     template=template,
-                    shape=source.shape,
+                    shape=template.shape,
                     batch_norm=isinstance(module, _BATCH_NORMS),
                     activation=activation,
                     product_node=product_node,
+                    normalisation=normalisation,
                 )
             )
         for conv, batch_norm in capture.folded_pairs():
@@ -354,9 +380,17 @@ class Replay:
                 linear_part = activation_linear_part(step.activation, args[0], output)
             intercept = Intercept(None, dense=output.detach() - linear_part)
             source = _with_intercept(step.template, intercept)
+        elif step.normalisation is not None:
+            if normalisation_settings(module) != step.normalisation or not args or not isinstance(args[0], Tensor):
+                self.matched = False  # eps or the number of groups changed
+                return
+            bias = None if step.normalisation[0] == "rms_norm" else module.bias
+            intercept = Intercept(None, dense=normalisation_intercept(step.normalisation, args[0], output, bias))
+            source = _with_intercept(step.template, intercept)
         elif step.product_node is not None:
-            if type(output.grad_fn) is not step.product_node:
-                self.matched = False  # the module no longer returns the product
+            node = output.grad_fn
+            if type(node) is not step.product_node or not _both_factors_computed(node):
+                self.matched = False  # the module no longer returns a product of two activations
                 return
             # a * b is homogeneous of degree two: c = -ab (as the trace's rule).
             source = _with_intercept(step.template, Intercept(None, dense=-output.detach()))
@@ -382,6 +416,12 @@ class Replay:
             self._hooks.append(node.register_prehook(lambda grads: _deliver(on_gradient, source, grads[nr])))
         else:
             self._hooks.append(output.register_hook(lambda grad: on_gradient(source, grad)))
+
+
+def _both_factors_computed(node: Any) -> bool:
+    """Whether both inputs of a product's autograd node come from other operations: a
+    detached (or constant) factor has no next function, a parameter an AccumulateGrad."""
+    return all(fn is not None and type(fn).__name__ != "AccumulateGrad" for fn, _ in node.next_functions)
 
 
 def _deliver(on_gradient: Any, source: BiasSource, grad: Optional[Tensor]) -> None:

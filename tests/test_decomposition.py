@@ -279,6 +279,44 @@ def test_batch_axis_followed_through_reshapes_and_indexing():
             torch.testing.assert_close(term, fj.bias_terms[name][i : i + 1], rtol=1e-9, atol=1e-12)
 
 
+def test_batch_axis_followed_through_stack_and_unsqueeze():
+    """``stack([y, 2y], 0)`` puts a new axis before the batch axis: its first axis has
+    the batch's length when B = 2, but it is not the batch axis."""
+    conv = randomize_parameters_(nn.Conv2d(3, 4, 3, padding=1).double(), 0)
+
+    def model(t):
+        y = conv(t)
+        stacked = torch.sigmoid(torch.stack([y, 2 * y], 0)) + y.unsqueeze(0).tanh()
+        return stacked.sum(0).mean((1, 2, 3))
+
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    fj = full_jacobian(model, x)
+    assert not fj.failed_ops
+    assert_complete(fj, rtol=1e-9)
+    for i in range(2):
+        single = full_jacobian(model, x[i : i + 1])
+        torch.testing.assert_close(single.completeness_delta, fj.completeness_delta[i : i + 1], rtol=0, atol=1e-12)
+        for name, term in single.bias_terms.items():
+            torch.testing.assert_close(term, fj.bias_terms[name][i : i + 1], rtol=1e-9, atol=1e-12)
+
+
+def test_a_gate_times_activation_is_a_map_in_either_operand_order():
+    """``s * x`` with a (B, C, 1, 1) gate ``s`` has ``x``'s layout: its bias-Jacobian enters
+    the eq. 4 map whichever operand comes first."""
+    conv = randomize_parameters_(nn.Conv2d(3, 4, 3, padding=1).double(), 0)
+
+    def model(t, gate_first):
+        y = torch.relu(conv(t))
+        gate = torch.sigmoid(y.mean((2, 3), keepdim=True))
+        return (gate * y if gate_first else y * gate).mean((1, 2, 3))
+
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    maps = [FullGradient(model).attribute(x, additional_forward_args=(first,)) for first in (True, False)]
+    torch.testing.assert_close(maps[0], maps[1], rtol=1e-12, atol=1e-14)
+    sources = full_jacobian(model, x, additional_forward_args=(True,)).sources
+    assert [s.spatial for s in sources.values() if s.op == "mul"] == [True]
+
+
 @pytest.mark.parametrize("norm", [nn.InstanceNorm2d(4, affine=True), nn.GroupNorm(2, 4)])
 def test_norms_returning_views_survive_in_place_activations(norm):
     """instance_norm returns a view of an internal tensor; an in-place ReLU then rebases it."""

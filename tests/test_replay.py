@@ -28,10 +28,10 @@ REPLAYABLE = [
     "mobilenet_v3_small",
     "efficientnet_b0",
     "regnet_y_400mf",
+    "convnext_tiny",
 ]
-# These have intercepts in operations written in a forward (ConvNeXt's channels-last
-# LayerNorm between two permutes, the vision transformer's attention and class token).
-TRACED = ["convnext_tiny", "vit"]
+# Intercepts in operations written in a forward: attention, class token, position embedding.
+TRACED = ["vit"]
 
 
 class Recorders:
@@ -271,9 +271,12 @@ class Gate(nn.Module):
         self.fc = nn.Conv2d(4, 4, 1)
         self.gate = nn.Sigmoid()
         self.product = product
+        self.detach = False
 
     def forward(self, x):
         scale = self.gate(self.fc(x.mean((2, 3), keepdim=True)))
+        if self.detach:
+            scale = scale.detach()  # a constant factor: no intercept
         return scale * x if self.product else x + scale
 
 
@@ -293,6 +296,59 @@ def test_a_returned_product_replays_and_its_guard_sees_a_change(recorders):
     assert recorders.kinds == ["Capture", "Replay", "Capture", "Capture", "Capture"]
     torch.testing.assert_close(changed, reference, rtol=1e-12, atol=1e-12)
     assert changed_delta.abs().max() < 1e-10
+
+
+def test_normalisation_modules_replay_exactly(recorders):
+    """LayerNorm, GroupNorm, RMSNorm and ConvNeXt's LayerNorm2d (whose layer_norm runs on a
+    channels-last tensor between two permutes) replay their closed-form intercepts."""
+    from torchvision.models.convnext import LayerNorm2d
+
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = nn.LayerNorm(4, eps=0.1)
+
+        def forward(self, x):
+            return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    norms = [LayerNorm2d(4, eps=0.1), nn.GroupNorm(2, 4, eps=0.1), Tokens()]
+    if hasattr(nn, "RMSNorm"):
+        norms.append(nn.RMSNorm([4, 8, 8], eps=0.1))
+    model = _activation_network(norms)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64) * 0.3
+    _replay_matches_trace(model, x, lambda: None)
+    assert recorders.kinds == REPLAYED
+    recorders.kinds.clear()
+    _replay_matches_trace(model, x, lambda: setattr(model[3], "eps", 0.5))  # a changed eps leaves the plan
+    assert recorders.kinds == ["Replay", "Replay", "Capture", "Capture"]
+
+
+def test_user_hooks_that_could_change_what_the_replay_sees_prevent_a_plan(recorders):
+    """A module's own pre-hook runs after the replay's global one (an in-place activation's
+    input would be read before it), and a global forward hook before the replay's (it may
+    replace an output): with either, calls are traced."""
+    model = _activation_network([nn.SiLU(inplace=True)])
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64) * 3
+    handle = model[1].register_forward_pre_hook(lambda module, args: (args[0] * 2,))
+    _replay_matches_trace(model, x, lambda: None, target=0)
+    handle.remove()
+    assert "Replay" not in recorders.kinds
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, output: output * 2 if isinstance(module, nn.SiLU) else None
+    )
+    try:
+        _replay_matches_trace(_activation_network([nn.SiLU()]), x, lambda: None, target=0)
+    finally:
+        handle.remove()
+    assert "Replay" not in recorders.kinds
+
+
+def test_a_product_with_a_detached_factor_leaves_the_plan(recorders):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), Gate(), nn.Flatten(), nn.Linear(144, 2))
+    randomize_parameters_(model.double(), 0).eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    _replay_matches_trace(model, x, lambda: setattr(model[2], "detach", True))
+    assert recorders.kinds == ["Capture", "Replay", "Capture", "Capture"]
 
 
 def test_a_changed_activation_attribute_leaves_the_plan(recorders):
