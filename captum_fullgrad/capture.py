@@ -139,6 +139,26 @@ class BiasSource:
         return self.bias_jacobian(grad).sum(self.channel_dim)
 
 
+def register_gradient_hook(output: Tensor, inplace: bool, hook: Callable[[Tensor], None]) -> Any:
+    """A hook receiving ``df/d output`` once, for the output's current version.
+
+    An in-place operation on a view (``F.silu(y[:, :2], inplace=True)``) writes into its
+    base: later operations that read the base send their gradient through the base's
+    node, never through the view's, so the hook goes on the base, and the gradient is cut
+    to the view's elements.
+    """
+    base = output._base
+    if inplace and base is not None and base.is_contiguous():
+        size, stride, offset = output.size(), output.stride(), output.storage_offset() - base.storage_offset()
+
+        def cut(grad: Tensor) -> None:
+            grad = grad.contiguous()
+            hook(grad.as_strided(size, stride, grad.storage_offset() + offset))
+
+        return base.register_hook(cut)
+    return output.register_hook(hook)
+
+
 class Collector(Protocol):
     """Receives each bias source at forward time and its output gradient at backward time.
 
@@ -392,7 +412,7 @@ class Capture:
             self.tracker.add(output, layout if usable else None, batch_dim)
         op = op_name(func)
         for intercept in result.intercepts:
-            self._add_source(op, intercept, graph_inputs)
+            self._add_source(op, intercept, graph_inputs, inplace)
         return value
 
     def _infer_batch_dims(
@@ -486,7 +506,7 @@ class Capture:
                 return layout
         return None
 
-    def _add_source(self, op: str, intercept: Intercept, graph_inputs: List[Tensor]) -> None:
+    def _add_source(self, op: str, intercept: Intercept, graph_inputs: List[Tensor], inplace: bool = False) -> None:
         output = intercept.output
         module, name, origin = self._base_name(op)
         layout = self.tracker.layout(output)
@@ -533,7 +553,7 @@ class Capture:
         # tensor -> hook -> source -> tensor is a cycle Python's collector cannot see
         # through autograd, and every activation would leak.
         intercept.output = None
-        self._hooks[source] = output.register_hook(self._hook_for(source))
+        self._hooks[source] = register_gradient_hook(output, inplace, self._hook_for(source))
         if op == "batch_norm" and intercept.input_scale is not None and self._fold_conv_bn and graph_inputs:
             self._fold_into_batch_norm(graph_inputs[0], source)
 

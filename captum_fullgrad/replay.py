@@ -54,7 +54,7 @@ from ._intercepts import (
     normalisation_intercept,
     normalisation_settings,
 )
-from .capture import BiasSource, Capture, Collector
+from .capture import BiasSource, Capture, Collector, register_gradient_hook
 
 __all__ = ["CapturePlan", "PlanCache", "ReplayMismatch", "call_signature", "plans_for"]
 
@@ -415,7 +415,8 @@ class Replay:
             nr = output.output_nr
             self._hooks.append(node.register_prehook(lambda grads: _deliver(on_gradient, source, grads[nr])))
         else:
-            self._hooks.append(output.register_hook(lambda grad: on_gradient(source, grad)))
+            inplace = step.activation is not None and step.activation[1]
+            self._hooks.append(register_gradient_hook(output, inplace, lambda grad: on_gradient(source, grad)))
 
 
 def _both_factors_computed(node: Any) -> bool:
