@@ -18,6 +18,7 @@ name); they and the mode are removed when the capture ends, also on error.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple
@@ -148,15 +149,25 @@ def register_gradient_hook(output: Tensor, inplace: bool, hook: Callable[[Tensor
     to the view's elements.
     """
     base = output._base
-    if inplace and base is not None and base.is_contiguous():
+    if inplace and base is not None and _dense(base):
         size, stride, offset = output.size(), output.stride(), output.storage_offset() - base.storage_offset()
+        base_size, base_stride = base.size(), base.stride()
 
         def cut(grad: Tensor) -> None:
-            grad = grad.contiguous()
+            if grad.stride() != base_stride:  # lay it out like the base, whose strides the view's are in
+                grad = torch.empty_strided(base_size, base_stride, dtype=grad.dtype, device=grad.device).copy_(grad)
             hook(grad.as_strided(size, stride, grad.storage_offset() + offset))
 
         return base.register_hook(cut)
     return output.register_hook(hook)
+
+
+def _dense(tensor: Tensor) -> bool:
+    """Whether the elements fill the storage span without gaps or overlaps, in a standard order."""
+    if tensor.is_contiguous():
+        return True
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    return tensor.dim() in formats and tensor.is_contiguous(memory_format=formats[tensor.dim()])
 
 
 class Collector(Protocol):
@@ -479,9 +490,21 @@ class Capture:
         same_rank = [t for t in graph_inputs if t.dim() == self._input_rank]
         if not same_rank:
             return None
-        # Prefer an operand shaped like the output: in ``s * x`` with a (N, C, 1, 1) gate
-        # ``s``, the output's layout is ``x``'s, whichever operand comes first.
-        source = next((t for t in same_rank if t.shape == outputs[0].shape and self.tracker.layout(t)), same_rank[0])
+        # Prefer an operand shaped like the output, then one with its spatial size: in
+        # ``s * x`` with a (N, C, 1, 1) gate ``s``, the output's layout is ``x``'s,
+        # whichever operand comes first.
+        out_shape = outputs[0].shape
+        laid_out = [(t, self.tracker.layout(t)) for t in same_rank]
+        source = next((t for t, layout in laid_out if layout and t.shape == out_shape), None)
+        if source is None:
+            source = next(
+                (
+                    t
+                    for t, layout in laid_out
+                    if layout and len(out_shape) == t.dim() and _spatial_shape(t.shape, layout) == _spatial_shape(out_shape, layout)
+                ),
+                same_rank[0],
+            )
         layout = self.tracker.layout(source)
         name = getattr(func, "__name__", "")
         if name in _PERMUTATIONS and layout:
@@ -514,6 +537,13 @@ class Capture:
         if batch_dim is None and self._batch_size != 1:
             # Its share of f(x) cannot be split per example: report, never guess.
             self.failed_ops.append(f"{name} (no batch axis)")
+            warnings.warn(
+                f"captum_fullgrad: the output of `{name}` has no batch axis the capture could follow; "
+                "its intercept is missing and the completeness delta shows the gap. Attribute one "
+                "example at a time (internal_batch_size=1) for an exact decomposition.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             return
         if output.dim() == self._input_rank and layout is not None:
             channel_dim = 1 if layout == CHANNELS_FIRST else output.dim() - 1

@@ -408,15 +408,21 @@ class Replay:
             return  # reduced with the BatchNorm that reads it
         on_gradient = self.collector.on_gradient
         node = output.grad_fn
-        if output._base is None and node is not None:
+        # Views: an in-place activation on a slice, and LayerNorm2d's permuted output (the
+        # trace's source is its base, the layer_norm output). A later in-place write to a
+        # view sends the gradient through its base's node, never the view's: hook the base.
+        through_base = output._base is not None and (
+            (step.activation is not None and step.activation[1])
+            or (step.normalisation is not None and step.normalisation[0] == "channel_layer_norm")
+        )
+        if node is not None and not through_base:
             # A pre-hook on the node that made the output sees df/dy before any later
             # in-place operation's gradient, like a tensor hook registered now, at a third
-            # of the cost. Views keep tensor hooks (their node is the view's).
+            # of the cost.
             nr = output.output_nr
             self._hooks.append(node.register_prehook(lambda grads: _deliver(on_gradient, source, grads[nr])))
         else:
-            inplace = step.activation is not None and step.activation[1]
-            self._hooks.append(register_gradient_hook(output, inplace, lambda grad: on_gradient(source, grad)))
+            self._hooks.append(register_gradient_hook(output, through_base, lambda grad: on_gradient(source, grad)))
 
 
 def _both_factors_computed(node: Any) -> bool:

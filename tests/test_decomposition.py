@@ -306,13 +306,17 @@ IN_PLACE_ON_VIEWS = {
 }
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("read_view", [False, True])
 @pytest.mark.parametrize("name", sorted(IN_PLACE_ON_VIEWS))
-def test_in_place_activation_on_a_view_read_through_its_base(name, read_view):
+def test_in_place_activation_on_a_view_read_through_its_base(name, read_view, memory_format):
     """The gradient of the overwritten slice reaches the base's node, not the view's: the
-    activation's term was lost (completeness gap 0.03-0.25) until the hook went on the base."""
+    activation's term was lost (completeness gap 0.03-0.25) until the hook went on the base
+    (laid out like the base, channels-last included)."""
     model = randomize_parameters_(InPlaceOnView(IN_PLACE_ON_VIEWS[name](), read_view).double(), 0).eval()
+    model = model.to(memory_format=memory_format)
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 2
+    x = x.contiguous(memory_format=memory_format)
     fj = full_jacobian(model, x, target=0)
     assert_complete(fj, rtol=1e-9)
     _, delta = FullGradient(model).attribute(x, target=0, return_convergence_delta=True)
@@ -349,13 +353,34 @@ def test_a_gate_times_activation_is_a_map_in_either_operand_order():
     def model(t, gate_first):
         y = torch.relu(conv(t))
         gate = torch.sigmoid(y.mean((2, 3), keepdim=True))
-        return (gate * y if gate_first else y * gate).mean((1, 2, 3))
+        spatial_gate = torch.sigmoid(y.mean(1, keepdim=True))  # (B, 1, H, W)
+        # Neither (B, C, 1, 1) nor (B, 1, H, W) has the product's shape.
+        both = gate * spatial_gate if gate_first else spatial_gate * gate
+        return (gate * y if gate_first else y * gate).mean((1, 2, 3)) + both.mean((1, 2, 3))
 
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     maps = [FullGradient(model).attribute(x, additional_forward_args=(first,)) for first in (True, False)]
     torch.testing.assert_close(maps[0], maps[1], rtol=1e-12, atol=1e-14)
     sources = full_jacobian(model, x, additional_forward_args=(True,)).sources
-    assert [s.spatial for s in sources.values() if s.op == "mul"] == [True]
+    assert [s.spatial for s in sources.values() if s.op == "mul"] == [True, True]
+
+
+def test_a_term_without_a_batch_axis_is_reported():
+    """An in-place activation on one example's slice: its term cannot be split per example
+    in a batch, so it is left out with a warning, and the delta shows it."""
+    conv = randomize_parameters_(nn.Conv2d(3, 4, 3, padding=1).double(), 0)
+
+    def model(t):
+        y = conv(t)
+        F.silu(y.select(0, 0), inplace=True)
+        return y.mean((1, 2, 3))
+
+    x = torch.randn(3, 3, 6, 6, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="no batch axis"):
+        _, delta = FullGradient(model).attribute(x, return_convergence_delta=True)
+    assert delta[0].abs() > 1e-4
+    _, exact = FullGradient(model).attribute(x, return_convergence_delta=True, internal_batch_size=1)
+    assert exact.abs().max() < 1e-12
 
 
 @pytest.mark.parametrize("norm", [nn.InstanceNorm2d(4, affine=True), nn.GroupNorm(2, 4)])

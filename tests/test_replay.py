@@ -323,6 +323,17 @@ def test_normalisation_modules_replay_exactly(recorders):
     assert recorders.kinds == ["Replay", "Replay", "Capture", "Capture"]
 
 
+def test_layer_norm_2d_followed_by_an_in_place_activation(recorders):
+    """LayerNorm2d returns a permuted view; an in-place ReLU on it sends the gradient
+    through the view's base, so the replay hooks the base (the trace's source)."""
+    from torchvision.models.convnext import LayerNorm2d
+
+    model = _activation_network([LayerNorm2d(4), nn.ReLU(inplace=True), nn.SiLU(inplace=True)])
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    _replay_matches_trace(model, x, lambda: None)
+    assert recorders.kinds == REPLAYED
+
+
 def test_user_hooks_that_could_change_what_the_replay_sees_prevent_a_plan(recorders):
     """A module's own pre-hook runs after the replay's global one (an in-place activation's
     input would be read before it), and a global forward hook before the replay's (it may
