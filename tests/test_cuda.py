@@ -71,3 +71,16 @@ def test_replay_on_cuda_equals_the_trace_and_follows_a_device_move():
     model.cpu()
     again = FullGradient(model).attribute(x, target=1)  # the CPU plan, after .cuda().cpu()
     torch.testing.assert_close(again, cpu)
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_b0", "convnext_tiny"])
+def test_replayed_activation_norm_and_product_steps_on_cuda(name):
+    """Plans with activation modules (in-place ones through the pre-hook), squeeze-and-
+    excitation products and LayerNorm2d: the replay equals the trace on the GPU too."""
+    model = build_zoo_model(name).cuda()
+    x = torch.rand(2, 3, 64, 64, dtype=torch.float64, device="cuda")
+    traced, traced_delta = FullGradient(model, reuse_capture=False).attribute(x, target=1, return_convergence_delta=True)
+    FullGradient(model).attribute(x, target=1)
+    replayed, delta = FullGradient(model).attribute(x, target=1, return_convergence_delta=True)
+    torch.testing.assert_close(replayed, traced, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(delta, traced_delta, rtol=0, atol=1e-10)
