@@ -23,6 +23,15 @@ def assert_complete(fj, rtol: float = 1e-6) -> None:
     assert (relative_gap(fj) < rtol).all(), f"completeness gap {relative_gap(fj).tolist()}"
 
 
+def assert_split_per_example(model, x, batched, targets=None) -> None:
+    """Each example of a batch gets the gap and bias terms it gets alone."""
+    for i in range(x.shape[0]):
+        single = full_jacobian(model, x[i : i + 1], target=None if targets is None else targets[i])
+        torch.testing.assert_close(single.completeness_delta, batched.completeness_delta[i : i + 1], rtol=0, atol=1e-12)
+        for name, term in single.bias_terms.items():
+            torch.testing.assert_close(term, batched.bias_terms[name][i : i + 1], rtol=1e-9, atol=1e-12)
+
+
 def bias_share(fj) -> torch.Tensor:
     """How much of f(x) the bias terms carry: guards against vacuous zero-bias tests."""
     return (fj.output - fj.input_term).abs() / fj.output.abs()
@@ -247,10 +256,7 @@ def test_windowed_attention_is_complete_per_example(batch):
     _, delta = FullGradient(model).attribute(x, target=target, return_convergence_delta=True)
     assert (delta.abs() < 1e-9 * fj.output.abs()).all()
     if batch > 1:
-        single = full_jacobian(model, x[1:2], target=1)
-        torch.testing.assert_close(single.completeness_delta, fj.completeness_delta[1:2], rtol=0, atol=1e-12)
-        for name, term in single.bias_terms.items():
-            torch.testing.assert_close(term, fj.bias_terms[name][1:2], rtol=1e-9, atol=1e-12)
+        assert_split_per_example(model, x, fj, target)
 
 
 def test_batch_axis_followed_through_reshapes_and_indexing():
@@ -273,10 +279,7 @@ def test_batch_axis_followed_through_reshapes_and_indexing():
     fj = full_jacobian(model, x)
     assert not fj.failed_ops
     assert_complete(fj, rtol=1e-9)
-    for i in range(3):
-        single = full_jacobian(model, x[i : i + 1])
-        for name, term in single.bias_terms.items():
-            torch.testing.assert_close(term, fj.bias_terms[name][i : i + 1], rtol=1e-9, atol=1e-12)
+    assert_split_per_example(model, x, fj)
 
 
 class InPlaceOnView(nn.Module):
@@ -338,11 +341,7 @@ def test_batch_axis_followed_through_stack_and_unsqueeze():
     fj = full_jacobian(model, x)
     assert not fj.failed_ops
     assert_complete(fj, rtol=1e-9)
-    for i in range(2):
-        single = full_jacobian(model, x[i : i + 1])
-        torch.testing.assert_close(single.completeness_delta, fj.completeness_delta[i : i + 1], rtol=0, atol=1e-12)
-        for name, term in single.bias_terms.items():
-            torch.testing.assert_close(term, fj.bias_terms[name][i : i + 1], rtol=1e-9, atol=1e-12)
+    assert_split_per_example(model, x, fj)
 
 
 def test_a_gate_times_activation_is_a_map_in_either_operand_order():
