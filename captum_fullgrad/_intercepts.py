@@ -247,11 +247,19 @@ def _normalisation(ctx: Context, func: Callable, args: Sequence[Any], kwargs: Di
     """
     a = _arg(args, kwargs, 0, "input")
     name = op_name(func)
-    weight = _arg(args, kwargs, 2, "weight")
-    bias = None if name == "rms_norm" else _arg(args, kwargs, 3, "bias")
-    if not isinstance(a, Tensor) or not a.is_floating_point() or a.dim() < 2 or ctx.is_graph(weight) or ctx.is_graph(bias):
+    if name == "instance_norm":
+        weight, bias = _arg(args, kwargs, 3, "weight"), _arg(args, kwargs, 4, "bias")
+        if not _arg(args, kwargs, 5, "use_input_stats", True):
+            return _generic(ctx, func, args, kwargs)  # running statistics: affine, rare
+    else:
+        weight = _arg(args, kwargs, 2, "weight")
+        bias = None if name == "rms_norm" else _arg(args, kwargs, 3, "bias")
+    minimum_rank = 3 if name == "instance_norm" else 2
+    if not isinstance(a, Tensor) or not a.is_floating_point() or a.dim() < minimum_rank or ctx.is_graph(weight) or ctx.is_graph(bias):
         return _generic(ctx, func, args, kwargs)
-    if name == "group_norm":
+    if name == "instance_norm":
+        axes, eps = None, _arg(args, kwargs, 7, "eps", 1e-5)
+    elif name == "group_norm":
         axes = int(_arg(args, kwargs, 1, "num_groups"))
         eps = _arg(args, kwargs, 4, "eps", 1e-5)
     else:
@@ -272,7 +280,8 @@ def normalisation_intercept(settings: Tuple[Any, ...], a: Tensor, y: Tensor, bia
     normalised part from being invariant: ``J a = (y - beta) eps / (var + eps)``, as for
     BatchNorm on batch statistics. ``settings`` is ``(kind, axes, eps)``: ``layer_norm``
     and ``rms_norm`` normalise the last ``axes`` axes, ``group_norm`` ``axes`` groups of
-    channels, ``channel_layer_norm`` the channel axis 1 (torchvision's ``LayerNorm2d``).
+    channels, ``channel_layer_norm`` the channel axis 1 (torchvision's ``LayerNorm2d``),
+    ``instance_norm`` the positions of each channel.
     """
     kind, axes, eps = settings
     with torch.no_grad(), torch.autocast(a.device.type, enabled=False):
@@ -289,6 +298,8 @@ def normalisation_intercept(settings: Tuple[Any, ...], a: Tensor, y: Tensor, bia
             )
         elif kind == "channel_layer_norm":
             variance = values.var(1, unbiased=False, keepdim=True)
+        elif kind == "instance_norm":
+            variance = values.var(list(range(2, values.dim())), unbiased=False, keepdim=True)
         elif kind == "rms_norm":
             variance = values.square().mean(list(range(-axes, 0)), keepdim=True)
         else:
@@ -297,7 +308,7 @@ def normalisation_intercept(settings: Tuple[Any, ...], a: Tensor, y: Tensor, bia
         y = y.detach()
         normalised_part = y
         if bias is not None:
-            per_channel = kind in ("group_norm", "channel_layer_norm")
+            per_channel = kind in ("group_norm", "channel_layer_norm", "instance_norm")
             shape = [-1] + [1] * (y.dim() - 2) if per_channel else list(bias.shape)
             normalised_part = y - bias.detach().reshape(shape).to(y.dtype)
         return y - normalised_part * shrink.to(y.dtype)
@@ -321,7 +332,12 @@ def normalisation_settings(module: torch.nn.Module) -> Optional[Tuple[Any, ...]]
         return ("channel_layer_norm", 1, float(module.eps))
     if kind is getattr(torch.nn, "RMSNorm", None):
         return ("rms_norm", len(module.normalized_shape), module.eps)
+    if kind in _INSTANCE_NORMS and (module.training or not module.track_running_stats):
+        return ("instance_norm", None, float(module.eps))
     return None
+
+
+_INSTANCE_NORMS = (torch.nn.InstanceNorm1d, torch.nn.InstanceNorm2d, torch.nn.InstanceNorm3d)
 
 
 def _add_sub(ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]) -> OpResult:
@@ -668,7 +684,7 @@ _NAMED_RULES: Dict[str, Callable[..., OpResult]] = {
     **{n: _multilinear for n in "matmul __matmul__ __rmatmul__ mm bmm mv dot inner outer einsum".split()},
     **{n: _cat for n in "cat concat concatenate stack hstack vstack dstack".split()},
     "pad": _pad,
-    **{n: _normalisation for n in "layer_norm group_norm rms_norm".split()},
+    **{n: _normalisation for n in "layer_norm group_norm rms_norm instance_norm".split()},
     **{n: _elementwise for n in "silu silu_ gelu hardswish hardswish_ hardsigmoid hardsigmoid_ hardtanh hardtanh_ relu6 relu6_ mish mish_ softplus elu elu_ sigmoid tanh".split()},
     **{n: _zero for n in _ZERO_NAMES},
     **{n: _channel_first_zero for n in _CHANNEL_FIRST_ZERO_NAMES},

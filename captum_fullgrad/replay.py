@@ -17,13 +17,13 @@ parameters (so changed weights, biases or BatchNorm statistics are picked up).
 
 A plan is made only when every source of the traced call came from the first operation of
 a leaf module of one of the exact types ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``,
-``nn.Linear``, ``nn.BatchNorm1d/2d/3d`` in eval mode, or an activation module whose
+``nn.Linear``, ``nn.BatchNorm1d/2d/3d`` in eval mode, an activation module whose
 intercept follows from the call's input and output (``_intercepts.activation_settings``:
 ReLU6, SiLU, GELU...; an in-place one's input is read in a pre-hook) or a normalisation
-module (``LayerNorm``, ``GroupNorm``, ``RMSNorm``, torchvision's ``LayerNorm2d``), subclasses excluded
-(they may override ``forward``), or was a product of two graph tensors that a module
-returned (squeeze-and-excitation's ``scale * x``, intercept ``-y``), and no operation
-failed. The replay checks, call by call, that the same
+module (``LayerNorm``, ``GroupNorm``, ``RMSNorm``, ``InstanceNorm*``, torchvision's
+``LayerNorm2d``), subclasses excluded (they may override ``forward``); or was a product
+of two graph tensors that a module returned (squeeze-and-excitation's ``scale * x``,
+intercept ``-y``); and no operation failed. The replay checks, call by call, that the same
 modules run in the same order with the planned output shapes and the same forward hooks,
 that the global module hooks are the same and that no planned layer gained or lost a
 bias; BatchNorm vectors are recomputed every call (training steps change the running
@@ -408,12 +408,13 @@ class Replay:
             return  # reduced with the BatchNorm that reads it
         on_gradient = self.collector.on_gradient
         node = output.grad_fn
-        # Views: an in-place activation on a slice, and LayerNorm2d's permuted output (the
-        # trace's source is its base, the layer_norm output). A later in-place write to a
-        # view sends the gradient through its base's node, never the view's: hook the base.
+        # Views: an in-place activation on a slice, LayerNorm2d's permuted output (the
+        # trace's source is its base, the layer_norm output) and instance_norm's reshaped
+        # one. A later in-place write to a view sends the gradient through its base's
+        # node, never the view's: hook the base.
         through_base = output._base is not None and (
             (step.activation is not None and step.activation[1])
-            or (step.normalisation is not None and step.normalisation[0] == "channel_layer_norm")
+            or (step.normalisation is not None and step.normalisation[0] in ("channel_layer_norm", "instance_norm"))
         )
         if node is not None and not through_base:
             # A pre-hook on the node that made the output sees df/dy before any later

@@ -231,6 +231,9 @@ NORM_CLOSED_FORMS = {
     "layer_norm_no_affine": (lambda: nn.LayerNorm(5, eps=0.2, elementwise_affine=False), (2, 4, 5)),
     "group_norm": (lambda: nn.GroupNorm(2, 4, eps=0.2), (2, 4, 5, 5)),
     "group_norm_1d": (lambda: nn.GroupNorm(4, 4, eps=0.2), (2, 4, 7)),
+    "layer_norm_vectors": (lambda: nn.LayerNorm(6, eps=0.2), (3, 6)),
+    "instance_norm": (lambda: nn.InstanceNorm2d(4, eps=0.2, affine=True), (2, 4, 5, 5)),
+    "instance_norm_plain_1d": (lambda: nn.InstanceNorm1d(4, eps=0.2), (2, 4, 7)),
 }
 if hasattr(nn, "RMSNorm"):
     NORM_CLOSED_FORMS["rms_norm"] = (lambda: nn.RMSNorm(5, eps=0.2), (2, 3, 5))
@@ -239,8 +242,9 @@ if hasattr(nn, "RMSNorm"):
 
 @pytest.mark.parametrize("name", sorted(NORM_CLOSED_FORMS))
 def test_normalisation_closed_forms_equal_forward_mode_ad(name):
-    """Layer/group/RMS norm: ``c = y - (y - beta) eps / (var + eps)`` equals forward-mode AD's
-    intercept (a large ``eps`` so that the correction term is far from rounding)."""
+    """Layer/group/RMS/instance norm: ``c = y - (y - beta) eps / (var + eps)`` equals
+    forward-mode AD's intercept (a large ``eps`` so that the correction term is far from
+    rounding)."""
     torch.manual_seed(0)
     make, shape = NORM_CLOSED_FORMS[name]
     module = _randomised(make())

@@ -311,7 +311,7 @@ def test_normalisation_modules_replay_exactly(recorders):
         def forward(self, x):
             return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
-    norms = [LayerNorm2d(4, eps=0.1), nn.GroupNorm(2, 4, eps=0.1), Tokens()]
+    norms = [LayerNorm2d(4, eps=0.1), nn.GroupNorm(2, 4, eps=0.1), Tokens(), nn.InstanceNorm2d(4, eps=0.1, affine=True)]
     if hasattr(nn, "RMSNorm"):
         norms.append(nn.RMSNorm([4, 8, 8], eps=0.1))
     model = _activation_network(norms)
@@ -323,12 +323,23 @@ def test_normalisation_modules_replay_exactly(recorders):
     assert recorders.kinds == ["Replay", "Replay", "Capture", "Capture"]
 
 
-def test_layer_norm_2d_followed_by_an_in_place_activation(recorders):
-    """LayerNorm2d returns a permuted view; an in-place ReLU on it sends the gradient
-    through the view's base, so the replay hooks the base (the trace's source)."""
+def test_norms_returning_views_followed_by_an_in_place_activation(recorders):
+    """LayerNorm2d returns a permuted view, instance_norm a reshaped one; an in-place ReLU
+    on it sends the gradient through the view's base, so the replay hooks the base."""
     from torchvision.models.convnext import LayerNorm2d
 
-    model = _activation_network([LayerNorm2d(4), nn.ReLU(inplace=True), nn.SiLU(inplace=True)])
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        LayerNorm2d(4),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.InstanceNorm2d(4, affine=True),
+        nn.ReLU(inplace=True),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16, 3),
+    )
+    randomize_parameters_(model.double(), 0).eval()
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     _replay_matches_trace(model, x, lambda: None)
     assert recorders.kinds == REPLAYED
