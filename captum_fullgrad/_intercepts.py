@@ -172,19 +172,30 @@ def _linear(ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str,
     return _biased_linear_map(ctx, func, args, kwargs, channels_last=True)
 
 
+def _norm_arguments(func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """The arguments of ``batch_norm``/``instance_norm`` by name: ``F.*`` take the running
+    statistics before the affine terms, ``torch.*`` after them."""
+    if func in (F.batch_norm, F.instance_norm):
+        names = ["input", "running_mean", "running_var", "weight", "bias", "use", "momentum", "eps"]
+    else:
+        names = ["input", "weight", "bias", "running_mean", "running_var", "use", "momentum", "eps"]
+    values = {name: _arg(args, kwargs, i, name) for i, name in enumerate(names)}
+    flag = "training" if op_name(func) == "batch_norm" else "use_input_stats"
+    values["use"] = _arg(args, kwargs, names.index("use"), flag, op_name(func) == "instance_norm")
+    if values["eps"] is None:
+        values["eps"] = 1e-5
+    return values
+
+
 def _batch_norm(ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]) -> OpResult:
-    running_mean = _arg(args, kwargs, 1, "running_mean")
-    running_var = _arg(args, kwargs, 2, "running_var")
-    weight = _arg(args, kwargs, 3, "weight")
-    bias = _arg(args, kwargs, 4, "bias")
-    training = _arg(args, kwargs, 5, "training", False)
-    eps = _arg(args, kwargs, 7, "eps", 1e-5)
+    norm = _norm_arguments(func, args, kwargs)
+    running_mean, running_var, weight, bias = norm["running_mean"], norm["running_var"], norm["weight"], norm["bias"]
     if ctx.is_graph(weight) or ctx.is_graph(bias):
         return _generic(ctx, func, args, kwargs, layout=CHANNELS_FIRST)
-    if training or running_mean is None or running_var is None:
-        return _batch_norm_batch_statistics(ctx, func, args, kwargs, weight, bias, eps)
+    if norm["use"] or running_mean is None or running_var is None:
+        return _batch_norm_batch_statistics(ctx, func, args, kwargs, bias, norm["eps"])
     out = func(*args, **kwargs)
-    scale, effective_bias = _batch_norm_affine(running_mean, running_var, weight, bias, eps)
+    scale, effective_bias = _batch_norm_affine(running_mean, running_var, weight, bias, norm["eps"])
     intercepts = (
         [Intercept(out, channel_vector=effective_bias, channel_dim=1, input_scale=scale)]
         if ctx.graph_outputs(out)
@@ -194,32 +205,18 @@ def _batch_norm(ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[
 
 
 def _batch_norm_batch_statistics(
-    ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str, Any], weight: Any, bias: Any, eps: float
+    ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str, Any], bias: Any, eps: float
 ) -> OpResult:
-    """BatchNorm on batch statistics (training mode), in closed form.
-
-    ``y = gamma (a - mu_B) / sqrt(var_B + eps) + beta`` with ``mu_B``, ``var_B`` (biased)
-    taken over every axis but the channels. Along ``a -> (1 + t) a`` the normalised part
-    changes only through ``eps``: ``J a = (y - beta) eps / (var_B + eps)``, so
-    ``c = y - (y - beta) eps / (var_B + eps)``. Unlike forward-mode AD, this stays
-    differentiable in ``gamma``, ``beta`` and the batch statistics (the bias-Jacobian
-    penalty trains through it), and the real call updates the running statistics once.
+    """BatchNorm on batch statistics (training mode), in closed form (see
+    :func:`normalisation_intercept`). Unlike forward-mode AD, this stays differentiable in
+    ``gamma``, ``beta`` and the batch statistics (the bias-Jacobian penalty trains through
+    it), and the real call updates the running statistics once.
     """
     input_ = _arg(args, kwargs, 0, "input")
     out = func(*args, **kwargs)
     if not ctx.graph_outputs(out) or not isinstance(input_, Tensor) or input_.dim() < 2:
         return OpResult(out, [], layout=CHANNELS_FIRST)
-    dims = [0, *range(2, input_.dim())]
-    shape = [1, -1] + [1] * (input_.dim() - 2)
-    with torch.autocast(input_.device.type, enabled=False):
-        values = input_.float() if input_.dtype in (torch.float16, torch.bfloat16) else input_
-        variance = values.var(dims, unbiased=False)
-        shrink = (eps / (variance + eps)).reshape(shape)
-        # A copy: the product below saves its operand for double backpropagation, and the
-        # model may overwrite ``out`` in place (an in-place ReLU) before that.
-        y = out.clone()
-        normalised_part = y if bias is None else y - bias.reshape(shape)
-        constant = y - normalised_part * shrink.to(out.dtype)
+    constant = normalisation_intercept(("batch_norm", None, eps), input_, out, bias, differentiable=True)
     return OpResult(out, [Intercept(out, dense=constant)], layout=CHANNELS_FIRST)
 
 
@@ -241,83 +238,94 @@ def _batch_norm_affine(running_mean: Tensor, running_var: Tensor, weight: Option
 
 
 def _normalisation(ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]) -> OpResult:
-    """Layer, group and RMS normalisation, in closed form (see :func:`normalisation_intercept`).
-
-    Forward-mode AD through ``layer_norm`` runs a Python decomposition.
-    """
+    """Layer, group, RMS and instance normalisation, in closed form (see
+    :func:`normalisation_intercept`); forward-mode AD through ``layer_norm`` runs a Python
+    decomposition."""
     a = _arg(args, kwargs, 0, "input")
     name = op_name(func)
     if name == "instance_norm":
-        weight, bias = _arg(args, kwargs, 3, "weight"), _arg(args, kwargs, 4, "bias")
-        if not _arg(args, kwargs, 5, "use_input_stats", True):
+        norm = _norm_arguments(func, args, kwargs)
+        if not norm["use"]:
             return _generic(ctx, func, args, kwargs)  # running statistics: affine, rare
-    else:
-        weight = _arg(args, kwargs, 2, "weight")
-        bias = None if name == "rms_norm" else _arg(args, kwargs, 3, "bias")
-    minimum_rank = 3 if name == "instance_norm" else 2
-    if not isinstance(a, Tensor) or not a.is_floating_point() or a.dim() < minimum_rank or ctx.is_graph(weight) or ctx.is_graph(bias):
-        return _generic(ctx, func, args, kwargs)
-    if name == "instance_norm":
-        axes, eps = None, _arg(args, kwargs, 7, "eps", 1e-5)
+        weight, bias, axes, eps = norm["weight"], norm["bias"], None, norm["eps"]
     elif name == "group_norm":
-        axes = int(_arg(args, kwargs, 1, "num_groups"))
-        eps = _arg(args, kwargs, 4, "eps", 1e-5)
+        weight, bias = _arg(args, kwargs, 2, "weight"), _arg(args, kwargs, 3, "bias")
+        axes, eps = int(_arg(args, kwargs, 1, "num_groups")), _arg(args, kwargs, 4, "eps", 1e-5)
     else:
         normalized_shape = _arg(args, kwargs, 1, "normalized_shape")
         axes = 1 if isinstance(normalized_shape, int) else len(normalized_shape)
-        eps = _arg(args, kwargs, 3 if name == "rms_norm" else 4, "eps", None if name == "rms_norm" else 1e-5)
+        weight = _arg(args, kwargs, 2, "weight")
+        if name == "rms_norm":
+            bias, eps = None, _arg(args, kwargs, 3, "eps", None)
+        else:
+            bias, eps = _arg(args, kwargs, 3, "bias"), _arg(args, kwargs, 4, "eps", 1e-5)
+    minimum_rank = 3 if name == "instance_norm" else 2
+    if not isinstance(a, Tensor) or not a.is_floating_point() or a.dim() < minimum_rank or ctx.is_graph(weight) or ctx.is_graph(bias):
+        return _generic(ctx, func, args, kwargs)
     value = func(*args, **kwargs)
     if not _is_graph_output(value):
         return OpResult(value, [])
     return OpResult(value, [Intercept(value, dense=normalisation_intercept((name, axes, eps), a, value, bias))])
 
 
-def normalisation_intercept(settings: Tuple[Any, ...], a: Tensor, y: Tensor, bias: Optional[Tensor]) -> Tensor:
+_PER_CHANNEL_NORMS = ("batch_norm", "group_norm", "channel_layer_norm", "instance_norm")
+
+
+def normalisation_intercept(
+    settings: Tuple[Any, ...], a: Tensor, y: Tensor, bias: Optional[Tensor], differentiable: bool = False
+) -> Tensor:
     """``c = y - (y - beta) eps / (var + eps)`` for ``y = gamma (a - mu) / sqrt(var + eps) + beta``.
 
-    The statistics are taken per example over the normalised axes (RMS: no ``mu``, ``var``
-    is the mean square, no ``beta``). Along ``a -> (1 + t) a`` only ``eps`` keeps the
-    normalised part from being invariant: ``J a = (y - beta) eps / (var + eps)``, as for
-    BatchNorm on batch statistics. ``settings`` is ``(kind, axes, eps)``: ``layer_norm``
-    and ``rms_norm`` normalise the last ``axes`` axes, ``group_norm`` ``axes`` groups of
-    channels, ``channel_layer_norm`` the channel axis 1 (torchvision's ``LayerNorm2d``),
-    ``instance_norm`` the positions of each channel.
+    Along ``a -> (1 + t) a`` only ``eps`` keeps the normalised part from being invariant:
+    ``J a = (y - beta) eps / (var + eps)``. ``settings`` is ``(kind, axes, eps)``; the
+    statistics (biased variance; RMS: the mean square, no ``mu`` and no ``beta``) run over:
+    ``layer_norm``, ``rms_norm``: the last ``axes`` axes of each example; ``group_norm``:
+    each of ``axes`` groups of channels; ``channel_layer_norm``: the channel axis 1
+    (torchvision's ``LayerNorm2d``); ``instance_norm``: each channel's positions;
+    ``batch_norm``: every axis but the channels (training mode). ``differentiable`` keeps
+    the graph to ``a``, ``y`` and ``beta`` (the training uses differentiate through it).
     """
     kind, axes, eps = settings
-    with torch.no_grad(), torch.autocast(a.device.type, enabled=False):
-        values = a.detach()
+    with contextlib.nullcontext() if differentiable else torch.no_grad():
+        values = a if differentiable else a.detach()
         if values.dtype in (torch.float16, torch.bfloat16):
             values = values.float()  # the kernels accumulate statistics in float32 too
         if eps is None:  # rms_norm's default: the epsilon of its accumulation type
             eps = torch.finfo(values.dtype).eps
+        rank = values.dim()
         if kind == "group_norm":
             grouped = values.reshape(values.shape[0], axes, -1)
             variance = grouped.var(-1, unbiased=False, keepdim=True)
-            variance = variance.expand(-1, -1, values.shape[1] // axes).reshape(
-                values.shape[0], values.shape[1], *([1] * (values.dim() - 2))
-            )
+            variance = variance.expand(-1, -1, values.shape[1] // axes).reshape(*values.shape[:2], *([1] * (rank - 2)))
         elif kind == "channel_layer_norm":
             variance = values.var(1, unbiased=False, keepdim=True)
         elif kind == "instance_norm":
-            variance = values.var(list(range(2, values.dim())), unbiased=False, keepdim=True)
+            variance = values.var(list(range(2, rank)), unbiased=False, keepdim=True)
+        elif kind == "batch_norm":
+            variance = values.var([0, *range(2, rank)], unbiased=False, keepdim=True)
         elif kind == "rms_norm":
             variance = values.square().mean(list(range(-axes, 0)), keepdim=True)
         else:
             variance = values.var(list(range(-axes, 0)), unbiased=False, keepdim=True)
         shrink = eps / (variance + eps)
-        y = y.detach()
+        # Differentiable: a copy, since the product below saves its operand for double
+        # backpropagation and the model may overwrite ``y`` in place (an in-place ReLU).
+        y = y.clone() if differentiable else y.detach()
         normalised_part = y
         if bias is not None:
-            per_channel = kind in ("group_norm", "channel_layer_norm", "instance_norm")
-            shape = [-1] + [1] * (y.dim() - 2) if per_channel else list(bias.shape)
-            normalised_part = y - bias.detach().reshape(shape).to(y.dtype)
+            shape = [-1] + [1] * (y.dim() - 2) if kind in _PER_CHANNEL_NORMS else list(bias.shape)
+            normalised_part = y - (bias if differentiable else bias.detach()).reshape(shape).to(y.dtype)
         return y - normalised_part * shrink.to(y.dtype)
 
 
-try:  # ConvNeXt's channels-first LayerNorm: permute, layer_norm over channels, permute back
-    from torchvision.models.convnext import LayerNorm2d as _LayerNorm2d
-except ImportError:  # pragma: no cover - torchvision without ConvNeXt
-    _LayerNorm2d = None
+_INSTANCE_NORMS = (torch.nn.InstanceNorm1d, torch.nn.InstanceNorm2d, torch.nn.InstanceNorm3d)
+
+
+def _is_layer_norm_2d(module: torch.nn.Module) -> bool:
+    """torchvision's ConvNeXt ``LayerNorm2d`` (permute, layer_norm over channels, permute
+    back), recognised without importing torchvision."""
+    kind = type(module)
+    return kind.__name__ == "LayerNorm2d" and kind.__module__ == "torchvision.models.convnext"
 
 
 def normalisation_settings(module: torch.nn.Module) -> Optional[Tuple[Any, ...]]:
@@ -328,7 +336,7 @@ def normalisation_settings(module: torch.nn.Module) -> Optional[Tuple[Any, ...]]
         return ("layer_norm", len(module.normalized_shape), float(module.eps))
     if kind is torch.nn.GroupNorm:
         return ("group_norm", int(module.num_groups), float(module.eps))
-    if _LayerNorm2d is not None and kind is _LayerNorm2d:
+    if _is_layer_norm_2d(module):
         return ("channel_layer_norm", 1, float(module.eps))
     if kind is getattr(torch.nn, "RMSNorm", None):
         return ("rms_norm", len(module.normalized_shape), module.eps)
@@ -337,7 +345,9 @@ def normalisation_settings(module: torch.nn.Module) -> Optional[Tuple[Any, ...]]
     return None
 
 
-_INSTANCE_NORMS = (torch.nn.InstanceNorm1d, torch.nn.InstanceNorm2d, torch.nn.InstanceNorm3d)
+def normalisation_op(settings: Tuple[Any, ...]) -> str:
+    """The traced operation a normalisation module's source comes from."""
+    return "layer_norm" if settings[0] == "channel_layer_norm" else settings[0]
 
 
 def _add_sub(ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]) -> OpResult:
@@ -423,41 +433,71 @@ def _pad(ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str, An
 # An element-wise ``y = g(a)`` has a diagonal Jacobian, so ``J_g(a) a`` is ``g``'s own
 # backward kernel with ``a`` in the place of the output gradient: one kernel, the very
 # derivative formula the backward pass uses (so eq. 1 stays exact), where forward-mode AD
-# needs copies of the input, a dual forward pass and its tangent. Taken before the call, it
-# also needs no copy of an input that an in-place activation is about to overwrite.
+# needs copies of the input, a dual forward pass and its tangent.
 
 
-def _hardtanh_linear_part(a: Tensor, args: Sequence[Any], kwargs: Dict[str, Any], func: Callable) -> Tensor:
+@dataclass(frozen=True)
+class _Activation:
+    """How to find one activation's ``g'(a) a`` for the traced op and for its module.
+
+    ``linear_part(a, y, *parameters)`` runs the backward kernel; ``reads`` says what it
+    needs: ``"input"`` (taken before an in-place call overwrites ``a``), ``"output"``
+    (hardtanh: ``y 1[low < y < high] = a 1[low < a < high]``), or ``"both"`` (sigmoid and
+    tanh: out-of-place calls only). ``call_parameters(args, kwargs, func)`` and
+    ``module_parameters(module)`` read the same parameters from a functional call and
+    from a module.
+    """
+
+    linear_part: Callable[..., Tensor]
+    reads: str = "input"
+    call_parameters: Callable[[Sequence[Any], Dict[str, Any], Callable], Tuple[Any, ...]] = lambda args, kwargs, func: ()
+    module_parameters: Callable[[torch.nn.Module], Tuple[Any, ...]] = lambda module: ()
+
+
+def _hardtanh_call(args: Sequence[Any], kwargs: Dict[str, Any], func: Callable) -> Tuple[Any, ...]:
     if op_name(func) == "relu6":
-        low, high = 0.0, 6.0
-    else:
-        low, high = _arg(args, kwargs, 1, "min_val", -1.0), _arg(args, kwargs, 2, "max_val", 1.0)
-    return torch.ops.aten.hardtanh_backward(a, a, low, high)
+        return (0.0, 6.0)
+    return (_arg(args, kwargs, 1, "min_val", -1.0), _arg(args, kwargs, 2, "max_val", 1.0))
 
 
-_INPUT_LINEAR_PARTS: Dict[str, Callable[[Tensor, Sequence[Any], Dict[str, Any], Callable], Tensor]] = {
-    "silu": lambda a, args, kwargs, func: torch.ops.aten.silu_backward(a, a),
-    "gelu": lambda a, args, kwargs, func: torch.ops.aten.gelu_backward(
-        a, a, approximate=_arg(args, kwargs, 1, "approximate", "none")
+def _elu_call(args: Sequence[Any], kwargs: Dict[str, Any], func: Callable) -> Tuple[Any, ...]:
+    alpha = _arg(args, kwargs, 1, "alpha", 1.0)
+    if func in (F.elu, F.elu_):  # (input, alpha, inplace); torch._C._nn.elu adds two scales
+        return (alpha, 1.0, 1.0)
+    return (alpha, _arg(args, kwargs, 2, "scale", 1.0), _arg(args, kwargs, 3, "input_scale", 1.0))
+
+
+_aten = torch.ops.aten
+_ACTIVATIONS: Dict[str, _Activation] = {
+    "silu": _Activation(lambda a, y: _aten.silu_backward(a, a)),
+    "gelu": _Activation(
+        lambda a, y, approximate: _aten.gelu_backward(a, a, approximate=approximate),
+        call_parameters=lambda args, kwargs, func: (_arg(args, kwargs, 1, "approximate", "none"),),
+        module_parameters=lambda module: (module.approximate,),
     ),
-    "hardswish": lambda a, args, kwargs, func: torch.ops.aten.hardswish_backward(a, a),
-    "hardsigmoid": lambda a, args, kwargs, func: torch.ops.aten.hardsigmoid_backward(a, a),
-    "hardtanh": _hardtanh_linear_part,
-    "relu6": _hardtanh_linear_part,
-    "mish": lambda a, args, kwargs, func: torch.ops.aten.mish_backward(a, a),
-    "softplus": lambda a, args, kwargs, func: torch.ops.aten.softplus_backward(
-        a, a, _arg(args, kwargs, 1, "beta", 1.0), _arg(args, kwargs, 2, "threshold", 20.0)
+    "hardswish": _Activation(lambda a, y: _aten.hardswish_backward(a, a)),
+    "hardsigmoid": _Activation(lambda a, y: _aten.hardsigmoid_backward(a, a)),
+    "mish": _Activation(lambda a, y: _aten.mish_backward(a, a)),
+    "softplus": _Activation(
+        lambda a, y, beta, threshold: _aten.softplus_backward(a, a, beta, threshold),
+        call_parameters=lambda args, kwargs, func: (_arg(args, kwargs, 1, "beta", 1.0), _arg(args, kwargs, 2, "threshold", 20.0)),
+        module_parameters=lambda module: (float(module.beta), float(module.threshold)),
     ),
-    "elu": lambda a, args, kwargs, func: torch.ops.aten.elu_backward(
-        a, _arg(args, kwargs, 1, "alpha", 1.0), 1.0, 1.0, False, a
+    "elu": _Activation(
+        lambda a, y, alpha, scale, input_scale: _aten.elu_backward(a, alpha, scale, input_scale, False, a),
+        call_parameters=_elu_call,
+        module_parameters=lambda module: (float(module.alpha), 1.0, 1.0),
     ),
+    "hardtanh": _Activation(
+        lambda a, y, low, high: _aten.hardtanh_backward(y, y, low, high),
+        reads="output",
+        call_parameters=_hardtanh_call,
+        module_parameters=lambda module: (float(module.min_val), float(module.max_val)),
+    ),
+    "sigmoid": _Activation(lambda a, y: _aten.sigmoid_backward(a, y), reads="both"),
+    "tanh": _Activation(lambda a, y: _aten.tanh_backward(a, y), reads="both"),
 }
-# Backward kernels that read the result instead of the input (out-of-place calls only).
-_OUTPUT_LINEAR_PARTS: Dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "sigmoid": lambda a, y: torch.ops.aten.sigmoid_backward(a, y),
-    "tanh": lambda a, y: torch.ops.aten.tanh_backward(a, y),
-}
-
+_ACTIVATIONS["relu6"] = _ACTIVATIONS["hardtanh"]
 
 # Leaf activation modules whose ``forward`` is exactly their functional op: a capture plan
 # (captum_fullgrad.replay) finds their intercepts with a forward hook instead of a trace.
@@ -478,58 +518,50 @@ _ACTIVATION_MODULES: Dict[type, str] = {
 
 def activation_settings(module: torch.nn.Module) -> Optional[Tuple[Any, ...]]:
     """What the intercept of an activation module depends on besides its input and output:
-    ``(op name, inplace, *attributes)``; ``None`` for any other module."""
+    ``(op name, inplace, *parameters)``; ``None`` for any other module (or an in-place
+    one whose kernel needs both its input and its output)."""
     name = _ACTIVATION_MODULES.get(type(module))
     if name is None:
         return None
+    activation = _ACTIVATIONS[name]
     inplace = bool(getattr(module, "inplace", False))
-    if name == "hardtanh":
-        return (name, inplace, float(module.min_val), float(module.max_val))
-    if name == "gelu":
-        return (name, inplace, module.approximate)
-    if name == "elu":
-        return (name, inplace, float(module.alpha))
-    if name == "softplus":
-        return (name, inplace, float(module.beta), float(module.threshold))
-    return (name, inplace)
+    if inplace and activation.reads == "both":
+        return None
+    return (name, inplace, *activation.module_parameters(module))
 
 
 def activation_reads_input_first(settings: Tuple[Any, ...]) -> bool:
-    """Whether ``g'(a) a`` must be taken before the call (an in-place activation overwrites
-    ``a``); hardtanh's follows from its output: ``y 1[low < y < high] = a 1[low < a < high]``."""
-    return settings[1] and settings[0] != "hardtanh"
+    """Whether ``g'(a) a`` must be taken before the call: an in-place activation whose
+    kernel reads the input it is about to overwrite."""
+    return settings[1] and _ACTIVATIONS[settings[0]].reads == "input"
 
 
 def activation_linear_part(settings: Tuple[Any, ...], a: Tensor, y: Optional[Tensor] = None) -> Tensor:
-    """``g'(a) a`` of an activation module's call, with the kernels :func:`_elementwise` uses
-    for the traced op (so the same values); ``y`` is needed by hardtanh, sigmoid and tanh."""
-    name = settings[0]
+    """``g'(a) a`` for ``settings`` (see :func:`activation_settings`), with the kernels the
+    traced rule uses, so the same values. ``y`` is needed unless the kernel reads only the
+    input; when given, ``a`` is taken in ``y``'s dtype (an autocast op computed in float32)."""
     with torch.no_grad():
-        if name == "hardtanh":
-            y = y.detach()
-            return torch.ops.aten.hardtanh_backward(y, y, settings[2], settings[3])
         a = a.detach()
-        if name in _OUTPUT_LINEAR_PARTS:
-            return _OUTPUT_LINEAR_PARTS[name](a, y.detach())
-        args, kwargs = (a, *settings[2:]), {}
-        if name == "gelu":
-            args, kwargs = (a,), {"approximate": settings[2]}
-        return _INPUT_LINEAR_PARTS[name](a, args, kwargs, None)
+        if y is not None:
+            y = y.detach()
+            if a.dtype != y.dtype:
+                a = a.to(y.dtype)
+        return _ACTIVATIONS[settings[0]].linear_part(a, y, *settings[2:])
 
 
 def _elementwise(ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]) -> OpResult:
     """``c = g(a) - g'(a) a`` for the common activations, with ``g'(a) a`` from the backward kernel."""
     a = _arg(args, kwargs, 0, "input")
     name = op_name(func)
+    activation = _ACTIVATIONS[name]
     inplace = is_inplace(func, args, kwargs)
-    if not isinstance(a, Tensor) or not a.is_floating_point() or (inplace and name in _OUTPUT_LINEAR_PARTS):
+    if not isinstance(a, Tensor) or not a.is_floating_point() or (inplace and activation.reads == "both"):
         return _generic(ctx, func, args, kwargs)
-    input_part = _INPUT_LINEAR_PARTS.get(name)
+    settings = (name, inplace, *activation.call_parameters(args, kwargs, func))
     linear_part = None
-    if input_part is not None:
+    if activation_reads_input_first(settings):
         try:
-            with torch.no_grad():
-                linear_part = input_part(a.detach(), args, kwargs, func)
+            linear_part = activation_linear_part(settings, a)
         except (RuntimeError, NotImplementedError):  # a dtype or device without the kernel
             return _generic(ctx, func, args, kwargs)
     value = func(*args, **kwargs)
@@ -539,7 +571,7 @@ def _elementwise(ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict
     with torch.no_grad():
         y = produced.detach()
         if linear_part is None:
-            linear_part = _OUTPUT_LINEAR_PARTS[name](a.detach(), y)
+            linear_part = activation_linear_part(settings, a, y)
         constant = y - linear_part
     return OpResult(value, [Intercept(produced, dense=constant)])
 

@@ -12,8 +12,9 @@ intercept (seed section 3.2). For such a network the trace of one call says ever
 later calls need: which module calls produce a source, in which order, and which
 convolution's bias is reduced together with the BatchNorm that reads it. A
 :class:`CapturePlan` keeps that, and :meth:`CapturePlan.replay` finds the same sources
-with one global forward hook, reading each intercept from the module's current
-parameters (so changed weights, biases or BatchNorm statistics are picked up).
+with one global forward hook (and a global pre-hook where an in-place activation's input
+must be read first), reading each intercept from the module's current state (so changed
+weights, biases or BatchNorm statistics are picked up).
 
 A plan is made only when every source of the traced call came from the first operation of
 a leaf module of one of the exact types ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``,
@@ -52,6 +53,7 @@ from ._intercepts import (
     activation_reads_input_first,
     activation_settings,
     normalisation_intercept,
+    normalisation_op,
     normalisation_settings,
 )
 from .capture import BiasSource, Capture, Collector, register_gradient_hook
@@ -214,7 +216,7 @@ class CapturePlan:
                     if source.op != activation[0] or source.intercept.dense is None:
                         return None
                 elif normalisation is not None:
-                    if source.op != normalisation[0].replace("channel_", "") or source.intercept.dense is None:
+                    if source.op != normalisation_op(normalisation) or source.intercept.dense is None:
                         return None
                 elif source.op not in _OPS.get(type(module), ()) or source.intercept.channel_vector is None:
                     return None  # an unfamiliar module

@@ -257,3 +257,23 @@ def test_normalisation_closed_forms_equal_forward_mode_ad(name):
     if "default_eps" not in name:
         assert (intercept - value).abs().max() > 1e-3  # the eps term was exercised
     assert fj.completeness_delta.abs().max() < 1e-10
+
+
+def _torch_norm_calls():
+    generator = torch.Generator().manual_seed(2)
+    weight, bias = torch.rand(4, dtype=torch.float64, generator=generator) + 0.5, torch.randn(4, dtype=torch.float64, generator=generator)
+    mean, var = torch.randn(4, dtype=torch.float64, generator=generator), torch.rand(4, dtype=torch.float64, generator=generator) + 0.5
+    return {
+        # torch.* take the affine terms before the running statistics, F.* after them.
+        "torch.batch_norm_eval": lambda t: torch.batch_norm(t, weight, bias, mean, var, False, 0.1, 0.2, False),
+        "torch.instance_norm": lambda t: torch.instance_norm(t, weight, bias, None, None, True, 0.1, 0.2, False),
+        "torch.layer_norm": lambda t: torch.layer_norm(t, [5, 5], None, None, 0.2, False),
+        "torch.group_norm": lambda t: torch.group_norm(t, 2, weight, bias, 0.2, False),
+        "elu_with_scales": lambda t: torch._C._nn.elu(t, 0.7, 1.3, 0.8),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_torch_norm_calls()))
+def test_direct_torch_calls_read_their_own_argument_order(name):
+    a = torch.randn(2, 4, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 2
+    _check(_torch_norm_calls()[name], a)
