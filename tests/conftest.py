@@ -80,6 +80,16 @@ def vgg_features_small_head(seed: int = 0) -> torch.nn.Module:
     return model.double().eval()
 
 
+@pytest.fixture(scope="module")
+def one_cpu_thread():
+    """One intra-op thread for a module of tiny-tensor tests: extra threads only add
+    synchronisation, very costly on a shared, busy machine. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def float64_vgg() -> torch.nn.Module:
     return build_zoo_model("vgg11_bn")

@@ -75,6 +75,11 @@ def assert_png(path, size=None):
     return pixels
 
 
+def decompose_argv(image, out, *extra):
+    """``decompose`` on the bundled shapes model: the arguments every such test repeats."""
+    return ("decompose", "--model", "shapes", "--image", image, "--out", out, *extra)
+
+
 def files_in(directory):
     return sorted(str(p.relative_to(directory)) for p in Path(directory).rglob("*"))
 
@@ -155,18 +160,7 @@ def test_compare_pdf_default_methods_and_target(capsys, image_dir, tmp_path):
 
 def test_decompose_writes_the_figure(capsys, image_dir, tmp_path):
     out = tmp_path / "decomposition.png"
-    status, _, err = run(
-        capsys,
-        "decompose",
-        "--model",
-        "shapes",
-        "--image",
-        image_dir / "c.jpg",
-        "--out",
-        out,
-        "--target",
-        "1",
-    )
+    status, _, err = run(capsys, *decompose_argv(image_dir / "c.jpg", out, "--target", "1"))
     assert status == 0, err
     # 4 blocks + image + input term + 2 cells of chart: 2 rows of 4 panels, 2 inches each.
     assert_png(out, size=(round((2.0 * 2 * 1.12 + 1.0) * DPI), round(2.0 * 4 * DPI)))
@@ -277,17 +271,7 @@ def test_bad_input(case, capsys, bad_files, tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
 def test_cuda_requested_without_cuda(capsys, image_dir, tmp_path):
     assert_bad_input(
-        capsys,
-        "decompose",
-        "--model",
-        "shapes",
-        "--image",
-        image_dir / "a.png",
-        "--out",
-        tmp_path / "x.png",
-        "--device",
-        "cuda",
-        match="CUDA is not available",
+        capsys, *decompose_argv(image_dir / "a.png", tmp_path / "x.png", "--device", "cuda"), match="CUDA is not available"
     )
     assert files_in(tmp_path) == []
 
@@ -297,16 +281,7 @@ def test_internal_errors_are_one_line_with_status_1(capsys, image_dir, tmp_path,
         raise RuntimeError("something\nbroke")
 
     monkeypatch.setattr("captum_fullgrad.figures.decomposition_figure", boom)
-    status, _, err = run(
-        capsys,
-        "decompose",
-        "--model",
-        "shapes",
-        "--image",
-        image_dir / "a.png",
-        "--out",
-        tmp_path / "x.png",
-    )
+    status, _, err = run(capsys, *decompose_argv(image_dir / "a.png", tmp_path / "x.png"))
     assert status == 1
     assert err.count("\n") == 1 and "internal error: RuntimeError: something broke" in err
     assert files_in(tmp_path) == []

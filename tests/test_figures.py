@@ -29,11 +29,8 @@ NUMBER = r"(-?\d+(?:\.\d*)?(?:e[-+]?\d+)?)"
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_cpu_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
