@@ -457,6 +457,18 @@ def cell(stats: Optional[Dict[str, float]]) -> str:
     return "–" if not stats else f"{stats['mean']:.1f} ± {stats['std']:.1f}"
 
 
+def _table_beside_paper(table: Dict[str, Any], methods: Sequence[str], sizes: Sequence[int], paper: Dict[str, Any]) -> List[str]:
+    """A Markdown table: one row per method, our accuracy per training-set size, then the
+    paper's columns beside it."""
+    header = ["# examples / class →", *[str(s) for s in sizes], *[f"paper {c}" for c in paper["columns"]]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method in methods:
+        row = table[method]
+        cells = [METHOD_LABELS[method], *[cell(row.get(str(s))) for s in sizes], *paper["rows"][method]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown_tables(config: Dict[str, Any], results: Dict[str, Any], tables: Dict[str, Any]) -> str:
     teacher = results["teacher"]
     lines = []
@@ -470,16 +482,7 @@ def markdown_tables(config: Dict[str, Any], results: Dict[str, Any], tables: Dic
         "Table 2 (VGG-9 teacher 66.82 %, VGG-11 student)."
     )
     lines.append("")
-    paper_cols = PAPER_TABLE2["columns"]
-    header = ["# examples / class →", *[str(s) for s in d_sizes], *[f"paper {c}" for c in paper_cols]]
-    lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "---|" * len(header))
-    for method in DISTILLATION_METHODS:
-        row = tables["distillation"][method]
-        lines.append(
-            "| " + " | ".join([METHOD_LABELS[method], *[cell(row.get(str(s))) for s in d_sizes],
-                               *PAPER_TABLE2["rows"][method]]) + " |"
-        )
+    lines += _table_beside_paper(tables["distillation"], DISTILLATION_METHODS, d_sizes, PAPER_TABLE2)
     lines.append("")
     r_sizes = config["regularisation_sizes"]
     chosen = results["chosen_strengths"]
@@ -493,16 +496,7 @@ def markdown_tables(config: Dict[str, Any], results: Dict[str, Any], tables: Dic
         "(p = 0.5, λ = 1e-1, λ = 1e2)."
     )
     lines.append("")
-    paper_cols = PAPER_TABLE4["columns"]
-    header = ["# examples / class →", *[str(s) for s in r_sizes], *[f"paper {c}" for c in paper_cols]]
-    lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "---|" * len(header))
-    for method in REGULARISATION_METHODS:
-        row = tables["regularisation"][method]
-        lines.append(
-            "| " + " | ".join([METHOD_LABELS[method], *[cell(row.get(str(s))) for s in r_sizes],
-                               *PAPER_TABLE4["rows"][method]]) + " |"
-        )
+    lines += _table_beside_paper(tables["regularisation"], REGULARISATION_METHODS, r_sizes, PAPER_TABLE4)
     lines.append("")
     grid_rows = sorted(results["grid"], key=lambda g: (g["method"], g["strength"] or 0))
     lines.append(

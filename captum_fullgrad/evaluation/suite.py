@@ -106,7 +106,7 @@ import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -675,9 +675,7 @@ def evaluate(
             bar.step()
 
         # 2. Localisation.
-        start = time.perf_counter()
-        for method in resolved:
-            bar.stage("localisation", method.name)
+        for method in _stage(bar, timings, "localisation", "localisation", resolved):
             m = maps[method.name]
             record(
                 method.name,
@@ -691,16 +689,12 @@ def evaluate(
             )
             record(method.name, _info("relevance_mass", n, settings), relevance_mass(m, masks))
             record(method.name, _info("relevance_rank", n, settings), relevance_rank(m, masks))
-            bar.step()
-        timings["localisation"] = time.perf_counter() - start
 
         # 3. Pixel perturbation, least and most salient first.
-        start = time.perf_counter()
         fill = images.mean(dim=(0, 2, 3))  # the images' mean colour
         percentages = tuple(float(k) for k in settings.perturbation_percentages)
         width = percentages[-1] - percentages[0] if len(percentages) > 1 else 1.0
-        for method in resolved:
-            bar.stage("pixel perturbation", method.name)
+        for method in _stage(bar, timings, "pixel_perturbation", "pixel perturbation", resolved):
             for order in ("least", "most"):
                 result = pixel_perturbation(
                     model,
@@ -728,20 +722,16 @@ def evaluate(
                     "x": list(percentages),
                     "y": result.mean_curve.double().cpu().tolist(),
                 }
-            bar.step()
-        timings["pixel_perturbation"] = time.perf_counter() - start
 
         # 4. ROAD, MoRF and LeRF.
         n_road_images = subsets["road"]
         if n_road_images:
-            start = time.perf_counter()
             road_percentages = tuple(float(k) for k in settings.road_percentages)
             road_width = (
                 road_percentages[-1] - road_percentages[0] if len(road_percentages) > 1 else 1.0
             )
             chunk = max(1, int(settings.road_chunk))
-            for method in resolved:
-                bar.stage("ROAD", method.name)
+            for method in _stage(bar, timings, "road", "ROAD", resolved):
                 probabilities = {}
                 for order in ("morf", "lerf"):
                     correct, probs = [], []
@@ -792,18 +782,14 @@ def evaluate(
                     _info("road_gap", n_road_images, settings),
                     probabilities["lerf"] - probabilities["morf"],
                 )
-                bar.step()
-            timings["road"] = time.perf_counter() - start
 
         # 5. Infidelity, from the maps already computed.
         n_inf = subsets["infidelity"]
         if n_inf:
-            start = time.perf_counter()
             sl = slice(0, n_inf)
             noise = settings.infidelity_noise * float(images.std())
             infidelity_noise_abs = noise
-            for method in resolved:
-                bar.stage("infidelity", method.name)
+            for method in _stage(bar, timings, "infidelity", "infidelity", resolved):
                 scores = infidelity_score(
                     model,
                     method.fn,
@@ -819,16 +805,12 @@ def evaluate(
                     maps=maps[method.name][sl],
                 )
                 record(method.name, _info("infidelity", n_inf, settings), scores)
-                bar.step()
-            timings["infidelity"] = time.perf_counter() - start
 
         # 6. Max-sensitivity: the map is recomputed for every perturbed input.
         n_sens = subsets["sensitivity"]
         if n_sens:
-            start = time.perf_counter()
             sl = slice(0, n_sens)
-            for method in resolved:
-                bar.stage("sensitivity", method.name)
+            for method in _stage(bar, timings, "sensitivity", "sensitivity", resolved):
                 scores = sensitivity_score(
                     model,
                     method.fn,
@@ -844,17 +826,13 @@ def evaluate(
                     ),
                 )
                 record(method.name, _info("sensitivity_max", n_sens, settings), scores)
-                bar.step()
-            timings["sensitivity"] = time.perf_counter() - start
 
         # 7. Sanity check: cascading randomisation, output layer first.
         n_san = subsets["sanity"]
         if n_san:
-            start = time.perf_counter()
             sl = slice(0, n_san)
             layers = list(settings.sanity_layers) if settings.sanity_layers else None
-            for method in resolved:
-                bar.stage("sanity check", method.name)
+            for method in _stage(bar, timings, "sanity", "sanity check", resolved):
                 result = cascading_randomisation(
                     model, method.fn, images[sl], labels[sl], seed=seed, layers=layers
                 )
@@ -868,8 +846,6 @@ def evaluate(
                 steps = list(range(len(result.steps)))
                 curves[method.name]["sanity_spearman_abs"] = {"x": steps, "y": rho.mean(1).tolist()}
                 curves[method.name]["sanity_ssim"] = {"x": steps, "y": result.ssim.mean(1).tolist()}
-                bar.step()
-            timings["sanity"] = time.perf_counter() - start
     finally:
         bar.close()
 
@@ -931,6 +907,17 @@ def evaluate(
         curves=curves,
         labels={m.name: m.label for m in resolved},
     )
+
+
+def _stage(bar: Any, timings: Dict[str, float], key: str, label: str, methods: Sequence[Any]) -> Iterator[Any]:
+    """Each method in turn, shown under ``label`` by the progress bar; the stage's wall time
+    goes to ``timings[key]`` once every method is done."""
+    start = time.perf_counter()
+    for method in methods:
+        bar.stage(label, method.name)
+        yield method
+        bar.step()
+    timings[key] = time.perf_counter() - start
 
 
 def _captum_batch(n: int, samples: int, batch_size: int, per_example: Optional[int] = None) -> int:
