@@ -21,19 +21,43 @@ from captum_fullgrad import full_jacobian
 from captum_fullgrad.testing import randomize_parameters_
 
 ZOO = [
-    "vgg11_bn", "vgg16_bn", "alexnet", "resnet18", "resnet50", "densenet121", "squeezenet1_1",
-    "shufflenet_v2_x0_5", "mnasnet0_5", "googlenet", "inception_v3", "mobilenet_v2",
-    "mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf", "convnext_tiny", "vit",
+    "vgg11_bn",
+    "vgg16_bn",
+    "alexnet",
+    "resnet18",
+    "resnet50",
+    "densenet121",
+    "squeezenet1_1",
+    "shufflenet_v2_x0_5",
+    "mnasnet0_5",
+    "googlenet",
+    "inception_v3",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "efficientnet_b0",
+    "regnet_y_400mf",
+    "convnext_tiny",
+    "vit",
 ]
 
 
 def build(name: str) -> torch.nn.Module:
     if name == "vit":
         model = torchvision.models.VisionTransformer(
-            image_size=64, patch_size=16, num_layers=4, num_heads=4, hidden_dim=64, mlp_dim=128, num_classes=10
+            image_size=64,
+            patch_size=16,
+            num_layers=4,
+            num_heads=4,
+            hidden_dim=64,
+            mlp_dim=128,
+            num_classes=10,
         )
     else:
-        kwargs = {"init_weights": True, "aux_logits": False} if name in ("googlenet", "inception_v3") else {}
+        kwargs = (
+            {"init_weights": True, "aux_logits": False}
+            if name in ("googlenet", "inception_v3")
+            else {}
+        )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = torchvision.models.get_model(name, weights=None, num_classes=10, **kwargs)
@@ -48,21 +72,29 @@ def build(name: str) -> torch.nn.Module:
 
 def main() -> int:
     torch.set_num_threads(2)
-    rows = ["| model | bias sources | spatial | relative gap float64 (max of 2) | relative gap float32 | bias share of f(x) | s (float64) |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
+    rows = [
+        "| model | bias sources | spatial | relative gap float64 (max of 2) | relative gap float32 | bias share of f(x) | s (float64) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for name in ZOO:
         size = 80 if name == "inception_v3" else 64
         model = build(name)
         gaps = {}
         for dtype in (torch.float64, torch.float32):
             m = model.to(dtype)
-            x = torch.rand(2, 3, size, size, dtype=dtype, generator=torch.Generator().manual_seed(0))
+            x = torch.rand(
+                2, 3, size, size, dtype=dtype, generator=torch.Generator().manual_seed(0)
+            )
             with torch.no_grad():
                 target = m(x).abs().argmax(1)
             start = time.perf_counter()
             fj = full_jacobian(m, x, target=target)
             elapsed = time.perf_counter() - start
-            gaps[dtype] = (fj, float((fj.completeness_delta.abs() / fj.output.abs()).max()), elapsed)
+            gaps[dtype] = (
+                fj,
+                float((fj.completeness_delta.abs() / fj.output.abs()).max()),
+                elapsed,
+            )
         fj, gap64, seconds = gaps[torch.float64]
         share = float(((fj.output - fj.input_term).abs() / fj.output.abs()).min())
         spatial = sum(s.spatial for s in fj.sources.values())
@@ -75,8 +107,9 @@ def main() -> int:
     out.write_text(
         "Completeness (eq. 1) on random-weight torchvision classifiers with randomised bias sources, "
         f"2 images of 64 px (inception_v3: 80 px), torch {torch.__version__}, CPU.\n"
-        "\"bias share\" is the smallest |f(x) - <grad, x>| / |f(x)| of the two images: how much of "
-        "the output the bias terms carry (a zero-bias network would show 0 and test nothing).\n\n" + table
+        '"bias share" is the smallest |f(x) - <grad, x>| / |f(x)| of the two images: how much of '
+        "the output the bias terms carry (a zero-bias network would show 0 and test nothing).\n\n"
+        + table
     )
     print(table)
     return 0

@@ -80,13 +80,37 @@ METHOD_LABELS = {
 PAPER_TABLE2 = {
     "columns": [5, 10, 50, 100, 500],
     "rows": {
-        "cross_entropy": ["7.45 ± 0.3", "11.83 ± 0.4", "40.88 ± 0.8", "51.19 ± 0.01", "69.95 ± 0.2"],
+        "cross_entropy": [
+            "7.45 ± 0.3",
+            "11.83 ± 0.4",
+            "40.88 ± 0.8",
+            "51.19 ± 0.01",
+            "69.95 ± 0.2",
+        ],
         "activation": ["23.72 ± 1.3", "37.22 ± 0.2", "59.43 ± 0.02", "63.91 ± 0.2", "66.99 ± 0.2"],
         "i_jacobian": ["27.27 ± 1.2", "41.47 ± 1", "61.83 ± 0.01", "65.43 ± 0.6", "66.92 ± 0.7"],
         "attention": ["38.18 ± 1.9", "46.39 ± 0.1", "60.27 ± 0.3", "64.28 ± 0.2", "66.53 ± 0.3"],
-        "i_jacobian_attention": ["42.75 ± 1.7", "51.16 ± 0.6", "62.62 ± 0.6", "65.38 ± 0.2", "67.25 ± 0.8"],
-        "full_jacobian": ["35.15 ± 0.5", "48.00 ± 0.4", "62.88 ± 0.1", "65.84 ± 0.1", "66.83 ± 0.1"],
-        "full_jacobian_attention": ["47.11 ± 0.9", "54.59 ± 0.2", "63.20 ± 0.4", "65.49 ± 0.1", "66.65 ± 0.4"],
+        "i_jacobian_attention": [
+            "42.75 ± 1.7",
+            "51.16 ± 0.6",
+            "62.62 ± 0.6",
+            "65.38 ± 0.2",
+            "67.25 ± 0.8",
+        ],
+        "full_jacobian": [
+            "35.15 ± 0.5",
+            "48.00 ± 0.4",
+            "62.88 ± 0.1",
+            "65.84 ± 0.1",
+            "66.83 ± 0.1",
+        ],
+        "full_jacobian_attention": [
+            "47.11 ± 0.9",
+            "54.59 ± 0.2",
+            "63.20 ± 0.4",
+            "65.49 ± 0.1",
+            "66.65 ± 0.4",
+        ],
     },
 }
 PAPER_TABLE4 = {
@@ -109,13 +133,19 @@ class VGG(nn.Module):
     puts a dropout layer after the last block's ReLU (the regularised layer of Table 4).
     """
 
-    def __init__(self, widths: Sequence[int], convs_per_stage: int, num_classes: int, dropout: float = 0.0) -> None:
+    def __init__(
+        self, widths: Sequence[int], convs_per_stage: int, num_classes: int, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         layers: List[nn.Module] = []
         channels = 3
         for stage, width in enumerate(widths):
             for conv in range(convs_per_stage):
-                layers += [nn.Conv2d(channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+                layers += [
+                    nn.Conv2d(channels, width, 3, padding=1),
+                    nn.BatchNorm2d(width),
+                    nn.ReLU(inplace=True),
+                ]
                 channels = width
                 if dropout > 0 and stage == len(widths) - 1 and conv == convs_per_stage - 1:
                     layers.append(nn.Dropout(dropout))
@@ -142,7 +172,13 @@ def default_config(smoke: bool = False) -> Dict[str, Any]:
         "test_size": 800,
         "data_seeds": {"pool": 0, "val": 1, "test": 2},
         "seeds": [0, 1, 2],
-        "teacher": {"widths": [16, 32, 64], "convs_per_stage": 1, "steps": 1200, "batch_size": 64, "lr": 3e-3},
+        "teacher": {
+            "widths": [16, 32, 64],
+            "convs_per_stage": 1,
+            "steps": 1200,
+            "batch_size": 64,
+            "lr": 3e-3,
+        },
         "student": {"widths": [16, 32, 64], "convs_per_stage": 2},
         # Distillation students: double backpropagation costs ~4 plain steps, so fewer, smaller steps.
         "train": {"steps": 100, "batch_size": 16, "lr": 3e-3},
@@ -151,7 +187,12 @@ def default_config(smoke: bool = False) -> Dict[str, Any]:
         "regularisation_sizes": [10, 50, 100],
         # Matching weights: the output term in logit units, the others on L2-normalised maps,
         # chosen by `--matching-grid 1 10 100 1000` on the validation split (docs/training.md).
-        "matching_scale": {"output": 1.0, "input_jacobian": 100.0, "bias_jacobian": 100.0, "attention": 100.0},
+        "matching_scale": {
+            "output": 1.0,
+            "input_jacobian": 100.0,
+            "bias_jacobian": 100.0,
+            "attention": 100.0,
+        },
         "num_pairs": 2,
         "grid": {
             "size": 50,  # at 10 per class every regulariser is near chance: nothing to choose from
@@ -165,13 +206,23 @@ def default_config(smoke: bool = False) -> Dict[str, Any]:
     }
     if smoke:
         config.update(
-            pool_size=200, val_size=80, test_size=80, seeds=[0, 1],
-            distillation_sizes=[5], regularisation_sizes=[10],
+            pool_size=200,
+            val_size=80,
+            test_size=80,
+            seeds=[0, 1],
+            distillation_sizes=[5],
+            regularisation_sizes=[10],
         )
         config["teacher"] = {**config["teacher"], "steps": 20}
         config["train"] = {**config["train"], "steps": 10}
         config["regularisation_train"] = {**config["regularisation_train"], "steps": 10}
-        config["grid"] = {**config["grid"], "size": 10, "dropout": [0.5], "bias_weight_decay": [1e-1], "bias_jacobian": [1.0]}
+        config["grid"] = {
+            **config["grid"],
+            "size": 10,
+            "dropout": [0.5],
+            "bias_weight_decay": [1e-1],
+            "bias_jacobian": [1.0],
+        }
     return config
 
 
@@ -182,8 +233,14 @@ _DATA: Dict[str, Tuple[Tensor, Tensor]] = {}
 def data(config: Dict[str, Any], split: str) -> Tuple[Tensor, Tensor]:
     """``(images, labels)`` of a split, rendered once per process."""
     if split not in _DATA:
-        size = {"pool": config["pool_size"], "val": config["val_size"], "test": config["test_size"]}[split]
-        images, labels, _ = synthetic_shapes(size, seed=config["data_seeds"][split], size=config["image_size"])
+        size = {
+            "pool": config["pool_size"],
+            "val": config["val_size"],
+            "test": config["test_size"],
+        }[split]
+        images, labels, _ = synthetic_shapes(
+            size, seed=config["data_seeds"][split], size=config["image_size"]
+        )
         _DATA[split] = (images, labels)
     return _DATA[split]
 
@@ -195,11 +252,11 @@ def subset(labels: Tensor, per_class: int, seed: int) -> Tensor:
     for c in range(int(labels.max()) + 1):
         of_class = order[labels[order] == c]
         if len(of_class) < per_class:
-            raise ValueError(f"class {c} has {len(of_class)} examples in the pool, {per_class} requested")
+            raise ValueError(
+                f"class {c} has {len(of_class)} examples in the pool, {per_class} requested"
+            )
         chosen.append(of_class[:per_class])
     return torch.cat(chosen).sort().values
-
-
 
 
 @torch.no_grad()
@@ -207,7 +264,9 @@ def accuracy(model: nn.Module, images: Tensor, labels: Tensor) -> float:
     model.eval()
     correct = 0
     for start in range(0, len(images), 400):
-        correct += int((model(images[start : start + 400]).argmax(1) == labels[start : start + 400]).sum())
+        correct += int(
+            (model(images[start : start + 400]).argmax(1) == labels[start : start + 400]).sum()
+        )
     return correct / len(images)
 
 
@@ -226,7 +285,9 @@ def fit(
     """Adam with a one-cycle schedule, ``steps`` minibatches drawn epoch by epoch."""
     generator = torch.Generator().manual_seed(seed)
     optimiser = torch.optim.Adam(model.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=steps, pct_start=0.2)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimiser, max_lr=lr, total_steps=steps, pct_start=0.2
+    )
     order = torch.empty(0, dtype=torch.long)
     batch_size = min(batch_size, len(images))
     for _ in range(steps):
@@ -243,7 +304,12 @@ def fit(
 
 def make_student(config: Dict[str, Any], num_classes: int, seed: int, dropout: float = 0.0) -> VGG:
     torch.manual_seed(seed)
-    return VGG(config["student"]["widths"], config["student"]["convs_per_stage"], num_classes, dropout=dropout)
+    return VGG(
+        config["student"]["widths"],
+        config["student"]["convs_per_stage"],
+        num_classes,
+        dropout=dropout,
+    )
 
 
 def make_teacher(config: Dict[str, Any], num_classes: int, seed: int = 0) -> VGG:
@@ -251,7 +317,9 @@ def make_teacher(config: Dict[str, Any], num_classes: int, seed: int = 0) -> VGG
     return VGG(config["teacher"]["widths"], config["teacher"]["convs_per_stage"], num_classes)
 
 
-def scaled_weights(config: Dict[str, Any], preset: str, scale: Optional[Dict[str, float]] = None) -> MatchingWeights:
+def scaled_weights(
+    config: Dict[str, Any], preset: str, scale: Optional[Dict[str, float]] = None
+) -> MatchingWeights:
     base, scale = MATCHING_PRESETS[preset], scale or config["matching_scale"]
     return MatchingWeights(**{k: v * scale[k] for k, v in asdict(base).items()})
 
@@ -268,8 +336,16 @@ def run_job(config: Dict[str, Any], job: Dict[str, Any]) -> Dict[str, Any]:
     if job["kind"] == "teacher":
         model = make_teacher(config, num_classes)
         t = config["teacher"]
-        fit(model, pool_x, pool_y, lambda m, x, y: F.cross_entropy(m(x), y),
-            steps=t["steps"], batch_size=t["batch_size"], lr=t["lr"], seed=0)
+        fit(
+            model,
+            pool_x,
+            pool_y,
+            lambda m, x, y: F.cross_entropy(m(x), y),
+            steps=t["steps"],
+            batch_size=t["batch_size"],
+            lr=t["lr"],
+            seed=0,
+        )
         result["state"] = {k: v.clone() for k, v in model.state_dict().items()}
         result["accuracy"] = accuracy(model, *data(config, "test"))
         result["val_accuracy"] = accuracy(model, *data(config, "val"))
@@ -281,7 +357,9 @@ def run_job(config: Dict[str, Any], job: Dict[str, Any]) -> Dict[str, Any]:
     index = subset(pool_y, job["per_class"], job["seed"])
     images, labels = pool_x[index], pool_y[index]
     method, seed, strength = job["method"], job["seed"], job.get("strength")
-    model = make_student(config, num_classes, seed, dropout=strength if method == "dropout" else 0.0)
+    model = make_student(
+        config, num_classes, seed, dropout=strength if method == "dropout" else 0.0
+    )
     last_block = [b for b in bias_blocks(model, images[:2]) if b.spatial][-1]
 
     if job["kind"] in ("distillation", "matching_grid") and method != "cross_entropy":
@@ -299,7 +377,9 @@ def run_job(config: Dict[str, Any], job: Dict[str, Any]) -> Dict[str, Any]:
     elif method == "bias_jacobian":
 
         def loss_fn(m: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-            penalty, logits = bias_jacobian_penalty(m, x, y, layers=[last_block.name], return_output=True)
+            penalty, logits = bias_jacobian_penalty(
+                m, x, y, layers=[last_block.name], return_output=True
+            )
             return F.cross_entropy(logits, y) + strength * penalty
 
     elif method == "bias_weight_decay":
@@ -312,8 +392,21 @@ def run_job(config: Dict[str, Any], job: Dict[str, Any]) -> Dict[str, Any]:
         def loss_fn(m: nn.Module, x: Tensor, y: Tensor) -> Tensor:
             return F.cross_entropy(m(x), y)
 
-    tr = config["train"] if job["kind"] in ("distillation", "matching_grid") else config["regularisation_train"]
-    fit(model, images, labels, loss_fn, steps=tr["steps"], batch_size=tr["batch_size"], lr=tr["lr"], seed=seed)
+    tr = (
+        config["train"]
+        if job["kind"] in ("distillation", "matching_grid")
+        else config["regularisation_train"]
+    )
+    fit(
+        model,
+        images,
+        labels,
+        loss_fn,
+        steps=tr["steps"],
+        batch_size=tr["batch_size"],
+        lr=tr["lr"],
+        seed=seed,
+    )
     result["accuracy"] = accuracy(model, *data(config, job["evaluate_on"]))
     result["seconds"] = time.perf_counter() - start
     result["cpu_seconds"] = time.process_time() - cpu_start
@@ -333,7 +426,12 @@ def mean_std(values: Sequence[float]) -> Dict[str, float]:
 def run_all(config: Dict[str, Any], log: Callable[[str], None]) -> Dict[str, Any]:
     start = time.perf_counter()
     context = mp.get_context("spawn")
-    results: Dict[str, Any] = {"teacher": None, "grid": [], "distillation": [], "regularisation": []}
+    results: Dict[str, Any] = {
+        "teacher": None,
+        "grid": [],
+        "distillation": [],
+        "regularisation": [],
+    }
     grid = config["grid"]
     with ProcessPoolExecutor(max_workers=config["workers"], mp_context=context) as executor:
 
@@ -344,18 +442,57 @@ def run_all(config: Dict[str, Any], log: Callable[[str], None]) -> Dict[str, Any
         pending = {submit({"kind": "teacher"})}
         for method in ("dropout", "bias_weight_decay", "bias_jacobian"):
             for strength in grid[method]:
-                pending.add(submit({"kind": "grid", "method": method, "strength": strength,
-                                    "per_class": grid["size"], "seed": grid["seed"], "evaluate_on": "val"}))
-        pending.add(submit({"kind": "grid", "method": "none", "strength": None,
-                            "per_class": grid["size"], "seed": grid["seed"], "evaluate_on": "val"}))
+                pending.add(
+                    submit(
+                        {
+                            "kind": "grid",
+                            "method": method,
+                            "strength": strength,
+                            "per_class": grid["size"],
+                            "seed": grid["seed"],
+                            "evaluate_on": "val",
+                        }
+                    )
+                )
+        pending.add(
+            submit(
+                {
+                    "kind": "grid",
+                    "method": "none",
+                    "strength": None,
+                    "per_class": grid["size"],
+                    "seed": grid["seed"],
+                    "evaluate_on": "val",
+                }
+            )
+        )
         for per_class in config["regularisation_sizes"]:
             for seed in config["seeds"]:
-                pending.add(submit({"kind": "regularisation", "method": "none", "strength": None,
-                                    "per_class": per_class, "seed": seed, "evaluate_on": "test"}))
+                pending.add(
+                    submit(
+                        {
+                            "kind": "regularisation",
+                            "method": "none",
+                            "strength": None,
+                            "per_class": per_class,
+                            "seed": seed,
+                            "evaluate_on": "test",
+                        }
+                    )
+                )
         for per_class in config["distillation_sizes"]:
             for seed in config["seeds"]:
-                pending.add(submit({"kind": "distillation", "method": "cross_entropy",
-                                    "per_class": per_class, "seed": seed, "evaluate_on": "test"}))
+                pending.add(
+                    submit(
+                        {
+                            "kind": "distillation",
+                            "method": "cross_entropy",
+                            "per_class": per_class,
+                            "seed": seed,
+                            "evaluate_on": "test",
+                        }
+                    )
+                )
         chosen: Dict[str, float] = {}
         grid_left = sum(len(grid[m]) for m in ("dropout", "bias_weight_decay", "bias_jacobian")) + 1
         teacher_state = None
@@ -367,18 +504,37 @@ def run_all(config: Dict[str, Any], log: Callable[[str], None]) -> Dict[str, Any
                 if kind == "teacher":
                     teacher_state = r.pop("state")
                     results["teacher"] = r
-                    log(f"teacher: {r['num_layers']} layers, test accuracy {100 * r['accuracy']:.1f} %, "
-                        f"{r['seconds']:.0f} s [{time.perf_counter() - start:.0f} s]")
+                    log(
+                        f"teacher: {r['num_layers']} layers, test accuracy {100 * r['accuracy']:.1f} %, "
+                        f"{r['seconds']:.0f} s [{time.perf_counter() - start:.0f} s]"
+                    )
                     for per_class in config["distillation_sizes"]:
                         for seed in config["seeds"]:
                             for method in MATCHING_PRESETS:
-                                pending.add(submit({"kind": "distillation", "method": method, "per_class": per_class,
-                                                    "seed": seed, "evaluate_on": "test",
-                                                    "teacher_state": teacher_state}))
+                                pending.add(
+                                    submit(
+                                        {
+                                            "kind": "distillation",
+                                            "method": method,
+                                            "per_class": per_class,
+                                            "seed": seed,
+                                            "evaluate_on": "test",
+                                            "teacher_state": teacher_state,
+                                        }
+                                    )
+                                )
                     continue
-                results[{"grid": "grid", "distillation": "distillation", "regularisation": "regularisation"}[kind]].append(r)
-                log(f"{kind:>14} {r['method']:>24} {r.get('strength')!s:>6} {r['per_class']:>4}/class seed {r['seed']}: "
-                    f"{100 * r['accuracy']:.1f} % ({r['seconds']:.0f} s) [{time.perf_counter() - start:.0f} s]")
+                results[
+                    {
+                        "grid": "grid",
+                        "distillation": "distillation",
+                        "regularisation": "regularisation",
+                    }[kind]
+                ].append(r)
+                log(
+                    f"{kind:>14} {r['method']:>24} {r.get('strength')!s:>6} {r['per_class']:>4}/class seed {r['seed']}: "
+                    f"{100 * r['accuracy']:.1f} % ({r['seconds']:.0f} s) [{time.perf_counter() - start:.0f} s]"
+                )
                 if kind == "grid":
                     grid_left -= 1
                     if grid_left == 0:
@@ -390,18 +546,39 @@ def run_all(config: Dict[str, Any], log: Callable[[str], None]) -> Dict[str, Any
                         for per_class in config["regularisation_sizes"]:
                             for seed in config["seeds"]:
                                 for method in ("dropout", "bias_weight_decay", "bias_jacobian"):
-                                    pending.add(submit({"kind": "regularisation", "method": method,
-                                                        "strength": chosen[method], "per_class": per_class,
-                                                        "seed": seed, "evaluate_on": "test"}))
+                                    pending.add(
+                                        submit(
+                                            {
+                                                "kind": "regularisation",
+                                                "method": method,
+                                                "strength": chosen[method],
+                                                "per_class": per_class,
+                                                "seed": seed,
+                                                "evaluate_on": "test",
+                                            }
+                                        )
+                                    )
     results["chosen_strengths"] = chosen
     results["wall_seconds"] = time.perf_counter() - start
-    every = [results["teacher"], *results["grid"], *results["distillation"], *results["regularisation"]]
+    every = [
+        results["teacher"],
+        *results["grid"],
+        *results["distillation"],
+        *results["regularisation"],
+    ]
     results["cpu_seconds"] = sum(r.get("cpu_seconds", 0.0) for r in every)
     return results
 
 
-def matching_grid(config: Dict[str, Any], scales: Sequence[float], per_class: int, seeds: Sequence[int],
-                  methods: Sequence[str], teacher_cache: Optional[Path], log: Callable[[str], None]) -> Dict[str, Any]:
+def matching_grid(
+    config: Dict[str, Any],
+    scales: Sequence[float],
+    per_class: int,
+    seeds: Sequence[int],
+    methods: Sequence[str],
+    teacher_cache: Optional[Path],
+    log: Callable[[str], None],
+) -> Dict[str, Any]:
     """Validation accuracy of each matching method with every non-output weight set to ``scale``."""
     start = time.perf_counter()
     if teacher_cache is not None and teacher_cache.exists():
@@ -410,27 +587,68 @@ def matching_grid(config: Dict[str, Any], scales: Sequence[float], per_class: in
         teacher = run_job(config, {"kind": "teacher"})
         if teacher_cache is not None:
             torch.save(teacher, teacher_cache)
-    log(f"teacher: test {100 * teacher['accuracy']:.1f} %, validation {100 * teacher['val_accuracy']:.1f} %")
+    log(
+        f"teacher: test {100 * teacher['accuracy']:.1f} %, validation {100 * teacher['val_accuracy']:.1f} %"
+    )
     jobs = []
     for scale in scales:
-        weights = {"output": 1.0, "input_jacobian": scale, "bias_jacobian": scale, "attention": scale}
+        weights = {
+            "output": 1.0,
+            "input_jacobian": scale,
+            "bias_jacobian": scale,
+            "attention": scale,
+        }
         for method in methods:
             for seed in seeds:
-                jobs.append({"kind": "matching_grid", "method": method, "per_class": per_class, "seed": seed,
-                             "evaluate_on": "val", "matching_scale": weights, "teacher_state": teacher["state"]})
+                jobs.append(
+                    {
+                        "kind": "matching_grid",
+                        "method": method,
+                        "per_class": per_class,
+                        "seed": seed,
+                        "evaluate_on": "val",
+                        "matching_scale": weights,
+                        "teacher_state": teacher["state"],
+                    }
+                )
     for seed in seeds:
-        jobs.append({"kind": "matching_grid", "method": "cross_entropy", "per_class": per_class, "seed": seed,
-                     "evaluate_on": "val"})
-        jobs.append({"kind": "matching_grid", "method": "activation", "per_class": per_class, "seed": seed,
-                     "evaluate_on": "val", "teacher_state": teacher["state"]})
+        jobs.append(
+            {
+                "kind": "matching_grid",
+                "method": "cross_entropy",
+                "per_class": per_class,
+                "seed": seed,
+                "evaluate_on": "val",
+            }
+        )
+        jobs.append(
+            {
+                "kind": "matching_grid",
+                "method": "activation",
+                "per_class": per_class,
+                "seed": seed,
+                "evaluate_on": "val",
+                "teacher_state": teacher["state"],
+            }
+        )
     rows = []
-    with ProcessPoolExecutor(max_workers=config["workers"], mp_context=mp.get_context("spawn")) as executor:
+    with ProcessPoolExecutor(
+        max_workers=config["workers"], mp_context=mp.get_context("spawn")
+    ) as executor:
         for r in executor.map(run_job, [config] * len(jobs), jobs):
             rows.append(r)
-            log(f"{r['method']:>24} {r.get('matching_scale')} seed {r['seed']}: {100 * r['accuracy']:.1f} % "
-                f"({r['seconds']:.0f} s) [{time.perf_counter() - start:.0f} s]")
-    return {"per_class": per_class, "seeds": list(seeds), "scales": list(scales), "runs": rows,
-            "teacher_val_accuracy": teacher["val_accuracy"], "wall_seconds": time.perf_counter() - start}
+            log(
+                f"{r['method']:>24} {r.get('matching_scale')} seed {r['seed']}: {100 * r['accuracy']:.1f} % "
+                f"({r['seconds']:.0f} s) [{time.perf_counter() - start:.0f} s]"
+            )
+    return {
+        "per_class": per_class,
+        "seeds": list(seeds),
+        "scales": list(scales),
+        "runs": rows,
+        "teacher_val_accuracy": teacher["val_accuracy"],
+        "wall_seconds": time.perf_counter() - start,
+    }
 
 
 def summarise(config: Dict[str, Any], results: Dict[str, Any]) -> Dict[str, Any]:
@@ -443,8 +661,14 @@ def summarise(config: Dict[str, Any], results: Dict[str, Any]) -> Dict[str, Any]
         for method in methods:
             row = {}
             for per_class in sizes:
-                runs = sorted((r for r in results[name] if r["method"] == method and r["per_class"] == per_class),
-                              key=lambda r: r["seed"])
+                runs = sorted(
+                    (
+                        r
+                        for r in results[name]
+                        if r["method"] == method and r["per_class"] == per_class
+                    ),
+                    key=lambda r: r["seed"],
+                )
                 if runs:
                     row[str(per_class)] = mean_std([r["accuracy"] for r in runs])
             table[method] = row
@@ -457,14 +681,24 @@ def cell(stats: Optional[Dict[str, float]]) -> str:
     return "–" if not stats else f"{stats['mean']:.1f} ± {stats['std']:.1f}"
 
 
-def _table_beside_paper(table: Dict[str, Any], methods: Sequence[str], sizes: Sequence[int], paper: Dict[str, Any]) -> List[str]:
+def _table_beside_paper(
+    table: Dict[str, Any], methods: Sequence[str], sizes: Sequence[int], paper: Dict[str, Any]
+) -> List[str]:
     """A Markdown table: one row per method, our accuracy per training-set size, then the
     paper's columns beside it."""
-    header = ["# examples / class →", *[str(s) for s in sizes], *[f"paper {c}" for c in paper["columns"]]]
+    header = [
+        "# examples / class →",
+        *[str(s) for s in sizes],
+        *[f"paper {c}" for c in paper["columns"]],
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method in methods:
         row = table[method]
-        cells = [METHOD_LABELS[method], *[cell(row.get(str(s))) for s in sizes], *paper["rows"][method]]
+        cells = [
+            METHOD_LABELS[method],
+            *[cell(row.get(str(s))) for s in sizes],
+            *paper["rows"][method],
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -482,7 +716,9 @@ def markdown_tables(config: Dict[str, Any], results: Dict[str, Any], tables: Dic
         "Table 2 (VGG-9 teacher 66.82 %, VGG-11 student)."
     )
     lines.append("")
-    lines += _table_beside_paper(tables["distillation"], DISTILLATION_METHODS, d_sizes, PAPER_TABLE2)
+    lines += _table_beside_paper(
+        tables["distillation"], DISTILLATION_METHODS, d_sizes, PAPER_TABLE2
+    )
     lines.append("")
     r_sizes = config["regularisation_sizes"]
     chosen = results["chosen_strengths"]
@@ -496,7 +732,9 @@ def markdown_tables(config: Dict[str, Any], results: Dict[str, Any], tables: Dic
         "(p = 0.5, λ = 1e-1, λ = 1e2)."
     )
     lines.append("")
-    lines += _table_beside_paper(tables["regularisation"], REGULARISATION_METHODS, r_sizes, PAPER_TABLE4)
+    lines += _table_beside_paper(
+        tables["regularisation"], REGULARISATION_METHODS, r_sizes, PAPER_TABLE4
+    )
     lines.append("")
     grid_rows = sorted(results["grid"], key=lambda g: (g["method"], g["strength"] or 0))
     lines.append(
@@ -530,19 +768,33 @@ def write_doc(text: str, path: Path = DOC_PATH) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes: check the pipeline in about a minute")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny sizes: check the pipeline in about a minute"
+    )
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--results", type=Path, default=RESULTS_PATH)
-    parser.add_argument("--doc", type=Path, default=DOC_PATH, help="markdown file whose generated tables to update")
+    parser.add_argument(
+        "--doc", type=Path, default=DOC_PATH, help="markdown file whose generated tables to update"
+    )
     parser.add_argument("--no-doc", action="store_true")
     parser.add_argument(
-        "--matching-grid", type=float, nargs="+", metavar="SCALE",
+        "--matching-grid",
+        type=float,
+        nargs="+",
+        metavar="SCALE",
         help="instead of the benchmark, run the validation grid that chose the matching weights: every "
         "non-output weight set to SCALE (results in benchmarks/results/training_uses_matching_grid.json)",
     )
-    parser.add_argument("--teacher-cache", type=Path, default=None, help="(--matching-grid) reuse a trained teacher")
-    parser.add_argument("--grid-methods", nargs="+", default=list(MATCHING_PRESETS)[1:], choices=list(MATCHING_PRESETS),
-                        help="(--matching-grid) the methods to try")
+    parser.add_argument(
+        "--teacher-cache", type=Path, default=None, help="(--matching-grid) reuse a trained teacher"
+    )
+    parser.add_argument(
+        "--grid-methods",
+        nargs="+",
+        default=list(MATCHING_PRESETS)[1:],
+        choices=list(MATCHING_PRESETS),
+        help="(--matching-grid) the methods to try",
+    )
     args = parser.parse_args(argv)
     config = default_config(args.smoke)
     if args.workers:
@@ -552,8 +804,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(message, flush=True)
 
     if args.matching_grid:
-        grid = matching_grid(config, args.matching_grid, per_class=10, seeds=[100, 101],
-                             methods=args.grid_methods, teacher_cache=args.teacher_cache, log=log)
+        grid = matching_grid(
+            config,
+            args.matching_grid,
+            per_class=10,
+            seeds=[100, 101],
+            methods=args.grid_methods,
+            teacher_cache=args.teacher_cache,
+            log=log,
+        )
         path = args.results.with_name("training_uses_matching_grid.json")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"config": config, **grid}, indent=1) + "\n")
@@ -564,18 +823,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     results = run_all(config, log)
     student = make_student(config, len(SHAPE_CLASSES), 0)
     results["student_layers"] = num_layers(student)
-    results["regularised_layer"] = results["regularisation"][0]["layer"] if results["regularisation"] else None
+    results["regularised_layer"] = (
+        results["regularisation"][0]["layer"] if results["regularisation"] else None
+    )
     tables = summarise(config, results)
     payload = {
         "config": config,
-        "environment": {"torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count()},
+        "environment": {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "cpu_count": os.cpu_count(),
+        },
         "teacher": results["teacher"],
         "student_layers": results["student_layers"],
         "regularised_layer": results["regularised_layer"],
         "chosen_strengths": results["chosen_strengths"],
         "grid": results["grid"],
         "tables": tables,
-        "runs": {"distillation": results["distillation"], "regularisation": results["regularisation"]},
+        "runs": {
+            "distillation": results["distillation"],
+            "regularisation": results["regularisation"],
+        },
         "paper": {"table2_cifar100": PAPER_TABLE2, "table4_cifar100": PAPER_TABLE4},
         "wall_seconds": results["wall_seconds"],
         "cpu_seconds": results["cpu_seconds"],

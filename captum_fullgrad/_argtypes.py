@@ -59,9 +59,15 @@ def resolve_device(spec: str) -> torch.device:
     device = torch.device(spec)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {spec}: CUDA is not available on this machine (use --device cpu or auto)")
+            raise ValueError(
+                f"--device {spec}: CUDA is not available on this machine (use --device cpu or auto)"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) are visible")
-    if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise ValueError(
+                f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) are visible"
+            )
+    if device.type == "mps" and not (
+        hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+    ):
         raise ValueError(f"--device {spec}: MPS is not available on this machine")
     return device

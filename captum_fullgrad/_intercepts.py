@@ -99,7 +99,19 @@ def op_name(func: Callable) -> str:
     return name.rstrip("_") or name
 
 
-_BINARY_DUNDER = {"add", "sub", "mul", "truediv", "floordiv", "matmul", "pow", "mod", "and", "or", "xor"}
+_BINARY_DUNDER = {
+    "add",
+    "sub",
+    "mul",
+    "truediv",
+    "floordiv",
+    "matmul",
+    "pow",
+    "mod",
+    "and",
+    "or",
+    "xor",
+}
 _INPLACE_DUNDER = {f"__i{n}__" for n in _BINARY_DUNDER} | {"__setitem__"}
 _INPLACE_POSITION: Dict[Callable, Optional[int]] = {}
 
@@ -128,7 +140,9 @@ def is_inplace(func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]) -> b
     return position is not None and len(args) > position and bool(args[position])
 
 
-def _arg(args: Sequence[Any], kwargs: Dict[str, Any], index: int, name: str, default: Any = None) -> Any:
+def _arg(
+    args: Sequence[Any], kwargs: Dict[str, Any], index: int, name: str, default: Any = None
+) -> Any:
     if len(args) > index:
         return args[index]
     return kwargs.get(name, default)
@@ -144,12 +158,16 @@ def _zero(ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str, A
     return OpResult(func(*args, **kwargs), [])
 
 
-def _channel_first_zero(ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]) -> OpResult:
+def _channel_first_zero(
+    ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]
+) -> OpResult:
     """Pooling, resizing: no intercept, and the output is channels-first."""
     return OpResult(func(*args, **kwargs), [], layout=CHANNELS_FIRST)
 
 
-def _biased_linear_map(ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str, Any], channels_last: bool) -> OpResult:
+def _biased_linear_map(
+    ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str, Any], channels_last: bool
+) -> OpResult:
     """``W a + b`` with a constant ``W`` (convolution, linear): the intercept is the bias,
     along the output's channel axis (axis 1 for convolutions, the last for ``F.linear``)."""
     weight = _arg(args, kwargs, 1, "weight")
@@ -187,9 +205,16 @@ def _norm_arguments(func: Callable, args: Sequence[Any], kwargs: Dict[str, Any])
     return values
 
 
-def _batch_norm(ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]) -> OpResult:
+def _batch_norm(
+    ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]
+) -> OpResult:
     norm = _norm_arguments(func, args, kwargs)
-    running_mean, running_var, weight, bias = norm["running_mean"], norm["running_var"], norm["weight"], norm["bias"]
+    running_mean, running_var, weight, bias = (
+        norm["running_mean"],
+        norm["running_var"],
+        norm["weight"],
+        norm["bias"],
+    )
     if ctx.is_graph(weight) or ctx.is_graph(bias):
         return _generic(ctx, func, args, kwargs, layout=CHANNELS_FIRST)
     if norm["use"] or running_mean is None or running_var is None:
@@ -216,11 +241,19 @@ def _batch_norm_batch_statistics(
     out = func(*args, **kwargs)
     if not ctx.graph_outputs(out) or not isinstance(input_, Tensor) or input_.dim() < 2:
         return OpResult(out, [], layout=CHANNELS_FIRST)
-    constant = normalisation_intercept(("batch_norm", None, eps), input_, out, bias, differentiable=True)
+    constant = normalisation_intercept(
+        ("batch_norm", None, eps), input_, out, bias, differentiable=True
+    )
     return OpResult(out, [Intercept(out, dense=constant)], layout=CHANNELS_FIRST)
 
 
-def _batch_norm_affine(running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tuple[Tensor, Tensor]:
+def _batch_norm_affine(
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+) -> Tuple[Tensor, Tensor]:
     """Eval mode: y = (x - mu) * gamma / sqrt(var + eps) + beta, with the effective bias of
     seed section 3.2: ``beta - mu * gamma / sqrt(var + eps)``.
 
@@ -237,7 +270,9 @@ def _batch_norm_affine(running_mean: Tensor, running_var: Tensor, weight: Option
     return scale, effective_bias
 
 
-def _normalisation(ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]) -> OpResult:
+def _normalisation(
+    ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]
+) -> OpResult:
     """Layer, group, RMS and instance normalisation, in closed form (see
     :func:`normalisation_intercept`); forward-mode AD through ``layer_norm`` runs a Python
     decomposition."""
@@ -260,19 +295,31 @@ def _normalisation(ctx: Context, func: Callable, args: Sequence[Any], kwargs: Di
         else:
             bias, eps = _arg(args, kwargs, 3, "bias"), _arg(args, kwargs, 4, "eps", 1e-5)
     minimum_rank = 3 if name == "instance_norm" else 2
-    if not isinstance(a, Tensor) or not a.is_floating_point() or a.dim() < minimum_rank or ctx.is_graph(weight) or ctx.is_graph(bias):
+    if (
+        not isinstance(a, Tensor)
+        or not a.is_floating_point()
+        or a.dim() < minimum_rank
+        or ctx.is_graph(weight)
+        or ctx.is_graph(bias)
+    ):
         return _generic(ctx, func, args, kwargs)
     value = func(*args, **kwargs)
     if not _is_graph_output(value):
         return OpResult(value, [])
-    return OpResult(value, [Intercept(value, dense=normalisation_intercept((name, axes, eps), a, value, bias))])
+    return OpResult(
+        value, [Intercept(value, dense=normalisation_intercept((name, axes, eps), a, value, bias))]
+    )
 
 
 _PER_CHANNEL_NORMS = ("batch_norm", "group_norm", "channel_layer_norm", "instance_norm")
 
 
 def normalisation_intercept(
-    settings: Tuple[Any, ...], a: Tensor, y: Tensor, bias: Optional[Tensor], differentiable: bool = False
+    settings: Tuple[Any, ...],
+    a: Tensor,
+    y: Tensor,
+    bias: Optional[Tensor],
+    differentiable: bool = False,
 ) -> Tensor:
     """``c = y - (y - beta) eps / (var + eps)`` for ``y = gamma (a - mu) / sqrt(var + eps) + beta``.
 
@@ -296,7 +343,9 @@ def normalisation_intercept(
         if kind == "group_norm":
             grouped = values.reshape(values.shape[0], axes, -1)
             variance = grouped.var(-1, unbiased=False, keepdim=True)
-            variance = variance.expand(-1, -1, values.shape[1] // axes).reshape(*values.shape[:2], *([1] * (rank - 2)))
+            variance = variance.expand(-1, -1, values.shape[1] // axes).reshape(
+                *values.shape[:2], *([1] * (rank - 2))
+            )
         elif kind == "channel_layer_norm":
             variance = values.var(1, unbiased=False, keepdim=True)
         elif kind == "instance_norm":
@@ -314,7 +363,9 @@ def normalisation_intercept(
         normalised_part = y
         if bias is not None:
             shape = [-1] + [1] * (y.dim() - 2) if kind in _PER_CHANNEL_NORMS else list(bias.shape)
-            normalised_part = y - (bias if differentiable else bias.detach()).reshape(shape).to(y.dtype)
+            normalised_part = y - (bias if differentiable else bias.detach()).reshape(shape).to(
+                y.dtype
+            )
         return y - normalised_part * shrink.to(y.dtype)
 
 
@@ -368,7 +419,11 @@ def _add_sub(ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str
         first, second, sign = a, b, (-1 if "sub" in name else 1)
     first_graph = ctx.is_graph(first)
     if first_graph:
-        constant = second * (sign * alpha) if not isinstance(second, Tensor) else second.detach() * (sign * alpha)
+        constant = (
+            second * (sign * alpha)
+            if not isinstance(second, Tensor)
+            else second.detach() * (sign * alpha)
+        )
     else:
         constant = first.detach() if isinstance(first, Tensor) else first
     if not isinstance(constant, Tensor):
@@ -392,7 +447,9 @@ def _div(ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str, An
     return _generic(ctx, func, args, kwargs)
 
 
-def _multilinear(ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]) -> OpResult:
+def _multilinear(
+    ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]
+) -> OpResult:
     if op_name(func) == "einsum":
         operands = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
     else:
@@ -450,7 +507,9 @@ class _Activation:
 
     linear_part: Callable[..., Tensor]
     reads: str = "input"
-    call_parameters: Callable[[Sequence[Any], Dict[str, Any], Callable], Tuple[Any, ...]] = lambda args, kwargs, func: ()
+    call_parameters: Callable[[Sequence[Any], Dict[str, Any], Callable], Tuple[Any, ...]] = (
+        lambda args, kwargs, func: ()
+    )
     module_parameters: Callable[[torch.nn.Module], Tuple[Any, ...]] = lambda module: ()
 
 
@@ -480,11 +539,16 @@ _ACTIVATIONS: Dict[str, _Activation] = {
     "mish": _Activation(lambda a, y: _aten.mish_backward(a, a)),
     "softplus": _Activation(
         lambda a, y, beta, threshold: _aten.softplus_backward(a, a, beta, threshold),
-        call_parameters=lambda args, kwargs, func: (_arg(args, kwargs, 1, "beta", 1.0), _arg(args, kwargs, 2, "threshold", 20.0)),
+        call_parameters=lambda args, kwargs, func: (
+            _arg(args, kwargs, 1, "beta", 1.0),
+            _arg(args, kwargs, 2, "threshold", 20.0),
+        ),
         module_parameters=lambda module: (float(module.beta), float(module.threshold)),
     ),
     "elu": _Activation(
-        lambda a, y, alpha, scale, input_scale: _aten.elu_backward(a, alpha, scale, input_scale, False, a),
+        lambda a, y, alpha, scale, input_scale: _aten.elu_backward(
+            a, alpha, scale, input_scale, False, a
+        ),
         call_parameters=_elu_call,
         module_parameters=lambda module: (float(module.alpha), 1.0, 1.0),
     ),
@@ -536,7 +600,9 @@ def activation_reads_input_first(settings: Tuple[Any, ...]) -> bool:
     return settings[1] and _ACTIVATIONS[settings[0]].reads == "input"
 
 
-def activation_linear_part(settings: Tuple[Any, ...], a: Tensor, y: Optional[Tensor] = None) -> Tensor:
+def activation_linear_part(
+    settings: Tuple[Any, ...], a: Tensor, y: Optional[Tensor] = None
+) -> Tensor:
     """``g'(a) a`` for ``settings`` (see :func:`activation_settings`), with the kernels the
     traced rule uses, so the same values. ``y`` is needed unless the kernel reads only the
     input; when given, ``a`` is taken in ``y``'s dtype (an autocast op computed in float32)."""
@@ -549,13 +615,19 @@ def activation_linear_part(settings: Tuple[Any, ...], a: Tensor, y: Optional[Ten
         return _ACTIVATIONS[settings[0]].linear_part(a, y, *settings[2:])
 
 
-def _elementwise(ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]) -> OpResult:
+def _elementwise(
+    ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]
+) -> OpResult:
     """``c = g(a) - g'(a) a`` for the common activations, with ``g'(a) a`` from the backward kernel."""
     a = _arg(args, kwargs, 0, "input")
     name = op_name(func)
     activation = _ACTIVATIONS[name]
     inplace = is_inplace(func, args, kwargs)
-    if not isinstance(a, Tensor) or not a.is_floating_point() or (inplace and activation.reads == "both"):
+    if (
+        not isinstance(a, Tensor)
+        or not a.is_floating_point()
+        or (inplace and activation.reads == "both")
+    ):
         return _generic(ctx, func, args, kwargs)
     settings = (name, inplace, *activation.call_parameters(args, kwargs, func))
     linear_part = None
@@ -647,7 +719,11 @@ def _math_attention():
 
 
 def _is_graph_output(value: Any) -> bool:
-    return isinstance(value, Tensor) and value.requires_grad and (value.is_floating_point() or value.is_complex())
+    return (
+        isinstance(value, Tensor)
+        and value.requires_grad
+        and (value.is_floating_point() or value.is_complex())
+    )
 
 
 def _forward_mode_intercepts(
@@ -655,7 +731,10 @@ def _forward_mode_intercepts(
 ) -> List[Tensor]:
     with torch.no_grad(), fwAD.dual_level():
         # In-place ops write into their input and its tangent: give each its own storage.
-        duals = [fwAD.make_dual(p.clone(), p.clone()) if inplace else fwAD.make_dual(p, p) for p in primals]
+        duals = [
+            fwAD.make_dual(p.clone(), p.clone()) if inplace else fwAD.make_dual(p, p)
+            for p in primals
+        ]
         flat, _ = tree_flatten(call(*duals))
         constants = []
         for i in positions:
@@ -665,7 +744,9 @@ def _forward_mode_intercepts(
     return constants
 
 
-def _double_backward_intercepts(call: Callable[..., Any], primals: List[Tensor], positions: List[int]) -> List[Tensor]:
+def _double_backward_intercepts(
+    call: Callable[..., Any], primals: List[Tensor], positions: List[int]
+) -> List[Tensor]:
     """``J a`` as the derivative of ``<J^T v, a>`` with respect to ``v``, for ops without forward AD."""
     with torch.enable_grad():
         leaves = [p.detach().clone().requires_grad_(True) for p in primals]
@@ -707,17 +788,29 @@ adaptive_max_pool2d_with_indices adaptive_max_pool3d_with_indices lp_pool1d lp_p
 interpolate upsample upsample_nearest upsample_bilinear
 """.split()
 _NAMED_RULES: Dict[str, Callable[..., OpResult]] = {
-    **{n: _conv for n in "conv1d conv2d conv3d conv_transpose1d conv_transpose2d conv_transpose3d".split()},
+    **{
+        n: _conv
+        for n in "conv1d conv2d conv3d conv_transpose1d conv_transpose2d conv_transpose3d".split()
+    },
     "linear": _linear,
     "batch_norm": _batch_norm,
-    **{n: _add_sub for n in "add sub subtract rsub __add__ __radd__ __iadd__ __sub__ __rsub__ __isub__ add_ sub_".split()},
+    **{
+        n: _add_sub
+        for n in "add sub subtract rsub __add__ __radd__ __iadd__ __sub__ __rsub__ __isub__ add_ sub_".split()
+    },
     **{n: _mul for n in "mul multiply __mul__ __rmul__ __imul__ mul_".split()},
     **{n: _div for n in "div divide true_divide __truediv__ __itruediv__ div_".split()},
-    **{n: _multilinear for n in "matmul __matmul__ __rmatmul__ mm bmm mv dot inner outer einsum".split()},
+    **{
+        n: _multilinear
+        for n in "matmul __matmul__ __rmatmul__ mm bmm mv dot inner outer einsum".split()
+    },
     **{n: _cat for n in "cat concat concatenate stack hstack vstack dstack".split()},
     "pad": _pad,
     **{n: _normalisation for n in "layer_norm group_norm rms_norm instance_norm".split()},
-    **{n: _elementwise for n in "silu silu_ gelu hardswish hardswish_ hardsigmoid hardsigmoid_ hardtanh hardtanh_ relu6 relu6_ mish mish_ softplus elu elu_ sigmoid tanh".split()},
+    **{
+        n: _elementwise
+        for n in "silu silu_ gelu hardswish hardswish_ hardsigmoid hardsigmoid_ hardtanh hardtanh_ relu6 relu6_ mish mish_ softplus elu elu_ sigmoid tanh".split()
+    },
     **{n: _zero for n in _ZERO_NAMES},
     **{n: _channel_first_zero for n in _CHANNEL_FIRST_ZERO_NAMES},
 }
@@ -741,7 +834,9 @@ def _build_rule_table() -> Dict[Callable, Callable[..., OpResult]]:
 RULES: Dict[Callable, Callable[..., OpResult]] = _build_rule_table()
 
 
-def apply_rule(ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]) -> OpResult:
+def apply_rule(
+    ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]
+) -> OpResult:
     """Run ``func`` and return its value with the intercepts of its graph outputs."""
     rule = RULES.get(func)
     if rule is None:

@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import IO, Callable, Union
 
 
-def atomic_write(path: Union[str, "os.PathLike[str]"], write: Callable[[IO], None], binary: bool = False) -> Path:
+def atomic_write(
+    path: Union[str, "os.PathLike[str]"], write: Callable[[IO], None], binary: bool = False
+) -> Path:
     """Call ``write(handle)`` on a temporary file beside ``path``, then move it into place.
 
     A run that fails half-way (bad input found late, a full disk, Ctrl-C) leaves no partial
@@ -17,9 +19,13 @@ def atomic_write(path: Union[str, "os.PathLike[str]"], write: Callable[[IO], Non
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    descriptor, temporary = tempfile.mkstemp(
+        prefix=f".{path.name}.", suffix=".part", dir=path.parent
+    )
     try:
-        with os.fdopen(descriptor, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as handle:
+        with os.fdopen(
+            descriptor, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})
+        ) as handle:
             write(handle)
         umask = os.umask(0)
         os.umask(umask)

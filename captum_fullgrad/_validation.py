@@ -11,7 +11,9 @@ from torch import Tensor, nn
 TargetType = Union[None, int, Tuple[int, ...], Tensor, List[Any]]
 
 
-def format_single_input(inputs: Union[Tensor, Tuple[Tensor, ...]], *, method: str) -> Tuple[Tensor, bool]:
+def format_single_input(
+    inputs: Union[Tensor, Tuple[Tensor, ...]], *, method: str
+) -> Tuple[Tensor, bool]:
     """Return ``(tensor, was_tuple)`` for a tensor or a one-tensor tuple, else raise."""
     was_tuple = isinstance(inputs, tuple)
     if was_tuple:
@@ -28,7 +30,9 @@ def format_single_input(inputs: Union[Tensor, Tuple[Tensor, ...]], *, method: st
             f"{method} needs a floating-point input to differentiate; got dtype {inputs.dtype}."
         )
     if inputs.dim() < 1 or inputs.shape[0] == 0:
-        raise ValueError(f"{method} needs a batch dimension with at least one example; got shape {tuple(inputs.shape)}.")
+        raise ValueError(
+            f"{method} needs a batch dimension with at least one example; got shape {tuple(inputs.shape)}."
+        )
     # On an accelerator the check would make the host wait for the device on every call
     # (it was the only synchronisation in FullGradient); there a NaN shows in the result.
     if inputs.device.type == "cpu" and not torch.isfinite(inputs).all():
@@ -53,7 +57,9 @@ def check_eval_mode(forward_func: Callable[..., Any], *, method: str) -> None:
         return
     training = [name or type(m).__name__ for name, m in forward_func.named_modules() if m.training]
     if training:
-        shown = ", ".join(training[:5]) + (f" and {len(training) - 5} more" if len(training) > 5 else "")
+        shown = ", ".join(training[:5]) + (
+            f" and {len(training) - 5} more" if len(training) > 5 else ""
+        )
         raise ValueError(
             f"{method} needs the model in eval mode (BatchNorm would use batch statistics and mix "
             f"examples, dropout would be random), but these modules are training: {shown}. "
@@ -128,12 +134,16 @@ def _check_target(target: TargetType, output: Tensor, batch_size: int, *, method
             )
 
     if isinstance(target, bool):
-        raise TypeError(f"{method}: target must be an int, a tuple, a list or a tensor, not a bool.")
+        raise TypeError(
+            f"{method}: target must be an int, a tuple, a list or a tensor, not a bool."
+        )
     if isinstance(target, int):
         check_index(target, "")
     elif isinstance(target, Tensor):
         if target.is_floating_point():
-            raise TypeError(f"{method}: a target tensor must hold integer class indices, got {target.dtype}.")
+            raise TypeError(
+                f"{method}: a target tensor must hold integer class indices, got {target.dtype}."
+            )
         flat = target.reshape(-1)
         if flat.numel() not in (1, batch_size) or target.dim() > 1:
             raise ValueError(
@@ -188,7 +198,9 @@ def slice_target(target: TargetType, start: int, stop: int, batch_size: int) -> 
     return target
 
 
-def slice_additional_args(args: Tuple[Any, ...], start: int, stop: int, batch_size: int) -> Tuple[Any, ...]:
+def slice_additional_args(
+    args: Tuple[Any, ...], start: int, stop: int, batch_size: int
+) -> Tuple[Any, ...]:
     """Tensors with a batch dimension are sliced; everything else passes unchanged."""
     return tuple(
         a[start:stop] if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == batch_size else a
@@ -196,7 +208,9 @@ def slice_additional_args(args: Tuple[Any, ...], start: int, stop: int, batch_si
     )
 
 
-def layer_names(model: Any, layers: Optional[Sequence[Union[str, nn.Module]]]) -> Optional[Tuple[str, ...]]:
+def layer_names(
+    model: Any, layers: Optional[Sequence[Union[str, nn.Module]]]
+) -> Optional[Tuple[str, ...]]:
     """Normalise a user's layer choice (names or modules) to qualified names."""
     if layers is None:
         return None

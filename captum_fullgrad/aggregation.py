@@ -30,7 +30,13 @@ from torch import Tensor
 
 from .capture import BiasSource
 
-__all__ = ["MapCollector", "POSTPROCESS_MODES", "resize_and_sum", "input_term_map", "interpolation_mode"]
+__all__ = [
+    "MapCollector",
+    "POSTPROCESS_MODES",
+    "resize_and_sum",
+    "input_term_map",
+    "interpolation_mode",
+]
 
 EQ4 = "eq4"
 NEURIPS2019 = "neurips2019"
@@ -64,7 +70,9 @@ class MapCollector:
 
     def __init__(self, postprocess: str = EQ4, selected=None) -> None:
         if postprocess not in POSTPROCESS_MODES:
-            raise ValueError(f"postprocess must be one of {POSTPROCESS_MODES}, got {postprocess!r}.")
+            raise ValueError(
+                f"postprocess must be one of {POSTPROCESS_MODES}, got {postprocess!r}."
+            )
         self.postprocess = postprocess
         self.selected = selected
         # Eq. 4 sums a conv-BN block before the absolute value anyway, so the capture may
@@ -96,12 +104,16 @@ class MapCollector:
             if summed.dtype in _HALF:
                 summed = summed.float()
             key = source.block
-            self.block_maps[key] = self.block_maps[key] + summed if key in self.block_maps else summed
+            self.block_maps[key] = (
+                self.block_maps[key] + summed if key in self.block_maps else summed
+            )
             self._groups = None
         else:
             grad = grad.to(_accumulation_dtype(grad.dtype))
             contribution = source.per_example_sum(grad)
-            self._other_sum = contribution if self._other_sum is None else self._other_sum + contribution
+            self._other_sum = (
+                contribution if self._other_sum is None else self._other_sum + contribution
+            )
             if in_map:
                 bias_jacobian = source.bias_jacobian(grad)
                 rescaled = minmax_rescale(bias_jacobian.abs()).sum(source.channel_dim)
@@ -116,7 +128,9 @@ class MapCollector:
             by_size: Dict[Tuple[int, ...], List[Tensor]] = OrderedDict()
             for m in self.block_maps.values():
                 by_size.setdefault(tuple(m.shape[1:]), []).append(m)
-            self._groups = [torch.stack(g, 1) if len(g) > 1 else g[0].unsqueeze(1) for g in by_size.values()]
+            self._groups = [
+                torch.stack(g, 1) if len(g) > 1 else g[0].unsqueeze(1) for g in by_size.values()
+            ]
         return self._groups
 
     @property
@@ -125,12 +139,18 @@ class MapCollector:
         total = self._other_sum
         if self.postprocess == EQ4 and self.block_maps:
             groups = self._grouped()
-            flat = groups[0].flatten(1) if len(groups) == 1 else torch.cat([g.flatten(1) for g in groups], 1)
+            flat = (
+                groups[0].flatten(1)
+                if len(groups) == 1
+                else torch.cat([g.flatten(1) for g in groups], 1)
+            )
             part = flat.sum(1)
             total = part if total is None else total + part
         return total
 
-    def bias_map(self, size: Sequence[int], mode: str, align_corners: Optional[bool]) -> Optional[Tensor]:
+    def bias_map(
+        self, size: Sequence[int], mode: str, align_corners: Optional[bool]
+    ) -> Optional[Tensor]:
         """``sum_l resize(|block map|)`` at the input's spatial ``size``: ``(B, *size)``."""
         if not self.block_maps:
             return None
@@ -173,7 +193,9 @@ def interpolation_mode(mode: str, spatial_rank: int) -> str:
     return mode
 
 
-def resize_and_sum(maps: List[Tensor], size: Sequence[int], mode: str, align_corners: Optional[bool]) -> Tensor:
+def resize_and_sum(
+    maps: List[Tensor], size: Sequence[int], mode: str, align_corners: Optional[bool]
+) -> Tensor:
     """Resize each ``(B, *s)`` map to ``size`` and add them up; one interpolation per distinct size."""
     size = tuple(int(s) for s in size)
     mode = interpolation_mode(mode, len(size))

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import sys
-import warnings
 import importlib
 import json
 import math
 import platform
 import statistics
+import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -35,7 +35,13 @@ from ._io import atomic_write, write_text
 from .full_gradient import FullGradient
 from .testing import randomize_parameters_
 
-__all__ = ["BenchmarkResult", "Measurement", "DEFAULT_BENCH_METHODS", "run_benchmark", "load_bench_model"]
+__all__ = [
+    "BenchmarkResult",
+    "Measurement",
+    "DEFAULT_BENCH_METHODS",
+    "run_benchmark",
+    "load_bench_model",
+]
 
 #: Methods timed by default; "forward" is a plain forward pass under no_grad (a reference,
 #: not an attribution). "fullgrad" is a FullGradient used call after call (from the second
@@ -81,7 +87,9 @@ class BenchmarkResult:
     measurements: List[Measurement] = field(default_factory=list)
 
     def to_json(self) -> str:
-        return json.dumps({"meta": self.meta, "measurements": [asdict(m) for m in self.measurements]}, indent=2)
+        return json.dumps(
+            {"meta": self.meta, "measurements": [asdict(m) for m in self.measurements]}, indent=2
+        )
 
     def to_markdown(self) -> str:
         m = self.meta
@@ -113,13 +121,22 @@ class BenchmarkResult:
         axis = figure.subplots()
         methods = list(dict.fromkeys(x.method for x in self.measurements))
         for method in methods:
-            rows = sorted((x for x in self.measurements if x.method == method), key=lambda x: x.batch_size)
-            axis.plot([x.batch_size for x in rows], [x.images_per_s for x in rows], marker="o", label=method)
+            rows = sorted(
+                (x for x in self.measurements if x.method == method), key=lambda x: x.batch_size
+            )
+            axis.plot(
+                [x.batch_size for x in rows],
+                [x.images_per_s for x in rows],
+                marker="o",
+                label=method,
+            )
         axis.set_xscale("log", base=2)
         axis.set_yscale("log")
         axis.set_xlabel("batch size")
         axis.set_ylabel("images per second (log)")
-        axis.set_title(f"{self.meta['model']} {self.meta['input_size']}px, {self.meta['dtype']}, {self.meta['device_name']}")
+        axis.set_title(
+            f"{self.meta['model']} {self.meta['input_size']}px, {self.meta['dtype']}, {self.meta['device_name']}"
+        )
         axis.grid(True, which="both", alpha=0.3)
         axis.legend(fontsize=7, ncol=2)
         return figure
@@ -145,10 +162,16 @@ def load_bench_model(spec: str, num_classes: int = 1000) -> nn.Module:
     import torchvision
 
     try:
-        kwargs = {"init_weights": True, "aux_logits": False} if spec in ("googlenet", "inception_v3") else {}
+        kwargs = (
+            {"init_weights": True, "aux_logits": False}
+            if spec in ("googlenet", "inception_v3")
+            else {}
+        )
         model = torchvision.models.get_model(spec, weights=None, num_classes=num_classes, **kwargs)
     except ValueError:
-        raise ValueError(f"unknown model {spec!r}: give a torchvision classifier name or module:function") from None
+        raise ValueError(
+            f"unknown model {spec!r}: give a torchvision classifier name or module:function"
+        ) from None
     # Speed does not depend on the values, but a zero-bias network would skip nothing
     # either; randomise so the benchmark runs what a trained network runs.
     return randomize_parameters_(model).eval()
@@ -179,7 +202,9 @@ def _method_callables(
                 # Hooks stay on the model until release() (ANCHORS): release every call.
                 cam = FullGrad(model=model, target_layers=[])
                 try:
-                    return cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in target])
+                    return cam(
+                        input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in target]
+                    )
                 finally:
                     cam.activations_and_grads.release()
 
@@ -259,7 +284,9 @@ def run_benchmark(
         "input_size": input_size,
         "dtype": dtype,
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or "cpu",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -290,12 +317,17 @@ def run_benchmark(
         active = {
             n: f
             for n, f in callables.items()
-            if (n not in slow or batch <= slow_methods_max_batch) and batch <= very_slow.get(n, batch)
+            if (n not in slow or batch <= slow_methods_max_batch)
+            and batch <= very_slow.get(n, batch)
         }
         skipped = [n for n in callables if n not in active]
         times: Dict[str, List[float]] = {n: [] for n in active}
         peaks: Dict[str, Optional[float]] = {}
-        context = (lambda: torch.autocast(device.type, dtype=getattr(torch, dtype))) if autocast else _null
+        context = (
+            (lambda: torch.autocast(device.type, dtype=getattr(torch, dtype)))
+            if autocast
+            else _null
+        )
         with context(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for name, fn in active.items():
@@ -338,7 +370,9 @@ def run_benchmark(
                 ratio_to_saliency=median / saliency_median,
                 peak_memory_mb=peaks.get(name),
                 memory_ratio_to_saliency=(
-                    peaks[name] / peaks["saliency"] if peaks.get(name) and peaks.get("saliency") else None
+                    peaks[name] / peaks["saliency"]
+                    if peaks.get(name) and peaks.get("saliency")
+                    else None
                 ),
                 completeness_gap=gap if name == "fullgrad" else None,
                 note=note,
@@ -346,9 +380,20 @@ def run_benchmark(
             result.measurements.append(measurement)
         for name in skipped:
             result.measurements.append(
-                Measurement(name, batch, math.nan, math.nan, math.nan, 0, math.nan, note="skipped at this batch size")
+                Measurement(
+                    name,
+                    batch,
+                    math.nan,
+                    math.nan,
+                    math.nan,
+                    0,
+                    math.nan,
+                    note="skipped at this batch size",
+                )
             )
-    result.measurements = [m for m in result.measurements if m.repeats > 0] + [m for m in result.measurements if m.repeats == 0]
+    result.measurements = [m for m in result.measurements if m.repeats > 0] + [
+        m for m in result.measurements if m.repeats == 0
+    ]
     return result
 
 
@@ -381,7 +426,9 @@ def write_results(result: BenchmarkResult, out_dir: Path, stem: str) -> List[Pat
     write_text(paths[0], result.to_json())
     write_text(paths[1], result.to_markdown())
     figure = result.plot()
-    atomic_write(paths[2], lambda handle: figure.savefig(handle, format="png", dpi=110), binary=True)
+    atomic_write(
+        paths[2], lambda handle: figure.savefig(handle, format="png", dpi=110), binary=True
+    )
     return paths
 
 
@@ -389,26 +436,47 @@ def write_results(result: BenchmarkResult, out_dir: Path, stem: str) -> List[Pat
 
 
 def bench_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="vgg16_bn", help="torchvision classifier name or module:function (default: vgg16_bn)")
+    parser.add_argument(
+        "--model",
+        default="vgg16_bn",
+        help="torchvision classifier name or module:function (default: vgg16_bn)",
+    )
     parser.add_argument(
         "--methods",
         default=",".join(DEFAULT_BENCH_METHODS),
         help="comma-separated methods (default: every built-in; pytorch_grad_cam_fullgrad only when installed)",
     )
-    parser.add_argument("--batch-sizes", default="1,16,64", help="comma-separated batch sizes (default: 1,16,64)")
+    parser.add_argument(
+        "--batch-sizes", default="1,16,64", help="comma-separated batch sizes (default: 1,16,64)"
+    )
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--input-size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--noise-samples", type=int, default=DEFAULT_NOISE_SAMPLES)
     parser.add_argument("--internal-batch-size", type=int, default=None)
-    parser.add_argument("--slow-max-batch", type=int, default=16, help="largest batch for IG, noise tunnels, pytorch-grad-cam")
-    parser.add_argument("--out", default="bench-out", help="directory for bench.json, bench.md, bench.png")
-    parser.add_argument("--name", default="bench", help="file stem of the outputs (default: bench)")
-    parser.add_argument("--tf32", action="store_true", help="allow TF32 matmuls and convolutions on CUDA (as in ANCHORS)")
-    parser.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN autotune convolution algorithms")
     parser.add_argument(
-        "--channels-last", action="store_true", help="model and inputs in channels-last memory format (every method alike)"
+        "--slow-max-batch",
+        type=int,
+        default=16,
+        help="largest batch for IG, noise tunnels, pytorch-grad-cam",
+    )
+    parser.add_argument(
+        "--out", default="bench-out", help="directory for bench.json, bench.md, bench.png"
+    )
+    parser.add_argument("--name", default="bench", help="file stem of the outputs (default: bench)")
+    parser.add_argument(
+        "--tf32",
+        action="store_true",
+        help="allow TF32 matmuls and convolutions on CUDA (as in ANCHORS)",
+    )
+    parser.add_argument(
+        "--cudnn-benchmark", action="store_true", help="let cuDNN autotune convolution algorithms"
+    )
+    parser.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="model and inputs in channels-last memory format (every method alike)",
     )
 
 
@@ -424,12 +492,18 @@ def parse_int_list(text: str, what: str) -> List[int]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m captum_fullgrad.benchmark``: the same as ``captum-fullgrad bench``."""
-    parser = argparse.ArgumentParser(prog="python -m captum_fullgrad.benchmark", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m captum_fullgrad.benchmark", description=__doc__.splitlines()[0]
+    )
     bench_arguments(parser)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+    device = (
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     try:
         result = bench_from_args(args, torch.device(device), progress=not args.no_progress)
     except ValueError as error:
@@ -441,7 +515,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-def bench_from_args(args: argparse.Namespace, device: torch.device, progress: bool) -> BenchmarkResult:
+def bench_from_args(
+    args: argparse.Namespace, device: torch.device, progress: bool
+) -> BenchmarkResult:
     """Run the benchmark described by parsed ``bench`` arguments (ValueError on bad input)."""
     from .methods import available_methods
 
@@ -449,10 +525,14 @@ def bench_from_args(args: argparse.Namespace, device: torch.device, progress: bo
     known = set(DEFAULT_BENCH_METHODS) | set(available_methods())
     unknown = [m for m in methods if m not in known]
     if unknown:
-        raise ValueError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        raise ValueError(
+            f"unknown method(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
     batch_sizes = parse_int_list(args.batch_sizes, "--batch-sizes")
     if args.input_size < 32 or args.repeats < 1 or args.warmup < 0 or args.noise_samples < 1:
-        raise ValueError("--input-size must be >= 32, --repeats >= 1, --warmup >= 0, --noise-samples >= 1")
+        raise ValueError(
+            "--input-size must be >= 32, --repeats >= 1, --warmup >= 0, --noise-samples >= 1"
+        )
     model = load_bench_model(args.model)
     if args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -32,7 +32,14 @@ from ._intercepts import CHANNELS_FIRST, CHANNELS_LAST, Intercept, op_name
 
 _PERMUTATIONS = ("permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "t")
 _RESHAPES = ("view", "reshape", "view_as", "reshape_as", "flatten", "unflatten")
-_CONV_NAMES = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
+_CONV_NAMES = {
+    "conv1d",
+    "conv2d",
+    "conv3d",
+    "conv_transpose1d",
+    "conv_transpose2d",
+    "conv_transpose3d",
+}
 
 
 @dataclass(eq=False)
@@ -96,7 +103,9 @@ class BiasSource:
 
     def per_example_sum(self, grad: Tensor) -> Tensor:
         """``<df/dy_g, c_g>`` for each example: this source's term of eq. 1, shape ``(B,)``."""
-        if self.batch_dim != 0 or (self.batch_size is not None and self.shape[0] != self.batch_size):
+        if self.batch_dim != 0 or (
+            self.batch_size is not None and self.shape[0] != self.batch_size
+        ):
             return self.per_example_total(self.bias_jacobian(grad))
         if self.intercept.channel_vector is not None:
             channel_dim = self.intercept.channel_dim
@@ -118,10 +127,17 @@ class BiasSource:
         ``include_folded`` adds a folded convolution's share (see :attr:`folded_vector`).
         """
         assert self.channel_dim is not None
-        if self.intercept.channel_vector is not None and self.intercept.channel_dim == self.channel_dim:
+        if (
+            self.intercept.channel_vector is not None
+            and self.intercept.channel_dim == self.channel_dim
+        ):
             vector = self.intercept.channel_vector
             if include_folded and self.folded_vector is not None:
-                vector = self.block_vector if self.block_vector is not None else vector + self.folded_vector
+                vector = (
+                    self.block_vector
+                    if self.block_vector is not None
+                    else vector + self.folded_vector
+                )
             # The vector goes to the gradient's dtype (bf16 under autocast) rather than the
             # gradient to float32: a full-size conversion per layer would cost more than
             # the reduction itself.
@@ -150,12 +166,20 @@ def register_gradient_hook(output: Tensor, inplace: bool, hook: Callable[[Tensor
     """
     base = output._base
     if inplace and base is not None and _dense(base):
-        size, stride, offset = output.size(), output.stride(), output.storage_offset() - base.storage_offset()
+        size, stride, offset = (
+            output.size(),
+            output.stride(),
+            output.storage_offset() - base.storage_offset(),
+        )
         base_size, base_stride = base.size(), base.stride()
 
         def cut(grad: Tensor) -> None:
-            if grad.stride() != base_stride:  # lay it out like the base, whose strides the view's are in
-                grad = torch.empty_strided(base_size, base_stride, dtype=grad.dtype, device=grad.device).copy_(grad)
+            if (
+                grad.stride() != base_stride
+            ):  # lay it out like the base, whose strides the view's are in
+                grad = torch.empty_strided(
+                    base_size, base_stride, dtype=grad.dtype, device=grad.device
+                ).copy_(grad)
             hook(grad.as_strided(size, stride, grad.storage_offset() + offset))
 
         return base.register_hook(cut)
@@ -260,7 +284,9 @@ class Capture:
         collector: receives sources and their gradients.
     """
 
-    def __init__(self, forward_func: Callable[..., Any], inputs: Tensor, collector: Collector) -> None:
+    def __init__(
+        self, forward_func: Callable[..., Any], inputs: Tensor, collector: Collector
+    ) -> None:
         self.forward_func = forward_func
         self.inputs = inputs
         self.collector = collector
@@ -347,13 +373,19 @@ class Capture:
                     if products and isinstance(_output, Tensor):
                         entry = products.get(id(_output))
                         source = entry[1] if entry is not None and entry[0]() is _output else None
-                        if source is not None and source not in origins and source not in output_origins:
+                        if (
+                            source is not None
+                            and source not in origins
+                            and source not in output_origins
+                        ):
                             # The innermost module, and the autograd node a replay must find.
                             output_origins[source] = (module, popped[5], type(_output.grad_fn))
                     break
 
         self._handles.append(nn.modules.module.register_module_forward_pre_hook(pre_hook))
-        self._handles.append(nn.modules.module.register_module_forward_hook(post_hook, always_call=True))
+        self._handles.append(
+            nn.modules.module.register_module_forward_hook(post_hook, always_call=True)
+        )
 
     def _remove_module_hooks(self) -> None:
         for handle in self._handles:
@@ -382,10 +414,21 @@ class Capture:
                 source.name = f"{source.name}#{k}"
         # Blocks were marked with the creating convolution's index; name them after it.
         for source in self.sources:
-            source.block = self.sources[int(source.block[1:])].name if source.block.startswith("@") else source.name
+            source.block = (
+                self.sources[int(source.block[1:])].name
+                if source.block.startswith("@")
+                else source.name
+            )
 
     # ------------------------------------------------------------------ ops
-    def _process(self, mode: _Mode, func: Callable, args: Sequence[Any], kwargs: Dict[str, Any], graph_inputs: List[Tensor]) -> Any:
+    def _process(
+        self,
+        mode: _Mode,
+        func: Callable,
+        args: Sequence[Any],
+        kwargs: Dict[str, Any],
+        graph_inputs: List[Tensor],
+    ) -> Any:
         inplace = _intercepts.is_inplace(func, args, kwargs)
         if inplace and self._folded:
             # About to overwrite a folded convolution output: hook its current version first.
@@ -419,7 +462,11 @@ class Capture:
         batch_dims = self._infer_batch_dims(func, args, kwargs, graph_inputs, outputs)
         layout = self._infer_layout(func, args, kwargs, graph_inputs, outputs, result.layout)
         for output, batch_dim in zip(outputs, batch_dims):
-            usable = output.dim() == self._input_rank and batch_dim == 0 and output.shape[0] == self._batch_size
+            usable = (
+                output.dim() == self._input_rank
+                and batch_dim == 0
+                and output.shape[0] == self._batch_size
+            )
             self.tracker.add(output, layout if usable else None, batch_dim)
         op = op_name(func)
         for intercept in result.intercepts:
@@ -439,7 +486,11 @@ class Capture:
         batch = self._batch_size
         source = graph_inputs[0]
         source_dim = self.tracker.batch_dim(source)
-        extent = source.shape[source_dim] if source_dim is not None and source.dim() > source_dim else None
+        extent = (
+            source.shape[source_dim]
+            if source_dim is not None and source.dim() > source_dim
+            else None
+        )
         name = getattr(func, "__name__", "")
         if name in _PERMUTATIONS and source_dim is not None:
             perm = _permutation(name, source.dim(), args[1:], kwargs)
@@ -447,8 +498,10 @@ class Capture:
                 return [perm.index(source_dim)] * len(outputs)
         if source_dim is not None and name in ("stack", "unsqueeze"):
             # A new axis at ``dim``: the batch axis moves right when it is not before it.
-            dim = (args[1] if len(args) > 1 else kwargs.get("dim", 0)) if name == "stack" else (
-                args[1] if len(args) > 1 else kwargs.get("dim")
+            dim = (
+                (args[1] if len(args) > 1 else kwargs.get("dim", 0))
+                if name == "stack"
+                else (args[1] if len(args) > 1 else kwargs.get("dim"))
             )
             if isinstance(dim, int):
                 dim = dim % (source.dim() + 1)
@@ -464,11 +517,20 @@ class Capture:
                     return [moved] * len(outputs)
         dims: List[Optional[int]] = []
         for output in outputs:
-            if source_dim is not None and output.dim() == source.dim() and output.shape[source_dim] == extent:
+            if (
+                source_dim is not None
+                and output.dim() == source.dim()
+                and output.shape[source_dim] == extent
+            ):
                 dims.append(source_dim)
             elif output.dim() > 0 and output.shape[0] == batch:
                 dims.append(0)
-            elif name in _RESHAPES and source_dim == 0 and output.dim() > 0 and output.shape[0] % batch == 0:
+            elif (
+                name in _RESHAPES
+                and source_dim == 0
+                and output.dim() > 0
+                and output.shape[0] % batch == 0
+            ):
                 # Row-major: each example's elements stay contiguous, so the first axis
                 # holds a whole number of slices per example, the example outermost.
                 dims.append(0)
@@ -501,7 +563,9 @@ class Capture:
                 (
                     t
                     for t, layout in laid_out
-                    if layout and len(out_shape) == t.dim() and _spatial_shape(t.shape, layout) == _spatial_shape(out_shape, layout)
+                    if layout
+                    and len(out_shape) == t.dim()
+                    and _spatial_shape(t.shape, layout) == _spatial_shape(out_shape, layout)
                 ),
                 same_rank[0],
             )
@@ -529,7 +593,9 @@ class Capture:
                 return layout
         return None
 
-    def _add_source(self, op: str, intercept: Intercept, graph_inputs: List[Tensor], inplace: bool = False) -> None:
+    def _add_source(
+        self, op: str, intercept: Intercept, graph_inputs: List[Tensor], inplace: bool = False
+    ) -> None:
         output = intercept.output
         module, name, origin = self._base_name(op)
         layout = self.tracker.layout(output)
@@ -554,7 +620,11 @@ class Capture:
         block = name
         if op == "batch_norm" and graph_inputs:
             entry = self._conv_outputs.get(id(graph_inputs[0]))
-            if entry is not None and entry[0]() is graph_inputs[0] and entry[1] == graph_inputs[0]._version:
+            if (
+                entry is not None
+                and entry[0]() is graph_inputs[0]
+                and entry[1] == graph_inputs[0]._version
+            ):
                 block = entry[2]
         source = BiasSource(
             name=name,
@@ -571,7 +641,12 @@ class Capture:
         )
         if op in _CONV_NAMES:
             # A BatchNorm reading exactly this tensor joins this convolution's block.
-            self._conv_outputs[id(output)] = (weakref.ref(output), output._version, f"@{index}", source)
+            self._conv_outputs[id(output)] = (
+                weakref.ref(output),
+                output._version,
+                f"@{index}",
+                source,
+            )
             source.block = f"@{index}"
         self.sources.append(source)
         if origin is not None:
@@ -584,7 +659,12 @@ class Capture:
         # through autograd, and every activation would leak.
         intercept.output = None
         self._hooks[source] = register_gradient_hook(output, inplace, self._hook_for(source))
-        if op == "batch_norm" and intercept.input_scale is not None and self._fold_conv_bn and graph_inputs:
+        if (
+            op == "batch_norm"
+            and intercept.input_scale is not None
+            and self._fold_conv_bn
+            and graph_inputs
+        ):
             self._fold_into_batch_norm(graph_inputs[0], source)
 
     def _count_conv_uses(self, graph_inputs: List[Tensor]) -> None:
@@ -660,11 +740,15 @@ def _spatial_shape(shape: Sequence[int], layout: str) -> Tuple[int, ...]:
     return tuple(shape[2:]) if layout == CHANNELS_FIRST else tuple(shape[1:-1])
 
 
-def _removed_dims(name: str, rank: int, args: Sequence[Any], kwargs: Dict[str, Any]) -> Optional[List[int]]:
+def _removed_dims(
+    name: str, rank: int, args: Sequence[Any], kwargs: Dict[str, Any]
+) -> Optional[List[int]]:
     """The input axes that integer indexing removes (``x[0]``, ``x[:, 1]``, ``select``, ``unbind``)."""
     if name == "__getitem__" and args:
         index = args[0] if isinstance(args[0], tuple) else (args[0],)
-        if len(index) > rank or not all(isinstance(i, (int, slice)) and not isinstance(i, bool) for i in index):
+        if len(index) > rank or not all(
+            isinstance(i, (int, slice)) and not isinstance(i, bool) for i in index
+        ):
             return None  # None, Ellipsis, tensors and masks move axes in other ways
         return [d for d, i in enumerate(index) if isinstance(i, int)]
     if name in ("select", "unbind"):
@@ -673,12 +757,18 @@ def _removed_dims(name: str, rank: int, args: Sequence[Any], kwargs: Dict[str, A
     return None
 
 
-def _permutation(name: str, rank: int, args: Sequence[Any], kwargs: Dict[str, Any]) -> Optional[List[int]]:
+def _permutation(
+    name: str, rank: int, args: Sequence[Any], kwargs: Dict[str, Any]
+) -> Optional[List[int]]:
     try:
         if name == "t":
             return [1, 0] if rank == 2 else list(range(rank))
         if name == "permute":
-            dims = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple, torch.Size)) else args
+            dims = (
+                args[0]
+                if len(args) == 1 and isinstance(args[0], (list, tuple, torch.Size))
+                else args
+            )
             dims = list(dims) if dims else list(kwargs.get("dims", ()))
             return [d % rank for d in dims]
         if name in ("transpose", "swapaxes", "swapdims"):
@@ -688,7 +778,9 @@ def _permutation(name: str, rank: int, args: Sequence[Any], kwargs: Dict[str, An
             perm[a], perm[b] = perm[b], perm[a]
             return perm
         if name in ("movedim", "moveaxis"):
-            source, destination = (list(args) + [kwargs.get("source"), kwargs.get("destination")])[:2]
+            source, destination = (list(args) + [kwargs.get("source"), kwargs.get("destination")])[
+                :2
+            ]
             source = [source] if isinstance(source, int) else list(source)
             destination = [destination] if isinstance(destination, int) else list(destination)
             perm: List[Optional[int]] = [None] * rank
@@ -744,7 +836,9 @@ def forward_backward(
         x = inputs.clone()
     x.requires_grad_(True)
     with torch.enable_grad():
-        recorder = Capture(forward_func, x, collector) if plan is None else plan.replay(x, collector)
+        recorder = (
+            Capture(forward_func, x, collector) if plan is None else plan.replay(x, collector)
+        )
         with recorder as capture:
             output = forward_func(x, *additional_forward_args)
         try:

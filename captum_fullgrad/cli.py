@@ -27,9 +27,9 @@ from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tupl
 import torch
 
 from ._argtypes import add_runtime_options as _add_runtime_options
-from ._argtypes import resolve_device
 from ._argtypes import non_negative_int as _non_negative_int
 from ._argtypes import positive_int as _positive_int
+from ._argtypes import resolve_device
 from ._io import write_text
 
 __all__ = ["COMMANDS", "CliError", "Command", "build_parser", "main"]
@@ -82,12 +82,6 @@ class Command:
 # --------------------------------------------------------------------------------------
 # Shared options and helpers
 # --------------------------------------------------------------------------------------
-
-
-
-
-
-
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -560,7 +554,6 @@ def _demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-
 def _write_text(path: Path, text: str) -> None:
     _make_dir(path.parent, "output directory")
     try:
@@ -828,6 +821,7 @@ def _bench(args: argparse.Namespace) -> int:
         print(path)
     print(result.to_markdown())
     return EXIT_OK
+
 
 #: Every subcommand, in --help order: one parser builder and one function each (add ``bench``
 #: here).

@@ -61,7 +61,8 @@ class FullJacobian:
     def bias_terms(self) -> "OrderedDict[str, Tensor]":
         """Each source's share of the output, ``sum(f^b)`` per example, ``(B,)``."""
         return OrderedDict(
-            (name, self.sources[name].per_example_total(bj)) for name, bj in self.bias_jacobians.items()
+            (name, self.sources[name].per_example_total(bj))
+            for name, bj in self.bias_jacobians.items()
         )
 
     @property
@@ -118,7 +119,9 @@ def _assemble(run: Pass, kept: Dict[BiasSource, Tensor]) -> FullJacobian:
             bj = kept[source]
         else:
             # No gradient reached this output: it does not influence f(x).
-            bj = torch.zeros(source.shape, dtype=run.input_gradient.dtype, device=run.input_gradient.device)
+            bj = torch.zeros(
+                source.shape, dtype=run.input_gradient.dtype, device=run.input_gradient.device
+            )
         bias_jacobians[source.name] = bj
         total = total + source.per_example_total(bj).to(total.dtype)
     return FullJacobian(

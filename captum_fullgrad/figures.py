@@ -40,8 +40,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from .decomposition import full_jacobian
 from ._io import atomic_write
+from .decomposition import full_jacobian
 from .methods import DEFAULT_TABLE5_METHODS, AttributionMethod, get_method
 
 __all__ = [
@@ -738,7 +738,11 @@ def save_figure(figure: Figure, path: Union[str, "os.PathLike[str]"], *, dpi: in
         raise ValueError(
             f"cannot tell the format of {str(path)!r}: use a .png, .pdf or .svg file name"
         )
-    atomic_write(path, lambda handle: figure.savefig(handle, format=fmt, dpi=dpi, metadata=_metadata(fmt)), binary=True)
+    atomic_write(
+        path,
+        lambda handle: figure.savefig(handle, format=fmt, dpi=dpi, metadata=_metadata(fmt)),
+        binary=True,
+    )
     return path
 
 

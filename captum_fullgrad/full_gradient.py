@@ -145,10 +145,14 @@ class FullGradient(GradientAttribution):
         _validation.check_spatial_rank(x, method=method)
         _validation.check_eval_mode(self.forward_func, method=method)
         if postprocess not in POSTPROCESS_MODES:
-            raise ValueError(f"postprocess must be one of {POSTPROCESS_MODES}, got {postprocess!r}.")
+            raise ValueError(
+                f"postprocess must be one of {POSTPROCESS_MODES}, got {postprocess!r}."
+            )
         interpolation_mode(interpolate_mode, x.dim() - 2)
         if internal_batch_size is not None and internal_batch_size < 1:
-            raise ValueError(f"internal_batch_size must be a positive integer, got {internal_batch_size}.")
+            raise ValueError(
+                f"internal_batch_size must be a positive integer, got {internal_batch_size}."
+            )
         if align_corners is None:
             align_corners = postprocess != EQ4
         extra = _validation.format_additional_forward_args(additional_forward_args)
@@ -194,7 +198,9 @@ class FullGradient(GradientAttribution):
             return _validation.select_output(output, target, x.shape[0], method="FullGradient")
 
         collector = MapCollector(postprocess, self._layer_filter())
-        signature = call_signature(x, extra, postprocess, self.layers) if self.reuse_capture else None
+        signature = (
+            call_signature(x, extra, postprocess, self.layers) if self.reuse_capture else None
+        )
         plan = self._plans.get(signature) if signature is not None else None
         if plan is not None:
             try:
@@ -221,9 +227,13 @@ class FullGradient(GradientAttribution):
         else:
             attribution = input_part
             if bias_map is not None:
-                attribution = attribution + (bias_map / x.shape[1]).unsqueeze(1).to(attribution.dtype)
+                attribution = attribution + (bias_map / x.shape[1]).unsqueeze(1).to(
+                    attribution.dtype
+                )
         input_term = (run.input_gradient * run.inputs).flatten(1).sum(1)
-        bias_sum = collector.bias_sum if collector.bias_sum is not None else torch.zeros_like(input_term)
+        bias_sum = (
+            collector.bias_sum if collector.bias_sum is not None else torch.zeros_like(input_term)
+        )
         delta = run.output - (input_term + bias_sum.to(input_term.dtype)).to(run.output.dtype)
         return attribution.detach(), delta.detach()
 

@@ -560,8 +560,12 @@ def _noise_tunnel(
         for start in range(0, nt_samples, per_call):
             chunk = noise_draws[start : start + per_call]
             copies = chunk.shape[0]
-            noisy = (inputs.unsqueeze(0) + chunk).reshape(copies * inputs.shape[0], *inputs.shape[1:])
-            result = attribution.attribute(_grad_input(noisy), target=_tile_target(target, copies), **kwargs)
+            noisy = (inputs.unsqueeze(0) + chunk).reshape(
+                copies * inputs.shape[0], *inputs.shape[1:]
+            )
+            result = attribution.attribute(
+                _grad_input(noisy), target=_tile_target(target, copies), **kwargs
+            )
             summed = result.reshape(copies, inputs.shape[0], *result.shape[1:]).sum(0)
             total = summed if total is None else total + summed
     assert total is not None

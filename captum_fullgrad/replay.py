@@ -60,10 +60,27 @@ from .capture import BiasSource, Capture, Collector, register_gradient_hook
 
 __all__ = ["CapturePlan", "PlanCache", "ReplayMismatch", "call_signature", "plans_for"]
 
-_CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_CONVOLUTIONS = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _OPS = {
-    **{t: ("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d") for t in _CONVOLUTIONS},
+    **{
+        t: (
+            "conv1d",
+            "conv2d",
+            "conv3d",
+            "conv_transpose1d",
+            "conv_transpose2d",
+            "conv_transpose3d",
+        )
+        for t in _CONVOLUTIONS
+    },
     nn.Linear: ("linear",),
     **{t: ("batch_norm",) for t in _BATCH_NORMS},
 }
@@ -101,7 +118,9 @@ class CapturePlan:
     ``None`` means the network has a source that module hooks cannot reproduce.
     """
 
-    def __init__(self, steps: Sequence[_Step], calls: Sequence[nn.Module], step_at: Sequence[Optional[int]]) -> None:
+    def __init__(
+        self, steps: Sequence[_Step], calls: Sequence[nn.Module], step_at: Sequence[Optional[int]]
+    ) -> None:
         self.steps: Tuple[_Step, ...] = tuple(steps)
         # Every module call of the traced forward pass, in the order the calls returned,
         # and the step (if any) that each call produces: the replay's guard. Weak
@@ -131,7 +150,9 @@ class CapturePlan:
         # itself, so in-place changes are seen through it.
         self._sources: List[Optional[BiasSource]] = [None] * len(self.steps)
 
-    def source_for(self, step: int, module: nn.Module, batch_norm: Dict[int, Tuple[Tensor, ...]]) -> Optional[BiasSource]:
+    def source_for(
+        self, step: int, module: nn.Module, batch_norm: Dict[int, Tuple[Tensor, ...]]
+    ) -> Optional[BiasSource]:
         """The source of ``step`` from the module's current parameters; ``None`` if it has none."""
         planned = self.steps[step]
         channel_dim = planned.template.intercept.channel_dim
@@ -141,7 +162,10 @@ class CapturePlan:
                 return None
             scale, effective_bias, folded, block = vectors
             source = _with_intercept(
-                planned.template, Intercept(None, channel_vector=effective_bias, channel_dim=channel_dim, input_scale=scale)
+                planned.template,
+                Intercept(
+                    None, channel_vector=effective_bias, channel_dim=channel_dim, input_scale=scale
+                ),
             )
             source.folded_vector, source.block_vector = folded, block
             return source
@@ -151,7 +175,9 @@ class CapturePlan:
         cached = self._sources[step]
         if cached is not None and cached.intercept.channel_vector is bias:
             return cached
-        cached = self._sources[step] = _with_intercept(planned.template, Intercept(None, channel_vector=bias, channel_dim=channel_dim))
+        cached = self._sources[step] = _with_intercept(
+            planned.template, Intercept(None, channel_vector=bias, channel_dim=channel_dim)
+        )
         return cached
 
     def batch_norm_vectors(self) -> Optional[Dict[int, Tuple[Tensor, ...]]]:
@@ -177,7 +203,11 @@ class CapturePlan:
             convs.append(conv)
         with torch.no_grad():
             # scale = gamma / sqrt(var + eps); effective bias = beta - mean * scale (seed 3.2)
-            scales = list(torch._foreach_add([bn.running_var for bn in modules], [float(bn.eps) for bn in modules]))
+            scales = list(
+                torch._foreach_add(
+                    [bn.running_var for bn in modules], [float(bn.eps) for bn in modules]
+                )
+            )
             torch._foreach_rsqrt_(scales)
             _foreach_pairs(torch._foreach_mul_, scales, [bn.weight for bn in modules])
             effective = list(torch._foreach_mul([bn.running_mean for bn in modules], scales))
@@ -187,16 +217,25 @@ class CapturePlan:
             blocks: List[Optional[Tensor]] = [None] * len(steps)
             with_conv = [i for i, conv in enumerate(convs) if conv is not None]
             if with_conv:
-                products = torch._foreach_mul([convs[i].bias for i in with_conv], [scales[i] for i in with_conv])
+                products = torch._foreach_mul(
+                    [convs[i].bias for i in with_conv], [scales[i] for i in with_conv]
+                )
                 sums = torch._foreach_add([effective[i] for i in with_conv], products)
                 for i, product, total in zip(with_conv, products, sums):
                     folded[i], blocks[i] = product, total
-        return {step: (scales[i], effective[i], folded[i], blocks[i]) for i, step in enumerate(steps)}
+        return {
+            step: (scales[i], effective[i], folded[i], blocks[i]) for i, step in enumerate(steps)
+        }
 
     @classmethod
     def record(cls, capture: Capture) -> Optional["CapturePlan"]:
         """The plan of a traced call, or ``None`` when it cannot be replayed exactly."""
-        if not isinstance(capture, Capture) or capture.failed_ops or not capture.sources or not capture.module_calls:
+        if (
+            not isinstance(capture, Capture)
+            or capture.failed_ops
+            or not capture.sources
+            or not capture.module_calls
+        ):
             return None
         if _global_hook_key()[0]:
             # A global forward hook runs before the replay's and may replace a module's
@@ -216,9 +255,15 @@ class CapturePlan:
                     if source.op != activation[0] or source.intercept.dense is None:
                         return None
                 elif normalisation is not None:
-                    if source.op != normalisation_op(normalisation) or source.intercept.dense is None:
+                    if (
+                        source.op != normalisation_op(normalisation)
+                        or source.intercept.dense is None
+                    ):
                         return None
-                elif source.op not in _OPS.get(type(module), ()) or source.intercept.channel_vector is None:
+                elif (
+                    source.op not in _OPS.get(type(module), ())
+                    or source.intercept.channel_vector is None
+                ):
                     return None  # an unfamiliar module
                 elif isinstance(module, _BATCH_NORMS) and source.intercept.input_scale is None:
                     return None  # batch statistics: the intercept needs forward-mode AD
@@ -229,17 +274,25 @@ class CapturePlan:
                 module, call, product_node = returned
             if step_at[call] is not None:
                 return None  # a second source in one call
-            if activation is not None and activation_reads_input_first(activation) and module._forward_pre_hooks:
+            if (
+                activation is not None
+                and activation_reads_input_first(activation)
+                and module._forward_pre_hooks
+            ):
                 return None  # its own pre-hooks run after the replay's, and may change the input
             position[id(source)] = len(steps)
             step_at[call] = len(steps)
             layout_only = Intercept(None, channel_dim=source.intercept.channel_dim)
-            template = dataclasses.replace(source, intercept=layout_only, folded_vector=None, block_vector=None)
+            template = dataclasses.replace(
+                source, intercept=layout_only, folded_vector=None, block_vector=None
+            )
             if normalisation is not None and normalisation[0] == "channel_layer_norm":
                 # Traced on the channels-last tensor between LayerNorm2d's permutes, replayed
                 # on the module's channels-first output: the same channel sums.
                 n, *spatial, channels = source.shape
-                template = dataclasses.replace(template, shape=torch.Size([n, channels, *spatial]), channel_dim=1)
+                template = dataclasses.replace(
+                    template, shape=torch.Size([n, channels, *spatial]), channel_dim=1
+                )
             steps.append(
                 _Step(
                     template=template,
@@ -308,7 +361,9 @@ class Replay:
             raise ReplayMismatch("global module hooks were added or removed since the trace")
         batch_norm = self.plan.batch_norm_vectors()
         if batch_norm is None:
-            raise ReplayMismatch("a planned BatchNorm is gone, training, or lost its folded convolution's bias")
+            raise ReplayMismatch(
+                "a planned BatchNorm is gone, training, or lost its folded convolution's bias"
+            )
         self._batch_norm = batch_norm
         # One global forward hook rather than one per module: it sees every module call,
         # so the guard compares the whole call sequence with the trace's, and it costs
@@ -354,9 +409,9 @@ class Replay:
         if k >= len(plan.calls) or plan.calls[k]() is not module:
             self.matched = False
             return
-        if (module._forward_hooks or module._forward_pre_hooks or plan.hooks_at[k] is not None) and _hook_key(
-            module
-        ) != plan.hooks_at[k]:
+        if (
+            module._forward_hooks or module._forward_pre_hooks or plan.hooks_at[k] is not None
+        ) and _hook_key(module) != plan.hooks_at[k]:
             self.matched = False  # a user hook added or removed: it may add an operation
             return
         index = plan.step_at[k]
@@ -370,7 +425,11 @@ class Replay:
             self.matched = False
             return
         if step.activation is not None:
-            if activation_settings(module) != step.activation or not args or not isinstance(args[0], Tensor):
+            if (
+                activation_settings(module) != step.activation
+                or not args
+                or not isinstance(args[0], Tensor)
+            ):
                 self.matched = False  # an attribute changed (approximate, inplace, min_val...)
                 return
             if activation_reads_input_first(step.activation):
@@ -383,11 +442,17 @@ class Replay:
             intercept = Intercept(None, dense=output.detach() - linear_part)
             source = _with_intercept(step.template, intercept)
         elif step.normalisation is not None:
-            if normalisation_settings(module) != step.normalisation or not args or not isinstance(args[0], Tensor):
+            if (
+                normalisation_settings(module) != step.normalisation
+                or not args
+                or not isinstance(args[0], Tensor)
+            ):
                 self.matched = False  # eps or the number of groups changed
                 return
             bias = None if step.normalisation[0] == "rms_norm" else module.bias
-            intercept = Intercept(None, dense=normalisation_intercept(step.normalisation, args[0], output, bias))
+            intercept = Intercept(
+                None, dense=normalisation_intercept(step.normalisation, args[0], output, bias)
+            )
             source = _with_intercept(step.template, intercept)
         elif step.product_node is not None:
             node = output.grad_fn
@@ -416,22 +481,31 @@ class Replay:
         # node, never the view's: hook the base.
         through_base = output._base is not None and (
             (step.activation is not None and step.activation[1])
-            or (step.normalisation is not None and step.normalisation[0] in ("channel_layer_norm", "instance_norm"))
+            or (
+                step.normalisation is not None
+                and step.normalisation[0] in ("channel_layer_norm", "instance_norm")
+            )
         )
         if node is not None and not through_base:
             # A pre-hook on the node that made the output sees df/dy before any later
             # in-place operation's gradient, like a tensor hook registered now, at a third
             # of the cost.
             nr = output.output_nr
-            self._hooks.append(node.register_prehook(lambda grads: _deliver(on_gradient, source, grads[nr])))
+            self._hooks.append(
+                node.register_prehook(lambda grads: _deliver(on_gradient, source, grads[nr]))
+            )
         else:
-            self._hooks.append(register_gradient_hook(output, through_base, lambda grad: on_gradient(source, grad)))
+            self._hooks.append(
+                register_gradient_hook(output, through_base, lambda grad: on_gradient(source, grad))
+            )
 
 
 def _both_factors_computed(node: Any) -> bool:
     """Whether both inputs of a product's autograd node come from other operations: a
     detached (or constant) factor has no next function, a parameter an AccumulateGrad."""
-    return all(fn is not None and type(fn).__name__ != "AccumulateGrad" for fn, _ in node.next_functions)
+    return all(
+        fn is not None and type(fn).__name__ != "AccumulateGrad" for fn, _ in node.next_functions
+    )
 
 
 def _deliver(on_gradient: Any, source: BiasSource, grad: Optional[Tensor]) -> None:
@@ -439,7 +513,9 @@ def _deliver(on_gradient: Any, source: BiasSource, grad: Optional[Tensor]) -> No
         on_gradient(source, grad)
 
 
-def call_signature(inputs: Tensor, additional_forward_args: Tuple[Any, ...], *options: Hashable) -> Hashable:
+def call_signature(
+    inputs: Tensor, additional_forward_args: Tuple[Any, ...], *options: Hashable
+) -> Hashable:
     """What a plan is valid for: the input's shape, dtype and device, the autocast state,
     the extra arguments' types and shapes (values of plain constants), and ``options``."""
     device_type = inputs.device.type
@@ -449,7 +525,15 @@ def call_signature(inputs: Tensor, additional_forward_args: Tuple[Any, ...], *op
     except (AttributeError, TypeError, RuntimeError):  # torch < 2.4
         autocast, autocast_dtype = torch.is_autocast_enabled(), None
     extra = tuple(_argument_signature(a) for a in additional_forward_args)
-    return (tuple(inputs.shape), inputs.dtype, inputs.device, autocast, autocast_dtype, extra, options)
+    return (
+        tuple(inputs.shape),
+        inputs.dtype,
+        inputs.device,
+        autocast,
+        autocast_dtype,
+        extra,
+        options,
+    )
 
 
 def _argument_signature(value: Any) -> Hashable:

@@ -39,7 +39,9 @@ def randomize_parameters_(model: nn.Module, seed: int = 0, bias_scale: float = 0
         return (torch.randn(t.shape, generator=generator, dtype=torch.float64) * std).to(t)
 
     def uniform_like(t: torch.Tensor, low: float, high: float) -> torch.Tensor:
-        return (low + (high - low) * torch.rand(t.shape, generator=generator, dtype=torch.float64)).to(t)
+        return (
+            low + (high - low) * torch.rand(t.shape, generator=generator, dtype=torch.float64)
+        ).to(t)
 
     for module in model.modules():
         if isinstance(module, _NORMS):
@@ -60,5 +62,7 @@ def randomize_parameters_(model: nn.Module, seed: int = 0, bias_scale: float = 0
                 if "scale" in name or param.dim() == 1 and "gamma" in name:
                     param.copy_(uniform_like(param, 0.5, 1.5))
                 else:
-                    param.copy_(normal_like(param, 0.02 if "embed" in name or "token" in name else 0.05))
+                    param.copy_(
+                        normal_like(param, 0.02 if "embed" in name or "token" in name else 0.05)
+                    )
     return model

@@ -47,8 +47,8 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass, field, fields, replace
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -115,7 +115,9 @@ def _block_info(name: str, members: Sequence[BiasSource]) -> BlockInfo:
 
 def _available(sources: Sequence[BiasSource]) -> str:
     blocks = _group_blocks(sources)
-    block_text = ", ".join(f"{b}{'' if all(m.spatial for m in ms) else ' (non-spatial)'}" for b, ms in blocks.items())
+    block_text = ", ".join(
+        f"{b}{'' if all(m.spatial for m in ms) else ' (non-spatial)'}" for b, ms in blocks.items()
+    )
     extra = [s.name for s in sources if s.name not in blocks]
     text = f"blocks: {block_text or 'none'}"
     if extra:
@@ -153,10 +155,14 @@ def _resolve_layers(
 
 
 def _spatial_block_names(sources: Sequence[BiasSource]) -> List[str]:
-    return [name for name, members in _group_blocks(sources).items() if all(m.spatial for m in members)]
+    return [
+        name for name, members in _group_blocks(sources).items() if all(m.spatial for m in members)
+    ]
 
 
-def _layer_list(model: Any, layers: Union[None, LayerSpec, Sequence[LayerSpec]]) -> Optional[List[str]]:
+def _layer_list(
+    model: Any, layers: Union[None, LayerSpec, Sequence[LayerSpec]]
+) -> Optional[List[str]]:
     """Names from a user's choice of layers (names or modules of ``model``)."""
     if layers is None:
         return None
@@ -179,7 +185,9 @@ def _layer_list(model: Any, layers: Union[None, LayerSpec, Sequence[LayerSpec]])
     return names
 
 
-def _set_training(model: Any, modes: Optional[Dict[nn.Module, bool]] = None) -> Dict[nn.Module, bool]:
+def _set_training(
+    model: Any, modes: Optional[Dict[nn.Module, bool]] = None
+) -> Dict[nn.Module, bool]:
     """Put ``model`` in eval mode (returning the previous flags) or restore ``modes``."""
     if not isinstance(model, nn.Module):
         return {}
@@ -211,7 +219,9 @@ def bias_blocks(
             model(x, *extra)
     finally:
         _set_training(model, modes)
-    return [_block_info(name, members) for name, members in _group_blocks(collector.sources).items()]
+    return [
+        _block_info(name, members) for name, members in _group_blocks(collector.sources).items()
+    ]
 
 
 # --------------------------------------------------------------------------- collector
@@ -357,7 +367,9 @@ def bias_jacobian_penalty(
             chosen = [spatial[-1]]
         else:
             chosen = names
-        collector.choose(_resolve_layers(collector.sources, chosen, role=method, need_spatial=False))
+        collector.choose(
+            _resolve_layers(collector.sources, chosen, role=method, need_spatial=False)
+        )
         return selected
 
     try:
@@ -392,14 +404,18 @@ def bias_weight_decay(model: nn.Module, layers: Union[LayerSpec, Sequence[LayerS
     for name in dict.fromkeys(names):
         module_name = name.split(":")[0].split("#")[0]
         if module_name not in modules:
-            available = [n for n, m in modules.items() if isinstance(getattr(m, "bias", None), Tensor)]
+            available = [
+                n for n, m in modules.items() if isinstance(getattr(m, "bias", None), Tensor)
+            ]
             raise ValueError(
                 f"bias_weight_decay: {name!r} is not a module of the model; modules with a bias: "
                 f"{', '.join(available) or 'none'}."
             )
         bias = getattr(modules[module_name], "bias", None)
         if not isinstance(bias, Tensor):
-            raise ValueError(f"bias_weight_decay: module {module_name!r} ({type(modules[module_name]).__name__}) has no bias.")
+            raise ValueError(
+                f"bias_weight_decay: module {module_name!r} ({type(modules[module_name]).__name__}) has no bias."
+            )
         term = bias.pow(2).sum()
         total = term if total is None else total + term
     assert total is not None
@@ -430,7 +446,9 @@ class MatchingWeights:
         for f in fields(self):
             value = getattr(self, f.name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"MatchingWeights.{f.name} must be a finite number >= 0, got {value!r}.")
+                raise ValueError(
+                    f"MatchingWeights.{f.name} must be a finite number >= 0, got {value!r}."
+                )
 
 
 #: The methods of Tables 2 and 3 (each used with the cross-entropy, which is not part of
@@ -440,9 +458,15 @@ MATCHING_PRESETS: Dict[str, MatchingWeights] = {
     "activation": MatchingWeights(output=1.0, input_jacobian=0.0, bias_jacobian=0.0, attention=0.0),
     "i_jacobian": MatchingWeights(output=1.0, input_jacobian=1.0, bias_jacobian=0.0, attention=0.0),
     "attention": MatchingWeights(output=1.0, input_jacobian=0.0, bias_jacobian=0.0, attention=1.0),
-    "i_jacobian_attention": MatchingWeights(output=1.0, input_jacobian=1.0, bias_jacobian=0.0, attention=1.0),
-    "full_jacobian": MatchingWeights(output=1.0, input_jacobian=1.0, bias_jacobian=1.0, attention=0.0),
-    "full_jacobian_attention": MatchingWeights(output=1.0, input_jacobian=1.0, bias_jacobian=1.0, attention=1.0),
+    "i_jacobian_attention": MatchingWeights(
+        output=1.0, input_jacobian=1.0, bias_jacobian=0.0, attention=1.0
+    ),
+    "full_jacobian": MatchingWeights(
+        output=1.0, input_jacobian=1.0, bias_jacobian=1.0, attention=0.0
+    ),
+    "full_jacobian_attention": MatchingWeights(
+        output=1.0, input_jacobian=1.0, bias_jacobian=1.0, attention=1.0
+    ),
 }
 
 
@@ -473,7 +497,9 @@ def _resize(maps: Tensor, size: Sequence[int]) -> Tensor:
     if tuple(maps.shape[1:]) == tuple(size):
         return maps
     mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
-    return F.interpolate(maps.unsqueeze(1), size=tuple(size), mode=mode, align_corners=False).squeeze(1)
+    return F.interpolate(
+        maps.unsqueeze(1), size=tuple(size), mode=mode, align_corners=False
+    ).squeeze(1)
 
 
 def _map_distance(student: Tensor, teacher: Tensor) -> Tensor:
@@ -489,7 +515,9 @@ def _map_distance(student: Tensor, teacher: Tensor) -> Tensor:
     return (s - t).pow(2).sum(1).mean()
 
 
-def _attention_map(activation: Tensor, channel_dim: int, nonlinearity: Optional[Callable[[Tensor], Tensor]]) -> Tensor:
+def _attention_map(
+    activation: Tensor, channel_dim: int, nonlinearity: Optional[Callable[[Tensor], Tensor]]
+) -> Tensor:
     """``F(A) = sum_c A_c^2`` (Zagoruyko & Komodakis 2017), ``(B, *spatial)``."""
     if nonlinearity is not None:
         activation = nonlinearity(activation)
@@ -529,10 +557,16 @@ def _run_network(
     box: Dict[str, Any] = {"layers": []}
 
     def select(output: Any) -> Tensor:
-        selected = _validation.select_output(output, target, x.shape[0], method="full_jacobian_matching_loss")
+        selected = _validation.select_output(
+            output, target, x.shape[0], method="full_jacobian_matching_loss"
+        )
         box["output"] = output
         if maps or attention:
-            chosen = names if names is not None else choose_default(_spatial_block_names(collector.sources))
+            chosen = (
+                names
+                if names is not None
+                else choose_default(_spatial_block_names(collector.sources))
+            )
             box["layers"] = _resolve_layers(collector.sources, chosen, role=role, need_spatial=True)
         collector.choose(box["layers"], gradients=maps)
         return selected
@@ -635,7 +669,9 @@ def full_jacobian_matching_loss(
         weights = MATCHING_PRESETS["full_jacobian"]
     elif isinstance(weights, str):
         if weights not in MATCHING_PRESETS:
-            raise ValueError(f"{method}: unknown preset {weights!r}; presets: {', '.join(MATCHING_PRESETS)}.")
+            raise ValueError(
+                f"{method}: unknown preset {weights!r}; presets: {', '.join(MATCHING_PRESETS)}."
+            )
         weights = MATCHING_PRESETS[weights]
     elif not isinstance(weights, MatchingWeights):
         raise TypeError(f"{method}: weights must be a MatchingWeights, a preset name or None.")
@@ -652,7 +688,9 @@ def full_jacobian_matching_loss(
             raise ValueError(f"{method}: layer_pairs is empty; pass None for automatic pairing.")
         for pair in pairs:
             if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
-                raise ValueError(f"{method}: each layer pair must be (student_layer, teacher_layer), got {pair!r}.")
+                raise ValueError(
+                    f"{method}: each layer pair must be (student_layer, teacher_layer), got {pair!r}."
+                )
         student_names = _layer_list(student, [p[0] for p in pairs])
         teacher_names = _layer_list(teacher, [p[1] for p in pairs])
 
@@ -663,7 +701,7 @@ def full_jacobian_matching_loss(
 
     def teacher_default(spatial: List[str]) -> List[str]:
         counts["teacher"] = len(spatial)
-        return spatial[-min(num_pairs, len(spatial)):] if spatial and need_maps else []
+        return spatial[-min(num_pairs, len(spatial)) :] if spatial and need_maps else []
 
     def student_default(spatial: List[str]) -> List[str]:
         k = min(num_pairs, len(spatial), counts.get("teacher", 0)) if need_maps else 0
@@ -673,27 +711,43 @@ def full_jacobian_matching_loss(
                 f"{len(spatial)} and the teacher {counts.get('teacher', 0)}; pass layer_pairs or set "
                 "those weights to 0."
             )
-        return spatial[len(spatial) - k:] if k else []
+        return spatial[len(spatial) - k :] if k else []
 
     teacher_run = _run_network(
-        teacher, x, target, extra,
-        names=teacher_names if need_maps else [], choose_default=teacher_default, role=f"{method}: teacher",
-        jacobians=need_jacobians, maps=weights.bias_jacobian > 0, attention=weights.attention > 0,
+        teacher,
+        x,
+        target,
+        extra,
+        names=teacher_names if need_maps else [],
+        choose_default=teacher_default,
+        role=f"{method}: teacher",
+        jacobians=need_jacobians,
+        maps=weights.bias_jacobian > 0,
+        attention=weights.attention > 0,
         create_graph=False,
     )
     teacher_layers = teacher_run.layers
     student_run = _run_network(
-        student, x, target, extra,
-        names=student_names if need_maps else [], choose_default=student_default, role=f"{method}: student",
-        jacobians=need_jacobians, maps=weights.bias_jacobian > 0, attention=weights.attention > 0,
+        student,
+        x,
+        target,
+        extra,
+        names=student_names if need_maps else [],
+        choose_default=student_default,
+        role=f"{method}: student",
+        jacobians=need_jacobians,
+        maps=weights.bias_jacobian > 0,
+        attention=weights.attention > 0,
         create_graph=True,
     )
     student_layers = student_run.layers
     if need_maps and layer_pairs is None:
         # The teacher kept its last min(num_pairs, count) blocks; pair the deepest ones.
-        teacher_layers = teacher_layers[len(teacher_layers) - len(student_layers):]
+        teacher_layers = teacher_layers[len(teacher_layers) - len(student_layers) :]
     if need_maps and len(student_layers) != len(teacher_layers):  # pragma: no cover - guarded above
-        raise ValueError(f"{method}: {len(student_layers)} student layers for {len(teacher_layers)} teacher layers.")
+        raise ValueError(
+            f"{method}: {len(student_layers)} student layers for {len(teacher_layers)} teacher layers."
+        )
 
     s_out, t_out = student_run.output, teacher_run.output.detach()
     if not isinstance(s_out, Tensor) or s_out.shape != t_out.shape:
@@ -704,7 +758,12 @@ def full_jacobian_matching_loss(
 
     zero = s_out.sum() * 0.0
     loss = zero
-    terms: Dict[str, Optional[Tensor]] = {"output": None, "input_jacobian": None, "bias_jacobian": None, "attention": None}
+    terms: Dict[str, Optional[Tensor]] = {
+        "output": None,
+        "input_jacobian": None,
+        "bias_jacobian": None,
+        "attention": None,
+    }
     if weights.output > 0:
         terms["output"] = (s_out - t_out.to(s_out.dtype)).pow(2).flatten(1).sum(1).mean()
     if weights.input_jacobian > 0:
@@ -725,7 +784,9 @@ def full_jacobian_matching_loss(
             s_dim, t_dim = s_members[-1].channel_dim, t_members[-1].channel_dim
             s_map = _attention_map(student_run.activations[s_name], s_dim, attention_nonlinearity)
             with torch.no_grad():
-                t_map = _attention_map(teacher_run.activations[t_name].detach(), t_dim, attention_nonlinearity)
+                t_map = _attention_map(
+                    teacher_run.activations[t_name].detach(), t_dim, attention_nonlinearity
+                )
             distances.append(_map_distance(s_map, t_map))
         terms["attention"] = torch.stack(distances).mean()
     for name, value in terms.items():

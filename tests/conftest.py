@@ -44,14 +44,22 @@ ZOO = [
 ZOO_INPUT_SIZE = {"inception_v3": 80, "alexnet": 64}
 
 
-def build_zoo_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.nn.Module:
+def build_zoo_model(
+    name: str, seed: int = 0, dtype: torch.dtype = torch.float64
+) -> torch.nn.Module:
     """A torchvision classifier with randomised biases, BN statistics and affine terms, in eval mode."""
     kwargs = {}
     if name in ("googlenet", "inception_v3"):
         kwargs = {"init_weights": True, "aux_logits": False}
     if name == "vit":
         model = torchvision.models.VisionTransformer(
-            image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=10
+            image_size=32,
+            patch_size=8,
+            num_layers=2,
+            num_heads=2,
+            hidden_dim=32,
+            mlp_dim=64,
+            num_classes=10,
         )
     else:
         with warnings.catch_warnings():
@@ -74,7 +82,10 @@ def vgg_features_small_head(seed: int = 0) -> torch.nn.Module:
     model = build_zoo_model("vgg11_bn", seed)
     model.avgpool = torch.nn.AdaptiveAvgPool2d(1)
     model.classifier = torch.nn.Sequential(
-        torch.nn.Linear(512, 64), torch.nn.ReLU(inplace=True), torch.nn.Dropout(), torch.nn.Linear(64, 10)
+        torch.nn.Linear(512, 64),
+        torch.nn.ReLU(inplace=True),
+        torch.nn.Dropout(),
+        torch.nn.Linear(64, 10),
     )
     randomize_parameters_(model.classifier, seed)
     return model.double().eval()

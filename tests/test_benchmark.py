@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import torch
 from torch import nn
 
 from captum_fullgrad.benchmark import DEFAULT_BENCH_METHODS, main, run_benchmark, write_results
@@ -13,14 +12,22 @@ from captum_fullgrad.testing import randomize_parameters_
 
 def tiny_cnn() -> nn.Module:
     model = nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10),
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 10),
     )
     return randomize_parameters_(model).eval()
 
 
 def test_every_method_is_reported_with_a_ratio_to_saliency(tmp_path):
-    result = run_benchmark(tiny_cnn(), "tiny", batch_sizes=(1,), input_size=32, repeats=2, warmup=1, noise_samples=2)
+    result = run_benchmark(
+        tiny_cnn(), "tiny", batch_sizes=(1,), input_size=32, repeats=2, warmup=1, noise_samples=2
+    )
     measured = {m.method for m in result.measurements if m.repeats}
     expected = set(DEFAULT_BENCH_METHODS)
     try:
@@ -43,18 +50,46 @@ def test_every_method_is_reported_with_a_ratio_to_saliency(tmp_path):
 
 def test_slow_methods_are_skipped_and_marked_at_large_batches():
     result = run_benchmark(
-        tiny_cnn(), "tiny", methods=["fullgrad", "integrated_gradients"], batch_sizes=(1, 3), input_size=32,
-        repeats=1, warmup=0, slow_methods_max_batch=1,
+        tiny_cnn(),
+        "tiny",
+        methods=["fullgrad", "integrated_gradients"],
+        batch_sizes=(1, 3),
+        input_size=32,
+        repeats=1,
+        warmup=0,
+        slow_methods_max_batch=1,
     )
     rows = {(m.method, m.batch_size): m for m in result.measurements}
     assert rows[("integrated_gradients", 1)].repeats == 1
-    assert rows[("integrated_gradients", 3)].repeats == 0 and "skipped" in rows[("integrated_gradients", 3)].note
+    assert (
+        rows[("integrated_gradients", 3)].repeats == 0
+        and "skipped" in rows[("integrated_gradients", 3)].note
+    )
     assert rows[("saliency", 3)].repeats == 1  # the baseline is always measured
 
 
 def test_command_line_entry_point(tmp_path, capsys):
-    code = main(["--model", "resnet18", "--methods", "fullgrad", "--batch-sizes", "1", "--input-size", "32",
-                 "--repeats", "1", "--warmup", "0", "--out", str(tmp_path), "--device", "cpu", "--no-progress"])
+    code = main(
+        [
+            "--model",
+            "resnet18",
+            "--methods",
+            "fullgrad",
+            "--batch-sizes",
+            "1",
+            "--input-size",
+            "32",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--out",
+            str(tmp_path),
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     assert (tmp_path / "bench.json").exists() and (tmp_path / "bench.png").exists()
     assert main(["--methods", "nonsense", "--out", str(tmp_path), "--device", "cpu"]) == 2
@@ -65,20 +100,53 @@ def test_command_line_entry_point(tmp_path, capsys):
 def test_bench_subcommand(tmp_path, capsys):
     from captum_fullgrad.cli import main as cli_main
 
-    code = cli_main(["bench", "--model", "resnet18", "--methods", "saliency,fullgrad", "--batch-sizes", "1",
-                     "--input-size", "32", "--repeats", "1", "--warmup", "0", "--device", "cpu",
-                     "--out", str(tmp_path), "--no-progress"])
+    code = cli_main(
+        [
+            "bench",
+            "--model",
+            "resnet18",
+            "--methods",
+            "saliency,fullgrad",
+            "--batch-sizes",
+            "1",
+            "--input-size",
+            "32",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
     assert code == 0 and (tmp_path / "bench.md").exists()
-    assert cli_main(["bench", "--model", "not_a_model", "--out", str(tmp_path), "--device", "cpu"]) == 2
+    assert (
+        cli_main(["bench", "--model", "not_a_model", "--out", str(tmp_path), "--device", "cpu"])
+        == 2
+    )
     err = capsys.readouterr().err
     assert "unknown model" in err and "Traceback" not in err
 
 
 def test_channels_last_runs_every_method_in_that_format():
     result = run_benchmark(
-        tiny_cnn(), "tiny", methods=["fullgrad", "fullgrad_traced", "gradcam"], batch_sizes=(2,), input_size=32,
-        repeats=1, warmup=1, channels_last=True,
+        tiny_cnn(),
+        "tiny",
+        methods=["fullgrad", "fullgrad_traced", "gradcam"],
+        batch_sizes=(2,),
+        input_size=32,
+        repeats=1,
+        warmup=1,
+        channels_last=True,
     )
     assert result.meta["channels_last"] is True
     assert "channels-last" in result.to_markdown()
-    assert {m.method for m in result.measurements if m.repeats} == {"saliency", "fullgrad", "fullgrad_traced", "gradcam"}
+    assert {m.method for m in result.measurements if m.repeats} == {
+        "saliency",
+        "fullgrad",
+        "fullgrad_traced",
+        "gradcam",
+    }

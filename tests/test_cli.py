@@ -271,7 +271,9 @@ def test_bad_input(case, capsys, bad_files, tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
 def test_cuda_requested_without_cuda(capsys, image_dir, tmp_path):
     assert_bad_input(
-        capsys, *decompose_argv(image_dir / "a.png", tmp_path / "x.png", "--device", "cuda"), match="CUDA is not available"
+        capsys,
+        *decompose_argv(image_dir / "a.png", tmp_path / "x.png", "--device", "cuda"),
+        match="CUDA is not available",
     )
     assert files_in(tmp_path) == []
 

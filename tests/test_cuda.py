@@ -13,7 +13,9 @@ from .conftest import build_zoo_model, vgg_features_small_head
 pytestmark = pytest.mark.cuda
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny", "densenet121"])
+@pytest.mark.parametrize(
+    "name", ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny", "densenet121"]
+)
 def test_completeness_float64_on_cuda(name):
     model = build_zoo_model(name).cuda()
     x = torch.rand(2, 3, 64, 64, dtype=torch.float64, device="cuda")
@@ -50,9 +52,14 @@ def test_noise_tunnel_and_state_on_cuda():
     model = build_zoo_model("resnet18", dtype=torch.float32).cuda()
     x = torch.rand(2, 3, 64, 64, device="cuda")
     hooks_before = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-    smooth = NoiseTunnel(FullGradient(model)).attribute(x, target=1, nt_type="smoothgrad", nt_samples=4, stdevs=0.05)
+    smooth = NoiseTunnel(FullGradient(model)).attribute(
+        x, target=1, nt_type="smoothgrad", nt_samples=4, stdevs=0.05
+    )
     assert smooth.shape == x.shape and smooth.device.type == "cuda"
-    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == hooks_before
+    assert (
+        sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+        == hooks_before
+    )
     assert all(p.grad is None for p in model.parameters())
 
 
@@ -79,7 +86,9 @@ def test_replayed_activation_norm_and_product_steps_on_cuda(name):
     excitation products and LayerNorm2d: the replay equals the trace on the GPU too."""
     model = build_zoo_model(name).cuda()
     x = torch.rand(2, 3, 64, 64, dtype=torch.float64, device="cuda")
-    traced, traced_delta = FullGradient(model, reuse_capture=False).attribute(x, target=1, return_convergence_delta=True)
+    traced, traced_delta = FullGradient(model, reuse_capture=False).attribute(
+        x, target=1, return_convergence_delta=True
+    )
     FullGradient(model).attribute(x, target=1)
     replayed, delta = FullGradient(model).attribute(x, target=1, return_convergence_delta=True)
     torch.testing.assert_close(replayed, traced, rtol=1e-10, atol=1e-12)

@@ -27,9 +27,13 @@ def assert_split_per_example(model, x, batched, targets=None) -> None:
     """Each example of a batch gets the gap and bias terms it gets alone."""
     for i in range(x.shape[0]):
         single = full_jacobian(model, x[i : i + 1], target=None if targets is None else targets[i])
-        torch.testing.assert_close(single.completeness_delta, batched.completeness_delta[i : i + 1], rtol=0, atol=1e-12)
+        torch.testing.assert_close(
+            single.completeness_delta, batched.completeness_delta[i : i + 1], rtol=0, atol=1e-12
+        )
         for name, term in single.bias_terms.items():
-            torch.testing.assert_close(term, batched.bias_terms[name][i : i + 1], rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(
+                term, batched.bias_terms[name][i : i + 1], rtol=1e-9, atol=1e-12
+            )
 
 
 def bias_share(fj) -> torch.Tensor:
@@ -41,7 +45,9 @@ def bias_share(fj) -> torch.Tensor:
 def test_completeness_on_torchvision_zoo(name):
     model = build_zoo_model(name)
     size = ZOO_INPUT_SIZE.get(name, 48)
-    x = torch.rand(2, 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x = torch.rand(
+        2, 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+    )
     with torch.no_grad():
         logits = model(x)
     target = logits.abs().argmax(1)  # non-negligible outputs
@@ -67,7 +73,11 @@ def test_bias_jacobians_match_autograd_on_a_plain_network():
     """Names, shapes and values of f^b = df/dy * b against an independent autograd computation."""
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 6 * 6, 3),
     ).double()
     randomize_parameters_(model, 3)
     model.eval()
@@ -83,7 +93,8 @@ def test_bias_jacobians_match_autograd_on_a_plain_network():
     expected = {
         "0": g1 * conv.bias.view(1, -1, 1, 1),
         "1": g2 * effective.view(1, -1, 1, 1),
-        "4": torch.zeros(2, 3, dtype=torch.float64).index_fill_(1, torch.tensor([2]), 1.0) * linear.bias,
+        "4": torch.zeros(2, 3, dtype=torch.float64).index_fill_(1, torch.tensor([2]), 1.0)
+        * linear.bias,
     }
     assert list(fj.bias_jacobians) == ["0", "1", "4"]
     for name, value in expected.items():
@@ -135,8 +146,21 @@ def test_completeness_on_every_construct():
     # A module run twice gets a call index; operations written in the root's forward are
     # named by their op (in a submodule's forward: "module:op").
     assert names == [
-        "stem", "shared#0", "bn", "silu", "shared#1", "add", "fc1", "fc2", "sigmoid", "mul", "tanh",
-        "linear", "tied", "gelu", "head",
+        "stem",
+        "shared#0",
+        "bn",
+        "silu",
+        "shared#1",
+        "add",
+        "fc1",
+        "fc2",
+        "sigmoid",
+        "mul",
+        "tanh",
+        "linear",
+        "tied",
+        "gelu",
+        "head",
     ]
     assert fj.blocks["shared#0"] == ("shared#0", "bn")
 
@@ -148,8 +172,15 @@ def test_in_place_activation_modules_give_the_same_decomposition():
     def make(inplace: bool) -> nn.Module:
         torch.manual_seed(0)
         model = nn.Sequential(
-            nn.Conv2d(3, 6, 3), nn.ReLU(inplace=inplace), nn.Conv2d(6, 6, 3), nn.Hardswish(inplace=inplace),
-            nn.Conv2d(6, 4, 1), nn.ReLU6(inplace=inplace), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2),
+            nn.Conv2d(3, 6, 3),
+            nn.ReLU(inplace=inplace),
+            nn.Conv2d(6, 6, 3),
+            nn.Hardswish(inplace=inplace),
+            nn.Conv2d(6, 4, 1),
+            nn.ReLU6(inplace=inplace),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(4, 2),
         ).double()
         return randomize_parameters_(model, 0).eval()
 
@@ -202,7 +233,9 @@ def test_missing_intercept_shows_in_the_delta():
 
 
 def test_model_without_bias_sources_reduces_to_input_times_gradient():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 2, bias=False))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 2, bias=False)
+    )
     model = model.double().eval()
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     fj = full_jacobian(model, x, target=0)
@@ -229,14 +262,21 @@ def test_batched_equals_per_example():
         single = full_jacobian(model, x[i : i + 1], target=t)
         torch.testing.assert_close(single.input_jacobian, batched.input_jacobian[i : i + 1])
         for name in single.bias_jacobians:
-            torch.testing.assert_close(single.bias_jacobians[name], batched.bias_jacobians[name][i : i + 1])
+            torch.testing.assert_close(
+                single.bias_jacobians[name], batched.bias_jacobians[name][i : i + 1]
+            )
 
 
 def _tiny_swin() -> nn.Module:
     from torchvision.models.swin_transformer import SwinTransformer
 
     model = SwinTransformer(
-        patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=[4, 4], num_classes=5
+        patch_size=[4, 4],
+        embed_dim=16,
+        depths=[2, 2],
+        num_heads=[2, 2],
+        window_size=[4, 4],
+        num_classes=5,
     )
     return randomize_parameters_(model, 0).double().eval()
 
@@ -247,7 +287,9 @@ def test_windowed_attention_is_complete_per_example(batch):
     ``q, k, v = qkv[0], qkv[1], qkv[2]``: every term must still be split per example (a
     single example once had its terms summed per window, several had them dropped)."""
     model = _tiny_swin()
-    x = torch.rand(batch, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x = torch.rand(
+        batch, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+    )
     target = list(range(batch))
     fj = full_jacobian(model, x, target=target)
     assert not fj.failed_ops
@@ -303,8 +345,8 @@ class InPlaceOnView(nn.Module):
 
 IN_PLACE_ON_VIEWS = {
     "silu_module": lambda: nn.SiLU(inplace=True),
-    "elu": lambda: (lambda t: F.elu(t, inplace=True)),
-    "sigmoid_": lambda: (lambda t: t.sigmoid_()),
+    "elu": lambda: lambda t: F.elu(t, inplace=True),
+    "sigmoid_": lambda: lambda t: t.sigmoid_(),
     "relu6_module": lambda: nn.ReLU6(inplace=True),
 }
 
@@ -316,7 +358,9 @@ def test_in_place_activation_on_a_view_read_through_its_base(name, read_view, me
     """The gradient of the overwritten slice reaches the base's node, not the view's: the
     activation's term was lost (completeness gap 0.03-0.25) until the hook went on the base
     (laid out like the base, channels-last included)."""
-    model = randomize_parameters_(InPlaceOnView(IN_PLACE_ON_VIEWS[name](), read_view).double(), 0).eval()
+    model = randomize_parameters_(
+        InPlaceOnView(IN_PLACE_ON_VIEWS[name](), read_view).double(), 0
+    ).eval()
     model = model.to(memory_format=memory_format)
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 2
     x = x.contiguous(memory_format=memory_format)
@@ -358,7 +402,10 @@ def test_a_gate_times_activation_is_a_map_in_either_operand_order():
         return (gate * y if gate_first else y * gate).mean((1, 2, 3)) + both.mean((1, 2, 3))
 
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
-    maps = [FullGradient(model).attribute(x, additional_forward_args=(first,)) for first in (True, False)]
+    maps = [
+        FullGradient(model).attribute(x, additional_forward_args=(first,))
+        for first in (True, False)
+    ]
     torch.testing.assert_close(maps[0], maps[1], rtol=1e-12, atol=1e-14)
     sources = full_jacobian(model, x, additional_forward_args=(True,)).sources
     assert [s.spatial for s in sources.values() if s.op == "mul"] == [True, True]
@@ -378,14 +425,18 @@ def test_a_term_without_a_batch_axis_is_reported():
     with pytest.warns(RuntimeWarning, match="no batch axis"):
         _, delta = FullGradient(model).attribute(x, return_convergence_delta=True)
     assert delta[0].abs() > 1e-4
-    _, exact = FullGradient(model).attribute(x, return_convergence_delta=True, internal_batch_size=1)
+    _, exact = FullGradient(model).attribute(
+        x, return_convergence_delta=True, internal_batch_size=1
+    )
     assert exact.abs().max() < 1e-12
 
 
 @pytest.mark.parametrize("norm", [nn.InstanceNorm2d(4, affine=True), nn.GroupNorm(2, 4)])
 def test_norms_returning_views_survive_in_place_activations(norm):
     """instance_norm returns a view of an internal tensor; an in-place ReLU then rebases it."""
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), norm, nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), norm, nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(4 * 4 * 4, 2)
+    )
     model = randomize_parameters_(model.double(), 5).eval()
     fj = full_jacobian(model, torch.randn(2, 3, 6, 6, dtype=torch.float64), target=1)
     assert_complete(fj, rtol=1e-9)
@@ -430,7 +481,9 @@ def test_hooks_do_not_fire_again_in_a_later_backward_pass():
         def on_gradient(self, source, grad):
             calls.append(source.name)
 
-    model = randomize_parameters_(nn.Sequential(nn.Conv2d(3, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 4 * 4, 2)).double())
+    model = randomize_parameters_(
+        nn.Sequential(nn.Conv2d(3, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 4 * 4, 2)).double()
+    )
     model.eval()
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     run = forward_backward(model, x, lambda out: out[:, 0], (), Counting(), create_graph=True)

@@ -49,10 +49,13 @@ def reference_maps(model: nn.Module, x: torch.Tensor, target, neurips: bool = Fa
         if isinstance(module, nn.Conv2d):
             bias = module.bias
         else:
-            bias = module.bias - module.running_mean * module.weight / torch.sqrt(module.running_var + module.eps)
+            bias = module.bias - module.running_mean * module.weight / torch.sqrt(
+                module.running_var + module.eps
+            )
         per_layer.append((module, grad * bias.view(1, -1, 1, 1)))
     size = x.shape[2:]
     if neurips:
+
         def rescale(t):
             flat = t.flatten(1)
             flat = flat - flat.min(1, keepdim=True).values
@@ -67,13 +70,18 @@ def reference_maps(model: nn.Module, x: torch.Tensor, target, neurips: bool = Fa
     blocks, i = [], 0
     while i < len(per_layer):
         module, bj = per_layer[i]
-        if isinstance(module, nn.Conv2d) and i + 1 < len(per_layer) and isinstance(per_layer[i + 1][0], nn.BatchNorm2d):
+        if (
+            isinstance(module, nn.Conv2d)
+            and i + 1 < len(per_layer)
+            and isinstance(per_layer[i + 1][0], nn.BatchNorm2d)
+        ):
             bj = bj + per_layer[i + 1][1]
             i += 1
         blocks.append(bj.sum(1))
         i += 1
     bias_map = sum(
-        F.interpolate(b.abs().unsqueeze(1), size=size, mode="bilinear", align_corners=False)[:, 0] for b in blocks
+        F.interpolate(b.abs().unsqueeze(1), size=size, mode="bilinear", align_corners=False)[:, 0]
+        for b in blocks
     )
     return (input_grad * x).abs().sum(1).detach(), bias_map.detach()
 
@@ -90,12 +98,16 @@ def images():
 
 
 def test_eq4_matches_reference(vgg, images):
-    attributions, delta = FullGradient(vgg).attribute(images, target=[3, 5], return_convergence_delta=True)
+    attributions, delta = FullGradient(vgg).attribute(
+        images, target=[3, 5], return_convergence_delta=True
+    )
     input_map, bias_map = reference_maps(vgg, images, [3, 5])
     assert attributions.shape == images.shape
     torch.testing.assert_close(attributions.sum(1), input_map + bias_map)
     # The bias part is spread evenly over the input channels.
-    spread = attributions - (FullGradient(vgg).attribute(images, target=[3, 5], include_input_gradient=False))
+    spread = attributions - (
+        FullGradient(vgg).attribute(images, target=[3, 5], include_input_gradient=False)
+    )
     torch.testing.assert_close(spread.sum(1), input_map)
     assert delta.shape == (2,) and delta.abs().max() < 1e-10
     assert bias_map.abs().max() > 0.05 * input_map.abs().max()  # the bias part is not negligible
@@ -107,11 +119,15 @@ def test_channels_last_memory_format_gives_the_same_maps(images):
     import copy
 
     model = vgg_features_small_head()
-    reference, reference_delta = FullGradient(model).attribute(images, target=[3, 5], return_convergence_delta=True)
+    reference, reference_delta = FullGradient(model).attribute(
+        images, target=[3, 5], return_convergence_delta=True
+    )
     channels_last = copy.deepcopy(model).to(memory_format=torch.channels_last)
     x = images.contiguous(memory_format=torch.channels_last)
     for _ in range(2):  # the trace, then the replay
-        attributions, delta = FullGradient(channels_last).attribute(x, target=[3, 5], return_convergence_delta=True)
+        attributions, delta = FullGradient(channels_last).attribute(
+            x, target=[3, 5], return_convergence_delta=True
+        )
         torch.testing.assert_close(attributions, reference)
         torch.testing.assert_close(delta, reference_delta, rtol=0, atol=1e-10)
 
@@ -119,7 +135,9 @@ def test_channels_last_memory_format_gives_the_same_maps(images):
 def test_single_channel_and_bias_only(vgg, images):
     fullgrad = FullGradient(vgg)
     single = fullgrad.attribute(images, target=2, single_channel=True)
-    bias_only = fullgrad.attribute(images, target=2, single_channel=True, include_input_gradient=False)
+    bias_only = fullgrad.attribute(
+        images, target=2, single_channel=True, include_input_gradient=False
+    )
     input_map, bias_map = reference_maps(vgg, images, 2)
     assert single.shape == (2, 1, 48, 64)
     torch.testing.assert_close(single[:, 0], input_map + bias_map)
@@ -127,7 +145,9 @@ def test_single_channel_and_bias_only(vgg, images):
 
 
 def test_neurips2019_postprocessing_matches_the_authors_recipe(vgg, images):
-    single = FullGradient(vgg).attribute(images, target=4, single_channel=True, postprocess="neurips2019")
+    single = FullGradient(vgg).attribute(
+        images, target=4, single_channel=True, postprocess="neurips2019"
+    )
     input_map, bias_map = reference_maps(vgg, images, 4, neurips=True)
     torch.testing.assert_close(single[:, 0], input_map + bias_map)
 
@@ -136,13 +156,22 @@ def test_layer_choice_and_interpolation(vgg, images):
     fj = full_jacobian(vgg, images, target=1)
     block = fj.spatial_maps()["features.4"]
     chosen = FullGradient(vgg, layers=["features.4"]).attribute(
-        images, target=1, single_channel=True, include_input_gradient=False, interpolate_mode="nearest"
+        images,
+        target=1,
+        single_channel=True,
+        include_input_gradient=False,
+        interpolate_mode="nearest",
     )
     expected = F.interpolate(block.abs().unsqueeze(1), size=images.shape[2:], mode="nearest")
     torch.testing.assert_close(chosen, expected)
     # A module chosen by object, and an ancestor that contains every block.
-    by_module = FullGradient(vgg, layers=[vgg.features[4]]).attribute(images, target=1, include_input_gradient=False)
-    torch.testing.assert_close(by_module.sum(1, keepdim=True), F.interpolate(block.abs().unsqueeze(1), size=images.shape[2:], mode="bilinear"))
+    by_module = FullGradient(vgg, layers=[vgg.features[4]]).attribute(
+        images, target=1, include_input_gradient=False
+    )
+    torch.testing.assert_close(
+        by_module.sum(1, keepdim=True),
+        F.interpolate(block.abs().unsqueeze(1), size=images.shape[2:], mode="bilinear"),
+    )
     everything = FullGradient(vgg, layers=["features"]).attribute(images, target=1)
     torch.testing.assert_close(everything, FullGradient(vgg).attribute(images, target=1))
     with pytest.raises(ValueError, match="not a module"):
@@ -181,7 +210,9 @@ def test_channels_last_layers_land_at_the_right_place():
     (grad,) = torch.autograd.grad(out.sum(), z)
     expected = (grad * model.pointwise.bias).sum(-1)  # (B, H, W): H=5 rows, W=7 columns
     torch.testing.assert_close(fj.spatial_maps()["pointwise"], expected.detach())
-    chosen = FullGradient(model, layers=["pointwise"]).attribute(x, target=1, single_channel=True, include_input_gradient=False)
+    chosen = FullGradient(model, layers=["pointwise"]).attribute(
+        x, target=1, single_channel=True, include_input_gradient=False
+    )
     torch.testing.assert_close(chosen[:, 0], expected.abs().detach())  # same size: no resize
     assert {"norm", "gelu"} <= set(fj.sources) and fj.sources["norm"].spatial
 
@@ -200,8 +231,12 @@ def test_batched_equals_per_example_and_internal_batches(vgg, images):
     fullgrad = FullGradient(vgg)
     batched, delta = fullgrad.attribute(images, target=[1, 6], return_convergence_delta=True)
     for i, t in enumerate([1, 6]):
-        torch.testing.assert_close(fullgrad.attribute(images[i : i + 1], target=t), batched[i : i + 1])
-    chunked, chunked_delta = fullgrad.attribute(images, target=[1, 6], internal_batch_size=1, return_convergence_delta=True)
+        torch.testing.assert_close(
+            fullgrad.attribute(images[i : i + 1], target=t), batched[i : i + 1]
+        )
+    chunked, chunked_delta = fullgrad.attribute(
+        images, target=[1, 6], internal_batch_size=1, return_convergence_delta=True
+    )
     torch.testing.assert_close(chunked, batched)
     torch.testing.assert_close(chunked_delta, delta, atol=1e-12, rtol=0)
 
@@ -229,7 +264,9 @@ def test_target_formats_tuple_input_and_additional_args(vgg, images):
         images, target=2, additional_forward_args=(scale, 0.5), return_convergence_delta=True
     )
     assert delta.abs().max() < 1e-10
-    chunked = FullGradient(scaled).attribute(images, target=2, additional_forward_args=(scale, 0.5), internal_batch_size=1)
+    chunked = FullGradient(scaled).attribute(
+        images, target=2, additional_forward_args=(scale, 0.5), internal_batch_size=1
+    )
     torch.testing.assert_close(chunked, attr)
 
 
@@ -254,7 +291,12 @@ def test_noise_tunnel_smoothfullgrad(vgg, images):
     fullgrad = FullGradient(vgg)
     tunnel = NoiseTunnel(fullgrad)
     smooth, delta = tunnel.attribute(
-        images, target=3, nt_type="smoothgrad", nt_samples=3, stdevs=0.0, return_convergence_delta=True
+        images,
+        target=3,
+        nt_type="smoothgrad",
+        nt_samples=3,
+        stdevs=0.0,
+        return_convergence_delta=True,
     )
     torch.testing.assert_close(smooth, fullgrad.attribute(images, target=3))
     assert delta.shape == (6,) and delta.abs().max() < 1e-10
@@ -289,19 +331,25 @@ def test_autocast_bfloat16_reports_its_gap():
     model = build_zoo_model("vgg11_bn", dtype=torch.float32)
     x = torch.rand(2, 3, 48, 48)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        attributions, delta = FullGradient(model).attribute(x, target=1, return_convergence_delta=True)
+        attributions, delta = FullGradient(model).attribute(
+            x, target=1, return_convergence_delta=True
+        )
     exact, exact_delta = FullGradient(model).attribute(x, target=1, return_convergence_delta=True)
     assert attributions.shape == x.shape and torch.isfinite(attributions).all()
     with torch.no_grad():
         output = model(x)[:, 1].abs()
     assert (exact_delta.abs() / output).max() < 1e-4
     assert (delta.abs() / output).max() < 0.5  # bf16 rounding, reported, not hidden
-    correlation = torch.corrcoef(torch.stack([attributions.flatten().float(), exact.flatten()]))[0, 1]
+    correlation = torch.corrcoef(torch.stack([attributions.flatten().float(), exact.flatten()]))[
+        0, 1
+    ]
     assert correlation > 0.9
 
 
 def test_model_without_bias_sources_gives_input_times_gradient():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 2, bias=False))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 2, bias=False)
+    )
     model = model.double().eval()
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     attributions, delta = FullGradient(model).attribute(x, target=1, return_convergence_delta=True)
@@ -312,12 +360,21 @@ def test_model_without_bias_sources_gives_input_times_gradient():
 
 
 def test_one_and_three_dimensional_inputs():
-    signal = nn.Sequential(nn.Conv1d(2, 4, 3), nn.BatchNorm1d(4), nn.SiLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(4, 3))
+    signal = nn.Sequential(
+        nn.Conv1d(2, 4, 3),
+        nn.BatchNorm1d(4),
+        nn.SiLU(),
+        nn.AdaptiveAvgPool1d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    )
     signal = randomize_parameters_(signal.double()).eval()
     x = torch.randn(2, 2, 20, dtype=torch.float64)
     attr, delta = FullGradient(signal).attribute(x, target=0, return_convergence_delta=True)
     assert attr.shape == x.shape and delta.abs().max() < 1e-10
-    volume = nn.Sequential(nn.Conv3d(1, 2, 3), nn.ReLU(), nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(2, 2))
+    volume = nn.Sequential(
+        nn.Conv3d(1, 2, 3), nn.ReLU(), nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(2, 2)
+    )
     volume = randomize_parameters_(volume.double()).eval()
     v = torch.randn(1, 1, 6, 7, 8, dtype=torch.float64)
     attr, delta = FullGradient(volume).attribute(v, target=1, return_convergence_delta=True)
@@ -352,8 +409,12 @@ def test_conv_bn_folding_respects_other_readers(reuse_before):
     while nothing else reads the convolution's output."""
     model = randomize_parameters_(ConvOutputReused(reuse_before).double(), 4).eval()
     x = torch.rand(2, 3, 6, 7, dtype=torch.float64)
-    attributions, delta = FullGradient(model).attribute(x, target=2, single_channel=True, return_convergence_delta=True)
+    attributions, delta = FullGradient(model).attribute(
+        x, target=2, single_channel=True, return_convergence_delta=True
+    )
     assert delta.abs().max() < 1e-10
     fj = full_jacobian(model, x, target=2)
-    expected = (fj.input_jacobian * x).abs().sum(1) + sum(m.abs() for m in fj.spatial_maps().values())
+    expected = (fj.input_jacobian * x).abs().sum(1) + sum(
+        m.abs() for m in fj.spatial_maps().values()
+    )
     torch.testing.assert_close(attributions[:, 0], expected)

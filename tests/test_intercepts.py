@@ -73,7 +73,9 @@ def _randomised(module: nn.Module) -> nn.Module:
 
 def _check(g, a):
     fj = full_jacobian(lambda t: g(t).flatten(1).sum(1), a)
-    engine = sum(fj.bias_terms.values()) if fj.bias_terms else torch.zeros(a.shape[0], dtype=a.dtype)
+    engine = (
+        sum(fj.bias_terms.values()) if fj.bias_terms else torch.zeros(a.shape[0], dtype=a.dtype)
+    )
     expected = finite_difference_intercept(g, a)
     torch.testing.assert_close(engine, expected, rtol=1e-6, atol=1e-7)
     assert fj.completeness_delta.abs().max() < 1e-9
@@ -117,7 +119,10 @@ def test_batch_norm_on_batch_statistics_has_a_differentiable_closed_form(affine)
     assert abs(float(fj.completeness_delta.sum())) < 1e-9
     if affine:
         fj = full_jacobian(
-            lambda t: F.relu(module(t), inplace=True).flatten(1).sum(1), a, create_graph=True, allow_training_mode=True
+            lambda t: F.relu(module(t), inplace=True).flatten(1).sum(1),
+            a,
+            create_graph=True,
+            allow_training_mode=True,
         )
         total = sum(t.sum() for t in fj.bias_terms.values())
         grads = torch.autograd.grad(total, [module.weight, module.bias])
@@ -129,7 +134,9 @@ def test_homogeneous_operations_add_nothing(name):
     a = torch.randn(2, 4, 6, 6, dtype=torch.float64)
     fj = full_jacobian(lambda t: ZERO[name](t).flatten(1).sum(1), a)
     assert len(fj.bias_jacobians) == 0
-    torch.testing.assert_close(finite_difference_intercept(ZERO[name], a), torch.zeros(2, dtype=a.dtype), atol=1e-7, rtol=0)
+    torch.testing.assert_close(
+        finite_difference_intercept(ZERO[name], a), torch.zeros(2, dtype=a.dtype), atol=1e-7, rtol=0
+    )
 
 
 def test_explicit_biases_of_every_layer_type():
@@ -220,7 +227,9 @@ def test_activation_closed_forms_equal_forward_mode_ad(name, inplace):
     fj = full_jacobian(lambda t: g(t).flatten(1).sum(1), a)
     (intercept,) = fj.bias_jacobians.values()  # df/dy = 1: the bias-Jacobian is c itself
     with torch.no_grad():
-        value, along_itself = torch.func.jvp(lambda t: CLOSED_FORM[name](t.clone(), False), (a,), (a,))
+        value, along_itself = torch.func.jvp(
+            lambda t: CLOSED_FORM[name](t.clone(), False), (a,), (a,)
+        )
     torch.testing.assert_close(intercept, value - along_itself, rtol=1e-12, atol=1e-12)
     assert fj.completeness_delta.abs().max() < 1e-10
 
@@ -261,12 +270,22 @@ def test_normalisation_closed_forms_equal_forward_mode_ad(name):
 
 def _torch_norm_calls():
     generator = torch.Generator().manual_seed(2)
-    weight, bias = torch.rand(4, dtype=torch.float64, generator=generator) + 0.5, torch.randn(4, dtype=torch.float64, generator=generator)
-    mean, var = torch.randn(4, dtype=torch.float64, generator=generator), torch.rand(4, dtype=torch.float64, generator=generator) + 0.5
+    weight, bias = (
+        torch.rand(4, dtype=torch.float64, generator=generator) + 0.5,
+        torch.randn(4, dtype=torch.float64, generator=generator),
+    )
+    mean, var = (
+        torch.randn(4, dtype=torch.float64, generator=generator),
+        torch.rand(4, dtype=torch.float64, generator=generator) + 0.5,
+    )
     return {
         # torch.* take the affine terms before the running statistics, F.* after them.
-        "torch.batch_norm_eval": lambda t: torch.batch_norm(t, weight, bias, mean, var, False, 0.1, 0.2, False),
-        "torch.instance_norm": lambda t: torch.instance_norm(t, weight, bias, None, None, True, 0.1, 0.2, False),
+        "torch.batch_norm_eval": lambda t: torch.batch_norm(
+            t, weight, bias, mean, var, False, 0.1, 0.2, False
+        ),
+        "torch.instance_norm": lambda t: torch.instance_norm(
+            t, weight, bias, None, None, True, 0.1, 0.2, False
+        ),
         "torch.layer_norm": lambda t: torch.layer_norm(t, [5, 5], None, None, 0.2, False),
         "torch.group_norm": lambda t: torch.group_norm(t, 2, weight, bias, 0.2, False),
         "elu_with_scales": lambda t: torch._C._nn.elu(t, 0.7, 1.3, 0.8),

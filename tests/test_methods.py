@@ -11,7 +11,6 @@ from captum.attr import (
     IntegratedGradients,
     LayerAttribution,
     LayerGradCam,
-    NoiseTunnel,
     Saliency,
 )
 from torch import nn
@@ -121,18 +120,22 @@ def test_integrated_gradients_splits_batches_larger_than_its_internal_batch(mode
     import warnings
 
     targets = list(range(inputs.shape[0]))
-    whole = get_method("integrated_gradients", n_steps=4, internal_batch_size=None)(model, inputs, targets)
+    whole = get_method("integrated_gradients", n_steps=4, internal_batch_size=None)(
+        model, inputs, targets
+    )
     per_image_baseline = torch.full_like(inputs, -0.25)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        split = get_method("integrated_gradients", n_steps=4, internal_batch_size=1)(model, inputs, targets)
-        split_baseline = get_method("integrated_gradients", n_steps=4, internal_batch_size=1, baseline=per_image_baseline)(
+        split = get_method("integrated_gradients", n_steps=4, internal_batch_size=1)(
             model, inputs, targets
         )
+        split_baseline = get_method(
+            "integrated_gradients", n_steps=4, internal_batch_size=1, baseline=per_image_baseline
+        )(model, inputs, targets)
     close(split, whole)
-    expected = get_method("integrated_gradients", n_steps=4, internal_batch_size=None, baseline=per_image_baseline)(
-        model, inputs, targets
-    )
+    expected = get_method(
+        "integrated_gradients", n_steps=4, internal_batch_size=None, baseline=per_image_baseline
+    )(model, inputs, targets)
     close(split_baseline, expected)
 
 
@@ -173,7 +176,9 @@ def _noise_tunnel_by_hand(attribution, inputs, samples, noise, seed, **kwargs):
     time; std = noise * (max - min) of each example."""
     draws = smoothing_noise(inputs, samples, noise, seed)
     ranges = inputs.flatten(1).amax(1) - inputs.flatten(1).amin(1)
-    assert torch.allclose(draws.flatten(2).std(2).mean(0) / (noise * ranges), torch.ones(len(ranges)), atol=0.35)
+    assert torch.allclose(
+        draws.flatten(2).std(2).mean(0) / (noise * ranges), torch.ones(len(ranges)), atol=0.35
+    )
     total = 0
     for k in range(samples):
         noisy = (inputs + draws[k]).clone().requires_grad_()
@@ -234,7 +239,9 @@ def test_smoothfullgrad_is_noise_tunnel_over_full_gradient(model, inputs):
     )
     close(get_method("smoothfullgrad", nt_samples=2)(model, inputs, TARGET), expected)
     # Chunks of samples give the same mean; batched equals per-example.
-    chunked = get_method("smoothfullgrad", nt_samples=2, nt_samples_batch_size=1)(model, inputs, TARGET)
+    chunked = get_method("smoothfullgrad", nt_samples=2, nt_samples_batch_size=1)(
+        model, inputs, TARGET
+    )
     close(chunked, expected)
 
 

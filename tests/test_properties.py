@@ -33,7 +33,9 @@ class Block(nn.Module):
     def __init__(self, channels: int, spec: dict) -> None:
         super().__init__()
         out = spec["width"]
-        self.conv = nn.Conv2d(channels, out, spec["kernel"], padding=spec["kernel"] // 2, bias=spec["bias"])
+        self.conv = nn.Conv2d(
+            channels, out, spec["kernel"], padding=spec["kernel"] // 2, bias=spec["bias"]
+        )
         norm = spec["norm"]
         self.norm = {
             "none": nn.Identity(),
@@ -118,7 +120,11 @@ def random_networks(draw, spec):
 def test_completeness_holds_for_random_networks(case):
     model, x, target = case
     fj = full_jacobian(model, x, target=target)
-    scale = fj.output.abs() + fj.input_term.abs() + sum((t.abs() for t in fj.bias_terms.values()), torch.zeros_like(fj.output))
+    scale = (
+        fj.output.abs()
+        + fj.input_term.abs()
+        + sum((t.abs() for t in fj.bias_terms.values()), torch.zeros_like(fj.output))
+    )
     assert not fj.failed_ops
     assert (fj.completeness_delta.abs() <= 1e-9 * scale + 1e-12).all()
     # The attribution's delta is the same gap, computed from the reduced maps.
@@ -126,7 +132,9 @@ def test_completeness_holds_for_random_networks(case):
     assert (delta.abs() <= 1e-9 * scale + 1e-12).all()
     # A second call replays the first one's plan where the network has one (bias sources
     # only in Conv/Linear/BatchNorm or activation modules): the same map and gap.
-    again, delta_again = FullGradient(model).attribute(x, target=target, return_convergence_delta=True)
+    again, delta_again = FullGradient(model).attribute(
+        x, target=target, return_convergence_delta=True
+    )
     torch.testing.assert_close(again, first, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(delta_again, delta, rtol=0, atol=1e-9 * float(scale.max()) + 1e-12)
 
@@ -145,7 +153,9 @@ def test_replay_equals_the_trace_for_random_networks(case):
     from captum_fullgrad.replay import plans_for
 
     model, x, target = case
-    traced, traced_delta = FullGradient(model, reuse_capture=False).attribute(x, target=target, return_convergence_delta=True)
+    traced, traced_delta = FullGradient(model, reuse_capture=False).attribute(
+        x, target=target, return_convergence_delta=True
+    )
     FullGradient(model).attribute(x * 2, target=target)  # records the plan
     assert len(plans_for(model)) == 1
     replayed, delta = FullGradient(model).attribute(x, target=target, return_convergence_delta=True)

@@ -62,7 +62,9 @@ def _attribute(fullgrad: FullGradient, x: torch.Tensor, target=3, **kwargs):
 def test_replay_equals_the_trace_on_the_zoo(name, recorders):
     model = build_zoo_model(name)
     size = ZOO_INPUT_SIZE.get(name, 48)
-    x = torch.randn(2, 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(
+        2, 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+    )
     target = model(x).argmax(1)  # a live output (SqueezeNet's last ReLU zeroes others)
     fullgrad = FullGradient(model)
     first, first_delta = _attribute(fullgrad, x, target)
@@ -150,7 +152,11 @@ def test_a_forward_that_leaves_the_plan_is_traced_again(recorders):
     assert recorders.kinds[3:] == ["Capture", "Capture"]
     # Two mismatches for the same call signature: traced from then on.
     assert len(fullgrad._plans) == 0
-    assert not model._forward_hooks and not model.conv._forward_hooks and not model.extra._forward_hooks
+    assert (
+        not model._forward_hooks
+        and not model.conv._forward_hooks
+        and not model.extra._forward_hooks
+    )
 
 
 class ValueDependent(nn.Module):
@@ -197,8 +203,12 @@ def test_internal_batches_and_noise_tunnel_reuse_their_plan(recorders):
     torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-12)
     assert recorders.kinds == ["Capture", "Replay", "Capture", "Capture"]
     recorders.kinds.clear()
-    NoiseTunnel(fullgrad).attribute(x[:2], target=1, nt_type="smoothgrad", nt_samples=4, nt_samples_batch_size=4)
-    NoiseTunnel(fullgrad).attribute(x[2:4], target=1, nt_type="smoothgrad", nt_samples=4, nt_samples_batch_size=4)
+    NoiseTunnel(fullgrad).attribute(
+        x[:2], target=1, nt_type="smoothgrad", nt_samples=4, nt_samples_batch_size=4
+    )
+    NoiseTunnel(fullgrad).attribute(
+        x[2:4], target=1, nt_type="smoothgrad", nt_samples=4, nt_samples_batch_size=4
+    )
     assert "Replay" in recorders.kinds
 
 
@@ -257,7 +267,9 @@ def test_activation_modules_replay_exactly(recorders):
 def test_in_place_activations_read_their_input_before_the_call(recorders):
     """An in-place SiLU overwrites its input before a forward hook runs: the replay takes
     g'(a) a in a pre-hook instead."""
-    model = _activation_network([nn.SiLU(inplace=True), nn.Hardswish(inplace=True), nn.Mish(inplace=True)])
+    model = _activation_network(
+        [nn.SiLU(inplace=True), nn.Hardswish(inplace=True), nn.Mish(inplace=True)]
+    )
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64) * 3
     _replay_matches_trace(model, x, lambda: None, target=0)
     assert recorders.kinds == REPLAYED
@@ -311,7 +323,12 @@ def test_normalisation_modules_replay_exactly(recorders):
         def forward(self, x):
             return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
-    norms = [LayerNorm2d(4, eps=0.1), nn.GroupNorm(2, 4, eps=0.1), Tokens(), nn.InstanceNorm2d(4, eps=0.1, affine=True)]
+    norms = [
+        LayerNorm2d(4, eps=0.1),
+        nn.GroupNorm(2, 4, eps=0.1),
+        Tokens(),
+        nn.InstanceNorm2d(4, eps=0.1, affine=True),
+    ]
     if hasattr(nn, "RMSNorm"):
         norms.append(nn.RMSNorm([4, 8, 8], eps=0.1))
     model = _activation_network(norms)
@@ -319,7 +336,9 @@ def test_normalisation_modules_replay_exactly(recorders):
     _replay_matches_trace(model, x, lambda: None)
     assert recorders.kinds == REPLAYED
     recorders.kinds.clear()
-    _replay_matches_trace(model, x, lambda: setattr(model[3], "eps", 0.5))  # a changed eps leaves the plan
+    _replay_matches_trace(
+        model, x, lambda: setattr(model[3], "eps", 0.5)
+    )  # a changed eps leaves the plan
     assert recorders.kinds == ["Replay", "Replay", "Capture", "Capture"]
 
 
@@ -424,7 +443,9 @@ def test_plans_are_shared_per_model_and_do_not_keep_it_alive(recorders):
     model = build_zoo_model("resnet18")
     x = torch.randn(1, 3, 48, 48, dtype=torch.float64)
     _attribute(FullGradient(model), x)
-    _attribute(FullGradient(model), x)  # a new attribution object per batch, as Captum code often does
+    _attribute(
+        FullGradient(model), x
+    )  # a new attribution object per batch, as Captum code often does
     assert recorders.kinds == ["Capture", "Replay"]
     alive = weakref.ref(model)
     del model
@@ -443,6 +464,7 @@ def test_parameters_swapped_through_data_are_not_served_from_a_stale_cache():
         model.features[0].bias.data = model.features[0].bias.data * 2
 
     _replay_matches_trace(model, torch.randn(1, 3, 48, 48, dtype=torch.float64), swap, target=3)
+
 
 def _replay_matches_trace(model, x, change, target=1):
     """Record a plan, apply ``change`` to the model, and compare a replay with a trace."""
@@ -487,12 +509,20 @@ def test_a_user_hook_or_a_new_bias_after_the_trace_is_not_missed():
     model = vgg_like()
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
     handles = []
-    _replay_matches_trace(model, x, lambda: handles.append(model[3].register_forward_hook(lambda m, i, o: o + 1.0)))
-    handles.pop().remove()
-    _replay_matches_trace(model, x, lambda: handles.append(model[4].register_forward_pre_hook(lambda m, a: (a[0] * 2 + 0.5,))))
+    _replay_matches_trace(
+        model, x, lambda: handles.append(model[3].register_forward_hook(lambda m, i, o: o + 1.0))
+    )
     handles.pop().remove()
     _replay_matches_trace(
-        model, x, lambda: handles.append(nn.modules.module.register_module_forward_hook(lambda m, i, o: o))
+        model,
+        x,
+        lambda: handles.append(model[4].register_forward_pre_hook(lambda m, a: (a[0] * 2 + 0.5,))),
+    )
+    handles.pop().remove()
+    _replay_matches_trace(
+        model,
+        x,
+        lambda: handles.append(nn.modules.module.register_module_forward_hook(lambda m, i, o: o)),
     )
     handles.pop().remove()
 
@@ -504,8 +534,13 @@ def test_a_user_hook_or_a_new_bias_after_the_trace_is_not_missed():
 
 def vgg_like() -> nn.Module:
     model = nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
-        nn.Conv2d(4, 5, 3, padding=1, bias=False), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(5 * 8 * 8, 3),
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(4, 5, 3, padding=1, bias=False),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(5 * 8 * 8, 3),
     )
     return randomize_parameters_(model.double(), 0).eval()

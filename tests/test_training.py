@@ -37,10 +37,16 @@ def vgg(widths=(4, 6), convs_per_block=1, num_classes=3, seed=0, dtype=torch.flo
     layers, channels = [], 3
     for width in widths:
         for _ in range(convs_per_block):
-            layers += [nn.Conv2d(channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=inplace)]
+            layers += [
+                nn.Conv2d(channels, width, 3, padding=1),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=inplace),
+            ]
             channels = width
         layers.append(nn.MaxPool2d(2))
-    model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes))
+    model = nn.Sequential(
+        *layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes)
+    )
     torch.manual_seed(seed)
     for module in model.modules():
         if hasattr(module, "reset_parameters"):
@@ -84,7 +90,9 @@ def test_penalty_equals_block_bias_jacobian_norm_from_engine():
     torch.testing.assert_close(explicit, expected)
     # A single source by name, and two layers add up.
     bn_only = bias_jacobian_penalty(model, x, y, layers=last.sources[1])
-    torch.testing.assert_close(bn_only, fj.bias_jacobians[last.sources[1]].flatten(1).pow(2).sum(1).mean())
+    torch.testing.assert_close(
+        bn_only, fj.bias_jacobians[last.sources[1]].flatten(1).pow(2).sum(1).mean()
+    )
     both = bias_jacobian_penalty(model, x, y, layers=[blocks[0].name, last.name])
     first = sum(fj.bias_jacobians[n] for n in blocks[0].sources).flatten(1).pow(2).sum(1).mean()
     torch.testing.assert_close(both, first + expected)
@@ -100,7 +108,9 @@ def test_penalty_gradcheck_eval_mode():
     start = [params[n].detach().clone().requires_grad_(True) for n in names]
 
     def penalty(*values):
-        return bias_jacobian_penalty(Substituted(model, dict(zip(names, values))), x, y, layers=[f"model.{last.name}"])
+        return bias_jacobian_penalty(
+            Substituted(model, dict(zip(names, values))), x, y, layers=[f"model.{last.name}"]
+        )
 
     assert torch.autograd.gradcheck(penalty, tuple(start), eps=1e-6, atol=1e-7, rtol=1e-4)
 
@@ -171,7 +181,9 @@ def test_every_preset_is_zero_for_a_copy_and_positive_for_a_perturbed_student(pr
     teacher = vgg()
     x, y = batch()
     student = copy.deepcopy(teacher)
-    loss, terms = full_jacobian_matching_loss(student, teacher, x, y, weights=preset, return_terms=True)
+    loss, terms = full_jacobian_matching_loss(
+        student, teacher, x, y, weights=preset, return_terms=True
+    )
     assert loss.item() == 0.0
     weights = MATCHING_PRESETS[preset]
     for name in ("output", "input_jacobian", "bias_jacobian", "attention"):
@@ -189,11 +201,22 @@ def test_bias_jacobian_term_matches_engine_maps():
     student = vgg(widths=(5, 7), seed=3)
     x, y = batch()
     weights = MatchingWeights(output=0.0, input_jacobian=0.0, bias_jacobian=1.0)
-    loss, terms = full_jacobian_matching_loss(student, teacher, x, y, weights=weights, num_pairs=2, return_terms=True)
+    loss, terms = full_jacobian_matching_loss(
+        student, teacher, x, y, weights=weights, num_pairs=2, return_terms=True
+    )
     assert terms.pairs == [("0", "0"), ("4", "4")]
-    s_maps, t_maps = full_jacobian(student, x, target=y).spatial_maps(), full_jacobian(teacher, x, target=y).spatial_maps()
+    s_maps, t_maps = (
+        full_jacobian(student, x, target=y).spatial_maps(),
+        full_jacobian(teacher, x, target=y).spatial_maps(),
+    )
     expected = torch.stack(
-        [(F.normalize(s_maps[n].flatten(1), dim=1) - F.normalize(t_maps[n].flatten(1), dim=1)).pow(2).sum(1).mean() for n in ("0", "4")]
+        [
+            (F.normalize(s_maps[n].flatten(1), dim=1) - F.normalize(t_maps[n].flatten(1), dim=1))
+            .pow(2)
+            .sum(1)
+            .mean()
+            for n in ("0", "4")
+        ]
     ).mean()
     torch.testing.assert_close(loss, expected)
 
@@ -228,7 +251,9 @@ def test_matching_loss_decreases_under_training():
     optimiser = torch.optim.Adam(student.parameters(), lr=1e-2)
     values = []
     for _ in range(25):
-        loss = full_jacobian_matching_loss(student, teacher, x, y, weights="full_jacobian_attention", num_pairs=2)
+        loss = full_jacobian_matching_loss(
+            student, teacher, x, y, weights="full_jacobian_attention", num_pairs=2
+        )
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
@@ -241,26 +266,41 @@ def test_pairs_of_different_resolution_are_interpolated():
     student = vgg(widths=(5, 6, 7), seed=1)  # 8x8, 4x4, 2x2
     x, y = batch()
     loss, terms = full_jacobian_matching_loss(
-        student, teacher, x, y, layer_pairs=[("8", "0"), ("0", "4")], weights="full_jacobian_attention", return_terms=True
+        student,
+        teacher,
+        x,
+        y,
+        layer_pairs=[("8", "0"), ("0", "4")],
+        weights="full_jacobian_attention",
+        return_terms=True,
     )
     assert torch.isfinite(loss) and terms.bias_jacobian > 0 and terms.attention > 0
     assert terms.pairs == [("8", "0"), ("0", "4")]
     # Modules are accepted in pairs, and automatic pairing takes the deepest blocks.
-    _, auto = full_jacobian_matching_loss(student, teacher, x, y, weights="full_jacobian", return_terms=True)
+    _, auto = full_jacobian_matching_loss(
+        student, teacher, x, y, weights="full_jacobian", return_terms=True
+    )
     assert auto.pairs == [("4", "0"), ("8", "4")]
-    _, by_module = full_jacobian_matching_loss(student, teacher, x, y, layer_pairs=[(student[8], teacher[0])], return_terms=True)
+    _, by_module = full_jacobian_matching_loss(
+        student, teacher, x, y, layer_pairs=[(student[8], teacher[0])], return_terms=True
+    )
     assert by_module.pairs == [("8", "0")]
 
 
 def test_layer_pairing_errors():
     teacher, student = vgg(), vgg(seed=1)
     x, y = batch()
-    with pytest.raises(ValueError, match=r"teacher layer 'bogus'.*Available blocks: 0, 4, 10 \(non-spatial\); single sources: 1, 5"):
+    with pytest.raises(
+        ValueError,
+        match=r"teacher layer 'bogus'.*Available blocks: 0, 4, 10 \(non-spatial\); single sources: 1, 5",
+    ):
         full_jacobian_matching_loss(student, teacher, x, y, layer_pairs=[("0", "bogus")])
     with pytest.raises(ValueError, match=r"student layer '3'.*Available"):
         full_jacobian_matching_loss(student, teacher, x, y, layer_pairs=[("3", "0")])
     with pytest.raises(ValueError, match=r"teacher layer '10' \(linear.*not a spatial map"):
-        full_jacobian_matching_loss(student, teacher, x, y, layer_pairs=[("0", "10")], weights="attention")
+        full_jacobian_matching_loss(
+            student, teacher, x, y, layer_pairs=[("0", "10")], weights="attention"
+        )
     with pytest.raises(ValueError, match="must be \\(student_layer, teacher_layer\\)"):
         full_jacobian_matching_loss(student, teacher, x, y, layer_pairs=["0"])
     with pytest.raises(ValueError, match="unknown preset 'fj'"):
@@ -280,7 +320,9 @@ def test_no_reference_cycle_keeps_activations_alive():
     student = vgg(widths=(5, 6), seed=2).train()
     x, y = batch()
     seen = []
-    handle = student[5].register_forward_hook(lambda module, args, out: seen.append(weakref.ref(out)))
+    handle = student[5].register_forward_hook(
+        lambda module, args, out: seen.append(weakref.ref(out))
+    )
     loss = full_jacobian_matching_loss(student, teacher, x, y, weights="full_jacobian_attention")
     loss.backward()
     penalty = bias_jacobian_penalty(student, x, y)

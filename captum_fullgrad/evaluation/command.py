@@ -64,12 +64,6 @@ class _BadInput(Exception):
     """Bad input: one line on stderr, exit status 2."""
 
 
-
-
-
-
-
-
 def _param(text: str) -> str:
     if re.fullmatch(r"[A-Za-z][\w-]*\.\w+=.*", text.strip()) is None:
         raise argparse.ArgumentTypeError(

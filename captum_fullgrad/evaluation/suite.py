@@ -909,7 +909,9 @@ def evaluate(
     )
 
 
-def _stage(bar: Any, timings: Dict[str, float], key: str, label: str, methods: Sequence[Any]) -> Iterator[Any]:
+def _stage(
+    bar: Any, timings: Dict[str, float], key: str, label: str, methods: Sequence[Any]
+) -> Iterator[Any]:
     """Each method in turn, shown under ``label`` by the progress bar; the stage's wall time
     goes to ``timings[key]`` once every method is done."""
     start = time.perf_counter()

@@ -9,8 +9,6 @@ from captum_fullgrad.evaluation import (
 )
 
 
-
-
 class GreyLinear(nn.Module):
     r"""logits_k = sum_p v_kp * mean_c x_cp + b_k: the gradient of the target logit with
     respect to a pixel's grey level is exactly v_tp, for every input."""

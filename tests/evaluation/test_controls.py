@@ -12,9 +12,6 @@ from captum_fullgrad.evaluation import (
 )
 from captum_fullgrad.evaluation.controls import _gaussian_blur
 
-
-
-
 INPUTS = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 TARGET = torch.zeros(5, dtype=torch.long)
 MODEL = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 2)).eval()

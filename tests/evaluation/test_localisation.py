@@ -6,8 +6,6 @@ from captum_fullgrad.evaluation import pointing_game, relevance_mass, relevance_
 from captum_fullgrad.evaluation.localisation import _disk_dilate
 
 
-
-
 def square_mask(size=16, top=6, left=6, side=3, batch=1):
     mask = torch.zeros(batch, size, size, dtype=torch.bool)
     mask[:, top : top + side, left : left + side] = True

@@ -8,8 +8,6 @@ from captum_fullgrad.evaluation import pixel_perturbation
 from captum_fullgrad.evaluation.perturbation import _percent_to_count, _removal_ranks
 
 
-
-
 class LinearLogits(nn.Module):
     r"""logits_k = <w_k, x> + b_k: removing pixel p changes logit k by exactly
     sum_c w_kcp (x_cp - baseline_c)."""

@@ -5,9 +5,6 @@ from torch import nn
 
 from captum_fullgrad.evaluation import noisy_linear_imputation, road
 
-
-
-
 # Offsets and weights of the 8-neighbourhood (Rong et al. 2022), written out again
 # here so that the reference solver below is independent of the implementation.
 WEIGHTS = {(dy, dx): (1 / 6 if dy == 0 or dx == 0 else 1 / 12)

@@ -13,8 +13,6 @@ from captum_fullgrad.evaluation import (
 from captum_fullgrad.testing import randomize_parameters_
 
 
-
-
 class TinyNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -8,8 +8,6 @@ from captum_fullgrad.evaluation import statistics
 from captum_fullgrad.evaluation.statistics import bootstrap_ci, trapezoid
 
 
-
-
 # ----------------------------------------------------------------------------- trapezoid
 def test_trapezoid_hand_case_uneven_spacing():
     # 0.5 * (0 + 1) * 1 + 0.5 * (1 + 1) * 2 = 2.5

@@ -27,8 +27,6 @@ METHODS = ["fullgrad", "gradcam", "saliency"]
 PLOTS = ("pixel_perturbation.png", "road.png", "sanity.png")
 
 
-
-
 @pytest.fixture(scope="module")
 def data():
     return synthetic_shapes(N, seed=10_000)
