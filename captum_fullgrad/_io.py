@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import IO, Callable, Union
+from typing import IO, Any, Callable, Union
 
 
 def atomic_write(
-    path: Union[str, "os.PathLike[str]"], write: Callable[[IO], None], binary: bool = False
+    path: Union[str, "os.PathLike[str]"], write: Callable[[IO[Any]], object], binary: bool = False
 ) -> Path:
     """Call ``write(handle)`` on a temporary file beside ``path``, then move it into place.
 
@@ -23,9 +23,10 @@ def atomic_write(
         prefix=f".{path.name}.", suffix=".part", dir=path.parent
     )
     try:
-        with os.fdopen(
-            descriptor, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})
-        ) as handle:
+        handle: IO[Any] = (
+            os.fdopen(descriptor, "wb") if binary else os.fdopen(descriptor, "w", encoding="utf-8")
+        )
+        with handle:
             write(handle)
         umask = os.umask(0)
         os.umask(umask)
