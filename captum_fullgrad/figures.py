@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from ._io import atomic_write
 from .decomposition import full_jacobian
-from .methods import DEFAULT_TABLE5_METHODS, AttributionMethod, get_method
+from .methods import DEFAULT_TABLE5_METHODS, AttributionMethod, resolve_methods
 
 __all__ = [
     "AttributionMaps",
@@ -92,16 +92,8 @@ class AttributionMaps:
 
 
 def _resolve_methods(methods: Union[MethodSpec, Sequence[MethodSpec]]) -> List[AttributionMethod]:
-    if isinstance(methods, (str, AttributionMethod)):
-        methods = [methods]
-    resolved = [get_method(m) for m in methods]
-    if not resolved:
-        raise ValueError("at least one method is needed")
-    names = [m.name for m in resolved]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ValueError(f"each method may appear once; repeated: {', '.join(duplicates)}")
-    return resolved
+    # The registry's one reader of method lists: the same names and errors as the CLI.
+    return resolve_methods(methods)
 
 
 def _model_device(model: Any, inputs: Tensor) -> torch.device:

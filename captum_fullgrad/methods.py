@@ -25,16 +25,24 @@ name                     what it computes
 =======================  ===========================================================
 
 Each built-in has parameters with paper-following defaults; ``get_method(name, **params)``
-gives a configured variant. Users add their own with :func:`register_method`.
+gives a configured variant, :func:`resolve_methods` a checked list of them (what every
+command and the evaluation suite use to read ``--methods``). A method is **one
+declaration**: :func:`register_method` takes the function, its label and reference, the
+checks of its parameters and its :class:`MethodTraits` (random or not, passes per image,
+the parameters its time grows with, cheap settings for smoke runs). Code that needs to know
+whether a method is slow or stochastic reads those traits, never the method's name.
 
 Example::
 
-    >>> from captum_fullgrad.methods import get_method, register_method
+    >>> from captum_fullgrad.methods import get_method, register_method, resolve_methods
     >>> ig = get_method("integrated_gradients", n_steps=20)
     >>> maps = ig(model, images, target=labels)          # (B, 1, H, W), >= 0
-    >>> def edges(model, inputs, target):                # any (model, x, target) -> map
-    ...     return inputs.diff(dim=-1, append=inputs[..., -1:]).abs().sum(1, keepdim=True)
-    >>> register_method("edges", edges, label="Edges")
+    >>> ig.passes, ig.stochastic, ig.cost_params         # (20, False, ('n_steps',))
+    >>> @register_method("edges", label="Edges", checks={"power": is_non_negative})
+    ... def edges(model, inputs, target, *, power=1.0):  # any (model, x, target) -> map
+    ...     grad = inputs.diff(dim=-1, append=inputs[..., -1:]).abs()
+    ...     return grad.sum(1, keepdim=True) ** power
+    >>> resolve_methods("fullgrad,edges", params={"edges": {"power": 2.0}})
 """
 
 from __future__ import annotations
@@ -43,8 +51,20 @@ import inspect
 import re
 import warnings
 import weakref
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass, field, replace
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+    overload,
+)
 
 import torch
 from captum.attr import (
@@ -64,16 +84,29 @@ __all__ = [
     "AttributionMethod",
     "DEFAULT_TABLE5_METHODS",
     "MapFunction",
+    "MethodTraits",
+    "ParameterCheck",
     "available_methods",
     "find_last_conv",
     "get_method",
+    "is_int_or_none",
+    "is_non_negative",
+    "is_one_of",
+    "is_optional",
+    "is_positive_int",
     "register_method",
+    "resolve_methods",
     "smoothing_noise",
     "unregister_method",
 ]
 
 #: A saliency method: ``fn(model, inputs, target) -> (B, 1, H, W)`` non-negative map.
 MapFunction = Callable[[Any, Tensor, Any], Tensor]
+#: A check of one parameter value: raises ``ValueError("must be ..., got ...")`` when bad
+#: (the registry prefixes the method's and the parameter's names).
+ParameterCheck = Callable[[Any], None]
+#: What :func:`resolve_methods` accepts: a comma-separated string, one method, or several.
+MethodsSpec = Union[str, "AttributionMethod", Iterable[Union[str, "AttributionMethod"]]]
 
 #: The columns of the seed paper's Table 5, in its order.
 DEFAULT_TABLE5_METHODS: Tuple[str, ...] = (
@@ -86,6 +119,56 @@ DEFAULT_TABLE5_METHODS: Tuple[str, ...] = (
 )
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class MethodTraits:
+    """How a method behaves and what it costs, declared once where it is registered.
+
+    Benchmarks, the demo and the evaluation suite read these instead of testing method
+    names: a method whose :attr:`AttributionMethod.passes` exceeds one is "slow" (the
+    benchmark caps its batch size), a stochastic one gets its sample count from
+    ``samples_param``, smoke runs use ``fast_params``. The defaults describe a
+    deterministic method of one forward and one backward pass per image (a gradient), so a
+    user-registered method works without declaring anything.
+
+    Attributes:
+        stochastic: the map depends on random draws (two unseeded calls can differ).
+        passes: forward-and-backward passes of the model per image (not counting the
+            forward pass that resolves ``target=None``): a number, the name of the
+            parameter that gives it (``"n_steps"``), or a function of the effective
+            parameters (a mapping) returning it.
+        cost_params: the parameters the method's time grows with (default: ``passes``
+            when it names a parameter).
+        fast_params: cheaper parameter values for smoke runs and tests (e.g.
+            ``{"n_steps": 8}``); the evaluation suite's ``fast`` settings use them.
+        samples_param: the parameter holding the number of random draws (stochastic
+            methods), e.g. ``"nt_samples"``; a benchmark sets every stochastic method's
+            sample count through it.
+    """
+
+    stochastic: bool = False
+    passes: Union[int, str, Callable[[Mapping[str, Any]], int]] = 1
+    cost_params: Tuple[str, ...] = ()
+    fast_params: Mapping[str, Any] = field(default_factory=dict)
+    samples_param: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.passes, str) and not self.cost_params:
+            object.__setattr__(self, "cost_params", (self.passes,))
+        object.__setattr__(self, "cost_params", tuple(self.cost_params))
+        object.__setattr__(self, "fast_params", dict(self.fast_params))
+
+    def __hash__(self) -> int:  # fast_params is a dict
+        return hash((self.stochastic, self.passes, self.cost_params, self.samples_param))
+
+    def passes_for(self, parameters: Mapping[str, Any]) -> int:
+        """Forward-and-backward passes per image with these effective parameters."""
+        if isinstance(self.passes, str):
+            return int(parameters[self.passes])
+        if callable(self.passes):
+            return int(self.passes(parameters))
+        return int(self.passes)
 
 
 @dataclass(frozen=True)
@@ -106,6 +189,10 @@ class AttributionMethod:
         reference: the paper the method and its defaults follow.
         defaults: every parameter of ``fn`` and its default value.
         params: the parameters set for this variant (overriding ``defaults``).
+        traits: cost and behaviour (:class:`MethodTraits`); also read through
+            :attr:`stochastic`, :attr:`passes` and :attr:`cost_params`.
+        validator: checks parameter overrides (``validator(params, effective)``, raising
+            ``ValueError``); built by :func:`register_method` from its ``checks``.
     """
 
     name: str
@@ -115,15 +202,40 @@ class AttributionMethod:
     reference: str = ""
     defaults: Mapping[str, Any] = field(default_factory=dict)
     params: Mapping[str, Any] = field(default_factory=dict)
+    traits: MethodTraits = field(default_factory=MethodTraits)
+    validator: Optional[Callable[[Mapping[str, Any], Mapping[str, Any]], None]] = field(
+        default=None, compare=False, repr=False
+    )
 
     @property
     def parameters(self) -> Dict[str, Any]:
         """The effective parameters: ``defaults`` updated with ``params``."""
         return {**self.defaults, **self.params}
 
+    @property
+    def stochastic(self) -> bool:
+        """Whether the map depends on random draws (:attr:`MethodTraits.stochastic`)."""
+        return self.traits.stochastic
+
+    @property
+    def passes(self) -> int:
+        """Forward-and-backward passes per image with this variant's parameters."""
+        return self.traits.passes_for(self.parameters)
+
+    @property
+    def cost_params(self) -> Tuple[str, ...]:
+        """The parameters this method's time grows with (:attr:`MethodTraits.cost_params`)."""
+        return self.traits.cost_params
+
     def configure(self, **params: Any) -> "AttributionMethod":
         """A copy of this method with some parameters changed (checked like :func:`get_method`)."""
-        return _configured(self, {**self.params, **params})
+        return _configured(self, {**self.params, **params}, params)
+
+    def fast(self) -> "AttributionMethod":
+        """This method with its cheap smoke-run settings (:attr:`MethodTraits.fast_params`)
+        applied on top of its parameters; itself when it declares none."""
+        fast = self.traits.fast_params
+        return self.configure(**fast) if fast else self
 
     def __call__(self, model: Any, inputs: Tensor, target: Any = None) -> Tensor:
         """The ``(B, 1, H, W)`` map of ``inputs`` for ``target`` (None: the predicted class)."""
@@ -141,13 +253,84 @@ class AttributionMethod:
         return f"AttributionMethod({self.name!r}{', ' + shown if shown else ''})"
 
 
-@dataclass(frozen=True)
-class _Entry:
-    method: AttributionMethod
-    validate: Optional[Callable[..., None]] = None
+# --------------------------------------------------------------------------------------
+# Checks of parameter values (ParameterCheck): one per parameter, declared at registration
+# --------------------------------------------------------------------------------------
 
 
-_REGISTRY: Dict[str, _Entry] = {}
+def is_positive_int(value: Any) -> None:
+    """An integer >= 1 (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"must be a positive integer, got {value!r}")
+
+
+def is_non_negative(value: Any) -> None:
+    """A finite number >= 0 (not a bool)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not value >= 0
+        or value == float("inf")
+    ):
+        raise ValueError(f"must be a finite number >= 0, got {value!r}")
+
+
+def is_int_or_none(value: Any) -> None:
+    """An integer or None (a seed)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"must be an integer or None, got {value!r}")
+
+
+def is_one_of(*choices: Any) -> ParameterCheck:
+    """A check that the value is one of ``choices``."""
+
+    def check(value: Any) -> None:
+        if value not in choices:
+            raise ValueError(f"must be one of {list(choices)}, got {value!r}")
+
+    return check
+
+
+def is_optional(check: ParameterCheck) -> ParameterCheck:
+    """``check``, with None also accepted."""
+
+    def optional(value: Any) -> None:
+        if value is not None:
+            check(value)
+
+    return optional
+
+
+def _validator(
+    name: str,
+    checks: Mapping[str, ParameterCheck],
+    validate: Optional[Callable[..., None]],
+) -> Optional[Callable[[Mapping[str, Any], Mapping[str, Any]], None]]:
+    """One function checking overrides: each overridden parameter's check, then
+    ``validate(**effective parameters)`` for rules that involve several parameters."""
+    if not checks and validate is None:
+        return None
+
+    def run(overrides: Mapping[str, Any], effective: Mapping[str, Any]) -> None:
+        for parameter, value in overrides.items():
+            check = checks.get(parameter)
+            if check is None:
+                continue
+            try:
+                check(value)
+            except ValueError as exc:
+                raise ValueError(f"{name}: {parameter} {exc}") from None
+        if validate is not None:
+            validate(**effective)
+
+    return run
+
+
+# --------------------------------------------------------------------------------------
+# The registry
+# --------------------------------------------------------------------------------------
+
+_REGISTRY: Dict[str, AttributionMethod] = {}
 
 
 def _normalise_name(name: str) -> str:
@@ -173,6 +356,7 @@ def _keyword_defaults(fn: Callable[..., Any]) -> Dict[str, Any]:
     return defaults
 
 
+@overload
 def register_method(
     name: str,
     fn: Callable[..., Tensor],
@@ -181,8 +365,62 @@ def register_method(
     *,
     description: str = "",
     reference: str = "",
-) -> AttributionMethod:
-    """Add a saliency method to the registry.
+    checks: Optional[Mapping[str, ParameterCheck]] = None,
+    validate: Optional[Callable[..., None]] = None,
+    traits: Optional[MethodTraits] = None,
+    stochastic: Optional[bool] = None,
+    passes: Union[None, int, str, Callable[[Mapping[str, Any]], int]] = None,
+    cost_params: Optional[Sequence[str]] = None,
+    fast_params: Optional[Mapping[str, Any]] = None,
+    samples_param: Optional[str] = None,
+) -> AttributionMethod: ...
+
+
+@overload
+def register_method(
+    name: str,
+    fn: None = None,
+    label: Optional[str] = None,
+    overwrite: bool = False,
+    *,
+    description: str = "",
+    reference: str = "",
+    checks: Optional[Mapping[str, ParameterCheck]] = None,
+    validate: Optional[Callable[..., None]] = None,
+    traits: Optional[MethodTraits] = None,
+    stochastic: Optional[bool] = None,
+    passes: Union[None, int, str, Callable[[Mapping[str, Any]], int]] = None,
+    cost_params: Optional[Sequence[str]] = None,
+    fast_params: Optional[Mapping[str, Any]] = None,
+    samples_param: Optional[str] = None,
+) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]: ...
+
+
+def register_method(
+    name: str,
+    fn: Optional[Callable[..., Tensor]] = None,
+    label: Optional[str] = None,
+    overwrite: bool = False,
+    *,
+    description: str = "",
+    reference: str = "",
+    checks: Optional[Mapping[str, ParameterCheck]] = None,
+    validate: Optional[Callable[..., None]] = None,
+    traits: Optional[MethodTraits] = None,
+    stochastic: Optional[bool] = None,
+    passes: Union[None, int, str, Callable[[Mapping[str, Any]], int]] = None,
+    cost_params: Optional[Sequence[str]] = None,
+    fast_params: Optional[Mapping[str, Any]] = None,
+    samples_param: Optional[str] = None,
+) -> Any:
+    """Add a saliency method to the registry: one declaration of everything about it.
+
+    Called with ``fn`` it registers ``fn`` and returns the :class:`AttributionMethod`;
+    without ``fn`` it is a decorator that registers the function it decorates and returns
+    that function unchanged::
+
+        @register_method("edges", label="Edges", checks={"power": is_non_negative})
+        def edges(model, inputs, target, *, power=1.0): ...
 
     Args:
         name: registry key: lower-case letters, digits and underscores, starting with a
@@ -196,15 +434,56 @@ def register_method(
         overwrite: replace an existing method of that name (built-ins included).
         description: one line on what the map shows.
         reference: where the method comes from.
+        checks: ``{parameter: check}``; each check takes a value and raises
+            ``ValueError("must be ..., got ...")`` when it is bad (see :func:`is_one_of`,
+            :func:`is_positive_int`, :func:`is_non_negative`, :func:`is_optional`). They
+            run when a variant sets the parameter, so a bad value fails at
+            ``get_method``, not in the middle of a run.
+        validate: optional ``validate(**parameters)`` for rules involving several
+            parameters, run with the effective parameters of every configured variant.
+        traits: cost and behaviour as one :class:`MethodTraits`; or give its fields as the
+            keywords ``stochastic``, ``passes``, ``cost_params``, ``fast_params`` and
+            ``samples_param`` (they override ``traits``' fields). Default: deterministic,
+            one forward and one backward pass per image.
 
     Returns:
-        The registered :class:`AttributionMethod` (with default parameters).
+        The registered :class:`AttributionMethod` (with default parameters), or the
+        decorator when ``fn`` is omitted.
 
     Raises:
-        ValueError: bad name, or the name is taken and ``overwrite`` is False.
+        ValueError: bad name, the name is taken and ``overwrite`` is False, or the checks
+            or traits name a parameter that ``fn`` does not have (or ``fast_params``
+            fail the checks).
         TypeError: ``fn`` is not callable.
     """
-    return _register(name, fn, label, overwrite, description, reference, None)
+    chosen: Dict[str, Any] = {
+        key: value
+        for key, value in (
+            ("stochastic", stochastic),
+            ("passes", passes),
+            ("cost_params", cost_params),
+            ("fast_params", fast_params),
+            ("samples_param", samples_param),
+        )
+        if value is not None
+    }
+    if "passes" in chosen and "cost_params" not in chosen:
+        chosen["cost_params"] = ()  # derived again from the new passes where it names one
+    base = replace(traits if traits is not None else MethodTraits(), **chosen)
+
+    def declare(function: Callable[..., Tensor]) -> AttributionMethod:
+        return _register(
+            name, function, label, overwrite, description, reference, checks or {}, validate, base
+        )
+
+    if fn is None:
+
+        def decorator(function: Callable[..., Tensor]) -> Callable[..., Tensor]:
+            declare(function)
+            return function
+
+        return decorator
+    return declare(fn)
 
 
 def _register(
@@ -214,7 +493,9 @@ def _register(
     overwrite: bool,
     description: str,
     reference: str,
+    checks: Mapping[str, ParameterCheck],
     validate: Optional[Callable[..., None]],
+    traits: MethodTraits,
 ) -> AttributionMethod:
     key = _normalise_name(name)
     if not _NAME_RE.match(key):
@@ -228,16 +509,47 @@ def _register(
         raise ValueError(
             f"a method named {key!r} is already registered; pass overwrite=True to replace it"
         )
+    defaults = _keyword_defaults(fn)
+    _check_declared_names(key, defaults, checks, traits)
     method = AttributionMethod(
         name=key,
         label=label if label is not None else key,
         fn=fn,
         description=description,
         reference=reference,
-        defaults=_keyword_defaults(fn),
+        defaults=defaults,
+        traits=traits,
+        validator=_validator(key, checks, validate),
     )
-    _REGISTRY[key] = _Entry(method, validate)
+    if traits.fast_params:
+        method.fast()  # the cheap settings must pass the method's own checks
+    _REGISTRY[key] = method
     return method
+
+
+def _check_declared_names(
+    key: str, defaults: Mapping[str, Any], checks: Mapping[str, Any], traits: MethodTraits
+) -> None:
+    """Every parameter named by the declaration is a parameter of the function."""
+    named = [("checks", p) for p in checks]
+    named += [("cost_params", p) for p in traits.cost_params]
+    named += [("fast_params", p) for p in traits.fast_params]
+    if isinstance(traits.passes, str):
+        named.append(("passes", traits.passes))
+    if traits.samples_param is not None:
+        named.append(("samples_param", traits.samples_param))
+    missing = [f"{where} names {p!r}" for where, p in named if p not in defaults]
+    if missing:
+        accepted = ", ".join(defaults) or "none"
+        raise ValueError(
+            f"method {key!r}: {'; '.join(missing)}, which is not a keyword parameter with a "
+            f"default of its function (its parameters: {accepted})"
+        )
+    if not isinstance(traits.passes, (int, str)) and not callable(traits.passes):
+        raise ValueError(
+            f"method {key!r}: passes must be a number, a parameter name or a function, "
+            f"got {traits.passes!r}"
+        )
 
 
 def unregister_method(name: str) -> None:
@@ -252,7 +564,7 @@ def available_methods() -> List[str]:
     return list(_REGISTRY)
 
 
-def _lookup(key: str) -> _Entry:
+def _lookup(key: str) -> AttributionMethod:
     if key not in _REGISTRY:
         raise ValueError(f"unknown method {key!r}; registered methods: {', '.join(_REGISTRY)}")
     return _REGISTRY[key]
@@ -272,11 +584,14 @@ def get_method(name: Union[str, AttributionMethod], **params: Any) -> Attributio
     """
     if isinstance(name, AttributionMethod):
         return name.configure(**params) if params else name
-    entry = _lookup(_normalise_name(name))
-    return _configured(entry.method, params) if params else entry.method
+    method = _lookup(_normalise_name(name))
+    return _configured(method, params, params) if params else method
 
 
-def _configured(method: AttributionMethod, params: Mapping[str, Any]) -> AttributionMethod:
+def _configured(
+    method: AttributionMethod, params: Mapping[str, Any], changed: Mapping[str, Any]
+) -> AttributionMethod:
+    """``method`` with ``params`` as its overrides; ``changed`` (the new ones) are checked."""
     unknown = sorted(set(params) - set(method.defaults))
     if unknown:
         accepted = ", ".join(method.defaults) or "none"
@@ -284,9 +599,8 @@ def _configured(method: AttributionMethod, params: Mapping[str, Any]) -> Attribu
             f"method {method.name!r} has no parameter {', '.join(repr(u) for u in unknown)}; "
             f"its parameters are: {accepted}"
         )
-    entry = _REGISTRY.get(method.name)
-    if entry is not None and entry.validate is not None and entry.method.fn is method.fn:
-        entry.validate(**{**method.defaults, **params})
+    if method.validator is not None:
+        method.validator(changed, {**method.defaults, **params})
     return AttributionMethod(
         name=method.name,
         label=method.label,
@@ -295,7 +609,78 @@ def _configured(method: AttributionMethod, params: Mapping[str, Any]) -> Attribu
         reference=method.reference,
         defaults=method.defaults,
         params=dict(params),
+        traits=method.traits,
+        validator=method.validator,
     )
+
+
+def resolve_methods(
+    spec: Optional[MethodsSpec],
+    default: Optional[Sequence[Union[str, AttributionMethod]]] = DEFAULT_TABLE5_METHODS,
+    *,
+    params: Optional[Mapping[str, Mapping[str, Any]]] = None,
+    unselected_params: str = "error",
+) -> List[AttributionMethod]:
+    """The configured methods that a ``--methods`` value (or a list of methods) names.
+
+    The one reader of method lists: the command line, the figures and the evaluation suite
+    all call it, so the same names, normalisation and errors hold everywhere.
+
+    Args:
+        spec: a comma-separated string (``"fullgrad, Integrated-Gradients"``: names are stripped,
+            case-insensitive, ``-`` = ``_``), one name or :class:`AttributionMethod`, a
+            sequence of them, or None for ``default``.
+        default: the methods when ``spec`` is None; None means every registered method.
+        params: ``{method name: {parameter: value}}`` overrides applied to the selected
+            methods (checked like :func:`get_method`).
+        unselected_params: what to do when ``params`` names a registered method that is not
+            selected: ``"error"`` (a command line's ``--param`` for a method left out is a
+            mistake) or ``"ignore"`` (blanket settings such as the suite's ``fast``).
+
+    Returns:
+        The methods in the order given, each configured.
+
+    Raises:
+        ValueError: no method named, an unknown method (the message lists the registered
+            ones), a method named twice, or bad ``params`` (unknown method or parameter,
+            bad value, or a method not selected when ``unselected_params="error"``).
+        TypeError: an item that is neither a name nor an :class:`AttributionMethod`.
+    """
+    if unselected_params not in ("error", "ignore"):
+        raise ValueError(
+            f"unselected_params must be 'error' or 'ignore', got {unselected_params!r}"
+        )
+    if spec is None:
+        items: List[Any] = list(available_methods() if default is None else default)
+    elif isinstance(spec, str):
+        items = [part for part in spec.split(",") if part.strip()]
+    elif isinstance(spec, AttributionMethod):
+        items = [spec]
+    else:
+        items = list(spec)
+    if not items:
+        raise ValueError("give at least one method name, e.g. 'fullgrad,gradcam'")
+    methods: List[AttributionMethod] = []
+    for item in items:
+        if not isinstance(item, (str, AttributionMethod)):
+            raise TypeError(
+                f"a method must be a name or an AttributionMethod, got {type(item).__name__}"
+            )
+        methods.append(get_method(item))
+    names = [m.name for m in methods]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"each method may appear once; repeated: {', '.join(repeated)}")
+    overrides = {_normalise_name(k): dict(v) for k, v in (params or {}).items()}
+    for key in overrides:
+        if key not in names:
+            _lookup(key)  # unknown everywhere: the message lists the registered names
+            if unselected_params == "error":
+                raise ValueError(
+                    f"parameters given for method {key!r}, which is not among the selected "
+                    f"methods ({', '.join(names)})"
+                )
+    return [m.configure(**overrides[m.name]) if m.name in overrides else m for m in methods]
 
 
 # --------------------------------------------------------------------------------------
@@ -375,58 +760,110 @@ class _Quiet:
         self._context.__exit__(*exc)
 
 
-def _positive_int(name: str, value: Any, method: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{method}: {name} must be a positive integer, got {value!r}")
-
-
-def _optional_positive_int(name: str, value: Any, method: str) -> None:
-    if value is not None:
-        _positive_int(name, value, method)
-
-
-def _non_negative(name: str, value: Any, method: str) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not value >= 0
-        or value == float("inf")
-    ):
-        raise ValueError(f"{method}: {name} must be a finite number >= 0, got {value!r}")
-
-
-def _choice(name: str, value: Any, choices: Sequence[Any], method: str) -> None:
-    if value not in choices:
-        raise ValueError(f"{method}: {name} must be one of {list(choices)}, got {value!r}")
-
-
 # --------------------------------------------------------------------------------------
 # Built-in methods
 # --------------------------------------------------------------------------------------
 
+_SIMONYAN = (
+    "Simonyan, Vedaldi & Zisserman, 'Deep inside convolutional networks', ICLR workshop 2014"
+)
+_SHRIKUMAR = "Shrikumar et al., 'Not just a black box', arXiv:1605.01713, 2016"
+_SPRINGENBERG = (
+    "Springenberg et al., 'Striving for simplicity: the all convolutional net', ICLR workshop 2015"
+)
+_SUNDARARAJAN = "Sundararajan, Taly & Yan, 'Axiomatic attribution for deep networks', ICML 2017"
+_SMILKOV = "Smilkov et al., 'SmoothGrad: removing noise by adding noise', arXiv:1706.03825, 2017"
+_SELVARAJU = "Selvaraju et al., 'Grad-CAM: visual explanations from deep networks', ICCV 2017"
+_SRINIVAS = (
+    "Srinivas & Fleuret, 'Full-Jacobian representation of neural networks', 2019, eq. 4 "
+    "(postprocess='neurips2019': 'Full-gradient representation for neural network "
+    "visualization', NeurIPS 2019)"
+)
+_SRINIVAS_SMOOTH = (
+    "Srinivas & Fleuret 2019; SmoothFullGrad of the authors' code (idiap/fullgrad-saliency)"
+)
 
+
+def _is_baseline(value: Any) -> None:
+    if isinstance(value, bool) or not (isinstance(value, (int, float, Tensor)) or callable(value)):
+        raise ValueError(f"must be a number, a tensor or a callable, got {value!r}")
+
+
+def _is_layer(value: Any) -> None:
+    if value is not None and not isinstance(value, (str, nn.Module)):
+        raise ValueError(f"must be None, a module name or a module, got {value!r}")
+
+
+_is_interpolate_mode = is_one_of("bilinear", "bicubic", "nearest", "area")
+
+#: The checks shared by the noise-tunnel adapters (``smoothgrad``, ``smoothfullgrad``).
+_NOISE_CHECKS: Dict[str, ParameterCheck] = {
+    "nt_samples": is_positive_int,
+    "noise": is_non_negative,
+    "nt_samples_batch_size": is_optional(is_positive_int),
+    "seed": is_int_or_none,
+}
+#: The checks shared by the FullGrad adapters.
+_FULLGRAD_CHECKS: Dict[str, ParameterCheck] = {
+    "postprocess": is_one_of("eq4", "neurips2019"),
+    "interpolate_mode": _is_interpolate_mode,
+    "internal_batch_size": is_optional(is_positive_int),
+}
+
+
+@register_method(
+    "saliency",
+    label="Gradient",
+    description="|d f / d x|, maximum over colour channels",
+    reference=_SIMONYAN,
+    checks={"reduce": is_one_of("max", "sum")},
+)
 def _saliency(model: Any, inputs: Tensor, target: Any, *, reduce: str = "max") -> Tensor:
     with _Quiet():
         gradient = Saliency(model).attribute(_grad_input(inputs), target=target, abs=True)
     return _channel_abs(gradient, reduce)
 
 
-def _check_saliency(*, reduce: str) -> None:
-    _choice("reduce", reduce, ("max", "sum"), "saliency")
-
-
+@register_method(
+    "input_x_gradient",
+    label="Input × gradient",
+    description="|x * d f / d x| summed over channels",
+    reference=_SHRIKUMAR,
+)
 def _input_x_gradient(model: Any, inputs: Tensor, target: Any) -> Tensor:
     with _Quiet():
         attribution = InputXGradient(model).attribute(_grad_input(inputs), target=target)
     return _channel_abs(attribution)
 
 
+@register_method(
+    "guided_backprop",
+    label="Guided backprop",
+    description="|guided backpropagation| summed over channels",
+    reference=_SPRINGENBERG,
+)
 def _guided_backprop(model: Any, inputs: Tensor, target: Any) -> Tensor:
     with _Quiet():
         attribution = GuidedBackprop(model).attribute(_grad_input(inputs), target=target)
     return _channel_abs(attribution)
 
 
+@register_method(
+    "integrated_gradients",
+    label="Integrated gradients",
+    description="|integrated gradients| from a baseline (default zeros) summed over channels",
+    reference=_SUNDARARAJAN,
+    checks={
+        "n_steps": is_positive_int,
+        "internal_batch_size": is_optional(is_positive_int),
+        "method": is_one_of(
+            "riemann_right", "riemann_left", "riemann_middle", "riemann_trapezoid", "gausslegendre"
+        ),
+        "baseline": _is_baseline,
+    },
+    passes="n_steps",  # one forward and backward pass per point of the path integral
+    fast_params={"n_steps": 8},
+)
 def _integrated_gradients(
     model: Any,
     inputs: Tensor,
@@ -478,26 +915,6 @@ def _integrated_gradients(
             internal_batch_size=internal_batch_size,
         )
     return _channel_abs(attribution)
-
-
-def _check_integrated_gradients(
-    *, n_steps: Any, baseline: Any, method: Any, internal_batch_size: Any
-) -> None:
-    name = "integrated_gradients"
-    _positive_int("n_steps", n_steps, name)
-    _optional_positive_int("internal_batch_size", internal_batch_size, name)
-    _choice(
-        "method",
-        method,
-        ("riemann_right", "riemann_left", "riemann_middle", "riemann_trapezoid", "gausslegendre"),
-        name,
-    )
-    if not (isinstance(baseline, (int, float, Tensor)) or callable(baseline)) or isinstance(
-        baseline, bool
-    ):
-        raise ValueError(
-            f"{name}: baseline must be a number, a tensor or a callable, got {baseline!r}"
-        )
 
 
 #: Default bound on the noisy images of one attribution call in the SmoothGrad adapters:
@@ -578,6 +995,18 @@ def _resolve_target_for_copies(target: Any) -> Any:
     return target
 
 
+@register_method(
+    "smoothgrad",
+    label="SmoothGrad",
+    description="mean |gradient| over noisy copies (noise std = 15 % of the input range), "
+    "summed over channels",
+    reference=_SMILKOV,
+    checks={**_NOISE_CHECKS, "abs_before_mean": is_one_of(True, False)},
+    stochastic=True,
+    passes="nt_samples",  # one gradient per noisy copy
+    samples_param="nt_samples",
+    fast_params={"nt_samples": 4},
+)
 def _smoothgrad(
     model: Any,
     inputs: Tensor,
@@ -600,23 +1029,6 @@ def _smoothgrad(
         abs=abs_before_mean,
     )
     return _channel_abs(attribution)
-
-
-def _check_noise(
-    name: str, nt_samples: Any, noise: Any, nt_samples_batch_size: Any, seed: Any
-) -> None:
-    _positive_int("nt_samples", nt_samples, name)
-    _non_negative("noise", noise, name)
-    _optional_positive_int("nt_samples_batch_size", nt_samples_batch_size, name)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ValueError(f"{name}: seed must be an integer or None, got {seed!r}")
-
-
-def _check_smoothgrad(
-    *, nt_samples: Any, noise: Any, abs_before_mean: Any, nt_samples_batch_size: Any, seed: Any
-) -> None:
-    _check_noise("smoothgrad", nt_samples, noise, nt_samples_batch_size, seed)
-    _choice("abs_before_mean", abs_before_mean, (True, False), "smoothgrad")
 
 
 # Last convolution of each model and input shape, found once by a forward pass.
@@ -669,6 +1081,13 @@ def find_last_conv(model: nn.Module, inputs: Tensor) -> Tuple[str, nn.Module]:
     return executed[-1], modules[executed[-1]]
 
 
+@register_method(
+    "gradcam",
+    label="Grad-CAM",
+    description="ReLU'd Grad-CAM of the last convolution that runs, bilinearly upsampled",
+    reference=_SELVARAJU,
+    checks={"layer": _is_layer, "interpolate_mode": _is_interpolate_mode},
+)
 def _gradcam(
     model: Any,
     inputs: Tensor,
@@ -700,14 +1119,13 @@ def _gradcam(
     return cam.clamp(min=0)  # bicubic interpolation can undershoot zero
 
 
-def _check_gradcam(*, layer: Any, interpolate_mode: Any) -> None:
-    if layer is not None and not isinstance(layer, (str, nn.Module)):
-        raise ValueError(f"gradcam: layer must be None, a module name or a module, got {layer!r}")
-    _choice(
-        "interpolate_mode", interpolate_mode, ("bilinear", "bicubic", "nearest", "area"), "gradcam"
-    )
-
-
+@register_method(
+    "fullgrad",
+    label="FullGrad",
+    description="eq. 4: |x * grad| + sum of |channel-summed bias-Jacobians|",
+    reference=_SRINIVAS,
+    checks={**_FULLGRAD_CHECKS, "include_input_gradient": is_one_of(True, False)},
+)
 def _fullgrad(
     model: Any,
     inputs: Tensor,
@@ -730,6 +1148,13 @@ def _fullgrad(
     )
 
 
+@register_method(
+    "fullgrad_bias",
+    label="Bias-Jacobian",
+    description="eq. 4 without the input-gradient term: bias-Jacobian maps only",
+    reference=_SRINIVAS,
+    checks=_FULLGRAD_CHECKS,
+)
 def _fullgrad_bias(
     model: Any,
     inputs: Tensor,
@@ -752,32 +1177,22 @@ def _fullgrad_bias(
     )
 
 
-def _check_fullgrad_common(
-    name: str, postprocess: Any, interpolate_mode: Any, internal_batch_size: Any
-) -> None:
-    _choice("postprocess", postprocess, ("eq4", "neurips2019"), name)
-    _choice("interpolate_mode", interpolate_mode, ("bilinear", "bicubic", "nearest", "area"), name)
-    _optional_positive_int("internal_batch_size", internal_batch_size, name)
-
-
-def _check_fullgrad(
-    *,
-    postprocess: Any,
-    interpolate_mode: Any,
-    layers: Any,
-    internal_batch_size: Any,
-    include_input_gradient: Any,
-) -> None:
-    _check_fullgrad_common("fullgrad", postprocess, interpolate_mode, internal_batch_size)
-    _choice("include_input_gradient", include_input_gradient, (True, False), "fullgrad")
-
-
-def _check_fullgrad_bias(
-    *, postprocess: Any, interpolate_mode: Any, layers: Any, internal_batch_size: Any
-) -> None:
-    _check_fullgrad_common("fullgrad_bias", postprocess, interpolate_mode, internal_batch_size)
-
-
+@register_method(
+    "smoothfullgrad",
+    label="SmoothFullGrad",
+    description="mean FullGrad map over noisy copies (NoiseTunnel, noise std = 15 % of the "
+    "input range)",
+    reference=_SRINIVAS_SMOOTH,
+    checks={
+        **_NOISE_CHECKS,
+        "postprocess": _FULLGRAD_CHECKS["postprocess"],
+        "interpolate_mode": _is_interpolate_mode,
+    },
+    stochastic=True,
+    passes="nt_samples",  # one FullGrad (a forward and a backward pass) per noisy copy
+    samples_param="nt_samples",
+    fast_params={"nt_samples": 4},
+)
 def _smoothfullgrad(
     model: Any,
     inputs: Tensor,
@@ -803,117 +1218,3 @@ def _smoothfullgrad(
         postprocess=postprocess,
         interpolate_mode=interpolate_mode,
     )
-
-
-def _check_smoothfullgrad(
-    *,
-    nt_samples: Any,
-    noise: Any,
-    postprocess: Any,
-    interpolate_mode: Any,
-    layers: Any,
-    nt_samples_batch_size: Any,
-    seed: Any,
-) -> None:
-    _check_noise("smoothfullgrad", nt_samples, noise, nt_samples_batch_size, seed)
-    _check_fullgrad_common("smoothfullgrad", postprocess, interpolate_mode, None)
-
-
-_SIMONYAN = (
-    "Simonyan, Vedaldi & Zisserman, 'Deep inside convolutional networks', ICLR workshop 2014"
-)
-_SHRIKUMAR = "Shrikumar et al., 'Not just a black box', arXiv:1605.01713, 2016"
-_SPRINGENBERG = (
-    "Springenberg et al., 'Striving for simplicity: the all convolutional net', ICLR workshop 2015"
-)
-_SUNDARARAJAN = "Sundararajan, Taly & Yan, 'Axiomatic attribution for deep networks', ICML 2017"
-_SMILKOV = "Smilkov et al., 'SmoothGrad: removing noise by adding noise', arXiv:1706.03825, 2017"
-_SELVARAJU = "Selvaraju et al., 'Grad-CAM: visual explanations from deep networks', ICCV 2017"
-_SRINIVAS = (
-    "Srinivas & Fleuret, 'Full-Jacobian representation of neural networks', 2019, eq. 4 "
-    "(postprocess='neurips2019': 'Full-gradient representation for neural network "
-    "visualization', NeurIPS 2019)"
-)
-_SRINIVAS_SMOOTH = (
-    "Srinivas & Fleuret 2019; SmoothFullGrad of the authors' code (idiap/fullgrad-saliency)"
-)
-
-_BUILTINS = (
-    (
-        "saliency",
-        _saliency,
-        "Gradient",
-        "|d f / d x|, maximum over colour channels",
-        _SIMONYAN,
-        _check_saliency,
-    ),
-    (
-        "input_x_gradient",
-        _input_x_gradient,
-        "Input × gradient",
-        "|x * d f / d x| summed over channels",
-        _SHRIKUMAR,
-        None,
-    ),
-    (
-        "guided_backprop",
-        _guided_backprop,
-        "Guided backprop",
-        "|guided backpropagation| summed over channels",
-        _SPRINGENBERG,
-        None,
-    ),
-    (
-        "integrated_gradients",
-        _integrated_gradients,
-        "Integrated gradients",
-        "|integrated gradients| from a baseline (default zeros) summed over channels",
-        _SUNDARARAJAN,
-        _check_integrated_gradients,
-    ),
-    (
-        "smoothgrad",
-        _smoothgrad,
-        "SmoothGrad",
-        "mean |gradient| over noisy copies (noise std = 15 % of the input range), "
-        "summed over channels",
-        _SMILKOV,
-        _check_smoothgrad,
-    ),
-    (
-        "gradcam",
-        _gradcam,
-        "Grad-CAM",
-        "ReLU'd Grad-CAM of the last convolution that runs, bilinearly upsampled",
-        _SELVARAJU,
-        _check_gradcam,
-    ),
-    (
-        "fullgrad",
-        _fullgrad,
-        "FullGrad",
-        "eq. 4: |x * grad| + sum of |channel-summed bias-Jacobians|",
-        _SRINIVAS,
-        _check_fullgrad,
-    ),
-    (
-        "fullgrad_bias",
-        _fullgrad_bias,
-        "Bias-Jacobian",
-        "eq. 4 without the input-gradient term: bias-Jacobian maps only",
-        _SRINIVAS,
-        _check_fullgrad_bias,
-    ),
-    (
-        "smoothfullgrad",
-        _smoothfullgrad,
-        "SmoothFullGrad",
-        "mean FullGrad map over noisy copies (NoiseTunnel, noise std = 15 % of the input range)",
-        _SRINIVAS_SMOOTH,
-        _check_smoothfullgrad,
-    ),
-)
-
-for _name, _fn, _label, _description, _reference, _validate in _BUILTINS:
-    _register(_name, _fn, _label, False, _description, _reference, _validate)
-del _name, _fn, _label, _description, _reference, _validate

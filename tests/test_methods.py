@@ -24,6 +24,7 @@ from captum_fullgrad.methods import (
     find_last_conv,
     get_method,
     register_method,
+    resolve_methods,
     smoothing_noise,
     unregister_method,
 )
@@ -425,3 +426,123 @@ def test_bad_inputs_are_refused(model):
         get_method("fullgrad")(model, torch.randn(3, 16, 16), 0)
     with pytest.raises(TypeError, match="floating-point"):
         get_method("fullgrad")(model, torch.zeros(1, 3, 16, 16, dtype=torch.uint8), 0)
+
+
+# ---------------------------------------------------------------------------------------
+# Cost and behaviour traits, declared with the method
+# ---------------------------------------------------------------------------------------
+
+
+def test_builtin_traits():
+    ig = get_method("integrated_gradients")
+    assert (ig.stochastic, ig.passes, ig.cost_params) == (False, 50, ("n_steps",))
+    assert get_method("integrated_gradients", n_steps=7).passes == 7
+    for name, samples in (("smoothgrad", 50), ("smoothfullgrad", 25)):
+        method = get_method(name)
+        assert method.stochastic and method.traits.samples_param == "nt_samples"
+        assert method.passes == samples and method.cost_params == ("nt_samples",)
+        assert get_method(name, nt_samples=3).passes == 3
+    for name in ("saliency", "input_x_gradient", "guided_backprop", "gradcam", "fullgrad"):
+        method = get_method(name)
+        assert (method.stochastic, method.passes, method.cost_params) == (False, 1, ()), name
+        assert method.traits.samples_param is None and method.fast() is method
+    assert get_method("integrated_gradients").fast().parameters["n_steps"] == 8
+    assert get_method("smoothgrad", noise=0.2).fast().params == {"noise": 0.2, "nt_samples": 4}
+
+
+def test_user_method_traits_default_to_one_deterministic_pass(clean_registry, model, inputs):
+    def plain(model, inputs, target, *, scale=1.0):
+        return inputs.abs().sum(1, keepdim=True) * scale
+
+    method = register_method("plain", plain)
+    assert (method.stochastic, method.passes, method.cost_params) == (False, 1, ())
+    assert method.traits.fast_params == {} and method.fast() is method
+    assert resolve_methods("plain")[0](model, inputs, TARGET).shape == (3, 1, 16, 16)
+
+
+def test_decorator_declares_checks_and_traits(clean_registry):
+    @register_method(
+        "repeated_edges",
+        label="Edges x k",
+        checks={"repeats": registry.is_positive_int, "mode": registry.is_one_of("a", "b")},
+        stochastic=True,
+        passes=lambda p: 2 * p["repeats"],
+        cost_params=("repeats",),
+        samples_param="repeats",
+        fast_params={"repeats": 1},
+    )
+    def repeated_edges(model, inputs, target, *, repeats=5, mode="a"):
+        return inputs.abs().sum(1, keepdim=True)
+
+    assert callable(repeated_edges) and not isinstance(repeated_edges, AttributionMethod)
+    method = get_method("repeated_edges")
+    assert method.label == "Edges x k" and method.stochastic and method.passes == 10
+    assert method.fast().passes == 2 and method.cost_params == ("repeats",)
+    with pytest.raises(ValueError, match="repeated_edges: repeats must be a positive integer"):
+        get_method("repeated_edges", repeats=0)
+    with pytest.raises(ValueError, match=r"repeated_edges: mode must be one of \['a', 'b'\]"):
+        method.configure(mode="c")
+
+
+def test_declarations_naming_missing_parameters_are_refused(clean_registry):
+    def fn(model, inputs, target, *, steps=3):
+        return inputs.abs().sum(1, keepdim=True)
+
+    for bad in (
+        {"checks": {"n_steps": registry.is_positive_int}},
+        {"passes": "n_steps"},
+        {"cost_params": ("n_steps",)},
+        {"fast_params": {"n_steps": 1}},
+        {"samples_param": "n_steps"},
+    ):
+        with pytest.raises(ValueError, match="names 'n_steps'.*its parameters: steps"):
+            register_method("declared", fn, **bad)
+    with pytest.raises(ValueError, match="declared: steps must be a positive integer"):
+        register_method(
+            "declared", fn, checks={"steps": registry.is_positive_int}, fast_params={"steps": 0}
+        )
+    assert "declared" not in available_methods()
+
+
+# ---------------------------------------------------------------------------------------
+# resolve_methods: the one reader of method lists
+# ---------------------------------------------------------------------------------------
+
+
+def test_resolve_methods_reads_lists():
+    assert [m.name for m in resolve_methods(None)] == list(DEFAULT_TABLE5_METHODS)
+    assert [m.name for m in resolve_methods(None, default=None)] == available_methods()
+    assert [m.name for m in resolve_methods(" FullGrad, Integrated-Gradients ,,smoothgrad")] == [
+        "fullgrad",
+        "integrated_gradients",
+        "smoothgrad",
+    ]
+    ig = get_method("integrated_gradients", n_steps=3)
+    assert resolve_methods([ig, "fullgrad"])[0] is ig
+    assert resolve_methods(ig) == [ig]
+    configured = resolve_methods(
+        "integrated_gradients,fullgrad", params={"Integrated-Gradients": {"n_steps": 4}}
+    )
+    assert configured[0].params == {"n_steps": 4} and configured[1].params == {}
+
+
+def test_resolve_methods_errors():
+    with pytest.raises(ValueError, match="unknown method 'nope'; registered methods: saliency"):
+        resolve_methods("fullgrad,nope")
+    with pytest.raises(ValueError, match="at least one method"):
+        resolve_methods(" , ")
+    with pytest.raises(ValueError, match="at least one method"):
+        resolve_methods([])
+    with pytest.raises(ValueError, match="repeated: fullgrad"):
+        resolve_methods("fullgrad,gradcam,FullGrad")
+    with pytest.raises(TypeError, match="name or an AttributionMethod"):
+        resolve_methods(["fullgrad", 3])
+    with pytest.raises(ValueError, match="integrated_gradients: n_steps must be a positive"):
+        resolve_methods("integrated_gradients", params={"integrated_gradients": {"n_steps": 0}})
+    with pytest.raises(ValueError, match="not among the selected methods"):
+        resolve_methods("fullgrad", params={"smoothgrad": {"nt_samples": 2}})
+    assert resolve_methods(
+        "fullgrad", params={"smoothgrad": {"nt_samples": 2}}, unselected_params="ignore"
+    ) == [get_method("fullgrad")]
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        resolve_methods("fullgrad", params={"nope": {}}, unselected_params="ignore")
