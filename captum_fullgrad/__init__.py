@@ -8,9 +8,34 @@ The data path reads in one direction: the model's operations are captured
 (:class:`FullGradient`).
 """
 
-from .decomposition import FullJacobian, full_jacobian
-from .full_gradient import FullGradient
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
 __all__ = ["FullGradient", "FullJacobian", "full_jacobian", "__version__"]
+
+# The public names are imported on first use (PEP 562), so that ``import captum_fullgrad``
+# (and with it ``captum-fullgrad --help``) does not load torch.
+_LAZY = {
+    "FullGradient": ".full_gradient",
+    "FullJacobian": ".decomposition",
+    "full_jacobian": ".decomposition",
+}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .decomposition import FullJacobian, full_jacobian
+    from .full_gradient import FullGradient
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> Any:
+    return sorted([*globals(), *_LAZY])

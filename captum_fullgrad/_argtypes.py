@@ -1,11 +1,17 @@
-"""Argument types and options shared by the command-line subcommands."""
+"""Argument types and options shared by the command-line subcommands.
+
+torch is imported only where a device is resolved, so that building a parser (and
+``captum-fullgrad --help``) does not load it.
+"""
 
 from __future__ import annotations
 
 import argparse
 import re
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 
 def _int_at_least(text: str, minimum: int, expected: str) -> int:
@@ -38,7 +44,8 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
         "--device",
         type=device_spec,
         default="auto",
-        help="where to run: auto (CUDA when available, else CPU), cpu, cuda or cuda:N (default: auto)",
+        help="where to run: auto (CUDA when available, else CPU), cpu, cuda or cuda:N "
+        "(default: auto)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     parser.add_argument(
@@ -49,11 +56,13 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def resolve_device(spec: str) -> torch.device:
+def resolve_device(spec: str) -> "torch.device":
     """``auto`` (CUDA when available, else CPU) or an explicit device that exists here.
 
     Raises ``ValueError`` naming the problem (the subcommands turn it into exit status 2).
     """
+    import torch
+
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(spec)

@@ -14,7 +14,6 @@ interleaved within each repeat so that a slow spell of the machine hits them all
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import importlib
 import json
@@ -26,7 +25,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -98,11 +97,11 @@ class BenchmarkResult:
             f"{' (autocast)' if m['dtype'] != 'float32' else ''}"
             f"{', channels-last' if m.get('channels_last') else ''}, device {m['device_name']}, "
             f"torch {m['torch']}, {m['threads']} CPU threads, {m['date']}.",
-            "Median of {r} timed calls after {w} warm-ups; ratios are to Saliency in the same run.".format(
-                r=m["repeats"], w=m["warmup"]
-            ),
+            f"Median of {m['repeats']} timed calls after {m['warmup']} warm-ups; ratios are to "
+            "Saliency in the same run.",
             "",
-            "| method | batch | median s | images/s | × Saliency | peak MB | mem × Saliency | note |",
+            "| method | batch | median s | images/s | × Saliency | peak MB | mem × Saliency "
+            "| note |",
             "|---|---:|---:|---:|---:|---:|---:|---|",
         ]
         for x in self.measurements:
@@ -135,7 +134,8 @@ class BenchmarkResult:
         axis.set_xlabel("batch size")
         axis.set_ylabel("images per second (log)")
         axis.set_title(
-            f"{self.meta['model']} {self.meta['input_size']}px, {self.meta['dtype']}, {self.meta['device_name']}"
+            f"{self.meta['model']} {self.meta['input_size']}px, {self.meta['dtype']}, "
+            f"{self.meta['device_name']}"
         )
         axis.grid(True, which="both", alpha=0.3)
         axis.legend(fontsize=7, ncol=2)
@@ -177,55 +177,155 @@ def load_bench_model(spec: str, num_classes: int = 1000) -> nn.Module:
     return randomize_parameters_(model).eval()
 
 
-def _method_callables(
-    model: nn.Module, methods: Sequence[str], noise_samples: int, internal_batch_size: Optional[int]
-) -> Dict[str, Callable[[Tensor, Tensor], Any]]:
-    from .methods import get_method
+@dataclass(frozen=True)
+class _Timed:
+    """One timed entry: a callable ``(x, target)`` and how the harness must treat it."""
 
-    callables: Dict[str, Callable[[Tensor, Tensor], Any]] = {}
-    for name in methods:
-        if name == "forward":
+    fn: Callable[[Tensor, Tensor], Any]
+    slow: bool = False  # capped at ``slow_methods_max_batch``
+    max_batch: Optional[int] = None  # measured only up to this batch size
+    max_repeats: Optional[int] = None  # timed calls at most (one warm-up)
+    note: str = ""
 
-            def forward(x: Tensor, target: Tensor) -> Any:
-                with torch.no_grad():
-                    return model(x)
 
-            callables[name] = forward
-        elif name == "pytorch_grad_cam_fullgrad":
-            try:
-                from pytorch_grad_cam import FullGrad
-                from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-            except ImportError:
-                continue  # optional: only measured where the package is installed
+def _forward(model: nn.Module, internal_batch_size: Optional[int]) -> Optional[_Timed]:
+    def forward(x: Tensor, target: Tensor) -> Any:
+        with torch.no_grad():
+            return model(x)
 
-            def grad_cam_fullgrad(x: Tensor, target: Tensor) -> Any:
-                # Hooks stay on the model until release() (ANCHORS): release every call.
-                cam = FullGrad(model=model, target_layers=[])
-                try:
-                    return cam(
-                        input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in target]
-                    )
-                finally:
-                    cam.activations_and_grads.release()
+    return _Timed(forward)
 
-            callables[name] = grad_cam_fullgrad
-        elif name in ("fullgrad", "fullgrad_traced"):
-            fullgrad = FullGradient(model, reuse_capture=name == "fullgrad")
-            callables[name] = lambda x, target, fullgrad=fullgrad: fullgrad.attribute(
+
+def _raw_saliency(model: nn.Module, internal_batch_size: Optional[int]) -> Optional[_Timed]:
+    from captum.attr import Saliency
+
+    saliency = Saliency(model)
+    return _Timed(lambda x, target: saliency.attribute(x, target=target))
+
+
+def _engine_fullgrad(reuse_capture: bool) -> Callable[..., Optional[_Timed]]:
+    def make(model: nn.Module, internal_batch_size: Optional[int]) -> Optional[_Timed]:
+        fullgrad = FullGradient(model, reuse_capture=reuse_capture)
+        return _Timed(
+            lambda x, target: fullgrad.attribute(
                 x, target=target, single_channel=True, internal_batch_size=internal_batch_size
             )
-        elif name == "saliency":
-            from captum.attr import Saliency
+        )
 
-            saliency = Saliency(model)
-            callables[name] = lambda x, target: saliency.attribute(x, target=target)
-        else:
-            params: Dict[str, Any] = {}
-            if name in ("smoothgrad", "smoothfullgrad"):
-                params["nt_samples"] = noise_samples
-            method = get_method(name, **params)
-            callables[name] = lambda x, target, method=method: method(model, x, target)
+    return make
+
+
+def _pytorch_grad_cam_fullgrad(
+    model: nn.Module, internal_batch_size: Optional[int]
+) -> Optional[_Timed]:
+    try:
+        from pytorch_grad_cam import FullGrad
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    except ImportError:
+        return None  # optional: only measured where the package is installed
+
+    def grad_cam_fullgrad(x: Tensor, target: Tensor) -> Any:
+        # Its hooks stay on the model until release(): release after every call.
+        cam = FullGrad(model=model, target_layers=[])
+        try:
+            return cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in target])
+        finally:
+            cam.activations_and_grads.release()
+
+    # It costs seconds per image (about 1.5 s on an H200, see docs/benchmarks.md): batch 1
+    # and three timed calls are enough to place it.
+    return _Timed(grad_cam_fullgrad, slow=True, max_batch=1, max_repeats=3)
+
+
+#: Entries timed beside the registered methods, as references rather than saliency
+#: methods: a plain forward pass, Captum's raw ``Saliency`` (the floor every ratio is to),
+#: the engine's FullGradient reused call after call ("fullgrad", which replays its capture
+#: plan where the model allows one) or tracing every call ("fullgrad_traced"), and
+#: pytorch-grad-cam's FullGrad. Any other name is looked up in the method registry.
+REFERENCE_ENTRIES: Dict[str, Callable[[nn.Module, Optional[int]], Optional[_Timed]]] = {
+    "forward": _forward,
+    "saliency": _raw_saliency,
+    "fullgrad": _engine_fullgrad(reuse_capture=True),
+    "fullgrad_traced": _engine_fullgrad(reuse_capture=False),
+    "pytorch_grad_cam_fullgrad": _pytorch_grad_cam_fullgrad,
+}
+
+
+def _normalise(name: str) -> str:
+    return name.strip().lower().replace("-", "_")
+
+
+def resolve_bench_methods(methods: Union[str, Sequence[Any]]) -> List[Any]:
+    """Reference entry names and configured registry methods, in the order given.
+
+    ``methods``: a comma-separated string or a sequence of names and
+    :class:`~captum_fullgrad.methods.AttributionMethod` objects. Raises ``ValueError`` for
+    an unknown name (listing the reference entries and the registered methods) or a repeat.
+    """
+    from .methods import available_methods, resolve_methods
+
+    items = [m for m in methods.split(",") if m.strip()] if isinstance(methods, str) else methods
+    resolved: List[Any] = []
+    for item in items:
+        if isinstance(item, str) and _normalise(item) in REFERENCE_ENTRIES:
+            resolved.append(_normalise(item))
+            continue
+        try:
+            resolved.extend(resolve_methods([item]))
+        except ValueError as error:
+            if not isinstance(item, str) or _normalise(item) in available_methods():
+                raise
+            known = [*REFERENCE_ENTRIES, *available_methods()]
+            raise ValueError(
+                f"unknown method {_normalise(item)!r}; known: {', '.join(known)}"
+            ) from error
+    if not resolved:
+        raise ValueError("give at least one method name, e.g. 'saliency,fullgrad'")
+    names = [m if isinstance(m, str) else m.name for m in resolved]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"each method may appear once; repeated: {', '.join(repeated)}")
+    return resolved
+
+
+def _method_callables(
+    model: nn.Module,
+    methods: Sequence[Any],
+    noise_samples: int,
+    internal_batch_size: Optional[int],
+) -> Dict[str, _Timed]:
+    """The timed entries of ``methods`` (see :func:`resolve_bench_methods`).
+
+    Registered methods are timed through their adapters: one that makes more than one
+    forward-and-backward pass per image (``method.passes > 1``: integrated gradients, the
+    noise tunnels) is "slow", and a stochastic one gets ``noise_samples`` draws through its
+    ``samples_param``: what each method declares, not its name.
+    """
+    callables: Dict[str, _Timed] = {}
+    for entry in resolve_bench_methods(methods):
+        if isinstance(entry, str):
+            timed = REFERENCE_ENTRIES[entry](model, internal_batch_size)
+            if timed is not None:
+                callables[entry] = timed
+            continue
+        method = entry
+        samples = method.traits.samples_param
+        note = ""
+        if method.stochastic and samples is not None:
+            if samples not in method.params:  # an explicit setting wins
+                method = method.configure(**{samples: noise_samples})
+            note = f"n={method.parameters[samples]}"
+        callables[method.name] = _Timed(_bound(method, model), slow=method.passes > 1, note=note)
     return callables
+
+
+def _bound(method: Any, model: nn.Module) -> Callable[[Tensor, Tensor], Any]:
+    """``method`` on ``model`` as a function of ``(x, target)``."""
+
+    def call(x: Tensor, target: Tensor) -> Any:
+        return method(model, x, target)
+
+    return call
 
 
 def _sync(device: torch.device) -> None:
@@ -236,7 +336,7 @@ def _sync(device: torch.device) -> None:
 def run_benchmark(
     model: nn.Module,
     model_name: str,
-    methods: Sequence[str] = DEFAULT_BENCH_METHODS,
+    methods: Union[str, Sequence[Any]] = DEFAULT_BENCH_METHODS,
     batch_sizes: Sequence[int] = (1, 16, 64),
     device: Any = "cpu",
     dtype: str = "float32",
@@ -254,30 +354,34 @@ def run_benchmark(
     Args:
         model: the network (moved to ``device``, eval mode).
         model_name: its name for the report.
-        methods: names from :data:`DEFAULT_BENCH_METHODS` or the method registry.
+        methods: names of :data:`REFERENCE_ENTRIES` or registered methods, or configured
+            :class:`~captum_fullgrad.methods.AttributionMethod` objects (a comma string
+            or a sequence); Captum's Saliency is always added.
         batch_sizes: batch sizes to measure.
         device: ``"cpu"``, ``"cuda"``...
         dtype: ``"float32"``, or ``"bfloat16"``/``"float16"`` to run every method under
             ``torch.autocast`` (FullGrad's completeness gap in that mode is reported).
         input_size: square input side in pixels.
         repeats, warmup: timed and untimed calls per method and batch size.
-        noise_samples: SmoothGrad's and SmoothFullGrad's sample count (the same for both).
+        noise_samples: the sample count of every stochastic method (the same for all,
+            through each one's ``samples_param``) unless the method sets it itself.
         internal_batch_size: FullGrad's ``internal_batch_size`` (bounds memory).
-        slow_methods_max_batch: integrated gradients, the noise-tunnel methods and
-            pytorch-grad-cam's FullGrad run only up to this batch size (each costs tens of
-            passes); larger batches are skipped and marked.
+        slow_methods_max_batch: methods that declare more than one forward-and-backward
+            pass per image (integrated gradients, the noise tunnels) and pytorch-grad-cam's
+            FullGrad run only up to this batch size; larger batches are skipped and marked.
         channels_last: model and inputs in ``torch.channels_last`` memory format (what
             cuDNN's reduced-precision convolutions prefer), for every method alike.
     """
     device = torch.device(device)
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
-    if "saliency" not in methods:
-        methods = ["saliency", *methods]
+    entries = resolve_bench_methods(methods)
+    if "saliency" not in entries:  # the floor every ratio is to
+        entries = ["saliency", *entries]
     model = model.to(device).eval()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    callables = _method_callables(model, methods, noise_samples, internal_batch_size)
+    callables = _method_callables(model, entries, noise_samples, internal_batch_size)
     autocast = dtype != "float32"
     meta = {
         "model": model_name,
@@ -299,10 +403,6 @@ def run_benchmark(
         "channels_last": channels_last,
     }
     result = BenchmarkResult(meta=meta)
-    slow = {"integrated_gradients", "smoothgrad", "smoothfullgrad", "pytorch_grad_cam_fullgrad"}
-    # pytorch-grad-cam's FullGrad costs seconds per image (ANCHORS: 1.5 s on an H200):
-    # batch 1 and three repeats are enough to place it.
-    very_slow = {"pytorch_grad_cam_fullgrad": 1}
     generator = torch.Generator().manual_seed(0)
     iterator: Any = batch_sizes
     if progress:
@@ -315,10 +415,10 @@ def run_benchmark(
             x = x.contiguous(memory_format=torch.channels_last)
         target = torch.randint(0, 10, (batch,), generator=generator).to(device)
         active = {
-            n: f
-            for n, f in callables.items()
-            if (n not in slow or batch <= slow_methods_max_batch)
-            and batch <= very_slow.get(n, batch)
+            n: t
+            for n, t in callables.items()
+            if (not t.slow or batch <= slow_methods_max_batch)
+            and (t.max_batch is None or batch <= t.max_batch)
         }
         skipped = [n for n in callables if n not in active]
         times: Dict[str, List[float]] = {n: [] for n in active}
@@ -330,8 +430,9 @@ def run_benchmark(
         )
         with context(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            for name, fn in active.items():
-                for _ in range(1 if name in very_slow else warmup):
+            for name, timed in active.items():
+                fn = timed.fn
+                for _ in range(1 if timed.max_repeats is not None else warmup):
                     fn(x, target)
                 _sync(device)
                 if device.type == "cuda":
@@ -344,12 +445,12 @@ def run_benchmark(
                     peaks[name] = None
             # Interleave methods within each repeat: a slow spell of the machine hits all.
             for repeat in range(repeats):
-                for name, fn in active.items():
-                    if name in very_slow and repeat >= 3:
+                for name, timed in active.items():
+                    if timed.max_repeats is not None and repeat >= timed.max_repeats:
                         continue
                     _sync(device)
                     start = time.perf_counter()
-                    fn(x, target)
+                    timed.fn(x, target)
                     _sync(device)
                     times[name].append(time.perf_counter() - start)
             gap = _completeness_gap(model, x, target) if "fullgrad" in active else None
@@ -358,7 +459,6 @@ def run_benchmark(
             samples = sorted(times[name])
             median = statistics.median(samples)
             q1, q3 = _quartiles(samples)
-            note = f"n={noise_samples}" if name in ("smoothgrad", "smoothfullgrad") else ""
             measurement = Measurement(
                 method=name,
                 batch_size=batch,
@@ -369,13 +469,9 @@ def run_benchmark(
                 images_per_s=batch / median,
                 ratio_to_saliency=median / saliency_median,
                 peak_memory_mb=peaks.get(name),
-                memory_ratio_to_saliency=(
-                    peaks[name] / peaks["saliency"]
-                    if peaks.get(name) and peaks.get("saliency")
-                    else None
-                ),
+                memory_ratio_to_saliency=_ratio(peaks.get(name), peaks.get("saliency")),
                 completeness_gap=gap if name == "fullgrad" else None,
-                note=note,
+                note=active[name].note,
             )
             result.measurements.append(measurement)
         for name in skipped:
@@ -413,7 +509,11 @@ class _null:
         return None
 
 
-def _quartiles(samples: List[float]):
+def _ratio(value: Optional[float], reference: Optional[float]) -> Optional[float]:
+    return value / reference if value and reference else None
+
+
+def _quartiles(samples: List[float]) -> Tuple[float, float]:
     if len(samples) < 2:
         return samples[0], samples[0]
     q = statistics.quantiles(samples, n=4)
@@ -435,126 +535,15 @@ def write_results(result: BenchmarkResult, out_dir: Path, stem: str) -> List[Pat
 # ----------------------------------------------------------------------------- CLI
 
 
-def bench_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model",
-        default="vgg16_bn",
-        help="torchvision classifier name or module:function (default: vgg16_bn)",
-    )
-    parser.add_argument(
-        "--methods",
-        default=",".join(DEFAULT_BENCH_METHODS),
-        help="comma-separated methods (default: every built-in; pytorch_grad_cam_fullgrad only when installed)",
-    )
-    parser.add_argument(
-        "--batch-sizes", default="1,16,64", help="comma-separated batch sizes (default: 1,16,64)"
-    )
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    parser.add_argument("--input-size", type=int, default=224)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--noise-samples", type=int, default=DEFAULT_NOISE_SAMPLES)
-    parser.add_argument("--internal-batch-size", type=int, default=None)
-    parser.add_argument(
-        "--slow-max-batch",
-        type=int,
-        default=16,
-        help="largest batch for IG, noise tunnels, pytorch-grad-cam",
-    )
-    parser.add_argument(
-        "--out", default="bench-out", help="directory for bench.json, bench.md, bench.png"
-    )
-    parser.add_argument("--name", default="bench", help="file stem of the outputs (default: bench)")
-    parser.add_argument(
-        "--tf32",
-        action="store_true",
-        help="allow TF32 matmuls and convolutions on CUDA (as in ANCHORS)",
-    )
-    parser.add_argument(
-        "--cudnn-benchmark", action="store_true", help="let cuDNN autotune convolution algorithms"
-    )
-    parser.add_argument(
-        "--channels-last",
-        action="store_true",
-        help="model and inputs in channels-last memory format (every method alike)",
-    )
-
-
-def parse_int_list(text: str, what: str) -> List[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"{what} must be comma-separated integers, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise ValueError(f"{what} must be positive integers, got {text!r}")
-    return values
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m captum_fullgrad.benchmark``: the same as ``captum-fullgrad bench``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m captum_fullgrad.benchmark", description=__doc__.splitlines()[0]
-    )
-    bench_arguments(parser)
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    device = (
-        "cuda"
-        if args.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if args.device == "auto" else args.device)
-    )
-    try:
-        result = bench_from_args(args, torch.device(device), progress=not args.no_progress)
-    except ValueError as error:
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
-        return 2
-    for path in write_results(result, Path(args.out), args.name):
-        print(path)
-    print(result.to_markdown())
-    return 0
+    """``python -m captum_fullgrad.benchmark [options]``: ``captum-fullgrad bench [options]``.
 
+    The same options (``--threads``, ``--device`` included), errors and exit statuses: it
+    runs the command line's ``bench`` subcommand (:mod:`captum_fullgrad.cli.bench`).
+    """
+    from .cli import main as cli_main
 
-def bench_from_args(
-    args: argparse.Namespace, device: torch.device, progress: bool
-) -> BenchmarkResult:
-    """Run the benchmark described by parsed ``bench`` arguments (ValueError on bad input)."""
-    from .methods import available_methods
-
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    known = set(DEFAULT_BENCH_METHODS) | set(available_methods())
-    unknown = [m for m in methods if m not in known]
-    if unknown:
-        raise ValueError(
-            f"unknown method(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-        )
-    batch_sizes = parse_int_list(args.batch_sizes, "--batch-sizes")
-    if args.input_size < 32 or args.repeats < 1 or args.warmup < 0 or args.noise_samples < 1:
-        raise ValueError(
-            "--input-size must be >= 32, --repeats >= 1, --warmup >= 0, --noise-samples >= 1"
-        )
-    model = load_bench_model(args.model)
-    if args.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if args.cudnn_benchmark:
-        torch.backends.cudnn.benchmark = True
-    return run_benchmark(
-        model,
-        args.model,
-        methods=methods,
-        batch_sizes=batch_sizes,
-        device=device,
-        dtype=args.dtype,
-        input_size=args.input_size,
-        repeats=args.repeats,
-        warmup=args.warmup,
-        noise_samples=args.noise_samples,
-        internal_batch_size=args.internal_batch_size,
-        slow_methods_max_batch=args.slow_max_batch,
-        progress=progress,
-        channels_last=args.channels_last,
-    )
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

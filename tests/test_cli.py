@@ -13,7 +13,7 @@ import torchvision
 from torch import nn
 
 from captum_fullgrad import cli
-from captum_fullgrad.cli import main
+from captum_fullgrad.cli import _inputs, demo, main
 from captum_fullgrad.datasets import synthetic_shapes
 from captum_fullgrad.models import LoadedModel, ShapesVGG
 from captum_fullgrad.testing import randomize_parameters_
@@ -385,11 +385,12 @@ def test_imagenet_grid_when_weights_are_cached(tmp_path, monkeypatch):
         input_size=(32, 32),
         weights="VGG16_BN_Weights.IMAGENET1K_V1",
     )
-    monkeypatch.setattr(cli, "_imagenet_cached", lambda: (True, None, tmp_path / "vgg16_bn.pth"))
-    monkeypatch.setattr(cli, "_load_model", lambda name, weights, device: loaded)
-    section = cli._imagenet_section(
-        tmp_path, torch.device("cpu"), cli._methods("fullgrad,gradcam"), False, 4, False
+    monkeypatch.setattr(demo, "_imagenet_cached", lambda: (True, None, tmp_path / "vgg16_bn.pth"))
+    monkeypatch.setattr(_inputs, "load_model", lambda name, weights, device: loaded)
+    section, path = demo._imagenet_section(
+        tmp_path, torch.device("cpu"), _inputs.methods("fullgrad,gradcam"), False, 4, False
     )
+    assert path == tmp_path / "vgg16_bn_grid.png"
     assert "![VGG-16-BN grid](vgg16_bn_grid.png)" in section
     assert "| skimage chelsea |" in section and "| matplotlib grace_hopper |" in section
     assert_png(tmp_path / "vgg16_bn_grid.png")

@@ -1,0 +1,7 @@
+"""``python -m captum_fullgrad.cli``: the ``captum-fullgrad`` command line."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

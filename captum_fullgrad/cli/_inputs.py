@@ -1,0 +1,178 @@
+"""What the subcommands read: models, weights, images, method lists, devices.
+
+Every function turns a library error into :class:`~captum_fullgrad.cli._common.CliError`
+with a message in command-line terms (``--weights PATH|random``, not ``weights=...``).
+torch and the library are imported inside the functions, so importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple
+
+from ._common import CliError, bad_input, one_line
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """``--model`` (required) and ``--weights``."""
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="'shapes' (the bundled synthetic-shapes network) or a torchvision classifier "
+        "such as vgg16_bn",
+    )
+    parser.add_argument(
+        "--weights",
+        default="DEFAULT",
+        help="DEFAULT (pretrained: torch hub cache or download), a torchvision weights name "
+        "such as IMAGENET1K_V1, a path to a state dict file, or 'random' (default: DEFAULT)",
+    )
+
+
+def progress(args: argparse.Namespace) -> bool:
+    """A progress bar unless --no-progress or stderr is not a terminal."""
+    return not args.no_progress and sys.stderr.isatty()
+
+
+def device(spec: str) -> "torch.device":
+    """The ``--device`` value as a device that exists here (``auto``: CUDA when available)."""
+    from .._argtypes import resolve_device
+
+    with bad_input(ValueError):
+        return resolve_device(spec)
+
+
+def methods(
+    text: Optional[str], default: Optional[Sequence[str]] = None, option: str = "--methods"
+) -> List[Any]:
+    """The configured methods of a ``--methods`` value (``default`` when it is None: the
+    paper's Table 5), read by :func:`captum_fullgrad.methods.resolve_methods`."""
+    from ..methods import DEFAULT_TABLE5_METHODS, resolve_methods
+
+    with bad_input(ValueError, TypeError, prefix=f"{option}: "):
+        return resolve_methods(text, default=DEFAULT_TABLE5_METHODS if default is None else default)
+
+
+def _weights_message(exc: BaseException) -> str:
+    """A weights error in command-line terms: ``--weights PATH|random``, not ``load_model``."""
+    text = one_line(exc)
+    text = re.sub(r",? or pass weights=.*$", "", text).rstrip(" .")
+    if getattr(exc, "url", None) is not None:  # WeightsUnavailableError: what to fetch, where
+        return f"{text}, or pass --weights PATH (a state dict file) or --weights random"
+    return re.sub(r"\bor None\b", "or 'random'", text)
+
+
+def load_model(name: str, weights: str, device: "torch.device") -> Any:
+    """:func:`captum_fullgrad.models.load_model` for ``--model`` and ``--weights``."""
+    from ..models import load_model as load
+
+    spec: Any = None if weights.strip().lower() in ("random", "none") else weights
+    if spec is not None and spec != "DEFAULT" and Path(spec).expanduser().exists():
+        spec = Path(spec).expanduser()  # an existing file is a file, whatever its name
+    try:
+        return load(name, weights=spec, device=device)
+    except (ValueError, TypeError, OSError, KeyError) as exc:
+        raise CliError(_weights_message(exc)) from None
+    except RuntimeError as exc:  # torch.load on a corrupt file
+        raise CliError(
+            f"cannot load weights {weights!r} for model {name!r}: {one_line(exc)[:300]}"
+        ) from None
+
+
+def image_paths(items: Sequence[str]) -> List[Path]:
+    """The image files that ``items`` (files or directories of PNG/JPEG files) name."""
+    paths: List[Path] = []
+    for item in items:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            found = sorted(
+                p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            )
+            if not found:
+                raise CliError(f"directory {item!r} holds no PNG or JPEG image")
+            paths.extend(found)
+        elif path.is_file():
+            paths.append(path)
+        elif path.exists():
+            raise CliError(f"{item!r} is neither a file nor a directory")
+        else:
+            raise CliError(f"image {item!r} does not exist")
+    return paths
+
+
+def _decoder_message(exc: Exception) -> str:
+    text = one_line(exc)
+    # torchvision's messages start with "function, /path/to/source.cpp:LINE, ".
+    match = re.match(r"^\w+, \S+:\d+, (.*)$", text)
+    return (match.group(1) if match else text)[:200]
+
+
+def read_image(path: Path) -> "torch.Tensor":
+    """``(3, H, W)`` uint8 RGB image, or :class:`CliError`."""
+    import torchvision.io as tvio
+
+    try:
+        data = tvio.read_file(str(path))
+        image = tvio.decode_image(data, mode=tvio.ImageReadMode.RGB)
+    except (RuntimeError, OSError, ValueError) as exc:
+        raise CliError(f"cannot read image {str(path)!r}: {_decoder_message(exc)}") from None
+    if image.dim() == 4:  # animated GIF: first frame
+        image = image[0]
+    if image.dim() != 3 or image.shape[0] != 3 or min(image.shape[1:]) < 1:
+        raise CliError(
+            f"cannot read image {str(path)!r}: unexpected decoded shape {tuple(image.shape)}"
+        )
+    return image
+
+
+def prepare(loaded: Any, images: Sequence["torch.Tensor"]) -> Tuple["torch.Tensor", "torch.Tensor"]:
+    """Model inputs ``(N, C, H, W)`` (the model's transform, at its input size) and the same
+    pixels for display ``(N, 3, H, W)`` in [0, 1] (the transform's normalisation undone)."""
+    import torch
+    import torch.nn.functional as F
+
+    transform = loaded.transform
+    size = tuple(loaded.input_size)
+    inputs = []
+    for image in images:
+        x = transform(image)
+        if tuple(x.shape[-2:]) != size:
+            x = F.interpolate(
+                x[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False
+            )[0]
+        inputs.append(x)
+    batch = torch.stack(inputs).float()
+    mean = getattr(transform, "mean", None)
+    std = getattr(transform, "std", None)
+    if mean is not None and std is not None:
+        display = batch * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)
+    else:
+        display = batch
+    return batch, display.clamp(0.0, 1.0)
+
+
+def check_target(target: Optional[int], loaded: Any) -> None:
+    """``--target`` must be one of the model's classes."""
+    if target is not None and not 0 <= target < len(loaded.categories):
+        raise CliError(
+            f"--target {target}: model {loaded.name!r} has {len(loaded.categories)} classes "
+            f"(0 to {len(loaded.categories) - 1})"
+        )
+
+
+def weights_label(loaded: Any) -> str:
+    """How a figure title names the loaded weights."""
+    if loaded.weights is None:
+        return "random weights"
+    if loaded.weights == "DEFAULT":
+        return "bundled weights"
+    return Path(loaded.weights).name if os.sep in str(loaded.weights) else str(loaded.weights)

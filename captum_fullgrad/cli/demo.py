@@ -1,0 +1,446 @@
+"""``captum-fullgrad demo``: the offline demo on the bundled synthetic-shapes network.
+
+Writes ``DIR/comparison_grid.png`` (+ ``.pdf``, the seed paper's Table 5 on held-out
+scenes), ``DIR/decomposition.png`` (its Figure 1), and ``DIR/report.md``: held-out
+accuracy, the decomposition's terms, pointing-game hit rates and time per method, and the
+completeness gap of eq. 1. Where VGG-16-BN's ImageNet weights are in the torch hub cache
+(it never downloads), also ``DIR/vgg16_bn_grid.png`` on sample photos shipped with
+scikit-image, matplotlib and scikit-learn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+
+from .._argtypes import add_runtime_options, positive_int
+from . import _inputs, _outputs
+from ._common import EXIT_OK, Command
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+# The demo's data: held-out scenes (the bundled model was trained on seed 0 and reports its
+# held-out accuracy on seed 10000; see benchmarks/train_shapes.py).
+DEMO_SEED = 10_000
+DEMO_GRID_DPI = 120
+# The sample photos shipped with scikit-image (all present offline).
+SKIMAGE_PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
+#: The files every run writes into DIR (``vgg16_bn_grid.png`` too when it is made).
+DEMO_FILES = ("comparison_grid.png", "comparison_grid.pdf", "decomposition.png", "report.md")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="demo-out", help="output directory (default: demo-out)")
+    parser.add_argument(
+        "--n-images", type=positive_int, default=6, help="rows of the comparison grid (default: 6)"
+    )
+    parser.add_argument(
+        "--n-eval",
+        type=positive_int,
+        default=200,
+        help="held-out images for the accuracy (default: 200)",
+    )
+    parser.add_argument(
+        "--n-pointing",
+        type=positive_int,
+        default=100,
+        help="images for the pointing game and timings (default: 100)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=DEMO_SEED,
+        help=f"seed of the held-out scenes (default: {DEMO_SEED})",
+    )
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=25, help="images per method call (default: 25)"
+    )
+    parser.add_argument("--methods", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--pointing-methods", default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--skip-imagenet",
+        action="store_true",
+        help="skip the VGG-16-BN grid even when its weights are cached",
+    )
+    add_runtime_options(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..datasets import SHAPE_CLASSES, synthetic_shapes
+    from ..evaluation import pointing_game
+    from ..figures import (
+        attribution_maps,
+        comparison_grid,
+        decomposition_figure,
+        decomposition_summary,
+    )
+    from ..full_gradient import FullGradient
+    from ..methods import DEFAULT_TABLE5_METHODS, available_methods
+
+    started = time.perf_counter()
+    out = _outputs.output_directory(args.out)
+    grid_methods = _inputs.methods(args.methods)
+    # Every registered method for the pointing game: Table 5's columns, then the rest.
+    every = [
+        *DEFAULT_TABLE5_METHODS,
+        *(m for m in available_methods() if m not in DEFAULT_TABLE5_METHODS),
+    ]
+    pointing_methods = _inputs.methods(
+        args.pointing_methods, default=every, option="--pointing-methods"
+    )
+    device = _inputs.device(args.device)
+    progress = _inputs.progress(args)
+    loaded = _inputs.load_model("shapes", "DEFAULT", device)
+    model = loaded.model
+
+    # 1. Held-out accuracy of the bundled model.
+    n_total = max(args.n_eval, args.n_pointing, args.n_images)
+    images, labels, masks = synthetic_shapes(n_total, seed=args.seed)
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, args.n_eval, 200):
+            stop = min(start + 200, args.n_eval)
+            logits = model(loaded.transform(images[start:stop]).to(device))
+            correct += int((logits.argmax(1).cpu() == labels[start:stop]).sum())
+    accuracy = correct / args.n_eval
+    _outputs.make_dir(out, "output directory")
+
+    # 2. Table 5 on the first images, predicted classes.
+    grid_inputs = loaded.transform(images[: args.n_images]).to(device)
+    grid_maps = attribution_maps(
+        model, grid_inputs, None, grid_methods, batch_size=args.batch_size, progress=progress
+    )
+    grid = comparison_grid(
+        model,
+        grid_inputs,
+        categories=loaded.categories,
+        display_images=images[: args.n_images],
+        precomputed=grid_maps,
+        row_labels=[f"#{i} true: {SHAPE_CLASSES[int(labels[i])]}" for i in range(args.n_images)],
+        title=f"Bundled 'shapes' VGG on held-out scenes (seed {args.seed})",
+    )
+    # 64 px scenes: 120 dpi still draws each of their pixels 3 x 3 and keeps the PNG small.
+    _outputs.save(grid, out / "comparison_grid.png", dpi=DEMO_GRID_DPI)
+    _outputs.save(grid, out / "comparison_grid.pdf")
+
+    # 3. Figure 1 on the first image.
+    summary = decomposition_summary(model, grid_inputs[0])
+    figure = decomposition_figure(
+        model,
+        grid_inputs[0],
+        categories=loaded.categories,
+        display_image=images[0],
+        summary=summary,
+    )
+    _outputs.save(figure, out / "decomposition.png")
+
+    # 4. Pointing game and timings, explaining the true class.
+    inputs = loaded.transform(images[: args.n_pointing]).to(device)
+    truth = labels[: args.n_pointing]
+    pointing = attribution_maps(
+        model, inputs, truth, pointing_methods, batch_size=args.batch_size, progress=progress
+    )
+    object_masks = masks[: args.n_pointing]
+    hits = {
+        name: pointing_game(maps[:, 0], object_masks, tolerance=0)
+        for name, maps in pointing.maps.items()
+    }
+    chance = float(object_masks.flatten(1).float().mean(1).mean())
+
+    # 5. Completeness of eq. 1 (FullGradient's convergence delta) on the same images.
+    gaps, outputs = [], []
+    for start in range(0, args.n_pointing, args.batch_size):
+        part = inputs[start : start + args.batch_size]
+        target = truth[start : start + args.batch_size].to(device)
+        _, delta = FullGradient(model).attribute(
+            part, target=target, return_convergence_delta=True, single_channel=True
+        )
+        with torch.no_grad():
+            outputs.append(model(part).gather(1, target[:, None])[:, 0].cpu())
+        gaps.append(delta.detach().cpu())
+    gap = torch.cat(gaps).double()
+    output = torch.cat(outputs).double()
+
+    # 6. The ImageNet grid, where VGG-16-BN's weights are cached.
+    imagenet, vgg_grid = _imagenet_section(
+        out, device, grid_methods, progress, args.batch_size, args.skip_imagenet
+    )
+
+    wall = time.perf_counter() - started
+    report = _demo_report(
+        args=args,
+        loaded=loaded,
+        accuracy=accuracy,
+        grid_maps=grid_maps,
+        summary=summary,
+        pointing=pointing,
+        hits=hits,
+        chance=chance,
+        gap=gap,
+        output=output,
+        imagenet=imagenet,
+        device=device,
+        wall=wall,
+    )
+    _outputs.write_text(out / "report.md", report)
+    written = [*DEMO_FILES[:-1], *([vgg_grid.name] if vgg_grid is not None else []), "report.md"]
+    print(f"wrote {', '.join(written)} in {out} ({wall:.1f} s)")
+    return EXIT_OK
+
+
+def sample_photos() -> List[Tuple[str, Any]]:
+    """The sample photos shipped with scikit-image, scikit-learn (if installed) and matplotlib.
+
+    Returns ``(name, (H, W, 3) uint8 array)`` pairs; all are read offline.
+    """
+    import numpy as np
+    import skimage.data
+
+    photos: List[Tuple[str, Any]] = []
+    for name in SKIMAGE_PHOTOS:
+        photos.append((f"skimage {name}", np.asarray(getattr(skimage.data, name)())))
+    try:
+        from sklearn.datasets import load_sample_images
+    except ImportError:
+        pass
+    else:
+        bunch = load_sample_images()
+        for filename, array in zip(bunch.filenames, bunch.images):
+            photos.append((f"sklearn {Path(filename).stem}", np.asarray(array)))
+    try:
+        import matplotlib.cbook
+        import matplotlib.image
+
+        path = matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
+        photos.append(("matplotlib grace_hopper", np.asarray(matplotlib.image.imread(path))))
+    except (OSError, ValueError):  # pragma: no cover - matplotlib installed without sample data
+        pass
+    return [(name, np.array(array[..., :3], dtype=np.uint8, copy=True)) for name, array in photos]
+
+
+def _imagenet_cached() -> Tuple[bool, Any, Path]:
+    from torchvision.models import VGG16_BN_Weights
+
+    from ..models import weights_cache_path
+
+    weights = VGG16_BN_Weights.IMAGENET1K_V1
+    path = weights_cache_path(weights)
+    return path.is_file(), weights, path
+
+
+def _imagenet_section(
+    out: Path,
+    device: "torch.device",
+    methods: List[Any],
+    progress: bool,
+    batch_size: int,
+    skip: bool,
+) -> Tuple[str, Optional[Path]]:
+    """Make ``vgg16_bn_grid.png`` when VGG-16-BN's ImageNet weights are in the torch hub
+    cache (never downloads); return the report's section about it and the grid's path
+    (None when not made)."""
+    import torch
+
+    cached, weights, path = _imagenet_cached()
+    if skip:
+        return "Skipped (`--skip-imagenet`).\n", None
+    if not cached:
+        return (
+            f"Not made: the ImageNet weights of VGG-16-BN are not in the torch hub cache "
+            f"(`{path}`), and the demo never downloads. To get the grid, fetch them once on a "
+            f"machine with network access:\n\n"
+            '```\npython -c "import torchvision; '
+            "torchvision.models.vgg16_bn(weights='IMAGENET1K_V1')\"\n```\n\n"
+            f"or download {weights.url} and place it in `{path.parent}` under the name "
+            f"`{path.name}` (set `TORCH_HOME` to use another cache), then rerun "
+            f"`captum-fullgrad demo`. The grid then shows the sample photos shipped with "
+            f"scikit-image, matplotlib and (if installed) scikit-learn.\n"
+        ), None
+
+    from ..figures import attribution_maps, comparison_grid
+
+    loaded = _inputs.load_model("vgg16_bn", "DEFAULT", device)
+    photos = sample_photos()
+    images = [torch.from_numpy(array).permute(2, 0, 1).contiguous() for _, array in photos]
+    inputs, display = _inputs.prepare(loaded, images)
+    inputs = inputs.to(device)
+    started = time.perf_counter()
+    maps = attribution_maps(
+        loaded.model, inputs, None, methods, batch_size=min(batch_size, 4), progress=progress
+    )
+    figure = comparison_grid(
+        loaded.model,
+        inputs,
+        categories=loaded.categories,
+        display_images=display,
+        precomputed=maps,
+        row_labels=[name for name, _ in photos],
+        title="VGG-16-BN (ImageNet) on sample photos",
+    )
+    grid_path = out / "vgg16_bn_grid.png"
+    _outputs.save(figure, grid_path)
+    seconds = time.perf_counter() - started
+    lines = [
+        "![VGG-16-BN grid](vgg16_bn_grid.png)\n",
+        f"{len(photos)} photos, {seconds:.1f} s for all maps on {device.type}. Predictions:\n",
+        "| photo | predicted class | p |",
+        "|---|---|---|",
+    ]
+    for row, ((name, _), k) in enumerate(zip(photos, maps.predictions.tolist())):
+        lines.append(
+            f"| {name} | {loaded.categories[k]} | {float(maps.probabilities[row, k]):.3f} |"
+        )
+    return "\n".join(lines) + "\n", grid_path
+
+
+def _demo_report(
+    *,
+    args: argparse.Namespace,
+    loaded: Any,
+    accuracy: float,
+    grid_maps: Any,
+    summary: Any,
+    pointing: Any,
+    hits: Dict[str, "torch.Tensor"],
+    chance: float,
+    gap: "torch.Tensor",
+    output: "torch.Tensor",
+    imagenet: str,
+    device: "torch.device",
+    wall: float,
+) -> str:
+    import captum
+    import torch
+
+    from .. import __version__
+    from ..methods import get_method
+
+    n = args.n_pointing
+    relative = gap.abs() / output.abs().clamp_min(1e-12)
+    rows = []
+    for name in pointing.maps:
+        count = int(hits[name].sum())
+        per_image = 1000.0 * pointing.seconds[name] / n
+        method = get_method(name)
+        shown = (*_SHOWN_PARAMS, *method.cost_params)  # and whatever bounds its time
+        params = ", ".join(f"{k}={v}" for k, v in method.parameters.items() if k in shown) or "-"
+        rows.append(
+            f"| {pointing.labels[name]} (`{name}`) | {count}/{n} | {count / n:.0%} "
+            f"| {per_image:.3g} | {params} |"
+        )
+    generated = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    tf32_note = (
+        "\nOn CUDA, convolutions run in TF32 by default "
+        f"(`torch.backends.cudnn.allow_tf32 = {torch.backends.cudnn.allow_tf32}` here), which "
+        "holds completeness to about 1e-3 relative; exactness checks belong in float64.\n"
+        if device.type == "cuda"
+        else ""
+    )
+    sources = ", ".join(summary.non_spatial_sources) or "none"
+    reproduce = (
+        f"captum-fullgrad demo --out {args.out} --n-images {args.n_images} --n-eval {args.n_eval} "
+        f"--n-pointing {args.n_pointing} --seed {args.seed}"
+    )
+    block_lines = "\n".join(
+        f"| `{block}` | {value:+.5g} |" for block, value in summary.block_terms.items()
+    )
+    return f"""# captum-fullgrad demo report
+
+Generated {generated} by `captum-fullgrad demo` in {wall:.1f} s
+(device: {device.type}; torch {torch.__version__}, captum {captum.__version__},
+captum-fullgrad {__version__}, Python {platform.python_version()}).
+
+## The model and the data
+
+The bundled `shapes` network (a 4-block conv-BN-ReLU VGG trained on synthetic scenes,
+classes {", ".join(loaded.categories)}) on held-out scenes of seed {args.seed} (the training
+scenes come from seed 0). Each scene has exactly one class-deciding object, whose pixel mask
+is known, plus distractor rings and bars.
+
+Held-out accuracy: **{accuracy:.1%}** on {args.n_eval} scenes.
+
+## Comparison grid (the paper's Table 5)
+
+![comparison grid](comparison_grid.png)
+
+Rows: the first {args.n_images} held-out scenes, labelled with the predicted class and its
+softmax probability (and the true class). Columns: the image, then each method's map for
+the predicted class. Normalisation: every map is divided by its own 99th percentile and
+clipped to [0, 1], one colour map for all, so the maps compare in shape, not in scale.
+Also as [PDF](comparison_grid.pdf).
+
+## Full-Jacobian decomposition (the paper's Figure 1)
+
+![decomposition](decomposition.png)
+
+For scene #0: f(x) = {summary.output:.6g} (logit of '{loaded.categories[summary.target]}').
+
+| term | share of f(x) |
+|---|---|
+| input term `<grad f, x>` | {summary.input_term:+.5g} |
+{block_lines}
+| non-spatial biases ({sources}) | {summary.non_spatial:+.5g} |
+| **sum** | **{summary.total:+.6g}** |
+| completeness gap f(x) - sum | {summary.completeness_gap:.2e} |
+
+## Pointing game and time per image
+
+{n} held-out scenes, explaining the true class. A hit: every pixel where the map attains its
+maximum lies on the class-deciding object's mask (tolerance 0 px; ties must all hit, as in
+`captum_fullgrad.evaluation.pointing_game`). Chance level (a single random pixel): the mean
+object area, **{chance:.1%}** of the image. Time: wall-clock per image on {device.type},
+batches of {args.batch_size}, including each method's own forward passes.
+
+| method | hits | hit rate | ms / image | parameters |
+|---|---|---|---|---|
+{chr(10).join(rows)}
+
+## Completeness of eq. 1
+
+FullGradient's convergence delta, f(x) - (<grad f, x> + sum of all bias-Jacobians), on the
+same {n} scenes (float32; |f(x)| up to {float(output.abs().max()):.3g}):
+
+| max abs gap | max relative gap | mean abs gap |
+|---|---|---|
+| {float(gap.abs().max()):.2e} | {float(relative.max()):.2e} | {float(gap.abs().mean()):.2e} |
+{tf32_note}
+## VGG-16-BN on ImageNet sample photos
+
+{imagenet}
+## Reproduce
+
+```
+{reproduce}
+```
+"""
+
+
+_SHOWN_PARAMS = (
+    "n_steps",
+    "baseline",
+    "nt_samples",
+    "noise",
+    "postprocess",
+    "reduce",
+    "interpolate_mode",
+)
+
+
+COMMAND = Command(
+    "demo",
+    "offline demo: comparison grid, decomposition figure and report on the shapes model",
+    add_arguments,
+    run,
+    description="Run the bundled synthetic-shapes network on held-out scenes and write "
+    "DIR/comparison_grid.png (+ .pdf), DIR/decomposition.png and DIR/report.md (accuracy, "
+    "completeness gaps, time per method, pointing-game hit rates). Where VGG-16-BN's "
+    "ImageNet weights are in the torch hub cache, also DIR/vgg16_bn_grid.png on sample photos.",
+    epilog="example: captum-fullgrad demo --out demo-out",
+)
