@@ -22,7 +22,7 @@ export PYTHONPATH="$PWD:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFF
 # 1. CUDA tests (and the CUDA parts of the evaluation metrics).
 timeout 120 python3 -m pytest -q -m cuda -p no:cacheprovider tests 2>&1 | tail -15 | tee "$out/cuda_tests.txt"
 
-# 2. Speed, float32 with TF32 and cuDNN autotuning as in ANCHORS.md: every method, batch 1/16/64.
+# 2. Speed, float32 with TF32 and cuDNN autotuning (as users run it): every method, batch 1/16/64.
 timeout 200 python3 -m captum_fullgrad.benchmark --model vgg16_bn --batch-sizes 1,16,64 --repeats 10 --warmup 3 \
   --tf32 --cudnn-benchmark --no-progress --out "$out" --name bench_fp32 > "$out/bench_fp32.log" 2>&1
 tail -16 "$out/bench_fp32.log"

@@ -1,4 +1,4 @@
-"""Intercepts of single operations: ``c_g = g(a) - J_g(a) a`` (DESIGN-NOTES, seed section 3.2).
+"""Intercepts of single operations: ``c_g = g(a) - J_g(a) a`` (seed section 3.2, docs/math.md).
 
 Every operation ``y = g(a)`` of the forward pass whose inputs ``a`` depend on the network
 input is linearised exactly at the current point, ``y = J_g(a) a + c_g``; chaining these
@@ -14,6 +14,11 @@ a constant such as a class token) and for products of graph tensors (``a * b``, 
 degree-``k`` multilinear maps have ``c = (1 - k) g(a)``). Everything else is linearised by
 forward-mode automatic differentiation, ``J_g(a) a = jvp(g, a, a)``, which uses PyTorch's own
 derivative formulas and so agrees with the backward pass that produces ``df/dy_g``.
+
+Each closed form is one registry entry at the end of this module: :func:`register_rule`
+routes torch functions to a rule of the trace, :func:`register_activation` gives an
+element-wise activation its closed form in the trace and in the replay (its functional
+names and its module types); see docs/extending.md.
 """
 
 from __future__ import annotations
@@ -514,8 +519,6 @@ class _Activation:
 
 
 def _hardtanh_call(args: Sequence[Any], kwargs: Dict[str, Any], func: Callable) -> Tuple[Any, ...]:
-    if op_name(func) == "relu6":
-        return (0.0, 6.0)
     return (_arg(args, kwargs, 1, "min_val", -1.0), _arg(args, kwargs, 2, "max_val", 1.0))
 
 
@@ -526,58 +529,12 @@ def _elu_call(args: Sequence[Any], kwargs: Dict[str, Any], func: Callable) -> Tu
     return (alpha, _arg(args, kwargs, 2, "scale", 1.0), _arg(args, kwargs, 3, "input_scale", 1.0))
 
 
-_aten = torch.ops.aten
-_ACTIVATIONS: Dict[str, _Activation] = {
-    "silu": _Activation(lambda a, y: _aten.silu_backward(a, a)),
-    "gelu": _Activation(
-        lambda a, y, approximate: _aten.gelu_backward(a, a, approximate=approximate),
-        call_parameters=lambda args, kwargs, func: (_arg(args, kwargs, 1, "approximate", "none"),),
-        module_parameters=lambda module: (module.approximate,),
-    ),
-    "hardswish": _Activation(lambda a, y: _aten.hardswish_backward(a, a)),
-    "hardsigmoid": _Activation(lambda a, y: _aten.hardsigmoid_backward(a, a)),
-    "mish": _Activation(lambda a, y: _aten.mish_backward(a, a)),
-    "softplus": _Activation(
-        lambda a, y, beta, threshold: _aten.softplus_backward(a, a, beta, threshold),
-        call_parameters=lambda args, kwargs, func: (
-            _arg(args, kwargs, 1, "beta", 1.0),
-            _arg(args, kwargs, 2, "threshold", 20.0),
-        ),
-        module_parameters=lambda module: (float(module.beta), float(module.threshold)),
-    ),
-    "elu": _Activation(
-        lambda a, y, alpha, scale, input_scale: _aten.elu_backward(
-            a, alpha, scale, input_scale, False, a
-        ),
-        call_parameters=_elu_call,
-        module_parameters=lambda module: (float(module.alpha), 1.0, 1.0),
-    ),
-    "hardtanh": _Activation(
-        lambda a, y, low, high: _aten.hardtanh_backward(y, y, low, high),
-        reads="output",
-        call_parameters=_hardtanh_call,
-        module_parameters=lambda module: (float(module.min_val), float(module.max_val)),
-    ),
-    "sigmoid": _Activation(lambda a, y: _aten.sigmoid_backward(a, y), reads="both"),
-    "tanh": _Activation(lambda a, y: _aten.tanh_backward(a, y), reads="both"),
-}
-_ACTIVATIONS["relu6"] = _ACTIVATIONS["hardtanh"]
-
+# What the trace and the replay read for each closed-form activation; filled only by
+# register_activation (below), never edited by hand.
+_ACTIVATIONS: Dict[str, _Activation] = {}
 # Leaf activation modules whose ``forward`` is exactly their functional op: a capture plan
 # (captum_fullgrad.replay) finds their intercepts with a forward hook instead of a trace.
-_ACTIVATION_MODULES: Dict[type, str] = {
-    torch.nn.Hardtanh: "hardtanh",
-    torch.nn.ReLU6: "hardtanh",
-    torch.nn.SiLU: "silu",
-    torch.nn.GELU: "gelu",
-    torch.nn.Hardswish: "hardswish",
-    torch.nn.Hardsigmoid: "hardsigmoid",
-    torch.nn.Mish: "mish",
-    torch.nn.ELU: "elu",
-    torch.nn.Softplus: "softplus",
-    torch.nn.Sigmoid: "sigmoid",
-    torch.nn.Tanh: "tanh",
-}
+_ACTIVATION_MODULES: Dict[type, str] = {}
 
 
 def activation_settings(module: torch.nn.Module) -> Optional[Tuple[Any, ...]]:
@@ -618,7 +575,7 @@ def activation_linear_part(
 def _elementwise(
     ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]
 ) -> OpResult:
-    """``c = g(a) - g'(a) a`` for the common activations, with ``g'(a) a`` from the backward kernel."""
+    """``c = g(a) - g'(a) a`` for a registered activation, ``g'(a) a`` from its backward kernel."""
     a = _arg(args, kwargs, 0, "input")
     name = op_name(func)
     activation = _ACTIVATIONS[name]
@@ -697,8 +654,8 @@ def _generic(
                 constants = _double_backward_intercepts(call, saved, output_positions)
         except (RuntimeError, NotImplementedError) as error:
             warnings.warn(
-                f"captum_fullgrad: could not linearise `{op_name(func)}` ({error}); its intercept is "
-                "missing and the completeness delta will show the gap.",
+                f"captum_fullgrad: could not linearise `{op_name(func)}` ({error}); its "
+                "intercept is missing and the completeness delta will show the gap.",
                 RuntimeWarning,
                 stacklevel=3,
             )
@@ -747,7 +704,7 @@ def _forward_mode_intercepts(
 def _double_backward_intercepts(
     call: Callable[..., Any], primals: List[Tensor], positions: List[int]
 ) -> List[Tensor]:
-    """``J a`` as the derivative of ``<J^T v, a>`` with respect to ``v``, for ops without forward AD."""
+    """``J a`` as the derivative of ``<J^T v, a>`` in ``v``, for ops without forward AD."""
     with torch.enable_grad():
         leaves = [p.detach().clone().requires_grad_(True) for p in primals]
         flat, _ = tree_flatten(call(*[leaf.clone() for leaf in leaves]))
@@ -773,13 +730,14 @@ def _double_backward_intercepts(
 # ------------------------------------------------------------------- rule table
 _ZERO_NAMES = """
 view view_as reshape reshape_as permute transpose t flatten unflatten squeeze unsqueeze expand
-expand_as contiguous clone __getitem__ narrow select index_select gather take split split_with_sizes
-chunk unbind tensor_split repeat tile flip fliplr flipud roll rot90 movedim moveaxis swapaxes swapdims
-unfold mean sum neg negative __neg__ __pos__ positive float double half bfloat16 to type type_as cpu
-cuda relu relu_ leaky_relu leaky_relu_ prelu max_pool1d max_pool2d max_pool3d max_pool1d_with_indices
-max_pool2d_with_indices max_pool3d_with_indices dropout dropout1d dropout2d dropout3d feature_dropout
-pixel_shuffle pixel_unshuffle channel_shuffle native_channel_shuffle fold diagonal diag diag_embed
-tril triu trace cumsum abs absolute amax amin __get__ identity
+expand_as contiguous clone __getitem__ narrow select index_select gather take split
+split_with_sizes chunk unbind tensor_split repeat tile flip fliplr flipud roll rot90 movedim
+moveaxis swapaxes swapdims unfold mean sum neg negative __neg__ __pos__ positive float double
+half bfloat16 to type type_as cpu cuda relu relu_ leaky_relu leaky_relu_ prelu max_pool1d
+max_pool2d max_pool3d max_pool1d_with_indices max_pool2d_with_indices max_pool3d_with_indices
+dropout dropout1d dropout2d dropout3d feature_dropout pixel_shuffle pixel_unshuffle
+channel_shuffle native_channel_shuffle fold diagonal diag diag_embed tril triu trace cumsum abs
+absolute amax amin __get__ identity
 """.split()
 _CHANNEL_FIRST_ZERO_NAMES = """
 avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d
@@ -787,58 +745,221 @@ adaptive_max_pool1d adaptive_max_pool2d adaptive_max_pool3d adaptive_max_pool1d_
 adaptive_max_pool2d_with_indices adaptive_max_pool3d_with_indices lp_pool1d lp_pool2d lp_pool3d
 interpolate upsample upsample_nearest upsample_bilinear
 """.split()
-_NAMED_RULES: Dict[str, Callable[..., OpResult]] = {
-    **{
-        n: _conv
-        for n in "conv1d conv2d conv3d conv_transpose1d conv_transpose2d conv_transpose3d".split()
-    },
-    "linear": _linear,
-    "batch_norm": _batch_norm,
-    **{
-        n: _add_sub
-        for n in "add sub subtract rsub __add__ __radd__ __iadd__ __sub__ __rsub__ __isub__ add_ sub_".split()
-    },
-    **{n: _mul for n in "mul multiply __mul__ __rmul__ __imul__ mul_".split()},
-    **{n: _div for n in "div divide true_divide __truediv__ __itruediv__ div_".split()},
-    **{
-        n: _multilinear
-        for n in "matmul __matmul__ __rmatmul__ mm bmm mv dot inner outer einsum".split()
-    },
-    **{n: _cat for n in "cat concat concatenate stack hstack vstack dstack".split()},
-    "pad": _pad,
-    **{n: _normalisation for n in "layer_norm group_norm rms_norm instance_norm".split()},
-    **{
-        n: _elementwise
-        for n in "silu silu_ gelu hardswish hardswish_ hardsigmoid hardsigmoid_ hardtanh hardtanh_ relu6 relu6_ mish mish_ softplus elu elu_ sigmoid tanh".split()
-    },
-    **{n: _zero for n in _ZERO_NAMES},
-    **{n: _channel_first_zero for n in _CHANNEL_FIRST_ZERO_NAMES},
-}
 
 
-def _build_rule_table() -> Dict[Callable, Callable[..., OpResult]]:
-    table: Dict[Callable, Callable[..., OpResult]] = {}
-    namespaces = (torch, torch.Tensor, F, torch._C._nn, torch._C._VariableFunctions)
-    for name, rule in _NAMED_RULES.items():
-        for namespace in namespaces:
+# --------------------------------------------------------------- registry
+# One entry per closed-form operation: ``register_rule`` routes torch functions to a rule
+# of the trace; ``register_activation`` adds an element-wise activation to every table
+# the trace and the replay read. docs/extending.md ("An intercept rule") walks through it.
+
+Rule = Callable[[Context, Callable, Sequence[Any], Dict[str, Any]], OpResult]
+
+# The rule of each torch function the trace knows (anything else: the generic rule).
+RULES: Dict[Callable, Rule] = {}
+
+_NAMESPACES = (torch, torch.Tensor, F, torch._C._nn, torch._C._VariableFunctions)
+
+_MISSING = object()
+
+
+class Registration:
+    """What one ``register_…`` call added; :meth:`remove` restores the tables as they were
+    (tests register toy rules and take them out again)."""
+
+    def __init__(self) -> None:
+        self._undo: List[Tuple[Dict[Any, Any], Any, Any]] = []
+
+    def _set(self, table: Dict[Any, Any], key: Any, value: Any) -> None:
+        self._undo.append((table, key, table.get(key, _MISSING)))
+        table[key] = value
+
+    def remove(self) -> None:
+        """Take this registration's entries out (restoring any entry it replaced)."""
+        for table, key, previous in reversed(self._undo):
+            if previous is _MISSING:
+                table.pop(key, None)
+            else:
+                table[key] = previous
+        self._undo.clear()
+
+
+def _torch_functions(names: Sequence[str]) -> List[Callable]:
+    """Every torch callable named ``names``: the function, the method, ``F.*`` and the
+    C bindings, which a ``TorchFunctionMode`` may each see."""
+    found: List[Callable] = []
+    for name in names:
+        if name == "__get__":  # properties (.T, .mT): matched by name in apply_rule
+            continue
+        for namespace in _NAMESPACES:
             func = getattr(namespace, name, None)
-            if func is None or name == "__get__":
-                continue
-            try:
-                table[func] = rule
-            except TypeError:  # unhashable
-                pass
-    return table
+            if func is not None:
+                found.append(func)
+    return found
 
 
-RULES: Dict[Callable, Callable[..., OpResult]] = _build_rule_table()
+def register_rule(
+    names: Sequence[str], rule: Rule, functions: Sequence[Callable] = ()
+) -> Registration:
+    """Route the torch functions called ``names`` (in ``torch``, ``torch.Tensor``,
+    ``torch.nn.functional`` and the C bindings), and the callables ``functions``, to ``rule``.
+
+    ``rule(ctx, func, args, kwargs)`` must run ``func(*args, **kwargs)`` once and return an
+    :class:`OpResult` with the intercept ``c = g(a) - J_g(a) a`` of each graph output
+    (``ctx.is_graph`` tells which arguments depend on the network input). Only the trace
+    uses it; a function without a rule is linearised by forward-mode AD (:func:`_generic`).
+    """
+    registration = Registration()
+    for func in [*_torch_functions(list(names)), *functions]:
+        try:
+            registration._set(RULES, func, rule)
+        except TypeError:  # unhashable
+            pass
+    return registration
+
+
+def register_activation(
+    name: str,
+    linear_part: Callable[..., Tensor],
+    functions: Sequence[str] = (),
+    modules: Sequence[type] = (),
+    reads: str = "input",
+    call_parameters: Optional[Callable[..., Tuple[Any, ...]]] = None,
+    module_parameters: Optional[Callable[[torch.nn.Module], Tuple[Any, ...]]] = None,
+) -> Registration:
+    """Give the element-wise activation ``name`` a closed-form intercept in the trace and
+    in the replay: ``c = g(a) - g'(a) a`` with ``g'(a) a = linear_part(a, y, *parameters)``.
+
+    Args:
+        name: the op's name as :func:`op_name` gives it (``"celu"``).
+        linear_part: ``g'(a) a`` from the op's input ``a``, output ``y`` and parameters;
+            best the op's own backward kernel with ``a`` as the output gradient, so the
+            values are the derivative that the backward pass applies (eq. 1 stays exact).
+        functions: the torch function names routed to it (default: ``name`` and its
+            in-place ``name_``).
+        modules: leaf module types whose ``forward`` is exactly this op (the replay hooks
+            them; subclasses are not matched).
+        reads: ``"input"``, ``"output"`` or ``"both"``: what ``linear_part`` needs. An
+            in-place call overwrites the input: ``"input"`` is read before the call;
+            under ``"both"`` in-place calls go to the generic rule (and in-place modules
+            get no plan), which is also the choice when the in-place op's derivative
+            formula differs from the out-of-place one.
+        call_parameters: ``(args, kwargs, func) -> parameters`` of a functional call.
+        module_parameters: ``module -> parameters``, the same values from a module.
+    """
+    if reads not in ("input", "output", "both"):
+        raise ValueError(f"reads must be 'input', 'output' or 'both', got {reads!r}.")
+    activation = _Activation(
+        linear_part,
+        reads=reads,
+        call_parameters=call_parameters or (lambda args, kwargs, func: ()),
+        module_parameters=module_parameters or (lambda module: ()),
+    )
+    registration = register_rule(list(functions) or [name, f"{name}_"], _elementwise)
+    registration._set(_ACTIVATIONS, name, activation)
+    for module_type in modules:
+        registration._set(_ACTIVATION_MODULES, module_type, name)
+    return registration
+
+
+_aten = torch.ops.aten
+register_activation("silu", lambda a, y: _aten.silu_backward(a, a), modules=[torch.nn.SiLU])
+register_activation(
+    "gelu",
+    lambda a, y, approximate: _aten.gelu_backward(a, a, approximate=approximate),
+    functions=["gelu"],
+    modules=[torch.nn.GELU],
+    call_parameters=lambda args, kwargs, func: (_arg(args, kwargs, 1, "approximate", "none"),),
+    module_parameters=lambda module: (module.approximate,),
+)
+register_activation(
+    "hardswish", lambda a, y: _aten.hardswish_backward(a, a), modules=[torch.nn.Hardswish]
+)
+register_activation(
+    "hardsigmoid", lambda a, y: _aten.hardsigmoid_backward(a, a), modules=[torch.nn.Hardsigmoid]
+)
+register_activation("mish", lambda a, y: _aten.mish_backward(a, a), modules=[torch.nn.Mish])
+register_activation(
+    "softplus",
+    lambda a, y, beta, threshold: _aten.softplus_backward(a, a, beta, threshold),
+    functions=["softplus"],
+    modules=[torch.nn.Softplus],
+    call_parameters=lambda args, kwargs, func: (
+        _arg(args, kwargs, 1, "beta", 1.0),
+        _arg(args, kwargs, 2, "threshold", 20.0),
+    ),
+    module_parameters=lambda module: (float(module.beta), float(module.threshold)),
+)
+register_activation(
+    "elu",
+    lambda a, y, alpha, scale, input_scale: _aten.elu_backward(
+        a, alpha, scale, input_scale, False, a
+    ),
+    modules=[torch.nn.ELU],
+    call_parameters=_elu_call,
+    module_parameters=lambda module: (float(module.alpha), 1.0, 1.0),
+)
+
+
+def _hardtanh_linear_part(a: Tensor, y: Tensor, low: float, high: float) -> Tensor:
+    # y 1[low < y < high] = a 1[low < a < high]: the output suffices (in-place calls too).
+    return _aten.hardtanh_backward(y, y, low, high)
+
+
+register_activation(
+    "hardtanh",
+    _hardtanh_linear_part,
+    modules=[torch.nn.Hardtanh, torch.nn.ReLU6],  # ReLU6.forward is hardtanh(x, 0, 6)
+    reads="output",
+    call_parameters=_hardtanh_call,
+    module_parameters=lambda module: (float(module.min_val), float(module.max_val)),
+)
+register_activation(
+    "relu6",
+    _hardtanh_linear_part,
+    reads="output",
+    call_parameters=lambda args, kwargs, func: (0.0, 6.0),
+)
+register_activation(
+    "sigmoid",
+    lambda a, y: _aten.sigmoid_backward(a, y),
+    functions=["sigmoid"],
+    modules=[torch.nn.Sigmoid],
+    reads="both",
+)
+register_activation(
+    "tanh",
+    lambda a, y: _aten.tanh_backward(a, y),
+    functions=["tanh"],
+    modules=[torch.nn.Tanh],
+    reads="both",
+)
+
+register_rule(
+    "conv1d conv2d conv3d conv_transpose1d conv_transpose2d conv_transpose3d".split(), _conv
+)
+register_rule(["linear"], _linear)
+register_rule(["batch_norm"], _batch_norm)
+register_rule(
+    "add sub subtract rsub __add__ __radd__ __iadd__ __sub__ __rsub__ __isub__ add_ sub_".split(),
+    _add_sub,
+)
+register_rule("mul multiply __mul__ __rmul__ __imul__ mul_".split(), _mul)
+register_rule("div divide true_divide __truediv__ __itruediv__ div_".split(), _div)
+register_rule(
+    "matmul __matmul__ __rmatmul__ mm bmm mv dot inner outer einsum".split(), _multilinear
+)
+register_rule("cat concat concatenate stack hstack vstack dstack".split(), _cat)
+register_rule(["pad"], _pad)
+register_rule("layer_norm group_norm rms_norm instance_norm".split(), _normalisation)
+register_rule(_ZERO_NAMES, _zero)
+register_rule(_CHANNEL_FIRST_ZERO_NAMES, _channel_first_zero)
 
 
 def apply_rule(
     ctx: Context, func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]
 ) -> OpResult:
     """Run ``func`` and return its value with the intercepts of its graph outputs."""
-    rule = RULES.get(func)
+    rule: Optional[Rule] = RULES.get(func)
     if rule is None:
         if getattr(func, "__name__", "") == "__get__":
             rule = _zero  # properties such as .T and .mT are linear

@@ -9,11 +9,15 @@ intercept ``c_g`` of each output and registers a tensor hook on that output. Dur
 single backward pass the hook receives ``df/dy_g`` and hands ``(source, gradient)`` to a
 *collector*, which reduces it at once (eq. 4 maps, the completeness sum) or keeps it (the
 full bias-Jacobians of eq. 1). A hook registered on the output before any later in-place
-operation receives the gradient of that output, not of what overwrote it (ANCHORS: the
-in-place trap).
+operation receives the gradient of that output, not of what overwrote it (an in-place
+activation would otherwise hand over its own gradient; see docs/math.md).
 
 Module forward hooks give each source a readable name (the innermost module's qualified
 name); they and the mode are removed when the capture ends, also on error.
+
+:func:`forward_backward` meets a capture plan (:mod:`captum_fullgrad.replay`) through two
+small protocols: a :class:`Recorder` is what records the sources of one forward pass (this
+module's :class:`Capture`, or a plan's replay) and a :class:`Plan` makes one.
 """
 
 from __future__ import annotations
@@ -207,6 +211,33 @@ class Collector(Protocol):
     def on_source(self, source: BiasSource) -> None: ...
 
     def on_gradient(self, source: BiasSource, grad: Tensor) -> None: ...
+
+
+class Recorder(Protocol):
+    """What records the bias sources of one forward pass: the traced :class:`Capture` or a
+    plan's :class:`~captum_fullgrad.replay.Replay`.
+
+    A context manager around the forward pass; on exit ``sources`` holds every source in
+    the order the forward pass made them, each hooked so that the collector receives its
+    gradient during the backward pass, and ``failed_ops`` names every operation whose
+    intercept is missing. :meth:`remove_gradient_hooks` detaches those hooks once the
+    backward pass is done (or abandoned).
+    """
+
+    sources: List[BiasSource]
+    failed_ops: List[str]
+
+    def __enter__(self) -> "Recorder": ...
+
+    def __exit__(self, *exc: Any) -> None: ...
+
+    def remove_gradient_hooks(self) -> None: ...
+
+
+class Plan(Protocol):
+    """What replays a traced call (:class:`~captum_fullgrad.replay.CapturePlan`)."""
+
+    def replay(self, inputs: Tensor, collector: Collector) -> Recorder: ...
 
 
 class _GraphTracker:
@@ -604,7 +635,8 @@ class Capture:
             # Its share of f(x) cannot be split per example: report, never guess.
             self.failed_ops.append(f"{name} (no batch axis)")
             warnings.warn(
-                f"captum_fullgrad: the output of `{name}` has no batch axis the capture could follow; "
+                f"captum_fullgrad: the output of `{name}` has no batch axis the capture could "
+                "follow; "
                 "its intercept is missing and the completeness delta shows the gap. Attribute one "
                 "example at a time (internal_batch_size=1) for an exact decomposition.",
                 RuntimeWarning,
@@ -705,7 +737,7 @@ class Capture:
         return lambda grad: collector.on_gradient(source, grad)
 
     def _fold_into_batch_norm(self, conv_output: Tensor, batch_norm: BiasSource) -> None:
-        """One reduction for a conv-BN pair: df/dz_conv = gamma / sqrt(var + eps) * df/dy_bn in eval.
+        """One reduction for a conv-BN pair: in eval, df/dz_conv = gamma / sqrt(var + eps) df/dy_bn.
 
         Exact only while the convolution's output feeds nothing but this BatchNorm;
         :meth:`_unfold` restores the convolution's own hook as soon as anything else reads it.
@@ -743,7 +775,7 @@ def _spatial_shape(shape: Sequence[int], layout: str) -> Tuple[int, ...]:
 def _removed_dims(
     name: str, rank: int, args: Sequence[Any], kwargs: Dict[str, Any]
 ) -> Optional[List[int]]:
-    """The input axes that integer indexing removes (``x[0]``, ``x[:, 1]``, ``select``, ``unbind``)."""
+    """The input axes that integer indexing removes (``x[0]``, ``x[:, 1]``, ``select``...)."""
     if name == "__getitem__" and args:
         index = args[0] if isinstance(args[0], tuple) else (args[0],)
         if len(index) > rank or not all(
@@ -804,7 +836,7 @@ class Pass:
     failed_ops: List[str]
     # What recorded the sources: the Capture (a CapturePlan can be made from it) or the
     # plan's replay.
-    recorder: Any = None
+    recorder: Optional[Recorder] = None
 
 
 def forward_backward(
@@ -814,7 +846,7 @@ def forward_backward(
     additional_forward_args: Tuple[Any, ...],
     collector: Collector,
     create_graph: bool = False,
-    plan: Any = None,
+    plan: Optional[Plan] = None,
 ) -> Pass:
     """One forward pass under capture, then one backward pass to the input.
 
@@ -836,7 +868,7 @@ def forward_backward(
         x = inputs.clone()
     x.requires_grad_(True)
     with torch.enable_grad():
-        recorder = (
+        recorder: Recorder = (
             Capture(forward_func, x, collector) if plan is None else plan.replay(x, collector)
         )
         with recorder as capture:

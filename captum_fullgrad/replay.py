@@ -42,7 +42,7 @@ import dataclasses
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -56,7 +56,7 @@ from ._intercepts import (
     normalisation_op,
     normalisation_settings,
 )
-from .capture import BiasSource, Capture, Collector, register_gradient_hook
+from .capture import BiasSource, Capture, Collector, Recorder, register_gradient_hook
 
 __all__ = ["CapturePlan", "PlanCache", "ReplayMismatch", "call_signature", "plans_for"]
 
@@ -228,8 +228,9 @@ class CapturePlan:
         }
 
     @classmethod
-    def record(cls, capture: Capture) -> Optional["CapturePlan"]:
-        """The plan of a traced call, or ``None`` when it cannot be replayed exactly."""
+    def record(cls, capture: Optional[Recorder]) -> Optional["CapturePlan"]:
+        """The plan of a traced call, or ``None`` when it cannot be replayed exactly (or
+        ``capture`` is not a :class:`~captum_fullgrad.capture.Capture`: a replay's record)."""
         if (
             not isinstance(capture, Capture)
             or capture.failed_ops
@@ -322,7 +323,9 @@ def _with_intercept(template: BiasSource, intercept: Intercept) -> BiasSource:
     return source
 
 
-def _foreach_pairs(op: Any, tensors: List[Tensor], others: List[Optional[Tensor]]) -> None:
+def _foreach_pairs(
+    op: Callable[..., Any], tensors: List[Tensor], others: List[Optional[Tensor]]
+) -> None:
     """``op(tensors[i], others[i])`` in place for every ``i`` whose ``others[i]`` is set."""
     pairs = [(t, o) for t, o in zip(tensors, others) if o is not None]
     if pairs:
@@ -508,7 +511,9 @@ def _both_factors_computed(node: Any) -> bool:
     )
 
 
-def _deliver(on_gradient: Any, source: BiasSource, grad: Optional[Tensor]) -> None:
+def _deliver(
+    on_gradient: Callable[[BiasSource, Tensor], None], source: BiasSource, grad: Optional[Tensor]
+) -> None:
     if grad is not None:
         on_gradient(source, grad)
 
@@ -545,7 +550,7 @@ def _argument_signature(value: Any) -> Hashable:
 
 
 class PlanCache:
-    """The plans of one attribution object, by :func:`call_signature`, least recently used first out.
+    """The plans of one attribution object, by :func:`call_signature`, least recently used out.
 
     A signature whose replay did not follow its plan twice is traced from then on.
     """

@@ -166,7 +166,8 @@ def test_completeness_on_every_construct():
 
 
 def test_in_place_activation_modules_give_the_same_decomposition():
-    """ANCHORS trap: an in-place ReLU overwrites the conv output that a forward hook saved."""
+    """The in-place trap (docs/math.md): an in-place ReLU overwrites the conv output that a
+    forward hook saved."""
     torch.manual_seed(0)
 
     def make(inplace: bool) -> nn.Module:

@@ -7,6 +7,8 @@ for ``g`` is ``sum(c)``; ``J a`` is measured independently as the central differ
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -174,7 +176,7 @@ def test_products_constants_and_concatenation():
         "where_clamp": lambda t: torch.clamp(t, -0.5, 0.5),
     }
     a = torch.randn(2, 4, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    for name, g in cases.items():
+    for g in cases.values():
         _check(g, a)
 
 
@@ -296,3 +298,90 @@ def _torch_norm_calls():
 def test_direct_torch_calls_read_their_own_argument_order(name):
     a = torch.randn(2, 4, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 2
     _check(_torch_norm_calls()[name], a)
+
+
+# ------------------------------------------------------------ registering a closed form
+# The worked example of docs/extending.md ("An intercept rule"): CELU, which the package
+# linearises by forward-mode AD, given a closed form in one call and taken out again.
+
+
+def _extending_example() -> str:
+    """The Python block of docs/extending.md's "An intercept rule" section."""
+    text = (Path(__file__).parents[1] / "docs" / "extending.md").read_text()
+    section = text.split("## An intercept rule", 1)[1].split("\n## ", 1)[0]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def _register_celu(calls: list, monkeypatch):
+    """Run the documented example, counting the calls of its closed form."""
+    from captum_fullgrad import _intercepts
+
+    registrations = []
+    original = _intercepts.register_activation
+
+    def counting(name, linear_part, **kwargs):
+        def counted(*args):
+            calls.append(name)
+            return linear_part(*args)
+
+        registrations.append(original(name, counted, **kwargs))
+        return registrations[-1]
+
+    monkeypatch.setattr(_intercepts, "register_activation", counting)
+    exec(compile(_extending_example(), "docs/extending.md", "exec"), {})
+    monkeypatch.undo()
+    (registration,) = registrations
+    return registration
+
+
+def _celu_network() -> nn.Module:
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.CELU(alpha=0.7),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.CELU(alpha=1.3),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16, 3),
+    )
+    return _randomised(model.double())
+
+
+def test_a_registered_activation_equals_the_generic_rule_and_replays(monkeypatch):
+    from captum_fullgrad import FullGradient
+    from captum_fullgrad._intercepts import activation_settings
+    from captum_fullgrad.replay import plans_for
+
+    model = _celu_network()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    x = x * 2
+    generic = full_jacobian(model, x, target=1)
+    FullGradient(model).attribute(x, target=1)
+    assert len(plans_for(model)) == 0  # unregistered: CELU is an unfamiliar module
+
+    calls: list = []
+    registration = _register_celu(calls, monkeypatch)
+    try:
+        closed = full_jacobian(model, x, target=1)
+        assert calls, "the trace did not use the registered closed form"
+        assert list(closed.bias_jacobians) == list(generic.bias_jacobians)
+        for name, value in generic.bias_jacobians.items():
+            torch.testing.assert_close(closed.bias_jacobians[name], value, rtol=1e-12, atol=1e-13)
+        assert closed.completeness_delta.abs().max() < 1e-12
+
+        fullgrad = FullGradient(model)
+        fullgrad.attribute(x, target=1)  # traced: records a plan
+        assert len(plans_for(model)) == 1
+        replayed, delta = fullgrad.attribute(x * 0.5, target=1, return_convergence_delta=True)
+        traced, traced_delta = FullGradient(model, reuse_capture=False).attribute(
+            x * 0.5, target=1, return_convergence_delta=True
+        )
+        torch.testing.assert_close(replayed, traced, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(delta, traced_delta, rtol=0, atol=1e-12)
+    finally:
+        registration.remove()
+        plans_for(model).clear()
+    assert activation_settings(nn.CELU()) is None
+    from captum_fullgrad._intercepts import RULES
+
+    assert F.celu not in RULES and torch.celu not in RULES

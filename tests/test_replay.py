@@ -7,7 +7,7 @@ import torch
 from captum.attr import NoiseTunnel
 from torch import nn
 
-from captum_fullgrad import FullGradient
+from captum_fullgrad import FullGradient, full_jacobian
 from captum_fullgrad import capture as capture_module
 from captum_fullgrad.replay import CapturePlan, Replay
 from captum_fullgrad.testing import randomize_parameters_
@@ -544,3 +544,105 @@ def vgg_like() -> nn.Module:
         nn.Linear(5 * 8 * 8, 3),
     )
     return randomize_parameters_(model.double(), 0).eval()
+
+
+# ------------------------------------------------------------- guards, each for its bug
+# Each test below fails on a mutant that the rest of the suite passed: a silent wrong
+# result, not an exception.
+
+
+def test_a_replaced_bias_parameter_is_read_not_served_from_the_cache(recorders):
+    """A layer's bias Parameter replaced by a new one (not folded into a BatchNorm): the
+    replay reads the new bias, it does not serve the source built from the old one."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 5, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(20, 3),
+    )
+    model = randomize_parameters_(model.double(), 0).eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+
+    def replace():
+        model[2].bias = nn.Parameter(model[2].bias.detach() + 0.7)
+        model[6].bias = nn.Parameter(model[6].bias.detach() - 0.4)
+
+    _replay_matches_trace(model, x, replace)
+    assert recorders.kinds == ["Capture", "Replay", "Replay", "Capture"]  # it did replay
+
+
+class Routed(nn.Module):
+    """Routing by a flag (as in a mixture of experts): ``bn_a`` or ``bn_b``, the same number
+    of calls and the same shapes either way; only the module identity differs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn_a = nn.BatchNorm2d(4)
+        self.bn_b = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 2)
+        self.route = "a"
+
+    def forward(self, x):
+        bn = self.bn_a if self.route == "a" else self.bn_b
+        return self.head(torch.relu(bn(self.conv(x))).mean((2, 3)))
+
+
+def test_a_forward_routed_to_another_module_of_the_same_shape_is_not_replayed(recorders):
+    model = randomize_parameters_(Routed().double(), 0).eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    fullgrad = FullGradient(model)
+    _attribute(fullgrad, x, target=1)
+    model.route = "b"
+    routed, delta = _attribute(fullgrad, x, target=1)
+    traced, traced_delta = _attribute(FullGradient(model, reuse_capture=False), x, target=1)
+    torch.testing.assert_close(routed, traced, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(delta, traced_delta, rtol=0, atol=1e-12)
+    # The replay saw bn_b where the plan has bn_a, and the call was traced instead.
+    assert recorders.kinds == ["Capture", "Capture", "Capture"]
+
+
+class _AddHalf(torch.autograd.Function):
+    """An intercept the capture cannot see (a custom autograd Function)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x + 0.5
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class _Hidden(nn.Module):
+    def forward(self, x):
+        return _AddHalf.apply(x)
+
+
+def test_the_replayed_delta_has_the_traced_sign_and_size(recorders):
+    """With a real completeness gap (an intercept hidden in a custom autograd Function),
+    the replay's delta is the trace's and the decomposition's, sign included: a flipped
+    sign in one of them cannot hide behind ``abs()``, whichever convention they share."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        _Hidden(),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 2),
+    )
+    model = randomize_parameters_(model.double(), 0).eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    fullgrad = FullGradient(model)
+    _attribute(fullgrad, x, target=1)
+    _, replayed_delta = _attribute(fullgrad, x, target=1)
+    _, traced_delta = _attribute(FullGradient(model, reuse_capture=False), x, target=1)
+    decomposed_delta = full_jacobian(model, x, target=1).completeness_delta
+    assert recorders.kinds == ["Capture", "Replay", "Capture"]
+    assert (traced_delta.abs() > 1e-3).all()  # a real gap, so the sign means something
+    torch.testing.assert_close(replayed_delta, traced_delta, rtol=1e-12, atol=0)
+    torch.testing.assert_close(traced_delta, decomposed_delta.to(traced_delta), rtol=1e-12, atol=0)
