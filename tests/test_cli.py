@@ -637,3 +637,25 @@ def test_extending_a_subcommand(capsys, monkeypatch):
         *("classes", "--model", "shapes", "--grep", "nothing"),
         match="--grep 'nothing': no class of model 'shapes' matches",
     )
+
+
+def test_param_option_reaches_the_registry():
+    """The shared ``--param METHOD.NAME=VALUE`` reading (for any subcommand that adds it)."""
+    parser = cli._common.Parser(prog="x")
+    _inputs.add_param_option(parser)
+    args = parser.parse_args(
+        ["--param", "Integrated-Gradients.n_steps=5", "--param", "gradcam.layer=layer4"]
+    )
+    params = _inputs.method_params(args.param)
+    assert params == {"integrated_gradients": {"n_steps": 5}, "gradcam": {"layer": "layer4"}}
+    ig, gradcam = _inputs.methods("integrated_gradients,gradcam", params=params)
+    assert ig.params == {"n_steps": 5} and gradcam.params == {"layer": "layer4"}
+    with pytest.raises(cli.CliError, match="expected METHOD.NAME=VALUE"):
+        parser.parse_args(["--param", "n_steps=5"])
+    for bad, message in (
+        ({"integrated_gradients": {"n_steps": 0}}, "--param: integrated_gradients: n_steps must"),
+        ({"integrated_gradients": {"steps": 3}}, "--param: method 'integrated_gradients' has no"),
+        ({"smoothgrad": {"nt_samples": 3}}, "--param: parameters given for method 'smoothgrad'"),
+    ):
+        with pytest.raises(cli.CliError, match=message):
+            _inputs.methods("integrated_gradients,gradcam", params=bad)
