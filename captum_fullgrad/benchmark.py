@@ -535,6 +535,16 @@ def write_results(result: BenchmarkResult, out_dir: Path, stem: str) -> List[Pat
 # ----------------------------------------------------------------------------- CLI
 
 
+def __getattr__(name: str) -> Any:
+    # The command-line helpers moved to captum_fullgrad.cli.bench; the old names still work.
+    moved = {"bench_arguments": "add_arguments", "bench_from_args": "bench_from_args"}
+    if name in (*moved, "parse_int_list"):
+        from .cli import bench
+
+        return getattr(bench, moved.get(name, name))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m captum_fullgrad.benchmark [options]``: ``captum-fullgrad bench [options]``.
 

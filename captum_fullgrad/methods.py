@@ -283,47 +283,64 @@ def is_int_or_none(value: Any) -> None:
 
 def is_one_of(*choices: Any) -> ParameterCheck:
     """A check that the value is one of ``choices``."""
-
-    def check(value: Any) -> None:
-        if value not in choices:
-            raise ValueError(f"must be one of {list(choices)}, got {value!r}")
-
-    return check
+    return _OneOf(choices)
 
 
 def is_optional(check: ParameterCheck) -> ParameterCheck:
     """``check``, with None also accepted."""
+    return _Optional(check)
 
-    def optional(value: Any) -> None:
+
+# Checks and validators are small classes rather than closures, so that a configured
+# method pickles (to worker processes, for instance) like its function does.
+@dataclass(frozen=True)
+class _OneOf:
+    choices: Tuple[Any, ...]
+
+    def __call__(self, value: Any) -> None:
+        if value not in self.choices:
+            raise ValueError(f"must be one of {list(self.choices)}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class _Optional:
+    check: ParameterCheck
+
+    def __call__(self, value: Any) -> None:
         if value is not None:
-            check(value)
+            self.check(value)
 
-    return optional
+
+@dataclass(frozen=True)
+class _Validator:
+    """Checks a variant's overrides: each overridden parameter's check, then
+    ``validate(**effective parameters)`` for rules that involve several parameters."""
+
+    name: str
+    checks: Mapping[str, ParameterCheck]
+    validate: Optional[Callable[..., None]]
+
+    def __call__(self, overrides: Mapping[str, Any], effective: Mapping[str, Any]) -> None:
+        for parameter, value in overrides.items():
+            check = self.checks.get(parameter)
+            if check is None:
+                continue
+            try:
+                check(value)
+            except ValueError as exc:
+                raise ValueError(f"{self.name}: {parameter} {exc}") from None
+        if self.validate is not None:
+            self.validate(**effective)
 
 
 def _validator(
     name: str,
     checks: Mapping[str, ParameterCheck],
     validate: Optional[Callable[..., None]],
-) -> Optional[Callable[[Mapping[str, Any], Mapping[str, Any]], None]]:
-    """One function checking overrides: each overridden parameter's check, then
-    ``validate(**effective parameters)`` for rules that involve several parameters."""
+) -> Optional[_Validator]:
     if not checks and validate is None:
         return None
-
-    def run(overrides: Mapping[str, Any], effective: Mapping[str, Any]) -> None:
-        for parameter, value in overrides.items():
-            check = checks.get(parameter)
-            if check is None:
-                continue
-            try:
-                check(value)
-            except ValueError as exc:
-                raise ValueError(f"{name}: {parameter} {exc}") from None
-        if validate is not None:
-            validate(**effective)
-
-    return run
+    return _Validator(name, dict(checks), validate)
 
 
 # --------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from torch import nn
 
 from captum_fullgrad.benchmark import DEFAULT_BENCH_METHODS, main, run_benchmark, write_results
@@ -88,6 +89,8 @@ def test_command_line_entry_point(tmp_path, capsys):
             "--device",
             "cpu",
             "--no-progress",
+            "--threads",  # docs/cli.md says python -m captum_fullgrad.benchmark takes it
+            "1",
         ]
     )
     assert code == 0
@@ -150,3 +153,29 @@ def test_channels_last_runs_every_method_in_that_format():
         "fullgrad_traced",
         "gradcam",
     }
+
+
+def test_command_line_helpers_keep_their_old_names():
+    import argparse
+
+    from captum_fullgrad import benchmark
+    from captum_fullgrad.cli import bench
+
+    assert benchmark.bench_arguments is bench.add_arguments
+    assert benchmark.bench_from_args is bench.bench_from_args
+    assert benchmark.parse_int_list("1,16", "--batch-sizes") == [1, 16]
+    parser = argparse.ArgumentParser()
+    benchmark.bench_arguments(parser)
+    # The CLI states the default without importing torch: it must be the benchmark's.
+    assert parser.parse_args([]).noise_samples == benchmark.DEFAULT_NOISE_SAMPLES
+
+
+def test_unknown_and_repeated_methods_are_named():
+    from captum_fullgrad.benchmark import resolve_bench_methods
+
+    with pytest.raises(ValueError, match="unknown method 'magic'; known: forward, saliency"):
+        resolve_bench_methods("fullgrad,magic")
+    with pytest.raises(ValueError, match="repeated: fullgrad"):
+        resolve_bench_methods(["fullgrad", "FullGrad"])
+    entries = resolve_bench_methods("forward, Integrated-Gradients")
+    assert entries[0] == "forward" and entries[1].name == "integrated_gradients"

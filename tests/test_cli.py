@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import matplotlib.image
@@ -17,6 +21,7 @@ from captum_fullgrad.cli import _inputs, demo, main
 from captum_fullgrad.datasets import synthetic_shapes
 from captum_fullgrad.models import LoadedModel, ShapesVGG
 from captum_fullgrad.testing import randomize_parameters_
+from tests.test_benchmark import tiny_cnn
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DPI = 150  # save_figure's default
@@ -249,6 +254,22 @@ def _bad_cases(bad):
             "unknown model",
         ),
         "missing --out": (["decompose", "--model", "shapes", "--image", good], "--out"),
+        "unknown weights name": (compare + ["--weights", "nonsense", "--images", good], "'random'"),
+        "pretrained weights not cached": (
+            ["compare", "--model", "resnet18", "--methods", "gradcam", "--images", good],
+            "or pass --weights PATH (a state dict file) or --weights random",
+        ),
+        "repeated method": (
+            compare[:3] + ["--methods", "fullgrad,gradcam,FullGrad", "--images", good],
+            "--methods: each method may appear once; repeated: fullgrad",
+        ),
+        "no method": (compare[:3] + ["--methods", " , ", "--images", good], "at least one"),
+        "evaluate without masks": (
+            ["evaluate", "--model", "resnet18", "--n", "2"],
+            "only generated for: shapes",
+        ),
+        "unimportable --import": (["--import", "no_such_module_xyz", "compare"], "--import"),
+        "unknown command": (["colour"], "invalid choice: 'colour'"),
     }
 
 
@@ -262,7 +283,8 @@ def test_bad_input(case, capsys, bad_files, tmp_path):
     if "--out" not in [str(a) for a in argv] and case != "missing --out":
         argv = argv + ["--out", out_path]
     before = files_in(bad_files)
-    assert_bad_input(capsys, *argv, match=match)
+    err = assert_bad_input(capsys, *argv, match=match)
+    assert "load_model" not in err and "weights=" not in err  # CLI terms, not the library's
     assert not Path(out_path).exists()
     assert files_in(tmp_path) == []
     assert files_in(bad_files) == before
@@ -321,6 +343,8 @@ def test_demo_small(capsys, tmp_path):
         "decomposition.png",
         "report.md",
     ]
+    closing = stdout.strip().splitlines()[-1]
+    assert all(name in closing for name in demo.DEMO_FILES) and "vgg16" not in closing
     # 2 rows x (image + 6 Table-5 methods + colour bar)
     dpi = cli.DEMO_GRID_DPI
     assert_png(
@@ -394,3 +418,244 @@ def test_imagenet_grid_when_weights_are_cached(tmp_path, monkeypatch):
     assert "![VGG-16-BN grid](vgg16_bn_grid.png)" in section
     assert "| skimage chelsea |" in section and "| matplotlib grace_hopper |" in section
     assert_png(tmp_path / "vgg16_bn_grid.png")
+
+
+# ---------------------------------------------------------------------------------------
+# The common exit path, the entry points and lazy imports
+# ---------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def python(*args, **kwargs):
+    """Run the venv's Python on the package of this checkout."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, env=env, timeout=300, **kwargs
+    )
+
+
+def test_ctrl_c_exits_130_quietly(capsys, monkeypatch):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    command = cli.Command("stop", "raises KeyboardInterrupt", lambda parser: None, interrupted)
+    monkeypatch.setattr(cli, "COMMANDS", [*cli.COMMANDS, command])
+    assert run(capsys, "stop") == (130, "", "")
+
+
+def test_ctrl_c_signal_exits_130_without_traceback(tmp_path):
+    script = tmp_path / "sleeper.py"
+    script.write_text(
+        "import sys, time\n"
+        "from captum_fullgrad import cli\n"
+        "def run(args):\n"
+        "    print('ready', flush=True)\n"
+        "    time.sleep(120)\n"
+        "    return 0\n"
+        "cli.COMMANDS.append(cli.Command('sleep', 'sleeps', lambda parser: None, run))\n"
+        "sys.exit(cli.main(['sleep']))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert process.stdout.readline().strip() == "ready"
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130 and err == ""
+
+
+def test_help_imports_neither_torch_nor_the_library():
+    result = python(
+        "-c",
+        "import sys\n"
+        "from captum_fullgrad.cli import main\n"
+        "codes = [main(['--help']), main(['compare', '--help']), main(['demo', '--help'])]\n"
+        "print('RESULT', codes, sorted(m for m in ('torch', 'captum', 'matplotlib', "
+        "'captum_fullgrad.full_gradient') if m in sys.modules))\n",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "RESULT [0, 0, 0] []"
+
+
+def test_python_dash_m_runs_the_same_cli():
+    for module in ("captum_fullgrad", "captum_fullgrad.cli"):
+        result = python("-m", module, "--version")
+        assert (result.returncode, result.stdout) == (0, "captum-fullgrad 0.1.0\n"), result.stderr
+        result = python("-m", module, "compare", "--model", "shapes")
+        assert result.returncode == 2 and result.stderr.count("\n") == 1
+        assert result.stderr.startswith("captum-fullgrad: error: the following arguments")
+
+
+def test_python_dash_m_benchmark_is_bench_with_threads():
+    result = python("-m", "captum_fullgrad.benchmark", "--help")
+    assert result.returncode == 0, result.stderr
+    assert "usage: captum-fullgrad bench" in result.stdout and "--threads" in result.stdout
+    assert "--noise-samples" in result.stdout
+
+
+def test_every_option_parser_builds():
+    parser = cli.build_parser()
+    args = parser.parse_args(["bench", "--threads", "2", "--methods", "fullgrad"])
+    assert args.threads == 2 and args._run is cli.load_command("bench").run
+    assert {c.name for c in cli.COMMANDS} >= {"demo", "compare", "decompose", "bench", "evaluate"}
+
+
+def test_demo_names_every_file_it_wrote(capsys, tmp_path, monkeypatch):
+    """With VGG-16-BN's weights 'cached' (a stand-in model), the closing line names its grid."""
+    from torchvision.transforms._presets import ImageClassification
+
+    stand_in = LoadedModel(
+        model=randomize_parameters_(TinyImageNet()).eval(),
+        transform=ImageClassification(crop_size=32, resize_size=36),
+        categories=["a", "b", "c", "d", "e"],
+        name="vgg16_bn",
+        input_size=(32, 32),
+        weights="VGG16_BN_Weights.IMAGENET1K_V1",
+    )
+    load = _inputs.load_model
+    monkeypatch.setattr(demo, "_imagenet_cached", lambda: (True, None, tmp_path / "vgg16_bn.pth"))
+    monkeypatch.setattr(
+        _inputs,
+        "load_model",
+        lambda name, weights, device: (
+            stand_in if name == "vgg16_bn" else load(name, weights, device)
+        ),
+    )
+    out = tmp_path / "demo"
+    status, stdout, err = run(
+        capsys,
+        *("demo", "--out", out, "--n-images", "1", "--n-eval", "4", "--n-pointing", "2"),
+        *("--methods", "fullgrad", "--pointing-methods", "fullgrad", "--no-progress"),
+    )
+    assert status == 0, err
+    written = sorted(os.listdir(out))
+    assert written == sorted([*demo.DEMO_FILES, "vgg16_bn_grid.png"])
+    closing = stdout.strip().splitlines()[-1]
+    assert closing.startswith("wrote ") and str(out) in closing
+    for name in written:
+        assert name in closing, (name, closing)
+
+
+# ---------------------------------------------------------------------------------------
+# docs/extending.md: its worked examples, run as written
+# ---------------------------------------------------------------------------------------
+
+
+def docs_code(section, index):
+    """The ``index``-th Python block of section ``## <section>`` of docs/extending.md."""
+    text = (REPO / "docs" / "extending.md").read_text()
+    body = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", body, re.S)[index]
+
+
+@pytest.fixture
+def clean_registry():
+    from captum_fullgrad import methods
+
+    saved = dict(methods._REGISTRY)
+    yield
+    methods._REGISTRY.clear()
+    methods._REGISTRY.update(saved)
+
+
+def test_extending_a_method(capsys, image_dir, tmp_path, monkeypatch, clean_registry):
+    from captum_fullgrad.benchmark import run_benchmark
+    from captum_fullgrad.methods import get_method, resolve_methods
+
+    (tmp_path / "my_methods.py").write_text(docs_code("A method", 0))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "my_methods", raising=False)
+    out = tmp_path / "grid.png"
+    status, stdout, err = run(
+        capsys,
+        *("--import", "my_methods", "compare", "--model", "shapes", "--images"),
+        *(image_dir / "a.png", "--out", out, "--methods", "fullgrad,noisy_gradient"),
+    )
+    assert status == 0, err
+    assert_png(out)
+    # What the second block of the page states.
+    method = get_method("noisy_gradient", n_samples=4)
+    assert (method.passes, method.stochastic, method.fast().passes) == (4, True, 2)
+    with pytest.raises(ValueError, match="noisy_gradient: n_samples must be a positive"):
+        get_method("noisy_gradient", n_samples=0)
+    assert [m.name for m in resolve_methods("fullgrad,noisy_gradient")] == [
+        "fullgrad",
+        "noisy_gradient",
+    ]
+    # The traits at work: slow beyond --slow-max-batch, --noise-samples draws.
+    result = run_benchmark(
+        tiny_cnn(),
+        "tiny",
+        methods=["noisy_gradient"],
+        batch_sizes=(1, 2),
+        input_size=32,
+        repeats=1,
+        warmup=0,
+        noise_samples=3,
+        slow_methods_max_batch=1,
+    )
+    rows = {(m.method, m.batch_size): m for m in result.measurements}
+    assert rows[("noisy_gradient", 1)].repeats == 1 and rows[("noisy_gradient", 1)].note == "n=3"
+    assert (
+        rows[("noisy_gradient", 2)].repeats == 0 and "skipped" in rows[("noisy_gradient", 2)].note
+    )
+
+
+def test_extending_a_subcommand(capsys, monkeypatch):
+    import importlib.util
+
+    from captum_fullgrad.models import load_model
+
+    name = "captum_fullgrad.cli.classes"
+    source = docs_code("A subcommand", 0)
+    spec = importlib.util.spec_from_loader(name, loader=None)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    exec(compile(source, "docs/extending.md", "exec"), module.__dict__)
+    registry_line = {}
+    exec(docs_code("A subcommand", 1), registry_line)
+    listed = registry_line["COMMAND_MODULES"]
+    assert listed[-1] == "classes" and set(listed[:-1]) <= set(cli.COMMAND_MODULES)
+    monkeypatch.setattr(cli, "COMMANDS", [cli.load_command(m) for m in listed])
+
+    status, stdout, err = run(capsys, "classes", "--model", "shapes")
+    assert (status, err) == (0, "")
+    assert stdout.splitlines() == list(load_model("shapes").categories)
+    status, stdout, _ = run(capsys, "--help")
+    assert status == 0 and "classes" in stdout and "the class names of a model" in stdout
+    assert_bad_input(
+        capsys,
+        *("classes", "--model", "shapes", "--grep", "nothing"),
+        match="--grep 'nothing': no class of model 'shapes' matches",
+    )
+
+
+def test_param_option_reaches_the_registry():
+    """The shared ``--param METHOD.NAME=VALUE`` reading (for any subcommand that adds it)."""
+    parser = cli._common.Parser(prog="x")
+    _inputs.add_param_option(parser)
+    args = parser.parse_args(
+        ["--param", "Integrated-Gradients.n_steps=5", "--param", "gradcam.layer=layer4"]
+    )
+    params = _inputs.method_params(args.param)
+    assert params == {"integrated_gradients": {"n_steps": 5}, "gradcam": {"layer": "layer4"}}
+    ig, gradcam = _inputs.methods("integrated_gradients,gradcam", params=params)
+    assert ig.params == {"n_steps": 5} and gradcam.params == {"layer": "layer4"}
+    with pytest.raises(cli.CliError, match="expected METHOD.NAME=VALUE"):
+        parser.parse_args(["--param", "n_steps=5"])
+    for bad, message in (
+        ({"integrated_gradients": {"n_steps": 0}}, "--param: integrated_gradients: n_steps must"),
+        ({"integrated_gradients": {"steps": 3}}, "--param: method 'integrated_gradients' has no"),
+        ({"smoothgrad": {"nt_samples": 3}}, "--param: parameters given for method 'smoothgrad'"),
+    ):
+        with pytest.raises(cli.CliError, match=message):
+            _inputs.methods("integrated_gradients,gradcam", params=bad)

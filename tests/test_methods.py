@@ -546,3 +546,16 @@ def test_resolve_methods_errors():
     ) == [get_method("fullgrad")]
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         resolve_methods("fullgrad", params={"nope": {}}, unselected_params="ignore")
+
+
+def test_configured_methods_pickle_with_their_checks():
+    """Worker processes receive methods by pickling: declarations must not be closures."""
+    import pickle
+
+    for name in BUILTINS:
+        method = get_method(name).fast()
+        copy = pickle.loads(pickle.dumps(method))
+        assert copy == method and copy.traits == method.traits, name
+    copy = pickle.loads(pickle.dumps(get_method("integrated_gradients")))
+    with pytest.raises(ValueError, match="integrated_gradients: n_steps must be a positive"):
+        copy.configure(n_steps=0)

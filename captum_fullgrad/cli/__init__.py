@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from .. import __version__
 from ._common import (
@@ -39,6 +39,7 @@ from ._common import (
     Parser,
     fail,
     interrupted,
+    one_line,
     run_command,
 )
 from .demo import DEMO_GRID_DPI, DEMO_SEED, sample_photos  # the old cli.py's public names
@@ -92,6 +93,15 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
         "1 on internal errors, 130 when interrupted (Ctrl-C).",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE first (repeatable), e.g. one that registers your own saliency "
+        "methods for --methods; it must be importable (set PYTHONPATH)",
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     subparsers.required = True
     for command in COMMANDS:
@@ -107,17 +117,43 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _chosen(argv: Sequence[str]) -> Optional[str]:
-    """The subcommand named in ``argv``: its first word that is not an option (the
-    top-level options, ``--help`` and ``--version``, take no value)."""
-    return next((a for a in argv if not a.startswith("-")), None)
+def _split(argv: Sequence[str]) -> Tuple[Optional[str], List[str]]:
+    """The subcommand named in ``argv`` (its first word that is not a top-level option or
+    the value of ``--import``) and the modules that ``--import`` names before it."""
+    imports: List[str] = []
+    words = iter(argv)
+    for word in words:
+        if word == "--import":
+            imports.append(next(words, ""))
+        elif word.startswith("--import="):
+            imports.append(word.partition("=")[2])
+        elif not word.startswith("-"):
+            return word, imports
+    return None, imports
+
+
+def _import_modules(modules: Sequence[str]) -> None:
+    for module in modules:
+        if not module.strip():
+            raise CliError("--import: give a module name, e.g. --import my_methods")
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # noqa: BLE001 - the user's module: one line, exit 2
+            raise CliError(f"--import {module}: {type(exc).__name__}: {one_line(exc)}") from None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``captum-fullgrad`` with ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
     arguments = list(sys.argv[1:] if argv is None else argv)
     try:
-        parser = build_parser(only=_chosen(arguments) or "")
+        chosen, imports = _split(arguments)
+        try:
+            # Before the parser: an imported module may register methods that the chosen
+            # subcommand's options mention.
+            _import_modules(imports)
+        except CliError as exc:
+            return fail(str(exc), EXIT_BAD_INPUT)
+        parser = build_parser(only=chosen or "")
         try:
             args = parser.parse_args(arguments)
         except CliError as exc:

@@ -8,11 +8,12 @@ torch and the library are imported inside the functions, so importing this modul
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import re
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 from ._common import CliError, bad_input, one_line
 
@@ -52,14 +53,60 @@ def device(spec: str) -> "torch.device":
 
 
 def methods(
-    text: Optional[str], default: Optional[Sequence[str]] = None, option: str = "--methods"
+    text: Optional[str],
+    default: Optional[Sequence[str]] = None,
+    option: str = "--methods",
+    params: Optional[Dict[str, Dict[str, Any]]] = None,
 ) -> List[Any]:
     """The configured methods of a ``--methods`` value (``default`` when it is None: the
-    paper's Table 5), read by :func:`captum_fullgrad.methods.resolve_methods`."""
+    paper's Table 5), read by :func:`captum_fullgrad.methods.resolve_methods`, with
+    ``params`` (from :func:`method_params`) applied; a ``--param`` for a method that is not
+    selected is bad input."""
     from ..methods import DEFAULT_TABLE5_METHODS, resolve_methods
 
+    chosen = DEFAULT_TABLE5_METHODS if default is None else default
     with bad_input(ValueError, TypeError, prefix=f"{option}: "):
-        return resolve_methods(text, default=DEFAULT_TABLE5_METHODS if default is None else default)
+        selected = resolve_methods(text, default=chosen)
+    with bad_input(ValueError, TypeError, prefix="--param: "):
+        return resolve_methods(selected, params=params)
+
+
+def method_param(text: str) -> str:
+    """The argument type of ``--param METHOD.NAME=VALUE``."""
+    if re.fullmatch(r"\s*[A-Za-z][\w-]*\.\w+\s*=.*", text, re.S) is None:
+        raise argparse.ArgumentTypeError(
+            f"expected METHOD.NAME=VALUE, e.g. integrated_gradients.n_steps=20, got {text!r}"
+        )
+    return text.strip()
+
+
+def add_param_option(parser: argparse.ArgumentParser) -> None:
+    """``--param METHOD.NAME=VALUE`` (repeatable): a parameter of one selected method."""
+    parser.add_argument(
+        "--param",
+        action="append",
+        type=method_param,
+        default=[],
+        metavar="METHOD.NAME=VALUE",
+        help="set a method parameter, e.g. integrated_gradients.n_steps=20 or "
+        "gradcam.layer=layer4 (repeatable; values are Python literals, else text)",
+    )
+
+
+def method_params(items: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+    """``["integrated_gradients.n_steps=20", ...]`` as ``{method: {name: value}}``; values
+    are Python literals (``20``, ``0.1``, ``None``, ``True``) or else the text itself. The
+    registry checks names and values when the methods are resolved (:func:`methods`)."""
+    params: Dict[str, Dict[str, Any]] = {}
+    for item in items:
+        target, _, text = item.partition("=")
+        method, _, name = target.strip().partition(".")
+        try:
+            value = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            value = text.strip()
+        params.setdefault(method.strip().lower().replace("-", "_"), {})[name.strip()] = value
+    return params
 
 
 def _weights_message(exc: BaseException) -> str:
