@@ -19,25 +19,22 @@ them deterministic for a seed, since Captum's default perturbations use the glob
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from captum.metrics import infidelity, sensitivity_max
 from torch import Tensor, nn
 
-from captum_fullgrad.evaluation.localisation import _format_maps
-from captum_fullgrad.evaluation.perturbation import _format_inputs, _format_target
+from captum_fullgrad.evaluation._common import Explainer, format_inputs, format_maps, format_target
 
 __all__ = ["infidelity_score", "sensitivity_score"]
-
-Explainer = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
 
 def _explain_maps(explain: Explainer, model: nn.Module, inputs: Tensor, target: Tensor) -> Tensor:
     r"""Maps ``(B, 1, H, W)`` computed with gradients enabled, detached."""
     with torch.enable_grad():
         maps = explain(model, inputs.detach(), target)
-    return _format_maps(maps)[:, None]
+    return format_maps(maps)[:, None]
 
 
 def infidelity_score(
@@ -87,13 +84,13 @@ def infidelity_score(
     Returns:
         Tensor: ``(B,)`` infidelity per example (lower is better).
     """
-    inputs = _format_inputs(inputs)
+    inputs = format_inputs(inputs)
     b, c = inputs.shape[:2]
-    target_t = _format_target(target, b, inputs.device)
+    target_t = format_target(target, b, inputs.device)
     if maps is None:
         maps = _explain_maps(explain, model, inputs, target_t)
     else:
-        maps = _format_maps(maps)[:, None]
+        maps = format_maps(maps)[:, None]
     maps = maps.to(device=inputs.device, dtype=inputs.dtype)
     if maps.shape[-2:] != inputs.shape[-2:] or maps.shape[0] != b:
         raise ValueError(
@@ -165,9 +162,9 @@ def sensitivity_score(
     Returns:
         Tensor: ``(B,)`` max-sensitivity per example (lower is better).
     """
-    inputs = _format_inputs(inputs)
+    inputs = format_inputs(inputs)
     b = inputs.shape[0]
-    target_t = _format_target(target, b, inputs.device)
+    target_t = format_target(target, b, inputs.device)
     generator = torch.Generator().manual_seed(seed)
 
     def perturb(x: Union[Tensor, Tuple[Tensor, ...]], radius: float) -> Tuple[Tensor, ...]:

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from captum_fullgrad.evaluation.perturbation import _format_inputs
+from captum_fullgrad.evaluation._common import format_inputs
 
 __all__ = [
     "BlurredRandomMap",
@@ -105,7 +105,7 @@ class UniformRandomMap:
     def __call__(self, model: Optional[nn.Module], inputs: Tensor, target: Any = None) -> Tensor:
         r"""Return ``(B, 1, H, W)`` maps for ``inputs`` ``(B, C, H, W)``; ``model`` and
         ``target`` are ignored."""
-        return _uniform_noise(_format_inputs(inputs), self.seed)
+        return _uniform_noise(format_inputs(inputs), self.seed)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(seed={self.seed})"
@@ -133,7 +133,7 @@ class BlurredRandomMap:
 
     def __call__(self, model: Optional[nn.Module], inputs: Tensor, target: Any = None) -> Tensor:
         r"""Return ``(B, 1, H, W)`` maps in ``[0, 1]``; ``model`` and ``target`` are ignored."""
-        blurred = _gaussian_blur(_uniform_noise(_format_inputs(inputs), self.seed), self.sigma)
+        blurred = _gaussian_blur(_uniform_noise(format_inputs(inputs), self.seed), self.sigma)
         low = blurred.amin(dim=(2, 3), keepdim=True)
         span = blurred.amax(dim=(2, 3), keepdim=True) - low
         return torch.where(
@@ -160,7 +160,7 @@ class SobelEdgeMap:
 
     def __call__(self, model: Optional[nn.Module], inputs: Tensor, target: Any = None) -> Tensor:
         r"""Return ``(B, 1, H, W)`` non-negative maps; ``model`` and ``target`` are ignored."""
-        inputs = _format_inputs(inputs)
+        inputs = format_inputs(inputs)
         grey = F.pad(inputs.mean(dim=1, keepdim=True), (1, 1, 1, 1), mode="replicate")
         # Separable form K_x = (1, 2, 1)^T (-1, 0, 1), written with slices rather than a
         # convolution so that it is exact on GPUs too (no TF32 rounding).

@@ -19,35 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from captum_fullgrad.evaluation._common import format_maps
+
 __all__ = ["pointing_game", "relevance_mass", "relevance_rank"]
-
-
-def _format_maps(maps: Tensor, name: str = "maps") -> Tensor:
-    r"""Return saliency maps as a floating ``(B, H, W)`` tensor, checking the layout.
-
-    Accepts ``(B, H, W)`` or ``(B, 1, H, W)``. Multi-channel attributions such as
-    gradient x input ``(B, C, H, W)`` are rejected rather than silently reduced: how to
-    pool channels (sum, sum of absolute values, ...) is a property of the attribution
-    method and has to be decided by its caller.
-    """
-    if not isinstance(maps, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(maps).__name__}")
-    if maps.dim() == 4:
-        if maps.shape[1] != 1:
-            raise ValueError(
-                f"{name} must have shape (B, H, W) or (B, 1, H, W), got {tuple(maps.shape)};"
-                " reduce multi-channel attributions to one channel first"
-            )
-        maps = maps[:, 0]
-    elif maps.dim() != 3:
-        raise ValueError(
-            f"{name} must have shape (B, H, W) or (B, 1, H, W), got {tuple(maps.shape)}"
-        )
-    if not torch.is_floating_point(maps):
-        maps = maps.to(torch.get_default_dtype())
-    if not bool(torch.isfinite(maps).all()):
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return maps.detach()
 
 
 def _format_masks(masks: Tensor, maps: Tensor) -> Tensor:
@@ -123,7 +97,7 @@ def pointing_game(maps: Tensor, masks: Tensor, tolerance: int = 3) -> Tensor:
     """
     if tolerance < 0 or int(tolerance) != tolerance:
         raise ValueError(f"tolerance must be a non-negative integer, got {tolerance}")
-    maps = _format_maps(maps)
+    maps = format_maps(maps)
     masks = _format_masks(masks, maps)
     empty = ~masks.flatten(1).any(dim=1)
     if bool(empty.any()):
@@ -154,7 +128,7 @@ def relevance_mass(maps: Tensor, masks: Tensor) -> Tensor:
         Tensor: ``(B,)`` in ``[0, 1]``, in the maps' floating dtype; 1 for a map that is
         positive only inside the mask (e.g. the mask itself).
     """
-    maps = _format_maps(maps)
+    maps = format_maps(maps)
     masks = _format_masks(masks, maps)
     positive = maps.clamp_min(0).flatten(1)
     inside = (positive * masks.flatten(1)).sum(dim=1)
@@ -187,7 +161,7 @@ def relevance_rank(maps: Tensor, masks: Tensor) -> Tensor:
     Returns:
         Tensor: ``(B,)`` in ``[0, 1]``, in the maps' floating dtype.
     """
-    maps = _format_maps(maps)
+    maps = format_maps(maps)
     masks = _format_masks(masks, maps)
     flat = maps.flatten(1)
     inside = masks.flatten(1)

@@ -26,16 +26,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from captum_fullgrad.evaluation.perturbation import (
+from captum_fullgrad.evaluation._common import (
     SeedLike,
-    _check_percentages,
-    _format_inputs,
-    _format_target,
-    _forward_logits,
-    _make_generator,
-    _maps_for,
-    _percent_to_count,
-    _removal_ranks,
+    check_percentages,
+    format_inputs,
+    format_target,
+    forward_logits,
+    make_generator,
+    maps_for,
+    percent_to_count,
+    removal_ranks,
 )
 from captum_fullgrad.evaluation.statistics import trapezoid
 
@@ -177,7 +177,7 @@ def noisy_linear_imputation(
         Tensor: Imputed images, same shape, dtype and device as ``inputs``; kept pixels
         are bit-identical to the inputs.
     """
-    inputs = _format_inputs(inputs)
+    inputs = format_inputs(inputs)
     b, c, h, w = inputs.shape
     removed = torch.as_tensor(removed, device=inputs.device)
     if removed.dim() == 4 and removed.shape[1] == 1:
@@ -208,7 +208,7 @@ def noisy_linear_imputation(
         )
     filled = filled.view(b, c, h, w).to(inputs.dtype)
     if noise_std > 0:
-        generator = _make_generator(seed)
+        generator = make_generator(seed)
         noise = torch.randn((b, c, h, w), generator=generator, device=generator.device)
         noise = noise.to(device=inputs.device, dtype=inputs.dtype) * noise_std
         filled = torch.where(removed[:, None], filled + noise, filled)
@@ -313,14 +313,14 @@ def road(
     """
     if order not in ("morf", "lerf"):
         raise ValueError(f"order must be 'morf' or 'lerf', got {order!r}")
-    inputs = _format_inputs(inputs)
+    inputs = format_inputs(inputs)
     b, _, h, w = inputs.shape
-    maps = _maps_for(maps, inputs)
-    target = _format_target(target, b, inputs.device)
-    p = _check_percentages(percentages, 100.0, inclusive=False)
-    generator = _make_generator(seed)
-    ranks = _removal_ranks(maps, "most" if order == "morf" else "least", generator).view(b, h, w)
-    counts = [_percent_to_count(float(k), h * w) for k in p]
+    maps = maps_for(maps, inputs)
+    target = format_target(target, b, inputs.device)
+    p = check_percentages(percentages, 100.0, inclusive=False)
+    generator = make_generator(seed)
+    ranks = removal_ranks(maps, "most" if order == "morf" else "least", generator).view(b, h, w)
+    counts = [percent_to_count(float(k), h * w) for k in p]
     if max(counts) >= h * w:
         raise ValueError("every pixel would be removed; use smaller percentages")
 
@@ -331,7 +331,7 @@ def road(
         imputed = noisy_linear_imputation(
             inputs, ranks < n_k, noise_std=noise_std, seed=generator, tol=tol, max_iter=max_iter
         )
-        logits = _forward_logits(model, imputed, batch_size)
+        logits = forward_logits(model, imputed, batch_size)
         correct.append(logits.argmax(dim=1) == target)
         probabilities.append(torch.softmax(logits, dim=1).gather(1, target[:, None])[:, 0])
     correct_t = torch.stack(correct, dim=1)

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-from captum_fullgrad.evaluation.localisation import _format_maps
-from captum_fullgrad.evaluation.perturbation import _format_inputs, _format_target
+from captum_fullgrad.evaluation._common import Explainer, format_inputs, format_maps, format_target
 
 __all__ = [
     "CascadingRandomisationResult",
@@ -30,8 +29,6 @@ __all__ = [
     "spearman_correlation",
     "ssim",
 ]
-
-Explainer = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
 _NORMS = (
     nn.modules.batchnorm._BatchNorm,
@@ -129,8 +126,8 @@ def ssim(a: Tensor, b: Tensor, clip_percentile: float = 99.0) -> Tensor:
     """
     from skimage.metrics import structural_similarity
 
-    a2 = _normalise_abs(_format_maps(a, "a"), clip_percentile).cpu().numpy()
-    b2 = _normalise_abs(_format_maps(b, "b"), clip_percentile).cpu().numpy()
+    a2 = _normalise_abs(format_maps(a, "a"), clip_percentile).cpu().numpy()
+    b2 = _normalise_abs(format_maps(b, "b"), clip_percentile).cpu().numpy()
     if a2.shape != b2.shape:
         raise ValueError(f"shapes differ: {a2.shape} vs {b2.shape}")
     side = min(a2.shape[1:])
@@ -258,7 +255,7 @@ def _explain(explain: Explainer, model: nn.Module, inputs: Tensor, target: Tenso
     # Attribution methods differentiate the model, whatever the caller's grad mode.
     with torch.enable_grad():
         maps = explain(model, inputs, target)
-    return _format_maps(maps).detach()
+    return format_maps(maps).detach()
 
 
 def cascading_randomisation(
@@ -314,8 +311,8 @@ def cascading_randomisation(
     """
     if mode not in ("cascading", "independent"):
         raise ValueError(f"mode must be 'cascading' or 'independent', got {mode!r}")
-    inputs = _format_inputs(inputs)
-    target = _format_target(target, inputs.shape[0], inputs.device)
+    inputs = format_inputs(inputs)
+    target = format_target(target, inputs.shape[0], inputs.device)
     available = _parametrised_layers(model)
     if layers is None:
         layer_names = list(reversed(available))
