@@ -10,53 +10,16 @@ import json
 import pytest
 import torch
 
-from captum_fullgrad.datasets import synthetic_shapes
 from captum_fullgrad.evaluation import (
     CONTROL_NAMES,
-    EvaluationReport,
     EvaluationSettings,
     command,
     evaluate,
     write_report,
 )
-from captum_fullgrad.models import ShapesVGG
-from captum_fullgrad.testing import randomize_parameters_
+from tests.evaluation._tiny import METHODS, N
 
-N = 6
-METHODS = ["fullgrad", "gradcam", "saliency"]
 PLOTS = ("pixel_perturbation.png", "road.png", "sanity.png")
-
-
-@pytest.fixture(scope="module")
-def data():
-    return synthetic_shapes(N, seed=10_000)
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    net = ShapesVGG(widths=(8, 16))
-    return randomize_parameters_(net, seed=0).eval()
-
-
-@pytest.fixture(scope="module")
-def settings():
-    return EvaluationSettings.fast(n_sanity=2, n_sensitivity=2, n_bootstrap=100)
-
-
-@pytest.fixture(scope="module")
-def report(model, data, settings) -> EvaluationReport:
-    images, labels, masks = data
-    return evaluate(
-        model,
-        images,
-        labels,
-        masks,
-        methods=METHODS,
-        settings=settings,
-        progress=False,
-        model_name="tiny",
-    )
 
 
 def test_methods_and_controls_in_order(report):
