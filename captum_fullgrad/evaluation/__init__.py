@@ -39,6 +39,18 @@ from captum_fullgrad.evaluation.controls import (
     uniform_random_map,
 )
 from captum_fullgrad.evaluation.localisation import pointing_game, relevance_mass, relevance_rank
+from captum_fullgrad.evaluation.metric import (
+    Images,
+    Metric,
+    MetricContext,
+    MetricOutput,
+    Plot,
+    Score,
+    get_metric,
+    register_metric,
+    registered_metrics,
+    unregister_metric,
+)
 from captum_fullgrad.evaluation.perturbation import PixelPerturbationResult, pixel_perturbation
 from captum_fullgrad.evaluation.road import RoadResult, noisy_linear_imputation, road
 from captum_fullgrad.evaluation.sanity import (
@@ -60,6 +72,16 @@ from captum_fullgrad.evaluation.suite import (
 )
 
 __all__ = [
+    "Images",
+    "Metric",
+    "MetricContext",
+    "MetricOutput",
+    "Plot",
+    "Score",
+    "get_metric",
+    "register_metric",
+    "registered_metrics",
+    "unregister_metric",
     "BlurredRandomMap",
     "CONTROL_NAMES",
     "CascadingRandomisationResult",

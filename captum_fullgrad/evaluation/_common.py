@@ -1,5 +1,5 @@
 r"""Helpers the evaluation metrics share: input, target and map checks, batched forward
-passes, seeded generators and the deterministic pixel-removal order.
+passes, seeded generators, the deterministic pixel-removal order, and JSON conversion.
 
 Public within :mod:`captum_fullgrad.evaluation` (the metric modules import these names),
 private to the package: users call the metrics, not these.
@@ -8,8 +8,9 @@ private to the package: users call the metrics, not these.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -21,6 +22,7 @@ __all__ = [
     "format_maps",
     "format_target",
     "forward_logits",
+    "jsonable",
     "make_generator",
     "maps_for",
     "percent_to_count",
@@ -161,3 +163,24 @@ def check_percentages(percentages: Sequence[float], upper: float, inclusive: boo
     if p.numel() > 1 and not bool((p[1:] > p[:-1]).all()):
         raise ValueError("percentages must be strictly increasing")
     return p
+
+
+def jsonable(value: Any) -> Any:
+    """A JSON-ready copy: tuples become lists, non-finite floats None, others their repr."""
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, Tensor) and value.numel() == 1:
+        return jsonable(value.item())
+    if isinstance(value, nn.Module):
+        return type(value).__name__
+    if callable(value):
+        return getattr(value, "__name__", repr(value))
+    return repr(value)

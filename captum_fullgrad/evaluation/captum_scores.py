@@ -19,13 +19,21 @@ them deterministic for a seed, since Captum's default perturbations use the glob
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 from captum.metrics import infidelity, sensitivity_max
 from torch import Tensor, nn
 
 from captum_fullgrad.evaluation._common import Explainer, format_inputs, format_maps, format_target
+from captum_fullgrad.evaluation.metric import (
+    Images,
+    Metric,
+    MetricContext,
+    MetricOutput,
+    Score,
+    register_metric,
+)
 
 __all__ = ["infidelity_score", "sensitivity_score"]
 
@@ -192,3 +200,115 @@ def sensitivity_score(
         target=target_t,
     )
     return scores.reshape(b)
+
+
+# --------------------------------------------------------------------------- suite metrics
+REF_YEH = "Yeh et al., 'On the (in)fidelity and sensitivity of explanations', NeurIPS 2019"
+
+
+def _captum_batch(n: int, samples: int, batch_size: int, per_example: Optional[int] = None) -> int:
+    """``max_examples_per_batch`` for Captum's metrics: about ``batch_size * per_example``
+    (default ``samples``) perturbed inputs per sub-batch, within Captum's bounds: at least
+    ``n`` (every example in each sub-batch) and at most ``n * samples``."""
+    per_example = samples if per_example is None else per_example
+    return max(n, min(n * samples, batch_size * per_example))
+
+
+def _infidelity_noise(ctx: MetricContext) -> float:
+    """The perturbations' std in input units: ``infidelity_noise`` x the pixels' std over
+    every image of the run."""
+    return ctx.settings.infidelity_noise * float(ctx.images.std())
+
+
+def _infidelity(ctx: MetricContext, name: str, explain: Any, maps: Tensor) -> MetricOutput:
+    settings = ctx.settings
+    noise = _infidelity_noise(ctx)
+    scores = infidelity_score(
+        ctx.model,
+        explain,
+        ctx.head(ctx.images),
+        ctx.head(ctx.labels),
+        n_perturb_samples=settings.infidelity_samples,
+        noise_std=noise,
+        normalize=True,
+        seed=ctx.seed,
+        max_examples_per_batch=_captum_batch(ctx.n, settings.infidelity_samples, ctx.batch_size),
+        maps=ctx.head(maps),
+    )
+    return MetricOutput({"infidelity": scores}, meta={"infidelity_noise_std": noise})
+
+
+def _infidelity_scores(settings: Any) -> Tuple[Score, ...]:
+    return (
+        Score(
+            "infidelity",
+            "Infidelity",
+            False,
+            "Captum infidelity: squared error of the map's prediction of the logit change "
+            f"under Gaussian noise (std {settings.infidelity_noise} x the images' pixel std), "
+            "after optimal rescaling",
+            REF_YEH,
+        ),
+    )
+
+
+def _sensitivity(ctx: MetricContext, name: str, explain: Any, maps: Tensor) -> MetricOutput:
+    settings = ctx.settings
+    scores = sensitivity_score(
+        ctx.model,
+        explain,
+        ctx.head(ctx.images),
+        ctx.head(ctx.labels),
+        n_perturb_samples=settings.sensitivity_samples,
+        perturb_radius=settings.sensitivity_radius,
+        seed=ctx.seed,
+        # Perturbed inputs per explanation call: at most batch_size (the sampling
+        # methods' peak memory grows with the batch), at least n.
+        max_examples_per_batch=_captum_batch(
+            ctx.n, settings.sensitivity_samples, ctx.batch_size, 1
+        ),
+    )
+    return MetricOutput({"sensitivity_max": scores})
+
+
+def _sensitivity_scores(settings: Any) -> Tuple[Score, ...]:
+    return (
+        Score(
+            "sensitivity_max",
+            "Max-sensitivity",
+            False,
+            "Captum sensitivity_max: largest relative change of the map under uniform noise of "
+            f"radius {settings.sensitivity_radius} ({settings.sensitivity_samples} draws)",
+            REF_YEH,
+        ),
+    )
+
+
+#: The suite's infidelity (Captum), from the maps already computed, on the first images.
+INFIDELITY = register_metric(
+    Metric(
+        key="infidelity",
+        label="infidelity",
+        scores=_infidelity_scores,
+        compute=_infidelity,
+        group="captum",
+        images=Images(subset=True, default=200, fast=None),
+        order=50,
+        meta={"infidelity_noise_std": None},
+    )
+)
+
+#: The suite's max-sensitivity (Captum), on the first images: it recomputes every map once
+#: per perturbation.
+SENSITIVITY = register_metric(
+    Metric(
+        key="sensitivity",
+        label="max-sensitivity",
+        scores=_sensitivity_scores,
+        compute=_sensitivity,
+        group="captum",
+        images=Images(subset=True, default=16, fast=4),
+        recomputes_maps=True,
+        order=60,
+    )
+)

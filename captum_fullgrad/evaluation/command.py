@@ -6,7 +6,8 @@
 :mod:`captum_fullgrad.cli` (a parser builder and a function of the parsed arguments
 returning an exit status); ``cli.py`` registers them as::
 
-    Command("evaluate", _evaluate.HELP, _evaluate.add_arguments, _evaluate.run, _evaluate.DESCRIPTION, _evaluate.EPILOG),
+    Command("evaluate", _evaluate.HELP, _evaluate.add_arguments, _evaluate.run,
+            _evaluate.DESCRIPTION, _evaluate.EPILOG),
 
 with ``from .evaluation import command as _evaluate``. :func:`add_parser` adds the same
 subcommand to any ``argparse`` subparsers object, and ``python -m
@@ -34,6 +35,7 @@ import re
 import shlex
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -49,15 +51,22 @@ DEFAULT_DATA_SEED = 10_000
 #: Models with generated object masks.
 MASKED_MODELS = ("shapes",)
 
-HELP = "score every saliency method (and three controls) with localisation, perturbation, ROAD, sanity and Captum metrics"
+HELP = (
+    "score every saliency method (and three controls) with localisation, perturbation, ROAD, "
+    "sanity and Captum metrics"
+)
 DESCRIPTION = (
     "Evaluate saliency methods on generated scenes with known object masks and write "
     "DIR/results.json (method -> metric -> mean with 95 % bootstrap CI and n), "
     "DIR/results.md (rankings, best in bold, where FullGrad wins and loses) and PNG plots "
     "(pixel perturbation, ROAD and sanity-check curves). Costly metrics run on the first "
-    "--road-n, --infidelity-n, --sensitivity-n and --sanity-n images. See docs/evaluation.md."
+    "--road-n, --infidelity-n, --sensitivity-n and --sanity-n images (one --KEY-n option per "
+    "such metric of the registry). See docs/evaluation.md."
 )
-EPILOG = "example: captum-fullgrad evaluate --n 100 --out eval-out --methods fullgrad,gradcam,smoothgrad --fast"
+EPILOG = (
+    "example: captum-fullgrad evaluate --n 100 --out eval-out "
+    "--methods fullgrad,gradcam,smoothgrad --fast"
+)
 
 
 class _BadInput(Exception):
@@ -86,7 +95,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--weights",
         default="DEFAULT",
-        help="DEFAULT (the bundled weights), a path to a state dict file, or 'random' (default: DEFAULT)",
+        help="DEFAULT (the bundled weights), a path to a state dict file, or 'random' "
+        "(default: DEFAULT)",
     )
     parser.add_argument(
         "--n",
@@ -112,7 +122,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_param,
         default=[],
         metavar="METHOD.NAME=VALUE",
-        help="set a method parameter, e.g. integrated_gradients.n_steps=20 (repeatable; overrides --fast)",
+        help="set a method parameter, e.g. integrated_gradients.n_steps=20 (repeatable; "
+        "overrides --fast)",
     )
     parser.add_argument(
         "--seed",
@@ -132,34 +143,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=50,
         help="images per method call and forward pass (default: 50)",
     )
-    for flag, field, what in (
-        ("--road-n", "n_road", "ROAD"),
-        ("--infidelity-n", "n_infidelity", "the infidelity"),
-        (
-            "--sensitivity-n",
-            "n_sensitivity",
-            "max-sensitivity (recomputes every map per perturbation)",
-        ),
-        (
-            "--sanity-n",
-            "n_sanity",
-            "the cascading-randomisation sanity check (recomputes every map per layer)",
-        ),
-    ):
-        parser.add_argument(
-            flag,
-            type=_non_negative_int,
-            default=None,
-            help=f"images (the first ones) for {what}; 0 skips it (default: {getattr(published, field)}, "
-            "or a few with --fast; at most --n)",
-        )
+    _add_metric_options(parser, published)
     parser.add_argument(
         "--fast",
         action="store_true",
-        help="cheap settings for tests and smoke runs: integrated gradients with 8 steps, SmoothGrad and "
-        "SmoothFullGrad with 4 samples, 3 ROAD levels, few perturbations and resamples",
+        help="cheap settings for tests and smoke runs: integrated gradients with 8 steps, "
+        "SmoothGrad and SmoothFullGrad with 4 samples, 3 ROAD levels, few perturbations and "
+        "resamples",
     )
     add_runtime_options(parser)
+
+
+def _add_metric_options(parser: argparse.ArgumentParser, published: Any) -> None:
+    """``--metrics`` and one ``--<key>-n`` per registered metric that runs on a prefix of
+    the images, from the metric registry."""
+    from .metric import registered_metrics
+
+    metrics = registered_metrics()
+    parser.add_argument(
+        "--metrics",
+        default=None,
+        help="comma-separated metrics to run (default: all): " + ", ".join(m.key for m in metrics),
+    )
+    for metric in metrics:
+        if not metric.images.subset:
+            continue
+        cost = " (recomputes every map)" if metric.recomputes_maps else ""
+        parser.add_argument(
+            metric.option,
+            dest=f"{metric.key}_n",
+            type=_non_negative_int,
+            default=None,
+            help=f"images (the first ones) for {metric.label}{cost}; 0 skips it "
+            f"(default: {published.images(metric.key)}, or a few with --fast; at most --n)",
+        )
+
+
+def _image_counts(args: argparse.Namespace) -> Dict[str, int]:
+    """Metric key -> images given by ``--<key>-n`` options."""
+    from .metric import registered_metrics
+
+    counts = {}
+    for metric in registered_metrics():
+        value = getattr(args, f"{metric.key}_n", None)
+        if metric.images.subset and value is not None:
+            counts[metric.key] = value
+    return counts
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -194,8 +223,8 @@ def _check_model(name: str) -> str:
     known = key in {m.lower() for m in list_models()}
     if known:
         raise _BadInput(
-            f"--model {name!r}: evaluate needs images with ground-truth object masks, which are only "
-            f"generated for: {', '.join(MASKED_MODELS)}"
+            f"--model {name!r}: evaluate needs images with ground-truth object masks, which are "
+            f"only generated for: {', '.join(MASKED_MODELS)}"
         )
     raise _BadInput(
         f"--model {name!r}: unknown model; evaluate supports: {', '.join(MASKED_MODELS)}"
@@ -228,6 +257,19 @@ def _methods(text: Optional[str]) -> Optional[List[str]]:
     if repeated:
         raise _BadInput(f"--methods: each method may appear once; repeated: {', '.join(repeated)}")
     return names
+
+
+def _metrics(text: Optional[str]) -> Optional[List[str]]:
+    from .run import select_metrics
+
+    if text is None:
+        return None
+    keys = [k.strip().lower().replace("-", "_") for k in text.split(",") if k.strip()]
+    try:
+        select_metrics(keys)
+    except ValueError as exc:
+        raise _BadInput(f"--metrics: {exc}") from None
+    return keys
 
 
 def _parse_value(text: str) -> Any:
@@ -303,14 +345,12 @@ def _command_line(args: argparse.Namespace) -> str:
         str(args.data_seed),
     ]
     parts += ["--batch-size", str(args.batch_size)]
-    for flag, value in (
-        ("--road-n", args.road_n),
-        ("--infidelity-n", args.infidelity_n),
-        ("--sensitivity-n", args.sensitivity_n),
-        ("--sanity-n", args.sanity_n),
-    ):
-        if value is not None:
-            parts += [flag, str(value)]
+    from .metric import get_metric
+
+    for key, value in _image_counts(args).items():
+        parts += [get_metric(key).option, str(value)]
+    if getattr(args, "metrics", None):
+        parts += ["--metrics", args.metrics]
     if args.methods:
         parts += ["--methods", args.methods]
     if args.no_controls:
@@ -392,19 +432,8 @@ def _run(args: argparse.Namespace) -> int:
         if unused:
             raise _BadInput(f"--param names method(s) not in --methods: {', '.join(unused)}")
         params = {k: v for k, v in params.items() if k in methods}
-    overrides = {
-        field: value
-        for field, value in (
-            ("n_road", args.road_n),
-            ("n_infidelity", args.infidelity_n),
-            ("n_sensitivity", args.sensitivity_n),
-            ("n_sanity", args.sanity_n),
-        )
-        if value is not None
-    }
-    from dataclasses import replace
-
-    settings = replace(settings, method_params=params, **overrides)
+    settings = replace(settings, method_params=params).with_images(_image_counts(args))
+    metrics = _metrics(getattr(args, "metrics", None))
     device = _device(args.device)
     loaded = _load(name, args.weights, device)
     images, labels, masks = synthetic_shapes(args.n, seed=args.data_seed)
@@ -422,6 +451,7 @@ def _run(args: argparse.Namespace) -> int:
         settings=settings,
         controls=not args.no_controls,
         model_name=name,
+        metrics=metrics,
         meta={
             "data": f"captum_fullgrad.datasets.synthetic_shapes(n={args.n}, seed={args.data_seed})",
             "data_seed": args.data_seed,

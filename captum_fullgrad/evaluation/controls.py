@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -38,9 +38,12 @@ from captum_fullgrad.evaluation._common import format_inputs
 
 __all__ = [
     "BlurredRandomMap",
+    "CONTROL_LABELS",
+    "CONTROL_NAMES",
     "SobelEdgeMap",
     "UniformRandomMap",
     "blurred_random_map",
+    "make_control",
     "sobel_edge_map",
     "uniform_random_map",
 ]
@@ -179,3 +182,24 @@ class SobelEdgeMap:
 uniform_random_map = UniformRandomMap(seed=0)
 blurred_random_map = BlurredRandomMap(seed=0, sigma=4.0)
 sobel_edge_map = SobelEdgeMap()
+
+
+#: Names of the three controls, in report order.
+CONTROL_NAMES: Tuple[str, ...] = ("uniform_random", "blurred_random", "sobel_edges")
+#: Their display labels.
+CONTROL_LABELS = {
+    "uniform_random": "Control: uniform random",
+    "blurred_random": "Control: blurred random",
+    "sobel_edges": "Control: Sobel edges",
+}
+
+
+def make_control(name: str, seed: int) -> Callable[..., Tensor]:
+    """The control ``name`` (one of :data:`CONTROL_NAMES`), its noise drawn from ``seed``."""
+    if name == "uniform_random":
+        return UniformRandomMap(seed=seed)
+    if name == "blurred_random":
+        return BlurredRandomMap(seed=seed)
+    if name == "sobel_edges":
+        return SobelEdgeMap()
+    raise ValueError(f"unknown control {name!r}; controls: {', '.join(CONTROL_NAMES)}")

@@ -15,11 +15,21 @@ read the maps, so they run on whatever device the maps live on.
 
 from __future__ import annotations
 
+from typing import Any, Tuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from captum_fullgrad.evaluation._common import format_maps
+from captum_fullgrad.evaluation.metric import (
+    Images,
+    Metric,
+    MetricContext,
+    MetricOutput,
+    Score,
+    register_metric,
+)
 
 __all__ = ["pointing_game", "relevance_mass", "relevance_rank"]
 
@@ -179,3 +189,68 @@ def relevance_rank(maps: Tensor, masks: Tensor) -> Tensor:
         (tied & inside).sum(dim=1).to(flat.dtype)
     )
     return hits / k.to(flat.dtype)
+
+
+# --------------------------------------------------------------------------- suite metric
+REF_POINTING = "Zhang et al., 'Top-down neural attention by excitation backprop', ECCV 2016"
+REF_ARRAS = "Arras, Osman & Samek, 'CLEVR-XAI', Information Fusion 81, 2022"
+
+
+def _localisation_scores(settings: Any) -> Tuple[Score, ...]:
+    tolerance = settings.pointing_tolerance
+    return (
+        Score(
+            "pointing_game",
+            "Pointing game",
+            True,
+            f"hit rate: every maximum of the map lies on the object mask dilated by {tolerance} px",
+            REF_POINTING,
+        ),
+        Score(
+            "pointing_game_0px",
+            "Pointing game (0 px)",
+            True,
+            "hit rate with no tolerance: every maximum of the map lies on the object mask itself",
+            REF_POINTING,
+        ),
+        Score(
+            "relevance_mass",
+            "Relevance mass",
+            True,
+            "share of the map's total mass inside the object mask",
+            REF_ARRAS,
+        ),
+        Score(
+            "relevance_rank",
+            "Relevance rank",
+            True,
+            "share of the |mask| most salient pixels inside the object mask",
+            REF_ARRAS,
+        ),
+    )
+
+
+def _localisation(ctx: MetricContext, name: str, explain: Any, maps: Tensor) -> MetricOutput:
+    tolerance = ctx.settings.pointing_tolerance
+    return MetricOutput(
+        {
+            "pointing_game": pointing_game(maps, ctx.masks, tolerance).float(),
+            "pointing_game_0px": pointing_game(maps, ctx.masks, 0).float(),
+            "relevance_mass": relevance_mass(maps, ctx.masks),
+            "relevance_rank": relevance_rank(maps, ctx.masks),
+        }
+    )
+
+
+#: The suite's localisation metric: the pointing game (with and without tolerance),
+#: relevance mass and relevance rank of every map against its object mask.
+LOCALISATION = register_metric(
+    Metric(
+        key="localisation",
+        label="localisation",
+        scores=_localisation_scores,
+        compute=_localisation,
+        images=Images(masks=True),
+        order=10,
+    )
+)

@@ -15,7 +15,7 @@ live in :mod:`._common`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Any, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +30,14 @@ from captum_fullgrad.evaluation._common import (
     maps_for,
     percent_to_count,
     removal_ranks,
+)
+from captum_fullgrad.evaluation.metric import (
+    Metric,
+    MetricContext,
+    MetricOutput,
+    Plot,
+    Score,
+    register_metric,
 )
 from captum_fullgrad.evaluation.statistics import trapezoid
 
@@ -189,3 +197,157 @@ def pixel_perturbation(
         order=order,
         output=output,
     )
+
+
+# --------------------------------------------------------------------------- suite metric
+REF_SRINIVAS = (
+    "Srinivas & Fleuret, 'Full-gradient representation for neural network visualization', "
+    "NeurIPS 2019, sec. 5.1"
+)
+REF_SAMEK = (
+    "Samek et al., 'Evaluating the visualization of what a deep neural network has learned', "
+    "IEEE TNNLS 2017"
+)
+_ORDERS = ("least", "most")
+
+
+def _level(k: float) -> str:
+    return f"{k:g}"
+
+
+def _perturbation_scores(settings: Any) -> List[Score]:
+    output = settings.perturbation_output
+    ks = ", ".join(_level(k) for k in settings.perturbation_percentages)
+    areas = {
+        "least": Score(
+            "pixel_perturbation_least_area",
+            "Pixel pert., least first (area)",
+            False,
+            f"absolute fractional change of the true class's {output} after replacing the k % "
+            f"least salient pixels by the mean colour, averaged over k = {ks} % "
+            "(trapezoid area / width)",
+            REF_SRINIVAS,
+        ),
+        "most": Score(
+            "pixel_perturbation_most_area",
+            "Pixel pert., most first (area)",
+            True,
+            "the same, removing the k % most salient pixels first",
+            REF_SAMEK,
+        ),
+    }
+    scores = []
+    for order in _ORDERS:
+        scores.append(areas[order])
+        for k in map(_level, settings.perturbation_percentages):
+            scores.append(
+                Score(
+                    f"pixel_perturbation_{order}@{k}",
+                    f"Pixel pert., {order} first, k = {k} %",
+                    order == "most",
+                    f"absolute fractional change of the true class's {output} after replacing "
+                    f"the {k} % {order} salient pixels",
+                    REF_SRINIVAS if order == "least" else REF_SAMEK,
+                    headline=False,
+                )
+            )
+    return scores
+
+
+def _perturbation(ctx: MetricContext, name: str, explain: Any, maps: Tensor) -> MetricOutput:
+    settings = ctx.settings
+    fill = ctx.images.mean(dim=(0, 2, 3))  # the images' mean colour
+    percentages = tuple(float(k) for k in settings.perturbation_percentages)
+    width = percentages[-1] - percentages[0] if len(percentages) > 1 else 1.0
+    output = MetricOutput({})
+    for order in _ORDERS:
+        result = pixel_perturbation(
+            ctx.model,
+            ctx.images,
+            ctx.labels,
+            maps,
+            percentages=percentages,
+            order=order,
+            output=settings.perturbation_output,
+            baseline=fill,
+            seed=ctx.seed,
+            batch_size=ctx.batch_size,
+        )
+        area = result.auc_per_example / width if len(percentages) > 1 else result.changes[:, 0]
+        output.values[f"pixel_perturbation_{order}_area"] = area
+        for j, k in enumerate(percentages):
+            output.values[f"pixel_perturbation_{order}@{_level(k)}"] = result.changes[:, j]
+        output.curves[f"pixel_perturbation_{order}"] = {
+            "x": list(percentages),
+            "y": result.mean_curve.double().cpu().tolist(),
+        }
+    return output
+
+
+def _perturbation_tables(report: Any) -> List[str]:
+    """``results.md``: one table per removal order, the change at every k."""
+    from captum_fullgrad.evaluation.markdown import fmt, method_cell
+
+    lines: List[str] = []
+    output = report.meta.get("settings", {}).get("perturbation_output", "logit")
+    for order, direction in zip(_ORDERS, ("lower is better", "higher is better")):
+        keys = [k for k in report.metrics if k.startswith(f"pixel_perturbation_{order}@")]
+        if not keys:
+            continue
+        n = report.metrics[keys[0]].n
+        lines += [
+            f"## Pixel perturbation per k, {order} salient first: {direction} (n = {n})",
+            "",
+            f"Mean absolute fractional change of the true class's {output} after replacing the "
+            f"k % {order} salient pixels by the images' mean colour; **bold** is the best per k.",
+            "",
+        ]
+        header = ["method"] + [f"k = {k.partition('@')[2]} %" for k in keys]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        best = {k: report.best(k) for k in keys}
+        for method in report.methods:
+            cells = [method_cell(report, method)]
+            for k in keys:
+                value = report.results[method].get(k)
+                text = "" if value is None else fmt(value.mean, 4)
+                cells.append(f"**{text}**" if method == best[k] else text)
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+#: The suite's pixel-perturbation metric: least and most salient pixels first.
+PIXEL_PERTURBATION = register_metric(
+    Metric(
+        key="pixel_perturbation",
+        label="pixel perturbation",
+        scores=_perturbation_scores,
+        compute=_perturbation,
+        order=20,
+        plots=(
+            Plot(
+                name="pixel_perturbation",
+                title="Pixel perturbation, {model}, n = {n}",
+                caption="Pixel perturbation curves (left: least salient removed first, lower is "
+                "better; right: most salient first, higher is better)",
+                panels=(
+                    (
+                        "pixel_perturbation_least",
+                        "% pixels removed (least salient first)",
+                        "|fractional {perturbation_output} change|",
+                        "Least salient first (lower is better)",
+                        True,
+                    ),
+                    (
+                        "pixel_perturbation_most",
+                        "% pixels removed (most salient first)",
+                        "|fractional {perturbation_output} change|",
+                        "Most salient first (higher is better)",
+                        True,
+                    ),
+                ),
+            ),
+        ),
+        markdown=_perturbation_tables,
+    )
+)

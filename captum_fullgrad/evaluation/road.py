@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,15 @@ from captum_fullgrad.evaluation._common import (
     maps_for,
     percent_to_count,
     removal_ranks,
+)
+from captum_fullgrad.evaluation.metric import (
+    Images,
+    Metric,
+    MetricContext,
+    MetricOutput,
+    Plot,
+    Score,
+    register_metric,
 )
 from captum_fullgrad.evaluation.statistics import trapezoid
 
@@ -352,3 +361,144 @@ def road(
         probability_auc_per_example=prob_auc,
         order=order,
     )
+
+
+# --------------------------------------------------------------------------- suite metric
+REF_ROAD = (
+    "Rong et al., 'A consistent and efficient evaluation strategy for attribution methods', "
+    "ICML 2022"
+)
+
+
+def _road_scores(settings: Any) -> Tuple[Score, ...]:
+    levels = ", ".join(f"{k:g}" for k in settings.road_percentages)
+    return (
+        Score(
+            "road_morf_accuracy",
+            "ROAD MoRF accuracy",
+            False,
+            "top-1 accuracy after imputing the most relevant pixels first, averaged over "
+            f"{levels} % removed",
+            REF_ROAD,
+        ),
+        Score(
+            "road_lerf_accuracy",
+            "ROAD LeRF accuracy",
+            True,
+            "top-1 accuracy after imputing the least relevant pixels first, averaged over "
+            f"{levels} % removed",
+            REF_ROAD,
+        ),
+        Score(
+            "road_morf_probability",
+            "ROAD MoRF probability",
+            False,
+            "true-class softmax probability, most relevant imputed first, averaged over the "
+            "removal levels",
+            REF_ROAD,
+        ),
+        Score(
+            "road_lerf_probability",
+            "ROAD LeRF probability",
+            True,
+            "true-class softmax probability, least relevant imputed first, averaged over the "
+            "removal levels",
+            REF_ROAD,
+        ),
+        Score(
+            "road_gap",
+            "ROAD LeRF − MoRF",
+            True,
+            "per-image LeRF minus MoRF probability (about 0 for an uninformative order)",
+            REF_ROAD,
+        ),
+    )
+
+
+def _road_order(ctx: MetricContext, maps: Tensor, order: str) -> Tuple[Tensor, Tensor]:
+    """Per-image ``(correct, probabilities)`` ``(n, K)`` of one order over the metric's images,
+    one imputation solve per ``settings.road_chunk`` images; chunk ``i`` is seeded
+    ``seed + i``."""
+    settings = ctx.settings
+    chunk = max(1, int(settings.road_chunk))
+    correct, probs = [], []
+    for index, first in enumerate(range(0, ctx.n, chunk)):
+        sl = slice(first, min(first + chunk, ctx.n))
+        part = road(
+            ctx.model,
+            ctx.images[sl],
+            ctx.labels[sl],
+            maps[sl],
+            percentages=tuple(float(k) for k in settings.road_percentages),
+            order=order,
+            noise_std=settings.road_noise_std,
+            seed=ctx.seed + index,
+            batch_size=ctx.batch_size,
+            tol=settings.road_tol,
+        )
+        correct.append(part.correct.double())
+        probs.append(part.probabilities.double())
+    return torch.cat(correct), torch.cat(probs)
+
+
+def _road(ctx: MetricContext, name: str, explain: Any, maps: Tensor) -> MetricOutput:
+    percentages = tuple(float(k) for k in ctx.settings.road_percentages)
+    width = percentages[-1] - percentages[0] if len(percentages) > 1 else 1.0
+    output = MetricOutput({})
+    for order in ("morf", "lerf"):
+        correct, probs = _road_order(ctx, maps, order)
+        if len(percentages) > 1:
+            x = torch.tensor(percentages, dtype=torch.float64, device=correct.device)
+            accuracy, probability = trapezoid(correct, x) / width, trapezoid(probs, x) / width
+        else:
+            accuracy, probability = correct[:, 0], probs[:, 0]
+        output.values[f"road_{order}_accuracy"] = accuracy
+        output.values[f"road_{order}_probability"] = probability
+        output.curves[f"road_{order}_accuracy"] = {
+            "x": list(percentages),
+            "y": correct.mean(0).cpu().tolist(),
+        }
+        output.curves[f"road_{order}_probability"] = {
+            "x": list(percentages),
+            "y": probs.mean(0).cpu().tolist(),
+        }
+    values = output.values
+    values["road_gap"] = values["road_lerf_probability"] - values["road_morf_probability"]
+    return output
+
+
+#: The suite's ROAD metric (noisy linear imputation, MoRF and LeRF), on the first images.
+ROAD = register_metric(
+    Metric(
+        key="road",
+        label="ROAD",
+        scores=_road_scores,
+        compute=_road,
+        images=Images(subset=True, default=50, fast=None),
+        order=30,
+        plots=(
+            Plot(
+                name="road",
+                title="ROAD (noisy linear imputation), {model}, n = {n}",
+                caption="ROAD accuracy curves (left: MoRF, lower is better; right: LeRF, higher "
+                "is better)",
+                panels=(
+                    (
+                        "road_morf_accuracy",
+                        "% pixels imputed (most relevant first)",
+                        "accuracy",
+                        "MoRF (lower is better)",
+                        False,
+                    ),
+                    (
+                        "road_lerf_accuracy",
+                        "% pixels imputed (least relevant first)",
+                        "accuracy",
+                        "LeRF (higher is better)",
+                        False,
+                    ),
+                ),
+            ),
+        ),
+    )
+)
