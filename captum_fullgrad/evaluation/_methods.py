@@ -48,31 +48,37 @@ def _specs(methods: Methods) -> List[Any]:
     return list(methods)
 
 
-def _one(spec: Any, method_params: Mapping[str, Mapping[str, Any]], seed: int) -> EvaluatedMethod:
-    from captum_fullgrad.methods import AttributionMethod, get_method
-
-    if isinstance(spec, str):
-        key = spec.strip().lower().replace("-", "_")
-        if key in CONTROL_NAMES:
-            return _control(key, seed)
-        method = get_method(key, **dict(method_params.get(key, {})))
-    elif isinstance(spec, AttributionMethod):
-        method = spec
-        if spec.name in method_params:
-            method = spec.configure(**dict(method_params[spec.name]))
-    elif (
+def _is_pair(spec: Any) -> bool:
+    return (
         isinstance(spec, tuple)
         and len(spec) == 2
         and isinstance(spec[0], str)
         and callable(spec[1])
-    ):
-        return EvaluatedMethod(spec[0], spec[0], spec[1], "method", {})
+    )
+
+
+def _is_control(spec: Any) -> bool:
+    return isinstance(spec, str) and spec.strip().lower().replace("-", "_") in CONTROL_NAMES
+
+
+def _registered(
+    specs: Sequence[Any], method_params: Mapping[str, Mapping[str, Any]]
+) -> List[EvaluatedMethod]:
+    """The registry's methods among ``specs``, configured by ``method_params``, in order
+    (:func:`~captum_fullgrad.methods.resolve_methods`, the one reader of method lists)."""
+    from captum_fullgrad.methods import get_method, resolve_methods
+
+    named = [s for s in specs if not _is_control(s) and not _is_pair(s)]
+    if named:
+        methods = resolve_methods(named, params=method_params, unselected_params="ignore")
     else:
-        raise TypeError(
-            "methods must be names, AttributionMethod objects or (name, callable) pairs, "
-            f"got {spec!r}"
-        )
-    return EvaluatedMethod(method.name, method.label, method, "method", dict(method.parameters))
+        methods = []
+        for name in method_params:
+            get_method(name)  # unknown names fail as they would with methods selected
+    return [
+        EvaluatedMethod(method.name, method.label, method, "method", dict(method.parameters))
+        for method in methods
+    ]
 
 
 def resolve(
@@ -88,15 +94,16 @@ def resolve(
             methods, nothing to evaluate.
         TypeError: a spec that is neither a name, a method nor a ``(name, callable)``.
     """
-    from captum_fullgrad.methods import available_methods
-
-    resolved = [_one(spec, method_params, seed) for spec in _specs(methods)]
-    unknown = sorted(set(method_params) - set(available_methods()))
-    if unknown:
-        raise ValueError(
-            f"method_params names unknown methods: {', '.join(unknown)}; "
-            f"registered methods: {', '.join(available_methods())}"
-        )
+    specs = _specs(methods)
+    registered = iter(_registered(specs, method_params))
+    resolved = []
+    for spec in specs:
+        if _is_control(spec):
+            resolved.append(_control(spec.strip().lower().replace("-", "_"), seed))
+        elif _is_pair(spec):
+            resolved.append(EvaluatedMethod(spec[0], spec[0], spec[1], "method", {}))
+        else:
+            resolved.append(next(registered))
     if controls:
         present = {m.name for m in resolved}
         resolved += [_control(name, seed) for name in CONTROL_NAMES if name not in present]

@@ -239,23 +239,25 @@ def _device(spec: str) -> Any:
 
 
 def _methods(text: Optional[str]) -> Optional[List[str]]:
-    from ..methods import available_methods
-    from .suite import CONTROL_NAMES
+    """The ``--methods`` names (controls included), checked by the method registry's
+    :func:`~captum_fullgrad.methods.resolve_methods`."""
+    from ..methods import resolve_methods
+    from .controls import CONTROL_NAMES
 
     if text is None:
         return None
     names = [n.strip().lower().replace("-", "_") for n in text.split(",") if n.strip()]
     if not names:
         raise _BadInput("--methods: give at least one method name, e.g. --methods fullgrad,gradcam")
-    known = list(available_methods()) + list(CONTROL_NAMES)
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise _BadInput(
-            f"--methods: unknown method(s) {', '.join(unknown)}; known: {', '.join(known)}"
-        )
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise _BadInput(f"--methods: each method may appear once; repeated: {', '.join(repeated)}")
+    registered = [n for n in names if n not in CONTROL_NAMES]
+    if registered:
+        try:
+            resolve_methods(registered)
+        except (ValueError, TypeError) as exc:
+            raise _BadInput(f"--methods: {exc}; controls: {', '.join(CONTROL_NAMES)}") from None
     return names
 
 
@@ -280,7 +282,7 @@ def _parse_value(text: str) -> Any:
 
 
 def _method_params(items: List[str], base: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
-    from ..methods import get_method
+    from ..methods import resolve_methods
 
     params = {name: dict(values) for name, values in base.items()}
     for item in items:
@@ -288,11 +290,11 @@ def _method_params(items: List[str], base: Dict[str, Dict[str, Any]]) -> Dict[st
         method, _, name = target.partition(".")
         method = method.strip().lower().replace("-", "_")
         params.setdefault(method, {})[name.strip()] = _parse_value(value.strip())
-    for method, values in params.items():
-        try:
-            get_method(method, **values)
-        except (ValueError, TypeError) as exc:
-            raise _BadInput(f"--param: {exc}") from None
+    try:
+        if params:
+            resolve_methods(list(params), params=params)
+    except (ValueError, TypeError) as exc:
+        raise _BadInput(f"--param: {exc}") from None
     return params
 
 

@@ -90,7 +90,8 @@ class EvaluationSettings:
     def fast(cls, **overrides: Any) -> "EvaluationSettings":
         """Cheap settings for tests and smoke runs: few samples, steps and removal levels.
 
-        Integrated gradients with 8 steps, SmoothGrad and SmoothFullGrad with 4 samples,
+        Every registered method with its cheap parameters (``MethodTraits.fast_params``:
+        integrated gradients with 8 steps, SmoothGrad and SmoothFullGrad with 4 samples),
         ROAD at 20/50/80 %, 4 infidelity and 3 sensitivity perturbations, 200 bootstrap
         resamples, and the subsets the metrics declare for fast runs. ``overrides``
         replace any field.
@@ -101,11 +102,7 @@ class EvaluationSettings:
             infidelity_samples=4,
             sensitivity_samples=3,
             n_bootstrap=200,
-            method_params={
-                "integrated_gradients": {"n_steps": 8},
-                "smoothgrad": {"nt_samples": 4},
-                "smoothfullgrad": {"nt_samples": 4},
-            },
+            method_params=_fast_method_params(),
         )
         fast = {m.key: m.images.fast for m in registered_metrics() if m.images.subset}
         return replace(base.with_images(fast), **overrides)
@@ -136,6 +133,14 @@ class EvaluationSettings:
             if metric.images.subset and metric.key not in _SUBSET_FIELDS:
                 values[metric.setting] = self.images(metric.key)
         return jsonable(values)
+
+
+def _fast_method_params() -> Dict[str, Dict[str, Any]]:
+    """``{method: fast parameters}`` of every registered method that declares some."""
+    from captum_fullgrad.methods import available_methods, get_method
+
+    fast = {name: dict(get_method(name).traits.fast_params) for name in available_methods()}
+    return {name: params for name, params in fast.items() if params}
 
 
 #: Metric keys whose image count has a field of its own (``n_<key>``).
