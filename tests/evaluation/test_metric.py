@@ -178,3 +178,27 @@ def test_subset_metric_images_settings_and_options(toy, model, data):
     assert command._image_counts(args) == {"road": 0, "toy": 5}
     line = command._command_line(args)
     assert "--road-n 0" in line and "--toy-n 5" in line and "--metrics toy,road" in line
+
+
+def test_a_new_module_in_the_package_registers_itself(tmp_path, monkeypatch):
+    """Adding a metric is one file: a module dropped into captum_fullgrad/evaluation is
+    imported when the registry is first read (here a temporary directory joins the
+    package's path, as a new file in the package would)."""
+    import sys
+
+    import captum_fullgrad.evaluation as package
+    from captum_fullgrad.evaluation import metric as registry
+
+    (tmp_path / "dropped_in.py").write_text(
+        "from captum_fullgrad.evaluation import Metric, MetricOutput, Score, register_metric\n"
+        "DROPPED = register_metric(Metric(key='dropped', label='dropped', scores=(Score("
+        "'dropped_one', 'One', True, 'one', 'none'),), compute=lambda c, n, e, m: "
+        "MetricOutput({'dropped_one': m.flatten(1)[:, 0] * 0 + 1})))\n"
+    )
+    monkeypatch.setattr(package, "__path__", [*package.__path__, str(tmp_path)])
+    monkeypatch.setattr(registry, "_discovered", False)
+    try:
+        assert registered_metrics()[-1].key == "dropped"
+    finally:
+        unregister_metric("dropped")
+        sys.modules.pop("captum_fullgrad.evaluation.dropped_in", None)
