@@ -23,10 +23,13 @@ Metrics, their reference, and which direction is better:
 Controls any method should beat: :class:`UniformRandomMap`, :class:`BlurredRandomMap`,
 :class:`SobelEdgeMap`. Statistics: :func:`bootstrap_ci`, :func:`trapezoid`.
 
-The suite: :func:`evaluate` runs every method (and the controls) through every metric
-and returns an :class:`EvaluationReport` (means with bootstrap CIs, JSON, Markdown,
-plots); :func:`write_report` writes it to a directory. ``captum-fullgrad evaluate`` is
-its command line (:mod:`captum_fullgrad.evaluation.command`); see ``docs/evaluation.md``.
+The suite: each metric above is also declared as a :class:`Metric` next to its function
+and registered (:func:`register_metric`, :func:`registered_metrics`); :func:`evaluate`
+runs every method (and the controls) through every registered metric and returns an
+:class:`EvaluationReport` (means with bootstrap CIs, JSON, Markdown, plots);
+:func:`write_report` writes it to a directory. ``captum-fullgrad evaluate`` is its
+command line (:mod:`captum_fullgrad.evaluation.command`); see ``docs/evaluation.md``, and
+``docs/extending.md`` for adding a metric.
 """
 
 from captum_fullgrad.evaluation.captum_scores import infidelity_score, sensitivity_score

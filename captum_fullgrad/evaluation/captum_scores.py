@@ -15,6 +15,8 @@ Captum implements both (``captum.metrics.infidelity`` and
 ``captum.metrics.sensitivity_max``); the wrappers below adapt them to this package's
 conventions (an explainer ``explain(model, inputs, target) -> (B, 1, H, W)`` map) and make
 them deterministic for a seed, since Captum's default perturbations use the global RNG.
+:data:`INFIDELITY` and :data:`SENSITIVITY` declare them to the evaluation suite (the
+metric registry).
 """
 
 from __future__ import annotations

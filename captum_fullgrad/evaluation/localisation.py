@@ -11,6 +11,8 @@ read the maps, so they run on whatever device the maps live on.
 - :func:`relevance_mass` and :func:`relevance_rank`: Arras, Osman & Samek,
   "CLEVR-XAI: A benchmark dataset for the ground truth evaluation of neural network
   explanations", Information Fusion 81 (2022).
+
+:data:`LOCALISATION` declares them to the evaluation suite (the metric registry).
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ leave the output unchanged if the map is faithful, and report the absolute fract
 output change. Both orders are implemented here.
 
 The deterministic pixel-removal order and the input checks it shares with :mod:`.road`
-live in :mod:`._common`.
+live in :mod:`._common`. :data:`PIXEL_PERTURBATION` declares the test to the evaluation
+suite (the metric registry).
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ The imputation is solved here with a batched, Jacobi-preconditioned conjugate-gr
 iteration in PyTorch (all images and channels at once, on the inputs' device, without a
 SciPy dependency); it agrees with a direct sparse solve to the solver tolerance (the
 tests compare it with ``scipy.sparse.linalg.spsolve``).
+
+:data:`ROAD` declares the metric to the evaluation suite (the metric registry).
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ output towards the input, and after each step the new map is compared with the o
 one; a map that stays similar while most of the network is random is explaining the
 input (e.g. its edges), not the model. The *independent* variant randomises one layer
 at a time.
+
+:data:`SANITY` declares the check to the evaluation suite (the metric registry).
 """
 
 from __future__ import annotations
