@@ -291,6 +291,20 @@ def _summaries(
     return results
 
 
+def _check_given(maps: Mapping[str, Tensor], methods: Sequence[EvaluatedMethod]) -> None:
+    unknown = sorted(set(maps) - {m.name for m in methods})
+    if unknown:
+        raise ValueError(f"maps given for methods not evaluated: {', '.join(unknown)}")
+
+
+def _method_meta(methods: Sequence[EvaluatedMethod]) -> Dict[str, Any]:
+    """``meta.methods``: label, kind and parameters of every evaluated method."""
+    return {
+        m.name: {"label": m.label, "kind": m.kind, "parameters": jsonable(m.parameters)}
+        for m in methods
+    }
+
+
 def _environment(device: torch.device) -> Dict[str, Any]:
     import captum
 
@@ -383,9 +397,7 @@ def evaluate(
     )
     images, labels, masks = _check_inputs(images, labels, masks, batch_size)
     resolved = resolve(methods, settings.method_params, controls, seed)
-    unknown = sorted(set(maps or {}) - {m.name for m in resolved})
-    if unknown:
-        raise ValueError(f"maps given for methods not evaluated: {', '.join(unknown)}")
+    _check_given(maps or {}, resolved)
     selected = select_metrics(metrics)
     device = model_device(model, images.device)
     images = images.detach().to(device).float()
@@ -417,13 +429,11 @@ def evaluate(
     infos = _infos(selected, settings, subsets, recorded.per_example)
     results = _summaries(infos, resolved, recorded.per_example, settings, seed)
     timings["bootstrap"] = time.perf_counter() - start
-    environment = _environment(device)
     metadata: Dict[str, Any] = {
         "model": model_name,
         "n": n,
         "seed": seed,
-        **{k: environment[k] for k in ("torch", "captum", "captum_fullgrad", "python")},
-        **{k: environment[k] for k in ("device", "threads", "date")},
+        **_environment(device),
         "wall_time_s": time.perf_counter() - started,
         "timings_s": timings,
         "map_seconds_per_image": map_seconds,
@@ -433,10 +443,7 @@ def evaluate(
         "image_size": list(images.shape[2:]),
         "subsets": subsets,
         "settings": settings.to_dict(),
-        "methods": {
-            m.name: {"label": m.label, "kind": m.kind, "parameters": jsonable(m.parameters)}
-            for m in resolved
-        },
+        "methods": _method_meta(resolved),
         **recorded.meta,
     }
     metadata.update(dict(meta or {}))
