@@ -255,6 +255,8 @@ def test_command_runs_and_writes_everything(tmp_path, capsys):
             "not in --methods",
         ),
         (["--param", "integrated_gradients.n_stepz=3"], "no parameter 'n_stepz'"),
+        (["--metrics", "road,nope"], "--metrics: unknown metric(s) nope"),
+        (["--methods", "fullgrad,sobel_edges,sobel_edges"], "repeated: sobel_edges"),
     ],
 )
 def test_command_bad_input_exits_2(argv, message, tmp_path, capsys):
