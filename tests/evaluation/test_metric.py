@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from captum_fullgrad.cli import evaluate as cli_evaluate
 from captum_fullgrad.evaluation import (
     EvaluationSettings,
     Images,
@@ -175,8 +176,8 @@ def test_subset_metric_images_settings_and_options(toy, model, data):
     parser = argparse.ArgumentParser()
     command.add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["evaluate", "--toy-n", "5", "--road-n", "0", "--metrics", "toy,road"])
-    assert command._image_counts(args) == {"road": 0, "toy": 5}
-    line = command._command_line(args)
+    assert cli_evaluate._image_counts(args) == {"road": 0, "toy": 5}
+    line = cli_evaluate._command_line(args)
     assert "--road-n 0" in line and "--toy-n 5" in line and "--metrics toy,road" in line
 
 

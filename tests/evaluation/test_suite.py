@@ -273,3 +273,14 @@ def test_command_out_is_a_file(tmp_path, capsys):
     target.write_text("x")
     assert command.run(_parse(["--n", "2", "--out", str(target), "--no-progress"])) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_module_entry_point_shares_the_cli_error_path(tmp_path, capsys):
+    """``python -m captum_fullgrad.evaluation.command`` (the docs show it) runs the CLI's
+    evaluate subcommand: same options, same one-line errors and exit statuses."""
+    out = tmp_path / "x"
+    assert command.main(["--model", "vgg16", "--n", "2", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.startswith("captum-fullgrad: error: --model 'vgg16'")
+    assert command.main(["--n", "0"]) == 2
+    assert "--n" in capsys.readouterr().err
+    assert not out.exists()
