@@ -2,7 +2,8 @@
 # The published evaluation (docs/evaluation.md, benchmarks/results/evaluation/): every
 # registered saliency method and the three controls on 500 held-out synthetic scenes of
 # the bundled `shapes` network, on the CPU with 2 threads. Every metric's n is stated in
-# results.md; the costly ones run on the first images only:
+# results.md; the costly ones run on the first images only (each metric declares its
+# default; the options below pin the published values):
 #   localisation, pixel perturbation: 500   ROAD: 50   infidelity: 200
 #   max-sensitivity: 16                     sanity check (cascading randomisation): 16
 # Methods keep their registry defaults (integrated gradients 50 steps, SmoothGrad 50

@@ -23,10 +23,13 @@ Metrics, their reference, and which direction is better:
 Controls any method should beat: :class:`UniformRandomMap`, :class:`BlurredRandomMap`,
 :class:`SobelEdgeMap`. Statistics: :func:`bootstrap_ci`, :func:`trapezoid`.
 
-The suite: :func:`evaluate` runs every method (and the controls) through every metric
-and returns an :class:`EvaluationReport` (means with bootstrap CIs, JSON, Markdown,
-plots); :func:`write_report` writes it to a directory. ``captum-fullgrad evaluate`` is
-its command line (:mod:`captum_fullgrad.evaluation.command`); see ``docs/evaluation.md``.
+The suite: each metric above is also declared as a :class:`Metric` next to its function
+and registered (:func:`register_metric`, :func:`registered_metrics`); :func:`evaluate`
+runs every method (and the controls) through every registered metric and returns an
+:class:`EvaluationReport` (means with bootstrap CIs, JSON, Markdown, plots);
+:func:`write_report` writes it to a directory. ``captum-fullgrad evaluate`` is its
+command line (:mod:`captum_fullgrad.evaluation.command`); see ``docs/evaluation.md``, and
+``docs/extending.md`` for adding a metric.
 """
 
 from captum_fullgrad.evaluation.captum_scores import infidelity_score, sensitivity_score
@@ -39,6 +42,18 @@ from captum_fullgrad.evaluation.controls import (
     uniform_random_map,
 )
 from captum_fullgrad.evaluation.localisation import pointing_game, relevance_mass, relevance_rank
+from captum_fullgrad.evaluation.metric import (
+    Images,
+    Metric,
+    MetricContext,
+    MetricOutput,
+    Plot,
+    Score,
+    get_metric,
+    register_metric,
+    registered_metrics,
+    unregister_metric,
+)
 from captum_fullgrad.evaluation.perturbation import PixelPerturbationResult, pixel_perturbation
 from captum_fullgrad.evaluation.road import RoadResult, noisy_linear_imputation, road
 from captum_fullgrad.evaluation.sanity import (
@@ -60,6 +75,16 @@ from captum_fullgrad.evaluation.suite import (
 )
 
 __all__ = [
+    "Images",
+    "Metric",
+    "MetricContext",
+    "MetricOutput",
+    "Plot",
+    "Score",
+    "get_metric",
+    "register_metric",
+    "registered_metrics",
+    "unregister_metric",
     "BlurredRandomMap",
     "CONTROL_NAMES",
     "CascadingRandomisationResult",

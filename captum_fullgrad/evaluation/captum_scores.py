@@ -15,29 +15,36 @@ Captum implements both (``captum.metrics.infidelity`` and
 ``captum.metrics.sensitivity_max``); the wrappers below adapt them to this package's
 conventions (an explainer ``explain(model, inputs, target) -> (B, 1, H, W)`` map) and make
 them deterministic for a seed, since Captum's default perturbations use the global RNG.
+:data:`INFIDELITY` and :data:`SENSITIVITY` declare them to the evaluation suite (the
+metric registry).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 from captum.metrics import infidelity, sensitivity_max
 from torch import Tensor, nn
 
-from captum_fullgrad.evaluation.localisation import _format_maps
-from captum_fullgrad.evaluation.perturbation import _format_inputs, _format_target
+from captum_fullgrad.evaluation._common import Explainer, format_inputs, format_maps, format_target
+from captum_fullgrad.evaluation.metric import (
+    Images,
+    Metric,
+    MetricContext,
+    MetricOutput,
+    Score,
+    register_metric,
+)
 
 __all__ = ["infidelity_score", "sensitivity_score"]
-
-Explainer = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
 
 def _explain_maps(explain: Explainer, model: nn.Module, inputs: Tensor, target: Tensor) -> Tensor:
     r"""Maps ``(B, 1, H, W)`` computed with gradients enabled, detached."""
     with torch.enable_grad():
         maps = explain(model, inputs.detach(), target)
-    return _format_maps(maps)[:, None]
+    return format_maps(maps)[:, None]
 
 
 def infidelity_score(
@@ -87,13 +94,13 @@ def infidelity_score(
     Returns:
         Tensor: ``(B,)`` infidelity per example (lower is better).
     """
-    inputs = _format_inputs(inputs)
+    inputs = format_inputs(inputs)
     b, c = inputs.shape[:2]
-    target_t = _format_target(target, b, inputs.device)
+    target_t = format_target(target, b, inputs.device)
     if maps is None:
         maps = _explain_maps(explain, model, inputs, target_t)
     else:
-        maps = _format_maps(maps)[:, None]
+        maps = format_maps(maps)[:, None]
     maps = maps.to(device=inputs.device, dtype=inputs.dtype)
     if maps.shape[-2:] != inputs.shape[-2:] or maps.shape[0] != b:
         raise ValueError(
@@ -165,9 +172,9 @@ def sensitivity_score(
     Returns:
         Tensor: ``(B,)`` max-sensitivity per example (lower is better).
     """
-    inputs = _format_inputs(inputs)
+    inputs = format_inputs(inputs)
     b = inputs.shape[0]
-    target_t = _format_target(target, b, inputs.device)
+    target_t = format_target(target, b, inputs.device)
     generator = torch.Generator().manual_seed(seed)
 
     def perturb(x: Union[Tensor, Tuple[Tensor, ...]], radius: float) -> Tuple[Tensor, ...]:
@@ -195,3 +202,115 @@ def sensitivity_score(
         target=target_t,
     )
     return scores.reshape(b)
+
+
+# --------------------------------------------------------------------------- suite metrics
+REF_YEH = "Yeh et al., 'On the (in)fidelity and sensitivity of explanations', NeurIPS 2019"
+
+
+def _captum_batch(n: int, samples: int, batch_size: int, per_example: Optional[int] = None) -> int:
+    """``max_examples_per_batch`` for Captum's metrics: about ``batch_size * per_example``
+    (default ``samples``) perturbed inputs per sub-batch, within Captum's bounds: at least
+    ``n`` (every example in each sub-batch) and at most ``n * samples``."""
+    per_example = samples if per_example is None else per_example
+    return max(n, min(n * samples, batch_size * per_example))
+
+
+def _infidelity_noise(ctx: MetricContext) -> float:
+    """The perturbations' std in input units: ``infidelity_noise`` x the pixels' std over
+    every image of the run."""
+    return ctx.settings.infidelity_noise * float(ctx.images.std())
+
+
+def _infidelity(ctx: MetricContext, name: str, explain: Any, maps: Tensor) -> MetricOutput:
+    settings = ctx.settings
+    noise = _infidelity_noise(ctx)
+    scores = infidelity_score(
+        ctx.model,
+        explain,
+        ctx.head(ctx.images),
+        ctx.head(ctx.labels),
+        n_perturb_samples=settings.infidelity_samples,
+        noise_std=noise,
+        normalize=True,
+        seed=ctx.seed,
+        max_examples_per_batch=_captum_batch(ctx.n, settings.infidelity_samples, ctx.batch_size),
+        maps=ctx.head(maps),
+    )
+    return MetricOutput({"infidelity": scores}, meta={"infidelity_noise_std": noise})
+
+
+def _infidelity_scores(settings: Any) -> Tuple[Score, ...]:
+    return (
+        Score(
+            "infidelity",
+            "Infidelity",
+            False,
+            "Captum infidelity: squared error of the map's prediction of the logit change "
+            f"under Gaussian noise (std {settings.infidelity_noise} x the images' pixel std), "
+            "after optimal rescaling",
+            REF_YEH,
+        ),
+    )
+
+
+def _sensitivity(ctx: MetricContext, name: str, explain: Any, maps: Tensor) -> MetricOutput:
+    settings = ctx.settings
+    scores = sensitivity_score(
+        ctx.model,
+        explain,
+        ctx.head(ctx.images),
+        ctx.head(ctx.labels),
+        n_perturb_samples=settings.sensitivity_samples,
+        perturb_radius=settings.sensitivity_radius,
+        seed=ctx.seed,
+        # Perturbed inputs per explanation call: at most batch_size (the sampling
+        # methods' peak memory grows with the batch), at least n.
+        max_examples_per_batch=_captum_batch(
+            ctx.n, settings.sensitivity_samples, ctx.batch_size, 1
+        ),
+    )
+    return MetricOutput({"sensitivity_max": scores})
+
+
+def _sensitivity_scores(settings: Any) -> Tuple[Score, ...]:
+    return (
+        Score(
+            "sensitivity_max",
+            "Max-sensitivity",
+            False,
+            "Captum sensitivity_max: largest relative change of the map under uniform noise of "
+            f"radius {settings.sensitivity_radius} ({settings.sensitivity_samples} draws)",
+            REF_YEH,
+        ),
+    )
+
+
+#: The suite's infidelity (Captum), from the maps already computed, on the first images.
+INFIDELITY = register_metric(
+    Metric(
+        key="infidelity",
+        label="infidelity",
+        scores=_infidelity_scores,
+        compute=_infidelity,
+        group="captum",
+        images=Images(subset=True, default=200, fast=None),
+        order=50,
+        meta={"infidelity_noise_std": None},
+    )
+)
+
+#: The suite's max-sensitivity (Captum), on the first images: it recomputes every map once
+#: per perturbation.
+SENSITIVITY = register_metric(
+    Metric(
+        key="sensitivity",
+        label="max-sensitivity",
+        scores=_sensitivity_scores,
+        compute=_sensitivity,
+        group="captum",
+        images=Images(subset=True, default=16, fast=4),
+        recomputes_maps=True,
+        order=60,
+    )
+)

@@ -1,461 +1,67 @@
-"""The ``captum-fullgrad evaluate`` subcommand: the evaluation suite on generated scenes.
+"""``python -m captum_fullgrad.evaluation.command [options]``: ``captum-fullgrad evaluate``
+on its own.
 
-``add_arguments(parser)`` declares the options and ``run(args) -> int`` runs the suite
-(:func:`captum_fullgrad.evaluation.suite.evaluate`) and writes ``DIR/results.json``,
-``DIR/results.md`` and the plots. They follow the interface of the subcommands in
-:mod:`captum_fullgrad.cli` (a parser builder and a function of the parsed arguments
-returning an exit status); ``cli.py`` registers them as::
-
-    Command("evaluate", _evaluate.HELP, _evaluate.add_arguments, _evaluate.run, _evaluate.DESCRIPTION, _evaluate.EPILOG),
-
-with ``from .evaluation import command as _evaluate``. :func:`add_parser` adds the same
-subcommand to any ``argparse`` subparsers object, and ``python -m
-captum_fullgrad.evaluation.command [options]`` runs it on its own (:func:`main`).
-
-Only models whose test images come with object masks can be evaluated: the bundled
-``shapes`` network, on held-out synthetic scenes (:func:`captum_fullgrad.datasets.
-synthetic_shapes`, seed 10000 by default; the network was trained on seed 0). Any other
-model name is refused with exit status 2, as is any other bad input; errors are one line
-``captum-fullgrad: error: ...`` on stderr.
-
-Cost: the sanity check recomputes every map once per randomised layer (11 times for
-``shapes``) and max-sensitivity once per perturbation, so they run on the first
-``--sanity-n`` / ``--sensitivity-n`` images only; ROAD (an iterative imputation per
-removal level) on the first ``--road-n``, the infidelity on the first ``--infidelity-n``.
-Every value in the outputs states the number of images it was computed on.
+The subcommand lives in :mod:`captum_fullgrad.cli.evaluate`; this module keeps the names
+and the entry point that earlier releases and the docs show: ``add_arguments(parser)``,
+``add_parser(subparsers)``, ``run(args) -> int`` (through the CLI's common error and exit
+path: one line on stderr and exit status 2 for bad input), :func:`main`, and the
+constants.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
-import os
-import re
-import shlex
 import sys
-import time
-from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, List, Optional
 
-from .._argtypes import add_runtime_options, resolve_device
-from .._argtypes import non_negative_int as _non_negative_int
-from .._argtypes import positive_int as _positive_int
-
-PROG = "captum-fullgrad"
-EXIT_OK = 0
-EXIT_BAD_INPUT = 2
-#: Held-out scenes: the bundled ``shapes`` network was trained on seed 0.
-DEFAULT_DATA_SEED = 10_000
-#: Models with generated object masks.
-MASKED_MODELS = ("shapes",)
-
-HELP = "score every saliency method (and three controls) with localisation, perturbation, ROAD, sanity and Captum metrics"
-DESCRIPTION = (
-    "Evaluate saliency methods on generated scenes with known object masks and write "
-    "DIR/results.json (method -> metric -> mean with 95 % bootstrap CI and n), "
-    "DIR/results.md (rankings, best in bold, where FullGrad wins and loses) and PNG plots "
-    "(pixel perturbation, ROAD and sanity-check curves). Costly metrics run on the first "
-    "--road-n, --infidelity-n, --sensitivity-n and --sanity-n images. See docs/evaluation.md."
+from ..cli._common import EXIT_BAD_INPUT, EXIT_OK, PROG, run_command
+from ..cli.evaluate import (
+    DEFAULT_DATA_SEED,
+    DESCRIPTION,
+    EPILOG,
+    HELP,
+    MASKED_MODELS,
+    add_arguments,
 )
-EPILOG = "example: captum-fullgrad evaluate --n 100 --out eval-out --methods fullgrad,gradcam,smoothgrad --fast"
+from ..cli.evaluate import run as _run
+
+__all__ = [
+    "DEFAULT_DATA_SEED",
+    "DESCRIPTION",
+    "EPILOG",
+    "EXIT_BAD_INPUT",
+    "EXIT_OK",
+    "HELP",
+    "MASKED_MODELS",
+    "PROG",
+    "add_arguments",
+    "add_parser",
+    "main",
+    "run",
+]
 
 
-class _BadInput(Exception):
-    """Bad input: one line on stderr, exit status 2."""
-
-
-def _param(text: str) -> str:
-    if re.fullmatch(r"[A-Za-z][\w-]*\.\w+=.*", text.strip()) is None:
-        raise argparse.ArgumentTypeError(
-            f"expected METHOD.PARAMETER=VALUE, e.g. integrated_gradients.n_steps=20, got {text!r}"
-        )
-    return text.strip()
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Declare the options of ``captum-fullgrad evaluate`` on ``parser``."""
-    from .suite import EvaluationSettings
-
-    published = EvaluationSettings()
-    parser.add_argument(
-        "--model",
-        default="shapes",
-        help="model to explain; only models with generated object masks can be evaluated: "
-        f"{', '.join(MASKED_MODELS)} (default: shapes)",
-    )
-    parser.add_argument(
-        "--weights",
-        default="DEFAULT",
-        help="DEFAULT (the bundled weights), a path to a state dict file, or 'random' (default: DEFAULT)",
-    )
-    parser.add_argument(
-        "--n",
-        type=_positive_int,
-        default=500,
-        help="images to generate and evaluate (default: 500)",
-    )
-    parser.add_argument(
-        "--out", default="evaluation-out", help="output directory (default: evaluation-out)"
-    )
-    parser.add_argument(
-        "--methods",
-        default=None,
-        help="comma-separated method names (default: every registered method); the controls "
-        "uniform_random, blurred_random and sobel_edges are always added unless --no-controls",
-    )
-    parser.add_argument(
-        "--no-controls", action="store_true", help="do not add the three control maps"
-    )
-    parser.add_argument(
-        "--param",
-        action="append",
-        type=_param,
-        default=[],
-        metavar="METHOD.NAME=VALUE",
-        help="set a method parameter, e.g. integrated_gradients.n_steps=20 (repeatable; overrides --fast)",
-    )
-    parser.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="seed of the metrics' randomness and the controls (default: 0)",
-    )
-    parser.add_argument(
-        "--data-seed",
-        type=int,
-        default=DEFAULT_DATA_SEED,
-        help=f"seed of the generated scenes (default: {DEFAULT_DATA_SEED}, held out from training)",
-    )
-    parser.add_argument(
-        "--batch-size",
-        type=_positive_int,
-        default=50,
-        help="images per method call and forward pass (default: 50)",
-    )
-    for flag, field, what in (
-        ("--road-n", "n_road", "ROAD"),
-        ("--infidelity-n", "n_infidelity", "the infidelity"),
-        (
-            "--sensitivity-n",
-            "n_sensitivity",
-            "max-sensitivity (recomputes every map per perturbation)",
-        ),
-        (
-            "--sanity-n",
-            "n_sanity",
-            "the cascading-randomisation sanity check (recomputes every map per layer)",
-        ),
-    ):
-        parser.add_argument(
-            flag,
-            type=_non_negative_int,
-            default=None,
-            help=f"images (the first ones) for {what}; 0 skips it (default: {getattr(published, field)}, "
-            "or a few with --fast; at most --n)",
-        )
-    parser.add_argument(
-        "--fast",
-        action="store_true",
-        help="cheap settings for tests and smoke runs: integrated gradients with 8 steps, SmoothGrad and "
-        "SmoothFullGrad with 4 samples, 3 ROAD levels, few perturbations and resamples",
-    )
-    add_runtime_options(parser)
+def run(args: argparse.Namespace) -> int:
+    """Run ``captum-fullgrad evaluate`` with parsed ``args``; return the exit status
+    (0, or 2 with one line on stderr for bad input; ``--threads`` applied and restored)."""
+    return run_command(_run, args)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the ``evaluate`` subcommand to ``subparsers`` (from ``add_subparsers()``).
-
-    The subparser's defaults carry ``_run=run`` (the convention of :mod:`captum_fullgrad.cli`).
-    """
+    """Add the ``evaluate`` subcommand to ``subparsers`` (from ``add_subparsers()``); its
+    defaults carry ``_run=run``."""
     parser = subparsers.add_parser("evaluate", help=HELP, description=DESCRIPTION, epilog=EPILOG)
     add_arguments(parser)
     parser.set_defaults(_run=run)
     return parser
 
 
-# --------------------------------------------------------------------------------------
-
-
-def _one_line(text: Any) -> str:
-    return " ".join(str(text).split())
-
-
-def _fail(message: str) -> int:
-    print(f"{PROG}: error: {_one_line(message)}", file=sys.stderr)
-    return EXIT_BAD_INPUT
-
-
-def _check_model(name: str) -> str:
-    key = name.strip().lower()
-    if key in MASKED_MODELS:
-        return key
-    from ..models import list_models
-
-    known = key in {m.lower() for m in list_models()}
-    if known:
-        raise _BadInput(
-            f"--model {name!r}: evaluate needs images with ground-truth object masks, which are only "
-            f"generated for: {', '.join(MASKED_MODELS)}"
-        )
-    raise _BadInput(
-        f"--model {name!r}: unknown model; evaluate supports: {', '.join(MASKED_MODELS)}"
-    )
-
-
-def _device(spec: str) -> Any:
-    try:
-        return resolve_device(spec)
-    except ValueError as exc:
-        raise _BadInput(str(exc)) from None
-
-
-def _methods(text: Optional[str]) -> Optional[List[str]]:
-    from ..methods import available_methods
-    from .suite import CONTROL_NAMES
-
-    if text is None:
-        return None
-    names = [n.strip().lower().replace("-", "_") for n in text.split(",") if n.strip()]
-    if not names:
-        raise _BadInput("--methods: give at least one method name, e.g. --methods fullgrad,gradcam")
-    known = list(available_methods()) + list(CONTROL_NAMES)
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise _BadInput(
-            f"--methods: unknown method(s) {', '.join(unknown)}; known: {', '.join(known)}"
-        )
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise _BadInput(f"--methods: each method may appear once; repeated: {', '.join(repeated)}")
-    return names
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
-def _method_params(items: List[str], base: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
-    from ..methods import get_method
-
-    params = {name: dict(values) for name, values in base.items()}
-    for item in items:
-        target, _, value = item.partition("=")
-        method, _, name = target.partition(".")
-        method = method.strip().lower().replace("-", "_")
-        params.setdefault(method, {})[name.strip()] = _parse_value(value.strip())
-    for method, values in params.items():
-        try:
-            get_method(method, **values)
-        except (ValueError, TypeError) as exc:
-            raise _BadInput(f"--param: {exc}") from None
-    return params
-
-
-def _out_dir(text: str) -> Path:
-    out = Path(text).expanduser()
-    if out.exists() and not out.is_dir():
-        raise _BadInput(f"--out {text!r} exists and is not a directory")
-    probe = out.resolve()
-    while not probe.exists() and probe.parent != probe:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise _BadInput(
-            f"cannot create output directory {text!r}: {str(probe)!r} is not a directory"
-        )
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise _BadInput(
-            f"cannot create or write output directory {text!r}: permission denied on {str(probe)!r}"
-        )
-    return out
-
-
-def _load(name: str, weights: str, device: Any) -> Any:
-    from ..models import load_model
-
-    spec: Any = None if weights.strip().lower() in ("random", "none") else weights
-    if spec is not None and spec != "DEFAULT" and Path(spec).expanduser().exists():
-        spec = Path(spec).expanduser()
-    try:
-        return load_model(name, weights=spec, device=device)
-    except (ValueError, TypeError, OSError, KeyError) as exc:
-        raise _BadInput(_one_line(exc)) from None
-    except RuntimeError as exc:  # torch.load on a corrupt file
-        raise _BadInput(
-            f"cannot load weights {weights!r} for model {name!r}: {_one_line(exc)[:300]}"
-        ) from None
-
-
-def _command_line(args: argparse.Namespace) -> str:
-    parts = [PROG, "evaluate", "--model", args.model]
-    if args.weights != "DEFAULT":
-        parts += ["--weights", args.weights]
-    parts += [
-        "--n",
-        str(args.n),
-        "--out",
-        args.out,
-        "--seed",
-        str(args.seed),
-        "--data-seed",
-        str(args.data_seed),
-    ]
-    parts += ["--batch-size", str(args.batch_size)]
-    for flag, value in (
-        ("--road-n", args.road_n),
-        ("--infidelity-n", args.infidelity_n),
-        ("--sensitivity-n", args.sensitivity_n),
-        ("--sanity-n", args.sanity_n),
-    ):
-        if value is not None:
-            parts += [flag, str(value)]
-    if args.methods:
-        parts += ["--methods", args.methods]
-    if args.no_controls:
-        parts.append("--no-controls")
-    for item in args.param:
-        parts += ["--param", item]
-    if args.fast:
-        parts.append("--fast")
-    if args.threads:
-        parts += ["--threads", str(args.threads)]
-    if args.device != "auto":
-        parts += ["--device", args.device]
-    return " ".join(shlex.quote(p) for p in parts)
-
-
-def _git_commit() -> Optional[str]:
-    """The commit of the package's checkout (``+dirty`` if package files differ), or None."""
-    import subprocess
-
-    root = Path(__file__).resolve().parents[2]
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        if head.returncode != 0:
-            return None
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", "captum_fullgrad"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run ``captum-fullgrad evaluate`` with parsed ``args``; return the exit status.
-
-    0 on success; 2 with a one-line message on stderr for bad input (a model without
-    generated masks, unknown methods or parameters, unusable devices, weights or
-    output directories).
-    """
-    import torch
-
-    threads = torch.get_num_threads()
-    try:
-        if getattr(args, "threads", None):
-            torch.set_num_threads(args.threads)
-        return _run(args)
-    except _BadInput as exc:
-        return _fail(str(exc))
-    finally:
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
-
-
-def _run(args: argparse.Namespace) -> int:
-    from ..datasets import synthetic_shapes
-    from .suite import EvaluationSettings, evaluate, write_report
-
-    started = time.perf_counter()
-    name = _check_model(args.model)
-    out = _out_dir(args.out)
-    methods = _methods(args.methods)
-    settings = EvaluationSettings.fast() if args.fast else EvaluationSettings()
-    params = _method_params(
-        list(args.param), {k: dict(v) for k, v in settings.method_params.items()}
-    )
-    if methods is not None:
-        named = {item.partition(".")[0].strip().lower().replace("-", "_") for item in args.param}
-        unused = sorted(named - set(methods))
-        if unused:
-            raise _BadInput(f"--param names method(s) not in --methods: {', '.join(unused)}")
-        params = {k: v for k, v in params.items() if k in methods}
-    overrides = {
-        field: value
-        for field, value in (
-            ("n_road", args.road_n),
-            ("n_infidelity", args.infidelity_n),
-            ("n_sensitivity", args.sensitivity_n),
-            ("n_sanity", args.sanity_n),
-        )
-        if value is not None
-    }
-    from dataclasses import replace
-
-    settings = replace(settings, method_params=params, **overrides)
-    device = _device(args.device)
-    loaded = _load(name, args.weights, device)
-    images, labels, masks = synthetic_shapes(args.n, seed=args.data_seed)
-    inputs = loaded.transform(images).to(device)
-    progress = not args.no_progress and sys.stderr.isatty()
-    report = evaluate(
-        loaded.model,
-        inputs,
-        labels,
-        masks,
-        methods=methods,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        progress=progress,
-        settings=settings,
-        controls=not args.no_controls,
-        model_name=name,
-        meta={
-            "data": f"captum_fullgrad.datasets.synthetic_shapes(n={args.n}, seed={args.data_seed})",
-            "data_seed": args.data_seed,
-            "weights": loaded.weights if loaded.weights is None else str(loaded.weights),
-            "fast": bool(args.fast),
-            "command": _command_line(args),
-            "environment": {
-                k: os.environ[k] for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS") if k in os.environ
-            },
-            "git_commit": _git_commit(),
-        },
-    )
-    try:
-        written = write_report(report, out)
-    except OSError as exc:
-        raise _BadInput(f"cannot write to {str(out)!r}: {exc.strerror or exc}") from None
-    wall = time.perf_counter() - started
-    plots = [p.name for p in written if p.suffix == ".png"]
-    print(
-        f"wrote {out / 'results.json'}, results.md and {len(plots)} plot(s) ({', '.join(plots)}) "
-        f"for {len(report.methods)} methods on {args.n} images in {wall:.1f} s"
-    )
-    return EXIT_OK
-
-
 def main(argv: Optional[List[str]] = None) -> int:
-    """``python -m captum_fullgrad.evaluation.command [options]``: the subcommand on its own
-    (the same options and outputs as ``captum-fullgrad evaluate``)."""
-    parser = argparse.ArgumentParser(
-        prog=f"{PROG} evaluate", description=DESCRIPTION, epilog=EPILOG
-    )
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    return run(args)
+    """The subcommand on its own: the same options, outputs and errors as
+    ``captum-fullgrad evaluate``."""
+    from ..cli import main as cli_main
+
+    return cli_main(["evaluate", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":  # pragma: no cover

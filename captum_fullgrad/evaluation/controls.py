@@ -28,19 +28,22 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from captum_fullgrad.evaluation.perturbation import _format_inputs
+from captum_fullgrad.evaluation._common import format_inputs
 
 __all__ = [
     "BlurredRandomMap",
+    "CONTROL_LABELS",
+    "CONTROL_NAMES",
     "SobelEdgeMap",
     "UniformRandomMap",
     "blurred_random_map",
+    "make_control",
     "sobel_edge_map",
     "uniform_random_map",
 ]
@@ -105,7 +108,7 @@ class UniformRandomMap:
     def __call__(self, model: Optional[nn.Module], inputs: Tensor, target: Any = None) -> Tensor:
         r"""Return ``(B, 1, H, W)`` maps for ``inputs`` ``(B, C, H, W)``; ``model`` and
         ``target`` are ignored."""
-        return _uniform_noise(_format_inputs(inputs), self.seed)
+        return _uniform_noise(format_inputs(inputs), self.seed)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(seed={self.seed})"
@@ -133,7 +136,7 @@ class BlurredRandomMap:
 
     def __call__(self, model: Optional[nn.Module], inputs: Tensor, target: Any = None) -> Tensor:
         r"""Return ``(B, 1, H, W)`` maps in ``[0, 1]``; ``model`` and ``target`` are ignored."""
-        blurred = _gaussian_blur(_uniform_noise(_format_inputs(inputs), self.seed), self.sigma)
+        blurred = _gaussian_blur(_uniform_noise(format_inputs(inputs), self.seed), self.sigma)
         low = blurred.amin(dim=(2, 3), keepdim=True)
         span = blurred.amax(dim=(2, 3), keepdim=True) - low
         return torch.where(
@@ -160,7 +163,7 @@ class SobelEdgeMap:
 
     def __call__(self, model: Optional[nn.Module], inputs: Tensor, target: Any = None) -> Tensor:
         r"""Return ``(B, 1, H, W)`` non-negative maps; ``model`` and ``target`` are ignored."""
-        inputs = _format_inputs(inputs)
+        inputs = format_inputs(inputs)
         grey = F.pad(inputs.mean(dim=1, keepdim=True), (1, 1, 1, 1), mode="replicate")
         # Separable form K_x = (1, 2, 1)^T (-1, 0, 1), written with slices rather than a
         # convolution so that it is exact on GPUs too (no TF32 rounding).
@@ -179,3 +182,24 @@ class SobelEdgeMap:
 uniform_random_map = UniformRandomMap(seed=0)
 blurred_random_map = BlurredRandomMap(seed=0, sigma=4.0)
 sobel_edge_map = SobelEdgeMap()
+
+
+#: Names of the three controls, in report order.
+CONTROL_NAMES: Tuple[str, ...] = ("uniform_random", "blurred_random", "sobel_edges")
+#: Their display labels.
+CONTROL_LABELS = {
+    "uniform_random": "Control: uniform random",
+    "blurred_random": "Control: blurred random",
+    "sobel_edges": "Control: Sobel edges",
+}
+
+
+def make_control(name: str, seed: int) -> Callable[..., Tensor]:
+    """The control ``name`` (one of :data:`CONTROL_NAMES`), its noise drawn from ``seed``."""
+    if name == "uniform_random":
+        return UniformRandomMap(seed=seed)
+    if name == "blurred_random":
+        return BlurredRandomMap(seed=seed)
+    if name == "sobel_edges":
+        return SobelEdgeMap()
+    raise ValueError(f"unknown control {name!r}; controls: {', '.join(CONTROL_NAMES)}")

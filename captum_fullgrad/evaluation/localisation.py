@@ -11,43 +11,29 @@ read the maps, so they run on whatever device the maps live on.
 - :func:`relevance_mass` and :func:`relevance_rank`: Arras, Osman & Samek,
   "CLEVR-XAI: A benchmark dataset for the ground truth evaluation of neural network
   explanations", Information Fusion 81 (2022).
+
+:data:`LOCALISATION` declares them to the evaluation suite (the metric registry).
 """
 
 from __future__ import annotations
+
+from typing import Any, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from captum_fullgrad.evaluation._common import format_maps
+from captum_fullgrad.evaluation.metric import (
+    Images,
+    Metric,
+    MetricContext,
+    MetricOutput,
+    Score,
+    register_metric,
+)
+
 __all__ = ["pointing_game", "relevance_mass", "relevance_rank"]
-
-
-def _format_maps(maps: Tensor, name: str = "maps") -> Tensor:
-    r"""Return saliency maps as a floating ``(B, H, W)`` tensor, checking the layout.
-
-    Accepts ``(B, H, W)`` or ``(B, 1, H, W)``. Multi-channel attributions such as
-    gradient x input ``(B, C, H, W)`` are rejected rather than silently reduced: how to
-    pool channels (sum, sum of absolute values, ...) is a property of the attribution
-    method and has to be decided by its caller.
-    """
-    if not isinstance(maps, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(maps).__name__}")
-    if maps.dim() == 4:
-        if maps.shape[1] != 1:
-            raise ValueError(
-                f"{name} must have shape (B, H, W) or (B, 1, H, W), got {tuple(maps.shape)};"
-                " reduce multi-channel attributions to one channel first"
-            )
-        maps = maps[:, 0]
-    elif maps.dim() != 3:
-        raise ValueError(
-            f"{name} must have shape (B, H, W) or (B, 1, H, W), got {tuple(maps.shape)}"
-        )
-    if not torch.is_floating_point(maps):
-        maps = maps.to(torch.get_default_dtype())
-    if not bool(torch.isfinite(maps).all()):
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return maps.detach()
 
 
 def _format_masks(masks: Tensor, maps: Tensor) -> Tensor:
@@ -123,7 +109,7 @@ def pointing_game(maps: Tensor, masks: Tensor, tolerance: int = 3) -> Tensor:
     """
     if tolerance < 0 or int(tolerance) != tolerance:
         raise ValueError(f"tolerance must be a non-negative integer, got {tolerance}")
-    maps = _format_maps(maps)
+    maps = format_maps(maps)
     masks = _format_masks(masks, maps)
     empty = ~masks.flatten(1).any(dim=1)
     if bool(empty.any()):
@@ -154,7 +140,7 @@ def relevance_mass(maps: Tensor, masks: Tensor) -> Tensor:
         Tensor: ``(B,)`` in ``[0, 1]``, in the maps' floating dtype; 1 for a map that is
         positive only inside the mask (e.g. the mask itself).
     """
-    maps = _format_maps(maps)
+    maps = format_maps(maps)
     masks = _format_masks(masks, maps)
     positive = maps.clamp_min(0).flatten(1)
     inside = (positive * masks.flatten(1)).sum(dim=1)
@@ -187,7 +173,7 @@ def relevance_rank(maps: Tensor, masks: Tensor) -> Tensor:
     Returns:
         Tensor: ``(B,)`` in ``[0, 1]``, in the maps' floating dtype.
     """
-    maps = _format_maps(maps)
+    maps = format_maps(maps)
     masks = _format_masks(masks, maps)
     flat = maps.flatten(1)
     inside = masks.flatten(1)
@@ -205,3 +191,68 @@ def relevance_rank(maps: Tensor, masks: Tensor) -> Tensor:
         (tied & inside).sum(dim=1).to(flat.dtype)
     )
     return hits / k.to(flat.dtype)
+
+
+# --------------------------------------------------------------------------- suite metric
+REF_POINTING = "Zhang et al., 'Top-down neural attention by excitation backprop', ECCV 2016"
+REF_ARRAS = "Arras, Osman & Samek, 'CLEVR-XAI', Information Fusion 81, 2022"
+
+
+def _localisation_scores(settings: Any) -> Tuple[Score, ...]:
+    tolerance = settings.pointing_tolerance
+    return (
+        Score(
+            "pointing_game",
+            "Pointing game",
+            True,
+            f"hit rate: every maximum of the map lies on the object mask dilated by {tolerance} px",
+            REF_POINTING,
+        ),
+        Score(
+            "pointing_game_0px",
+            "Pointing game (0 px)",
+            True,
+            "hit rate with no tolerance: every maximum of the map lies on the object mask itself",
+            REF_POINTING,
+        ),
+        Score(
+            "relevance_mass",
+            "Relevance mass",
+            True,
+            "share of the map's total mass inside the object mask",
+            REF_ARRAS,
+        ),
+        Score(
+            "relevance_rank",
+            "Relevance rank",
+            True,
+            "share of the |mask| most salient pixels inside the object mask",
+            REF_ARRAS,
+        ),
+    )
+
+
+def _localisation(ctx: MetricContext, name: str, explain: Any, maps: Tensor) -> MetricOutput:
+    tolerance = ctx.settings.pointing_tolerance
+    return MetricOutput(
+        {
+            "pointing_game": pointing_game(maps, ctx.masks, tolerance).float(),
+            "pointing_game_0px": pointing_game(maps, ctx.masks, 0).float(),
+            "relevance_mass": relevance_mass(maps, ctx.masks),
+            "relevance_rank": relevance_rank(maps, ctx.masks),
+        }
+    )
+
+
+#: The suite's localisation metric: the pointing game (with and without tolerance),
+#: relevance mass and relevance rank of every map against its object mask.
+LOCALISATION = register_metric(
+    Metric(
+        key="localisation",
+        label="localisation",
+        scores=_localisation_scores,
+        compute=_localisation,
+        images=Images(masks=True),
+        order=10,
+    )
+)

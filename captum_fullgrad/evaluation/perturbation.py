@@ -8,20 +8,38 @@ propose the converse test: remove the :math:`k\%` *least* salient pixels, which 
 leave the output unchanged if the map is faithful, and report the absolute fractional
 output change. Both orders are implemented here.
 
-This module also holds the helpers shared with :mod:`.road` (target formatting, batched
-forward passes, deterministic pixel ranking).
+The deterministic pixel-removal order and the input checks it shares with :mod:`.road`
+live in :mod:`._common`. :data:`PIXEL_PERTURBATION` declares the test to the evaluation
+suite (the metric registry).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Any, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-from captum_fullgrad.evaluation.localisation import _format_maps
+from captum_fullgrad.evaluation._common import (
+    SeedLike,
+    check_percentages,
+    format_inputs,
+    format_target,
+    forward_logits,
+    make_generator,
+    maps_for,
+    percent_to_count,
+    removal_ranks,
+)
+from captum_fullgrad.evaluation.metric import (
+    Metric,
+    MetricContext,
+    MetricOutput,
+    Plot,
+    Score,
+    register_metric,
+)
 from captum_fullgrad.evaluation.statistics import trapezoid
 
 __all__ = ["PixelPerturbationResult", "pixel_perturbation"]
@@ -29,57 +47,8 @@ __all__ = ["PixelPerturbationResult", "pixel_perturbation"]
 #: Percentages of pixels removed by default, as on the x-axis of the paper's figure.
 DEFAULT_PERCENTAGES = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
-SeedLike = Union[int, torch.Generator]
-
 
 # --------------------------------------------------------------------------- helpers
-def _format_inputs(inputs: Tensor) -> Tensor:
-    if not isinstance(inputs, Tensor) or inputs.dim() != 4:
-        raise ValueError(
-            f"inputs must be a (B, C, H, W) tensor, got {getattr(inputs, 'shape', type(inputs))}"
-        )
-    return inputs.detach()
-
-
-def _format_target(
-    target: Union[int, Sequence[int], Tensor], batch: int, device: torch.device
-) -> Tensor:
-    r"""Return class indices as a long ``(B,)`` tensor on ``device``; an int is broadcast."""
-    t = torch.as_tensor(target, device=device)
-    if t.dim() == 0:
-        t = t.expand(batch)
-    if t.shape != (batch,):
-        raise ValueError(f"target must be an int or have shape ({batch},), got {tuple(t.shape)}")
-    if t.is_floating_point() or t.dtype == torch.bool:
-        raise ValueError("target must hold integer class indices")
-    return t.long()
-
-
-def _maps_for(maps: Tensor, inputs: Tensor) -> Tensor:
-    r"""Format maps to ``(B, H, W)`` on the inputs' device and check they match the inputs."""
-    maps = _format_maps(maps).to(inputs.device)
-    b, _, h, w = inputs.shape
-    if maps.shape != (b, h, w):
-        raise ValueError(
-            f"maps of shape {tuple(maps.shape)} do not match inputs of shape {tuple(inputs.shape)}"
-        )
-    return maps
-
-
-@torch.no_grad()
-def _forward_logits(model: nn.Module, inputs: Tensor, batch_size: Optional[int] = None) -> Tensor:
-    r"""Logits ``(N, K)`` of ``model`` on ``inputs``, in chunks of ``batch_size`` examples."""
-    n = inputs.shape[0]
-    step = n if batch_size is None else int(batch_size)
-    if step < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    outputs = [model(inputs[i : i + step]) for i in range(0, n, step)]
-    logits = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
-    if logits.dim() != 2 or logits.shape[0] != n:
-        raise ValueError(f"model must return logits of shape (N, K), got {tuple(logits.shape)}")
-    return logits
-
-
 def _target_output(logits: Tensor, target: Tensor, output: str) -> Tensor:
     r"""The target class's logit or softmax probability, ``(N,)``."""
     if output == "logit":
@@ -89,61 +58,6 @@ def _target_output(logits: Tensor, target: Tensor, output: str) -> Tensor:
     else:
         raise ValueError(f"output must be 'logit' or 'probability', got {output!r}")
     return scores.gather(1, target[:, None])[:, 0]
-
-
-def _make_generator(seed: SeedLike) -> torch.Generator:
-    if isinstance(seed, torch.Generator):
-        return seed
-    return torch.Generator().manual_seed(int(seed))
-
-
-def _removal_ranks(maps: Tensor, order: str, generator: torch.Generator) -> Tensor:
-    r"""Rank of every pixel in the removal order, ``(B, H*W)``: rank 0 is removed first.
-
-    ``order="least"`` removes pixels by increasing saliency, ``"most"`` by decreasing
-    saliency. Ties are broken by a uniformly random permutation drawn from
-    ``generator``: the pixels are shuffled, then stably sorted, so tied pixels keep
-    their shuffled relative order while distinct values keep their exact order (no
-    jitter is added to the values). A constant map therefore removes pixels in random
-    order, the natural "uninformative" baseline, instead of in raster order, which
-    would remove the top rows first. The permutation is drawn on the generator's
-    device (the CPU for an integer seed), so the order does not depend on the device
-    the maps live on.
-    """
-    if order not in ("least", "most"):
-        raise ValueError(f"order must be 'least' or 'most', got {order!r}")
-    b, n = maps.shape[0], maps[0].numel()
-    flat = maps.reshape(b, n)
-    keys = torch.rand((b, n), generator=generator, device=generator.device)
-    shuffle = keys.argsort(dim=1).to(flat.device)  # (B, N) uniform random permutations
-    shuffled = flat.gather(1, shuffle)
-    position = shuffled.argsort(dim=1, descending=(order == "most"), stable=True)
-    removal_order = shuffle.gather(1, position)  # pixel index removed at each step
-    ranks = torch.empty_like(removal_order)
-    ranks.scatter_(1, removal_order, torch.arange(n, device=flat.device).expand(b, n))
-    return ranks
-
-
-def _percent_to_count(percent: float, n_pixels: int) -> int:
-    r"""Number of pixels in ``percent`` % of ``n_pixels``, rounded half up, clipped.
-
-    Rounding half up (not Python's round-half-to-even) keeps the count monotone in
-    ``percent``.
-    """
-    return int(min(n_pixels, max(0, math.floor(percent * n_pixels / 100.0 + 0.5))))
-
-
-def _check_percentages(percentages: Sequence[float], upper: float, inclusive: bool) -> Tensor:
-    p = torch.as_tensor(list(percentages), dtype=torch.float64)
-    if p.dim() != 1 or p.numel() == 0:
-        raise ValueError("percentages must be a non-empty sequence of numbers")
-    too_big = (p > upper) if inclusive else (p >= upper)
-    if bool((p <= 0).any() or too_big.any()):
-        bound = "]" if inclusive else ")"
-        raise ValueError(f"percentages must lie in (0, {upper}{bound}, got {p.tolist()}")
-    if p.numel() > 1 and not bool((p[1:] > p[:-1]).all()):
-        raise ValueError("percentages must be strictly increasing")
-    return p
 
 
 # --------------------------------------------------------------------------- metric
@@ -218,7 +132,7 @@ def pixel_perturbation(
     standardised with the dataset mean and std this is zero, the default.
 
     Ties in the map are broken by a seeded uniformly random order (see
-    :func:`_removal_ranks`), so the result is deterministic for a given ``seed`` and a
+    :func:`removal_ranks`), so the result is deterministic for a given ``seed`` and a
     constant map behaves like random removal.
 
     Args:
@@ -247,11 +161,11 @@ def pixel_perturbation(
         huge (not NaN) changes. Prefer ``output="probability"`` for models whose target
         logits can be near zero.
     """
-    inputs = _format_inputs(inputs)
+    inputs = format_inputs(inputs)
     b, c, h, w = inputs.shape
-    maps = _maps_for(maps, inputs)
-    target = _format_target(target, b, inputs.device)
-    p = _check_percentages(percentages, 100.0, inclusive=True)
+    maps = maps_for(maps, inputs)
+    target = format_target(target, b, inputs.device)
+    p = check_percentages(percentages, 100.0, inclusive=True)
     if baseline is None:
         fill = torch.zeros(c, dtype=inputs.dtype, device=inputs.device)
     else:
@@ -260,15 +174,15 @@ def pixel_perturbation(
             raise ValueError(f"baseline must have one value per channel ({c}), got {fill.numel()}")
     fill = fill.view(1, c, 1, 1)
 
-    ranks = _removal_ranks(maps, order, _make_generator(seed)).view(b, 1, h, w)
-    counts = [_percent_to_count(float(k), h * w) for k in p]
+    ranks = removal_ranks(maps, order, make_generator(seed)).view(b, 1, h, w)
+    counts = [percent_to_count(float(k), h * w) for k in p]
 
-    reference = _target_output(_forward_logits(model, inputs, batch_size), target, output)
+    reference = _target_output(forward_logits(model, inputs, batch_size), target, output)
     perturbed = []
     # One batched pass per percentage (K is small); the removal mask is a rank threshold.
     for n_k in counts:
         x_k = torch.where(ranks < n_k, fill, inputs)
-        perturbed.append(_target_output(_forward_logits(model, x_k, batch_size), target, output))
+        perturbed.append(_target_output(forward_logits(model, x_k, batch_size), target, output))
     scores = torch.stack(perturbed, dim=1)  # (B, K)
     denominator = reference.abs().clamp_min(torch.finfo(reference.dtype).tiny)[:, None]
     changes = (reference[:, None] - scores).abs() / denominator
@@ -284,3 +198,157 @@ def pixel_perturbation(
         order=order,
         output=output,
     )
+
+
+# --------------------------------------------------------------------------- suite metric
+REF_SRINIVAS = (
+    "Srinivas & Fleuret, 'Full-gradient representation for neural network visualization', "
+    "NeurIPS 2019, sec. 5.1"
+)
+REF_SAMEK = (
+    "Samek et al., 'Evaluating the visualization of what a deep neural network has learned', "
+    "IEEE TNNLS 2017"
+)
+_ORDERS = ("least", "most")
+
+
+def _level(k: float) -> str:
+    return f"{k:g}"
+
+
+def _perturbation_scores(settings: Any) -> List[Score]:
+    output = settings.perturbation_output
+    ks = ", ".join(_level(k) for k in settings.perturbation_percentages)
+    areas = {
+        "least": Score(
+            "pixel_perturbation_least_area",
+            "Pixel pert., least first (area)",
+            False,
+            f"absolute fractional change of the true class's {output} after replacing the k % "
+            f"least salient pixels by the mean colour, averaged over k = {ks} % "
+            "(trapezoid area / width)",
+            REF_SRINIVAS,
+        ),
+        "most": Score(
+            "pixel_perturbation_most_area",
+            "Pixel pert., most first (area)",
+            True,
+            "the same, removing the k % most salient pixels first",
+            REF_SAMEK,
+        ),
+    }
+    scores = []
+    for order in _ORDERS:
+        scores.append(areas[order])
+        for k in map(_level, settings.perturbation_percentages):
+            scores.append(
+                Score(
+                    f"pixel_perturbation_{order}@{k}",
+                    f"Pixel pert., {order} first, k = {k} %",
+                    order == "most",
+                    f"absolute fractional change of the true class's {output} after replacing "
+                    f"the {k} % {order} salient pixels",
+                    REF_SRINIVAS if order == "least" else REF_SAMEK,
+                    headline=False,
+                )
+            )
+    return scores
+
+
+def _perturbation(ctx: MetricContext, name: str, explain: Any, maps: Tensor) -> MetricOutput:
+    settings = ctx.settings
+    fill = ctx.images.mean(dim=(0, 2, 3))  # the images' mean colour
+    percentages = tuple(float(k) for k in settings.perturbation_percentages)
+    width = percentages[-1] - percentages[0] if len(percentages) > 1 else 1.0
+    output = MetricOutput({})
+    for order in _ORDERS:
+        result = pixel_perturbation(
+            ctx.model,
+            ctx.images,
+            ctx.labels,
+            maps,
+            percentages=percentages,
+            order=order,
+            output=settings.perturbation_output,
+            baseline=fill,
+            seed=ctx.seed,
+            batch_size=ctx.batch_size,
+        )
+        area = result.auc_per_example / width if len(percentages) > 1 else result.changes[:, 0]
+        output.values[f"pixel_perturbation_{order}_area"] = area
+        for j, k in enumerate(percentages):
+            output.values[f"pixel_perturbation_{order}@{_level(k)}"] = result.changes[:, j]
+        output.curves[f"pixel_perturbation_{order}"] = {
+            "x": list(percentages),
+            "y": result.mean_curve.double().cpu().tolist(),
+        }
+    return output
+
+
+def _perturbation_tables(report: Any) -> List[str]:
+    """``results.md``: one table per removal order, the change at every k."""
+    from captum_fullgrad.evaluation.markdown import fmt, method_cell
+
+    lines: List[str] = []
+    output = report.meta.get("settings", {}).get("perturbation_output", "logit")
+    for order, direction in zip(_ORDERS, ("lower is better", "higher is better")):
+        keys = [k for k in report.metrics if k.startswith(f"pixel_perturbation_{order}@")]
+        if not keys:
+            continue
+        n = report.metrics[keys[0]].n
+        lines += [
+            f"## Pixel perturbation per k, {order} salient first: {direction} (n = {n})",
+            "",
+            f"Mean absolute fractional change of the true class's {output} after replacing the "
+            f"k % {order} salient pixels by the images' mean colour; **bold** is the best per k.",
+            "",
+        ]
+        header = ["method"] + [f"k = {k.partition('@')[2]} %" for k in keys]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        best = {k: report.best(k) for k in keys}
+        for method in report.methods:
+            cells = [method_cell(report, method)]
+            for k in keys:
+                value = report.results[method].get(k)
+                text = "" if value is None else fmt(value.mean, 4)
+                cells.append(f"**{text}**" if method == best[k] else text)
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+#: The suite's pixel-perturbation metric: least and most salient pixels first.
+PIXEL_PERTURBATION = register_metric(
+    Metric(
+        key="pixel_perturbation",
+        label="pixel perturbation",
+        scores=_perturbation_scores,
+        compute=_perturbation,
+        order=20,
+        plots=(
+            Plot(
+                name="pixel_perturbation",
+                title="Pixel perturbation, {model}, n = {n}",
+                caption="Pixel perturbation curves (left: least salient removed first, lower is "
+                "better; right: most salient first, higher is better)",
+                panels=(
+                    (
+                        "pixel_perturbation_least",
+                        "% pixels removed (least salient first)",
+                        "|fractional {perturbation_output} change|",
+                        "Least salient first (lower is better)",
+                        True,
+                    ),
+                    (
+                        "pixel_perturbation_most",
+                        "% pixels removed (most salient first)",
+                        "|fractional {perturbation_output} change|",
+                        "Most salient first (higher is better)",
+                        True,
+                    ),
+                ),
+            ),
+        ),
+        markdown=_perturbation_tables,
+    )
+)

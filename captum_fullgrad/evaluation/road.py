@@ -14,28 +14,39 @@ The imputation is solved here with a batched, Jacobi-preconditioned conjugate-gr
 iteration in PyTorch (all images and channels at once, on the inputs' device, without a
 SciPy dependency); it agrees with a direct sparse solve to the solver tolerance (the
 tests compare it with ``scipy.sparse.linalg.spsolve``).
+
+:data:`ROAD` declares the metric to the evaluation suite (the metric registry).
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from captum_fullgrad.evaluation.perturbation import (
+from captum_fullgrad.evaluation._common import (
     SeedLike,
-    _check_percentages,
-    _format_inputs,
-    _format_target,
-    _forward_logits,
-    _make_generator,
-    _maps_for,
-    _percent_to_count,
-    _removal_ranks,
+    check_percentages,
+    format_inputs,
+    format_target,
+    forward_logits,
+    make_generator,
+    maps_for,
+    percent_to_count,
+    removal_ranks,
+)
+from captum_fullgrad.evaluation.metric import (
+    Images,
+    Metric,
+    MetricContext,
+    MetricOutput,
+    Plot,
+    Score,
+    register_metric,
 )
 from captum_fullgrad.evaluation.statistics import trapezoid
 
@@ -177,7 +188,7 @@ def noisy_linear_imputation(
         Tensor: Imputed images, same shape, dtype and device as ``inputs``; kept pixels
         are bit-identical to the inputs.
     """
-    inputs = _format_inputs(inputs)
+    inputs = format_inputs(inputs)
     b, c, h, w = inputs.shape
     removed = torch.as_tensor(removed, device=inputs.device)
     if removed.dim() == 4 and removed.shape[1] == 1:
@@ -208,7 +219,7 @@ def noisy_linear_imputation(
         )
     filled = filled.view(b, c, h, w).to(inputs.dtype)
     if noise_std > 0:
-        generator = _make_generator(seed)
+        generator = make_generator(seed)
         noise = torch.randn((b, c, h, w), generator=generator, device=generator.device)
         noise = noise.to(device=inputs.device, dtype=inputs.dtype) * noise_std
         filled = torch.where(removed[:, None], filled + noise, filled)
@@ -313,14 +324,14 @@ def road(
     """
     if order not in ("morf", "lerf"):
         raise ValueError(f"order must be 'morf' or 'lerf', got {order!r}")
-    inputs = _format_inputs(inputs)
+    inputs = format_inputs(inputs)
     b, _, h, w = inputs.shape
-    maps = _maps_for(maps, inputs)
-    target = _format_target(target, b, inputs.device)
-    p = _check_percentages(percentages, 100.0, inclusive=False)
-    generator = _make_generator(seed)
-    ranks = _removal_ranks(maps, "most" if order == "morf" else "least", generator).view(b, h, w)
-    counts = [_percent_to_count(float(k), h * w) for k in p]
+    maps = maps_for(maps, inputs)
+    target = format_target(target, b, inputs.device)
+    p = check_percentages(percentages, 100.0, inclusive=False)
+    generator = make_generator(seed)
+    ranks = removal_ranks(maps, "most" if order == "morf" else "least", generator).view(b, h, w)
+    counts = [percent_to_count(float(k), h * w) for k in p]
     if max(counts) >= h * w:
         raise ValueError("every pixel would be removed; use smaller percentages")
 
@@ -331,7 +342,7 @@ def road(
         imputed = noisy_linear_imputation(
             inputs, ranks < n_k, noise_std=noise_std, seed=generator, tol=tol, max_iter=max_iter
         )
-        logits = _forward_logits(model, imputed, batch_size)
+        logits = forward_logits(model, imputed, batch_size)
         correct.append(logits.argmax(dim=1) == target)
         probabilities.append(torch.softmax(logits, dim=1).gather(1, target[:, None])[:, 0])
     correct_t = torch.stack(correct, dim=1)
@@ -352,3 +363,144 @@ def road(
         probability_auc_per_example=prob_auc,
         order=order,
     )
+
+
+# --------------------------------------------------------------------------- suite metric
+REF_ROAD = (
+    "Rong et al., 'A consistent and efficient evaluation strategy for attribution methods', "
+    "ICML 2022"
+)
+
+
+def _road_scores(settings: Any) -> Tuple[Score, ...]:
+    levels = ", ".join(f"{k:g}" for k in settings.road_percentages)
+    return (
+        Score(
+            "road_morf_accuracy",
+            "ROAD MoRF accuracy",
+            False,
+            "top-1 accuracy after imputing the most relevant pixels first, averaged over "
+            f"{levels} % removed",
+            REF_ROAD,
+        ),
+        Score(
+            "road_lerf_accuracy",
+            "ROAD LeRF accuracy",
+            True,
+            "top-1 accuracy after imputing the least relevant pixels first, averaged over "
+            f"{levels} % removed",
+            REF_ROAD,
+        ),
+        Score(
+            "road_morf_probability",
+            "ROAD MoRF probability",
+            False,
+            "true-class softmax probability, most relevant imputed first, averaged over the "
+            "removal levels",
+            REF_ROAD,
+        ),
+        Score(
+            "road_lerf_probability",
+            "ROAD LeRF probability",
+            True,
+            "true-class softmax probability, least relevant imputed first, averaged over the "
+            "removal levels",
+            REF_ROAD,
+        ),
+        Score(
+            "road_gap",
+            "ROAD LeRF − MoRF",
+            True,
+            "per-image LeRF minus MoRF probability (about 0 for an uninformative order)",
+            REF_ROAD,
+        ),
+    )
+
+
+def _road_order(ctx: MetricContext, maps: Tensor, order: str) -> Tuple[Tensor, Tensor]:
+    """Per-image ``(correct, probabilities)`` ``(n, K)`` of one order over the metric's images,
+    one imputation solve per ``settings.road_chunk`` images; chunk ``i`` is seeded
+    ``seed + i``."""
+    settings = ctx.settings
+    chunk = max(1, int(settings.road_chunk))
+    correct, probs = [], []
+    for index, first in enumerate(range(0, ctx.n, chunk)):
+        sl = slice(first, min(first + chunk, ctx.n))
+        part = road(
+            ctx.model,
+            ctx.images[sl],
+            ctx.labels[sl],
+            maps[sl],
+            percentages=tuple(float(k) for k in settings.road_percentages),
+            order=order,
+            noise_std=settings.road_noise_std,
+            seed=ctx.seed + index,
+            batch_size=ctx.batch_size,
+            tol=settings.road_tol,
+        )
+        correct.append(part.correct.double())
+        probs.append(part.probabilities.double())
+    return torch.cat(correct), torch.cat(probs)
+
+
+def _road(ctx: MetricContext, name: str, explain: Any, maps: Tensor) -> MetricOutput:
+    percentages = tuple(float(k) for k in ctx.settings.road_percentages)
+    width = percentages[-1] - percentages[0] if len(percentages) > 1 else 1.0
+    output = MetricOutput({})
+    for order in ("morf", "lerf"):
+        correct, probs = _road_order(ctx, maps, order)
+        if len(percentages) > 1:
+            x = torch.tensor(percentages, dtype=torch.float64, device=correct.device)
+            accuracy, probability = trapezoid(correct, x) / width, trapezoid(probs, x) / width
+        else:
+            accuracy, probability = correct[:, 0], probs[:, 0]
+        output.values[f"road_{order}_accuracy"] = accuracy
+        output.values[f"road_{order}_probability"] = probability
+        output.curves[f"road_{order}_accuracy"] = {
+            "x": list(percentages),
+            "y": correct.mean(0).cpu().tolist(),
+        }
+        output.curves[f"road_{order}_probability"] = {
+            "x": list(percentages),
+            "y": probs.mean(0).cpu().tolist(),
+        }
+    values = output.values
+    values["road_gap"] = values["road_lerf_probability"] - values["road_morf_probability"]
+    return output
+
+
+#: The suite's ROAD metric (noisy linear imputation, MoRF and LeRF), on the first images.
+ROAD = register_metric(
+    Metric(
+        key="road",
+        label="ROAD",
+        scores=_road_scores,
+        compute=_road,
+        images=Images(subset=True, default=50, fast=None),
+        order=30,
+        plots=(
+            Plot(
+                name="road",
+                title="ROAD (noisy linear imputation), {model}, n = {n}",
+                caption="ROAD accuracy curves (left: MoRF, lower is better; right: LeRF, higher "
+                "is better)",
+                panels=(
+                    (
+                        "road_morf_accuracy",
+                        "% pixels imputed (most relevant first)",
+                        "accuracy",
+                        "MoRF (lower is better)",
+                        False,
+                    ),
+                    (
+                        "road_lerf_accuracy",
+                        "% pixels imputed (least relevant first)",
+                        "accuracy",
+                        "LeRF (higher is better)",
+                        False,
+                    ),
+                ),
+            ),
+        ),
+    )
+)

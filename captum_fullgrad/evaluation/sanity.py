@@ -9,19 +9,29 @@ output towards the input, and after each step the new map is compared with the o
 one; a map that stays similar while most of the network is random is explaining the
 input (e.g. its edges), not the model. The *independent* variant randomises one layer
 at a time.
+
+:data:`SANITY` declares the check to the evaluation suite (the metric registry).
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-from captum_fullgrad.evaluation.localisation import _format_maps
-from captum_fullgrad.evaluation.perturbation import _format_inputs, _format_target
+from captum_fullgrad.evaluation._common import Explainer, format_inputs, format_maps, format_target
+from captum_fullgrad.evaluation.metric import (
+    Images,
+    Metric,
+    MetricContext,
+    MetricOutput,
+    Plot,
+    Score,
+    register_metric,
+)
 
 __all__ = [
     "CascadingRandomisationResult",
@@ -30,8 +40,6 @@ __all__ = [
     "spearman_correlation",
     "ssim",
 ]
-
-Explainer = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
 _NORMS = (
     nn.modules.batchnorm._BatchNorm,
@@ -129,8 +137,8 @@ def ssim(a: Tensor, b: Tensor, clip_percentile: float = 99.0) -> Tensor:
     """
     from skimage.metrics import structural_similarity
 
-    a2 = _normalise_abs(_format_maps(a, "a"), clip_percentile).cpu().numpy()
-    b2 = _normalise_abs(_format_maps(b, "b"), clip_percentile).cpu().numpy()
+    a2 = _normalise_abs(format_maps(a, "a"), clip_percentile).cpu().numpy()
+    b2 = _normalise_abs(format_maps(b, "b"), clip_percentile).cpu().numpy()
     if a2.shape != b2.shape:
         raise ValueError(f"shapes differ: {a2.shape} vs {b2.shape}")
     side = min(a2.shape[1:])
@@ -258,7 +266,7 @@ def _explain(explain: Explainer, model: nn.Module, inputs: Tensor, target: Tenso
     # Attribution methods differentiate the model, whatever the caller's grad mode.
     with torch.enable_grad():
         maps = explain(model, inputs, target)
-    return _format_maps(maps).detach()
+    return format_maps(maps).detach()
 
 
 def cascading_randomisation(
@@ -314,8 +322,8 @@ def cascading_randomisation(
     """
     if mode not in ("cascading", "independent"):
         raise ValueError(f"mode must be 'cascading' or 'independent', got {mode!r}")
-    inputs = _format_inputs(inputs)
-    target = _format_target(target, inputs.shape[0], inputs.device)
+    inputs = format_inputs(inputs)
+    target = format_target(target, inputs.shape[0], inputs.device)
     available = _parametrised_layers(model)
     if layers is None:
         layer_names = list(reversed(available))
@@ -360,3 +368,108 @@ def cascading_randomisation(
         maps=stacked if return_maps else None,
         mode=mode,
     )
+
+
+# --------------------------------------------------------------------------- suite metric
+REF_ADEBAYO = "Adebayo et al., 'Sanity checks for saliency maps', NeurIPS 2018"
+
+
+def _sanity(ctx: MetricContext, name: str, explain: Any, maps: Tensor) -> MetricOutput:
+    layers = list(ctx.settings.sanity_layers) if ctx.settings.sanity_layers else None
+    result = cascading_randomisation(
+        ctx.model, explain, ctx.head(ctx.images), ctx.head(ctx.labels), seed=ctx.seed, layers=layers
+    )
+    rho = result.spearman_abs.clone()
+    undefined = torch.isnan(rho)
+    rho[undefined] = 0.0  # a constant map has no rank order left: no correlation
+    steps = list(range(len(result.steps)))
+    return MetricOutput(
+        values={"sanity_spearman_abs": rho[1:].mean(0), "sanity_ssim": result.ssim[1:].mean(0)},
+        curves={
+            "sanity_spearman_abs": {"x": steps, "y": rho.mean(1).tolist()},
+            "sanity_ssim": {"x": steps, "y": result.ssim.mean(1).tolist()},
+        },
+        meta={
+            "sanity_layers": list(result.steps[1:]),
+            "sanity_undefined": {name: int(undefined[1:].sum())},
+        },
+    )
+
+
+def _sanity_note(report: Any) -> Optional[str]:
+    """``results.md``: the layers in the order they were randomised."""
+    meta = report.meta
+    if not meta.get("sanity_layers"):
+        return None
+    note = (
+        "Sanity check: layers randomised in this order (cascading, output first): "
+        + ", ".join(f"`{x}`" for x in meta["sanity_layers"])
+        + "."
+    )
+    undefined = {m: c for m, c in meta.get("sanity_undefined", {}).items() if c}
+    if undefined:
+        note += (
+            " Spearman correlations that were undefined (a constant map) were counted as 0: "
+            + ", ".join(f"`{m}` {c}" for m, c in undefined.items())
+            + "."
+        )
+    return note
+
+
+#: The suite's sanity check: cascading randomisation, output layer first, on the first
+#: images (it recomputes every map once per randomised layer).
+SANITY = register_metric(
+    Metric(
+        key="sanity",
+        label="sanity check (cascading randomisation)",
+        scores=(
+            Score(
+                "sanity_spearman_abs",
+                "Sanity: Spearman (abs.)",
+                False,
+                "Spearman correlation of |map| with the trained model's |map|, averaged over "
+                "the cascading randomisation steps (output layer first)",
+                REF_ADEBAYO,
+            ),
+            Score(
+                "sanity_ssim",
+                "Sanity: SSIM",
+                False,
+                "SSIM of the normalised |map| with the trained model's, averaged over the "
+                "randomisation steps",
+                REF_ADEBAYO,
+            ),
+        ),
+        compute=_sanity,
+        images=Images(subset=True, default=16, fast=4),
+        recomputes_maps=True,
+        order=40,
+        meta={"sanity_layers": [], "sanity_undefined": {}},
+        plots=(
+            Plot(
+                name="sanity",
+                title="Cascading randomisation, {model}, n = {n}",
+                caption="Cascading randomisation (similarity to the trained model's map; lower "
+                "is better once layers are randomised)",
+                panels=(
+                    (
+                        "sanity_spearman_abs",
+                        "randomised up to (cascading, output first)",
+                        "Spearman of |map|",
+                        "Rank correlation (lower is better)",
+                        False,
+                    ),
+                    (
+                        "sanity_ssim",
+                        "randomised up to (cascading, output first)",
+                        "SSIM",
+                        "SSIM (lower is better)",
+                        False,
+                    ),
+                ),
+                xticks=lambda report: ["original"] + list(report.meta.get("sanity_layers", [])),
+            ),
+        ),
+        note=_sanity_note,
+    )
+)

@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from captum_fullgrad.evaluation import pixel_perturbation
-from captum_fullgrad.evaluation.perturbation import _percent_to_count, _removal_ranks
+from captum_fullgrad.evaluation._common import percent_to_count as _percent_to_count
+from captum_fullgrad.evaluation._common import removal_ranks as _removal_ranks
 
 
 class LinearLogits(nn.Module):

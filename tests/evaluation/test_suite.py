@@ -10,53 +10,16 @@ import json
 import pytest
 import torch
 
-from captum_fullgrad.datasets import synthetic_shapes
 from captum_fullgrad.evaluation import (
     CONTROL_NAMES,
-    EvaluationReport,
     EvaluationSettings,
     command,
     evaluate,
     write_report,
 )
-from captum_fullgrad.models import ShapesVGG
-from captum_fullgrad.testing import randomize_parameters_
+from tests.evaluation._tiny import METHODS, N
 
-N = 6
-METHODS = ["fullgrad", "gradcam", "saliency"]
 PLOTS = ("pixel_perturbation.png", "road.png", "sanity.png")
-
-
-@pytest.fixture(scope="module")
-def data():
-    return synthetic_shapes(N, seed=10_000)
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    net = ShapesVGG(widths=(8, 16))
-    return randomize_parameters_(net, seed=0).eval()
-
-
-@pytest.fixture(scope="module")
-def settings():
-    return EvaluationSettings.fast(n_sanity=2, n_sensitivity=2, n_bootstrap=100)
-
-
-@pytest.fixture(scope="module")
-def report(model, data, settings) -> EvaluationReport:
-    images, labels, masks = data
-    return evaluate(
-        model,
-        images,
-        labels,
-        masks,
-        methods=METHODS,
-        settings=settings,
-        progress=False,
-        model_name="tiny",
-    )
 
 
 def test_methods_and_controls_in_order(report):
@@ -292,6 +255,8 @@ def test_command_runs_and_writes_everything(tmp_path, capsys):
             "not in --methods",
         ),
         (["--param", "integrated_gradients.n_stepz=3"], "no parameter 'n_stepz'"),
+        (["--metrics", "road,nope"], "--metrics: unknown metric(s) nope"),
+        (["--methods", "fullgrad,sobel_edges,sobel_edges"], "repeated: sobel_edges"),
     ],
 )
 def test_command_bad_input_exits_2(argv, message, tmp_path, capsys):
@@ -308,3 +273,14 @@ def test_command_out_is_a_file(tmp_path, capsys):
     target.write_text("x")
     assert command.run(_parse(["--n", "2", "--out", str(target), "--no-progress"])) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_module_entry_point_shares_the_cli_error_path(tmp_path, capsys):
+    """``python -m captum_fullgrad.evaluation.command`` (the docs show it) runs the CLI's
+    evaluate subcommand: same options, same one-line errors and exit statuses."""
+    out = tmp_path / "x"
+    assert command.main(["--model", "vgg16", "--n", "2", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.startswith("captum-fullgrad: error: --model 'vgg16'")
+    assert command.main(["--n", "0"]) == 2
+    assert "--n" in capsys.readouterr().err
+    assert not out.exists()
