@@ -103,6 +103,12 @@ class BiasSource:
 
     def bias_jacobian(self, grad: Tensor) -> Tensor:
         """``df/dy_g * c_g``, shaped like the output (seed eq. 1)."""
+        pair = self.intercept.backward_pair
+        if pair is not None:
+            # An element-wise op (diagonal J): g * (y - J a) = g * y - (J^T g) * a.
+            y, input_grad, a = pair
+            dtype = grad.dtype
+            return torch.addcmul(grad * y.to(dtype), input_grad.to(dtype), a.to(dtype), value=-1)
         return grad * self.broadcast_intercept().to(grad.dtype)
 
     def per_example_sum(self, grad: Tensor) -> Tensor:

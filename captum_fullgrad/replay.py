@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from ._intercepts import (
     Intercept,
+    activation_backward_node,
     activation_linear_part,
     activation_reads_input_first,
     activation_settings,
@@ -394,6 +395,8 @@ class Replay:
     def _on_input(self, module: nn.Module, args: Any) -> None:
         settings = self.plan.read_first.get(id(module))
         if settings is not None and args and isinstance(args[0], Tensor):
+            if args[0]._base is None and activation_backward_node(settings) is not None:
+                return  # its node saves the input: the term comes from the backward pass
             # An in-place activation is about to overwrite its input: g'(a) a now.
             self._linear_parts[id(module)] = activation_linear_part(settings, args[0])
 
@@ -427,6 +430,7 @@ class Replay:
         if not isinstance(output, Tensor) or output.shape != step.shape or not output.requires_grad:
             self.matched = False
             return
+        backward_identity = False
         if step.activation is not None:
             if (
                 activation_settings(module) != step.activation
@@ -435,15 +439,26 @@ class Replay:
             ):
                 self.matched = False  # an attribute changed (approximate, inplace, min_val...)
                 return
-            if activation_reads_input_first(step.activation):
+            node_type = activation_backward_node(step.activation)
+            if (
+                node_type is not None
+                and output._base is None
+                and output.grad_fn is not None
+                and type(output.grad_fn).__name__ == node_type
+            ):
+                # No intercept tensor: the backward pass hands over df/dy and J^T df/dy.
+                backward_identity = True
+                source = _with_intercept(step.template, Intercept(None))
+            elif activation_reads_input_first(step.activation):
                 linear_part = self._linear_parts.pop(id(module), None)
                 if linear_part is None:
                     self.matched = False
                     return
             else:
                 linear_part = activation_linear_part(step.activation, args[0], output)
-            intercept = Intercept(None, dense=output.detach() - linear_part)
-            source = _with_intercept(step.template, intercept)
+            if not backward_identity:
+                intercept = Intercept(None, dense=output.detach() - linear_part)
+                source = _with_intercept(step.template, intercept)
         elif step.normalisation is not None:
             if (
                 normalisation_settings(module) != step.normalisation
@@ -478,6 +493,12 @@ class Replay:
             return  # reduced with the BatchNorm that reads it
         on_gradient = self.collector.on_gradient
         node = output.grad_fn
+        if backward_identity:
+            assert node is not None
+            self._hooks.append(
+                node.register_hook(_identity_hook(on_gradient, source, node, output, module))
+            )
+            return
         # Views: an in-place activation on a slice, LayerNorm2d's permuted output (the
         # trace's source is its base, the layer_norm output) and instance_norm's reshaped
         # one. A later in-place write to a view sends the gradient through its base's
@@ -501,6 +522,38 @@ class Replay:
             self._hooks.append(
                 register_gradient_hook(output, through_base, lambda grad: on_gradient(source, grad))
             )
+
+
+def _identity_hook(
+    on_gradient: Callable[[BiasSource, Tensor], None],
+    source: BiasSource,
+    node: Any,
+    output: Tensor,
+    module: nn.Module,
+) -> Callable[[Any, Any], None]:
+    """A post-hook on an element-wise activation's node that hands the collector ``df/dy``
+    with the intercept given as ``(y, J^T df/dy, a)``: ``a`` is what the node saved (the
+    original input, also in place), ``y`` the output, unless something overwrote it since
+    (then it is recomputed from ``a``)."""
+    version = output._version
+
+    def hook(grad_inputs: Any, grad_outputs: Any) -> None:
+        grad = grad_outputs[0]
+        if grad is None:
+            return
+        a = node._saved_self
+        y = output
+        if y._version != version:  # overwritten in place after the activation
+            with torch.no_grad():
+                y = module.forward(a.detach().clone())
+        input_grad = grad_inputs[0] if grad_inputs[0] is not None else torch.zeros_like(grad)
+        source.intercept.backward_pair = (y.detach(), input_grad, a.detach())
+        try:
+            on_gradient(source, grad)
+        finally:
+            source.intercept.backward_pair = None
+
+    return hook
 
 
 def _both_factors_computed(node: Any) -> bool:
