@@ -108,7 +108,9 @@ class BiasSource:
             # An element-wise op (diagonal J): g * (y - J a) = g * y - (J^T g) * a.
             y, input_grad, a = pair
             dtype = grad.dtype
-            return torch.addcmul(grad * y.to(dtype), input_grad.to(dtype), a.to(dtype), value=-1)
+            # One full-size temporary: on the CPU each fresh one costs page faults.
+            product = grad * y.to(dtype)
+            return product.addcmul_(input_grad.to(dtype), a.to(dtype), value=-1)
         return grad * self.broadcast_intercept().to(grad.dtype)
 
     def per_example_sum(self, grad: Tensor) -> Tensor:

@@ -449,14 +449,14 @@ class Replay:
                 # No intercept tensor: the backward pass hands over df/dy and J^T df/dy.
                 backward_identity = True
                 source = _with_intercept(step.template, Intercept(None))
-            elif activation_reads_input_first(step.activation):
-                linear_part = self._linear_parts.pop(id(module), None)
+            else:
+                if activation_reads_input_first(step.activation):
+                    linear_part = self._linear_parts.pop(id(module), None)
+                else:
+                    linear_part = activation_linear_part(step.activation, args[0], output)
                 if linear_part is None:
                     self.matched = False
                     return
-            else:
-                linear_part = activation_linear_part(step.activation, args[0], output)
-            if not backward_identity:
                 intercept = Intercept(None, dense=output.detach() - linear_part)
                 source = _with_intercept(step.template, intercept)
         elif step.normalisation is not None:
@@ -477,8 +477,9 @@ class Replay:
             if type(node) is not step.product_node or not _both_factors_computed(node):
                 self.matched = False  # the module no longer returns a product of two activations
                 return
-            # a * b is homogeneous of degree two: c = -ab (as the trace's rule).
-            source = _with_intercept(step.template, Intercept(None, dense=-output.detach()))
+            # a * b is homogeneous of degree two: c = -ab (as the trace's rule), formed when
+            # the backward pass reaches it rather than kept from the forward pass.
+            source = _with_intercept(step.template, Intercept(None))
         else:
             source = plan.source_for(index, module, self._batch_norm)
             if source is None:
@@ -498,6 +499,10 @@ class Replay:
             self._hooks.append(
                 node.register_hook(_identity_hook(on_gradient, source, node, output, module))
             )
+            return
+        if step.product_node is not None:
+            assert node is not None
+            self._hooks.append(node.register_prehook(_product_hook(on_gradient, source, output)))
             return
         # Views: an in-place activation on a slice, LayerNorm2d's permuted output (the
         # trace's source is its base, the layer_norm output) and instance_norm's reshaped
@@ -552,6 +557,32 @@ def _identity_hook(
             on_gradient(source, grad)
         finally:
             source.intercept.backward_pair = None
+
+    return hook
+
+
+def _product_hook(
+    on_gradient: Callable[[BiasSource, Tensor], None], source: BiasSource, output: Tensor
+) -> Callable[[Any], None]:
+    """A pre-hook on a product's node that hands the collector ``df/dy`` with ``c = -y``,
+    ``y`` read now (or, when overwritten in place since, recomputed from the factors the
+    node saved)."""
+    version, node, nr = output._version, output.grad_fn, output.output_nr
+
+    def hook(grads: Any) -> None:
+        grad = grads[nr]
+        if grad is None:
+            return
+        with torch.no_grad():
+            if output._version == version:
+                y = output.detach()
+            else:
+                y = node._saved_self * node._saved_other  # type: ignore[union-attr]
+            source.intercept.dense = -y
+        try:
+            on_gradient(source, grad)
+        finally:
+            source.intercept.dense = None
 
     return hook
 

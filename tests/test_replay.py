@@ -692,3 +692,26 @@ def test_an_activation_output_overwritten_later_is_recomputed(recorders):
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
     _replay_matches_trace(model, x * 2, lambda: None)
     assert recorders.kinds == REPLAYED
+
+
+class _OverwrittenGate(nn.Module):
+    """A returned product overwritten in place by its caller (``y += z``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.gate = Gate()
+        self.skip = nn.Conv2d(3, 4, 1)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = self.gate(torch.relu(self.conv(x)))
+        y += self.skip(x)
+        return self.head(y.mean((2, 3)))
+
+
+def test_a_returned_product_overwritten_later_is_recomputed(recorders):
+    model = randomize_parameters_(_OverwrittenGate().double(), 0).eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    _replay_matches_trace(model, x * 2, lambda: None)
+    assert recorders.kinds == REPLAYED
