@@ -34,6 +34,12 @@ caller traces the call instead. What the guard cannot see is a functional operat
 an intercept that a ``forward`` performs only for some input values; the completeness
 delta that :class:`~captum_fullgrad.FullGradient` returns would show it, and
 ``FullGradient(..., reuse_capture=False)`` traces every call.
+
+An activation step whose autograd node saves the op's input (``register_activation``'s
+``backward_node``) forms no intercept in the forward pass: a post-hook on that node hands
+the collector ``df/dy`` with ``(y, J^T df/dy, a)``, and ``df/dy * c = df/dy * y -
+(J^T df/dy) * a`` element by element (docs/math.md). A returned product's ``c = -y`` is
+likewise formed when the backward pass reaches it.
 """
 
 from __future__ import annotations
