@@ -56,6 +56,10 @@ class Intercept:
     # Eval BatchNorm only: d output / d input per channel, so that a convolution's bias
     # feeding it can be folded into one reduction (df/dz_conv = scale * df/dy_bn).
     input_scale: Optional[Tensor] = None
+    # A replayed element-wise activation whose intercept is never formed: during the one
+    # gradient call of its source, ``(y, J^T df/dy, a)`` from its own autograd node, and
+    # <df/dy, c> = <df/dy, y> - <J^T df/dy, a> element by element (docs/math.md).
+    backward_pair: Optional[Tuple[Tensor, Tensor, Tensor]] = None
 
 
 @dataclass
@@ -512,6 +516,10 @@ class _Activation:
 
     linear_part: Callable[..., Tensor]
     reads: str = "input"
+    # The autograd node type that the op makes, when it saves the op's input as
+    # ``_saved_self`` (the original input, also in place): the replay then takes the
+    # intercept term from the backward pass instead of forming ``c`` in the forward pass.
+    backward_node: Optional[str] = None
     call_parameters: Callable[[Sequence[Any], Dict[str, Any], Callable], Tuple[Any, ...]] = (
         lambda args, kwargs, func: ()
     )
@@ -555,6 +563,12 @@ def activation_reads_input_first(settings: Tuple[Any, ...]) -> bool:
     """Whether ``g'(a) a`` must be taken before the call: an in-place activation whose
     kernel reads the input it is about to overwrite."""
     return settings[1] and _ACTIVATIONS[settings[0]].reads == "input"
+
+
+def activation_backward_node(settings: Tuple[Any, ...]) -> Optional[str]:
+    """The autograd node type of an activation whose term the replay may take from the
+    backward pass (see :func:`register_activation`); ``None`` if it may not."""
+    return _ACTIVATIONS[settings[0]].backward_node
 
 
 def activation_linear_part(
@@ -825,6 +839,7 @@ def register_activation(
     reads: str = "input",
     call_parameters: Optional[Callable[..., Tuple[Any, ...]]] = None,
     module_parameters: Optional[Callable[[torch.nn.Module], Tuple[Any, ...]]] = None,
+    backward_node: Optional[str] = None,
 ) -> Registration:
     """Give the element-wise activation ``name`` a closed-form intercept in the trace and
     in the replay: ``c = g(a) - g'(a) a`` with ``g'(a) a = linear_part(a, y, *parameters)``.
@@ -845,6 +860,11 @@ def register_activation(
             formula differs from the out-of-place one.
         call_parameters: ``(args, kwargs, func) -> parameters`` of a functional call.
         module_parameters: ``module -> parameters``, the same values from a module.
+        backward_node: the type name of the autograd node the op makes
+            (``"SiluBackward0"``), if that node saves the op's original input as
+            ``_saved_self``, in place too. A replayed module's term then comes from the
+            backward pass, ``<df/dy, y> - <J^T df/dy, a>``, with no intercept tensor
+            formed or kept (check the op with tests/test_replay.py's identity test).
     """
     if reads not in ("input", "output", "both"):
         raise ValueError(f"reads must be 'input', 'output' or 'both', got {reads!r}.")
@@ -853,6 +873,7 @@ def register_activation(
         reads=reads,
         call_parameters=call_parameters or (lambda args, kwargs, func: ()),
         module_parameters=module_parameters or (lambda module: ()),
+        backward_node=backward_node,
     )
     registration = register_rule(list(functions) or [name, f"{name}_"], _elementwise)
     registration._set(_ACTIVATIONS, name, activation)
@@ -862,7 +883,12 @@ def register_activation(
 
 
 _aten = torch.ops.aten
-register_activation("silu", lambda a, y: _aten.silu_backward(a, a), modules=[torch.nn.SiLU])
+register_activation(
+    "silu",
+    lambda a, y: _aten.silu_backward(a, a),
+    modules=[torch.nn.SiLU],
+    backward_node="SiluBackward0",
+)
 register_activation(
     "gelu",
     lambda a, y, approximate: _aten.gelu_backward(a, a, approximate=approximate),
@@ -870,14 +896,26 @@ register_activation(
     modules=[torch.nn.GELU],
     call_parameters=lambda args, kwargs, func: (_arg(args, kwargs, 1, "approximate", "none"),),
     module_parameters=lambda module: (module.approximate,),
+    backward_node="GeluBackward0",
 )
 register_activation(
-    "hardswish", lambda a, y: _aten.hardswish_backward(a, a), modules=[torch.nn.Hardswish]
+    "hardswish",
+    lambda a, y: _aten.hardswish_backward(a, a),
+    modules=[torch.nn.Hardswish],
+    backward_node="HardswishBackward0",
 )
 register_activation(
-    "hardsigmoid", lambda a, y: _aten.hardsigmoid_backward(a, a), modules=[torch.nn.Hardsigmoid]
+    "hardsigmoid",
+    lambda a, y: _aten.hardsigmoid_backward(a, a),
+    modules=[torch.nn.Hardsigmoid],
+    backward_node="HardsigmoidBackward0",
 )
-register_activation("mish", lambda a, y: _aten.mish_backward(a, a), modules=[torch.nn.Mish])
+register_activation(
+    "mish",
+    lambda a, y: _aten.mish_backward(a, a),
+    modules=[torch.nn.Mish],
+    backward_node="MishBackward0",
+)
 register_activation(
     "softplus",
     lambda a, y, beta, threshold: _aten.softplus_backward(a, a, beta, threshold),
@@ -888,6 +926,7 @@ register_activation(
         _arg(args, kwargs, 2, "threshold", 20.0),
     ),
     module_parameters=lambda module: (float(module.beta), float(module.threshold)),
+    backward_node="SoftplusBackward0",
 )
 register_activation(
     "elu",
@@ -897,6 +936,7 @@ register_activation(
     modules=[torch.nn.ELU],
     call_parameters=_elu_call,
     module_parameters=lambda module: (float(module.alpha), 1.0, 1.0),
+    backward_node="EluBackward0",  # out of place only: in place, EluBackward1 saves y
 )
 
 
@@ -912,6 +952,7 @@ register_activation(
     reads="output",
     call_parameters=_hardtanh_call,
     module_parameters=lambda module: (float(module.min_val), float(module.max_val)),
+    backward_node="HardtanhBackward0",
 )
 register_activation(
     "relu6",

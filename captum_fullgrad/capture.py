@@ -103,6 +103,14 @@ class BiasSource:
 
     def bias_jacobian(self, grad: Tensor) -> Tensor:
         """``df/dy_g * c_g``, shaped like the output (seed eq. 1)."""
+        pair = self.intercept.backward_pair
+        if pair is not None:
+            # An element-wise op (diagonal J): g * (y - J a) = g * y - (J^T g) * a.
+            y, input_grad, a = pair
+            dtype = grad.dtype
+            # One full-size temporary: on the CPU each fresh one costs page faults.
+            product = grad * y.to(dtype)
+            return product.addcmul_(input_grad.to(dtype), a.to(dtype), value=-1)
         return grad * self.broadcast_intercept().to(grad.dtype)
 
     def per_example_sum(self, grad: Tensor) -> Tensor:

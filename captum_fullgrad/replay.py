@@ -34,6 +34,12 @@ caller traces the call instead. What the guard cannot see is a functional operat
 an intercept that a ``forward`` performs only for some input values; the completeness
 delta that :class:`~captum_fullgrad.FullGradient` returns would show it, and
 ``FullGradient(..., reuse_capture=False)`` traces every call.
+
+An activation step whose autograd node saves the op's input (``register_activation``'s
+``backward_node``) forms no intercept in the forward pass: a post-hook on that node hands
+the collector ``df/dy`` with ``(y, J^T df/dy, a)``, and ``df/dy * c = df/dy * y -
+(J^T df/dy) * a`` element by element (docs/math.md). A returned product's ``c = -y`` is
+likewise formed when the backward pass reaches it.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from torch import Tensor, nn
 
 from ._intercepts import (
     Intercept,
+    activation_backward_node,
     activation_linear_part,
     activation_reads_input_first,
     activation_settings,
@@ -394,6 +401,8 @@ class Replay:
     def _on_input(self, module: nn.Module, args: Any) -> None:
         settings = self.plan.read_first.get(id(module))
         if settings is not None and args and isinstance(args[0], Tensor):
+            if args[0]._base is None and activation_backward_node(settings) is not None:
+                return  # its node saves the input: the term comes from the backward pass
             # An in-place activation is about to overwrite its input: g'(a) a now.
             self._linear_parts[id(module)] = activation_linear_part(settings, args[0])
 
@@ -427,6 +436,7 @@ class Replay:
         if not isinstance(output, Tensor) or output.shape != step.shape or not output.requires_grad:
             self.matched = False
             return
+        backward_identity = False
         if step.activation is not None:
             if (
                 activation_settings(module) != step.activation
@@ -435,15 +445,26 @@ class Replay:
             ):
                 self.matched = False  # an attribute changed (approximate, inplace, min_val...)
                 return
-            if activation_reads_input_first(step.activation):
-                linear_part = self._linear_parts.pop(id(module), None)
+            node_type = activation_backward_node(step.activation)
+            if (
+                node_type is not None
+                and output._base is None
+                and output.grad_fn is not None
+                and type(output.grad_fn).__name__ == node_type
+            ):
+                # No intercept tensor: the backward pass hands over df/dy and J^T df/dy.
+                backward_identity = True
+                source = _with_intercept(step.template, Intercept(None))
+            else:
+                if activation_reads_input_first(step.activation):
+                    linear_part = self._linear_parts.pop(id(module), None)
+                else:
+                    linear_part = activation_linear_part(step.activation, args[0], output)
                 if linear_part is None:
                     self.matched = False
                     return
-            else:
-                linear_part = activation_linear_part(step.activation, args[0], output)
-            intercept = Intercept(None, dense=output.detach() - linear_part)
-            source = _with_intercept(step.template, intercept)
+                intercept = Intercept(None, dense=output.detach() - linear_part)
+                source = _with_intercept(step.template, intercept)
         elif step.normalisation is not None:
             if (
                 normalisation_settings(module) != step.normalisation
@@ -462,8 +483,9 @@ class Replay:
             if type(node) is not step.product_node or not _both_factors_computed(node):
                 self.matched = False  # the module no longer returns a product of two activations
                 return
-            # a * b is homogeneous of degree two: c = -ab (as the trace's rule).
-            source = _with_intercept(step.template, Intercept(None, dense=-output.detach()))
+            # a * b is homogeneous of degree two: c = -ab (as the trace's rule), formed when
+            # the backward pass reaches it rather than kept from the forward pass.
+            source = _with_intercept(step.template, Intercept(None))
         else:
             source = plan.source_for(index, module, self._batch_norm)
             if source is None:
@@ -478,6 +500,16 @@ class Replay:
             return  # reduced with the BatchNorm that reads it
         on_gradient = self.collector.on_gradient
         node = output.grad_fn
+        if backward_identity:
+            assert node is not None
+            self._hooks.append(
+                node.register_hook(_identity_hook(on_gradient, source, node, output, module))
+            )
+            return
+        if step.product_node is not None:
+            assert node is not None
+            self._hooks.append(node.register_prehook(_product_hook(on_gradient, source, output)))
+            return
         # Views: an in-place activation on a slice, LayerNorm2d's permuted output (the
         # trace's source is its base, the layer_norm output) and instance_norm's reshaped
         # one. A later in-place write to a view sends the gradient through its base's
@@ -501,6 +533,64 @@ class Replay:
             self._hooks.append(
                 register_gradient_hook(output, through_base, lambda grad: on_gradient(source, grad))
             )
+
+
+def _identity_hook(
+    on_gradient: Callable[[BiasSource, Tensor], None],
+    source: BiasSource,
+    node: Any,
+    output: Tensor,
+    module: nn.Module,
+) -> Callable[[Any, Any], None]:
+    """A post-hook on an element-wise activation's node that hands the collector ``df/dy``
+    with the intercept given as ``(y, J^T df/dy, a)``: ``a`` is what the node saved (the
+    original input, also in place), ``y`` the output, unless something overwrote it since
+    (then it is recomputed from ``a``)."""
+    version = output._version
+
+    def hook(grad_inputs: Any, grad_outputs: Any) -> None:
+        grad = grad_outputs[0]
+        if grad is None:
+            return
+        a = node._saved_self
+        y = output
+        if y._version != version:  # overwritten in place after the activation
+            with torch.no_grad():
+                y = module.forward(a.detach().clone())
+        input_grad = grad_inputs[0] if grad_inputs[0] is not None else torch.zeros_like(grad)
+        source.intercept.backward_pair = (y.detach(), input_grad, a.detach())
+        try:
+            on_gradient(source, grad)
+        finally:
+            source.intercept.backward_pair = None
+
+    return hook
+
+
+def _product_hook(
+    on_gradient: Callable[[BiasSource, Tensor], None], source: BiasSource, output: Tensor
+) -> Callable[[Any], None]:
+    """A pre-hook on a product's node that hands the collector ``df/dy`` with ``c = -y``,
+    ``y`` read now (or, when overwritten in place since, recomputed from the factors the
+    node saved)."""
+    version, node, nr = output._version, output.grad_fn, output.output_nr
+
+    def hook(grads: Any) -> None:
+        grad = grads[nr]
+        if grad is None:
+            return
+        with torch.no_grad():
+            if output._version == version:
+                y = output.detach()
+            else:
+                y = node._saved_self * node._saved_other  # type: ignore[union-attr]
+            source.intercept.dense = -y
+        try:
+            on_gradient(source, grad)
+        finally:
+            source.intercept.dense = None
+
+    return hook
 
 
 def _both_factors_computed(node: Any) -> bool:

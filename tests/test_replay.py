@@ -646,3 +646,72 @@ def test_the_replayed_delta_has_the_traced_sign_and_size(recorders):
     assert (traced_delta.abs() > 1e-3).all()  # a real gap, so the sign means something
     torch.testing.assert_close(replayed_delta, traced_delta, rtol=1e-12, atol=0)
     torch.testing.assert_close(traced_delta, decomposed_delta.to(traced_delta), rtol=1e-12, atol=0)
+
+
+class _OverwrittenActivation(nn.Module):
+    """A SiLU output overwritten in place after the activation (``y += z``): the
+    backward-pass identity must not read the overwritten ``y``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.act = nn.SiLU()
+        self.skip = nn.Conv2d(3, 4, 1)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = self.act(self.conv(x))
+        y += self.skip(x)  # two graph tensors: no intercept of its own, the plan holds
+        return self.head(y.mean((2, 3)))
+
+
+def test_activation_terms_come_from_the_backward_pass(recorders, monkeypatch):
+    """Replayed activations whose node saves their input form no intercept tensor in the
+    forward pass (``<df/dy, y> - <J^T df/dy, a>`` from the node's backward), in place or
+    not, and stay equal to the trace's closed forms in float64."""
+    model = _activation_network(
+        [nn.SiLU(), nn.SiLU(inplace=True), nn.ReLU6(inplace=True), nn.GELU(), nn.Mish()]
+    )
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    fullgrad = FullGradient(model)
+    _attribute(fullgrad, x * 3, target=0)
+
+    def no_forward_intercept(*args, **kwargs):
+        raise AssertionError("the replay formed an activation's intercept in the forward pass")
+
+    monkeypatch.setattr("captum_fullgrad.replay.activation_linear_part", no_forward_intercept)
+    replayed, delta = _attribute(fullgrad, x * 3, target=0)
+    monkeypatch.undo()
+    traced, traced_delta = _attribute(FullGradient(model, reuse_capture=False), x * 3, target=0)
+    torch.testing.assert_close(replayed, traced, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(delta, traced_delta, rtol=0, atol=1e-12)
+
+
+def test_an_activation_output_overwritten_later_is_recomputed(recorders):
+    model = randomize_parameters_(_OverwrittenActivation().double(), 0).eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    _replay_matches_trace(model, x * 2, lambda: None)
+    assert recorders.kinds == REPLAYED
+
+
+class _OverwrittenGate(nn.Module):
+    """A returned product overwritten in place by its caller (``y += z``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.gate = Gate()
+        self.skip = nn.Conv2d(3, 4, 1)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = self.gate(torch.relu(self.conv(x)))
+        y += self.skip(x)
+        return self.head(y.mean((2, 3)))
+
+
+def test_a_returned_product_overwritten_later_is_recomputed(recorders):
+    model = randomize_parameters_(_OverwrittenGate().double(), 0).eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    _replay_matches_trace(model, x * 2, lambda: None)
+    assert recorders.kinds == REPLAYED
