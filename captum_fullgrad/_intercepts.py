@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -683,10 +684,15 @@ def _is_graph_output(value: Any) -> bool:
     )
 
 
+# PyTorch has one forward-mode AD level for the whole process: two threads tracing at
+# once would collide on it ("nested forward mode AD").
+_DUAL_LEVEL_LOCK = threading.RLock()
+
+
 def _forward_mode_intercepts(
     call: Callable[..., Any], primals: List[Tensor], inplace: bool, positions: List[int]
 ) -> List[Tensor]:
-    with torch.no_grad(), fwAD.dual_level():
+    with _DUAL_LEVEL_LOCK, torch.no_grad(), fwAD.dual_level():
         # In-place ops write into their input and its tangent: give each its own storage.
         duals = [
             fwAD.make_dual(p.clone(), p.clone()) if inplace else fwAD.make_dual(p, p)

@@ -22,6 +22,7 @@ module's :class:`Capture`, or a plan's replay) and a :class:`Plan` makes one.
 
 from __future__ import annotations
 
+import threading
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -44,6 +45,49 @@ _CONV_NAMES = {
     "conv_transpose2d",
     "conv_transpose3d",
 }
+
+
+# Ids of the global module hooks this package has installed (its captures and replays).
+# Other threads' captures install them too; a replay's guard must not take them for a
+# user's hooks, or a concurrent call would disable a plan for good.
+_OWN_GLOBAL_HOOKS: set = set()
+
+
+def install_global_module_hooks(
+    pre_hook: Any = None, post_hook: Any = None, *, always_call: bool = False
+) -> List[Any]:
+    """Register global module hooks that only react to the calling thread's forward passes.
+
+    ``torch.nn.modules.module``'s global hooks see every thread's module calls; a capture
+    must ignore another thread running the same (or any) model at the same time.
+    """
+    owner = threading.get_ident()
+    handles = []
+    if pre_hook is not None:
+
+        def own_pre_hook(module: nn.Module, args: Any) -> None:
+            if threading.get_ident() == owner:
+                pre_hook(module, args)
+
+        handles.append(nn.modules.module.register_module_forward_pre_hook(own_pre_hook))
+    if post_hook is not None:
+
+        def own_post_hook(module: nn.Module, args: Any, output: Any) -> None:
+            if threading.get_ident() == owner:
+                post_hook(module, args, output)
+
+        handles.append(
+            nn.modules.module.register_module_forward_hook(own_post_hook, always_call=always_call)
+        )
+    _OWN_GLOBAL_HOOKS.update(handle.id for handle in handles)
+    return handles
+
+
+def remove_global_module_hooks(handles: List[Any]) -> None:
+    for handle in handles:
+        handle.remove()
+        _OWN_GLOBAL_HOOKS.discard(handle.id)
+    handles.clear()
 
 
 @dataclass(eq=False)
@@ -413,15 +457,10 @@ class Capture:
                             output_origins[source] = (module, popped[5], type(_output.grad_fn))
                     break
 
-        self._handles.append(nn.modules.module.register_module_forward_pre_hook(pre_hook))
-        self._handles.append(
-            nn.modules.module.register_module_forward_hook(post_hook, always_call=True)
-        )
+        self._handles.extend(install_global_module_hooks(pre_hook, post_hook, always_call=True))
 
     def _remove_module_hooks(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        remove_global_module_hooks(self._handles)
         self._module_stack.clear()
 
     def _base_name(self, op: str) -> Tuple[str, str, Optional[Tuple[nn.Module, int]]]:
