@@ -8,6 +8,7 @@ from torch import nn
 
 from captum_fullgrad import FullGradient, full_jacobian
 from captum_fullgrad._mode import MODE_DEPENDENT_KINDS, mode_dependent_training_modules
+from captum_fullgrad.methods import available_methods, get_method
 from captum_fullgrad.testing import randomize_parameters_
 
 
@@ -107,3 +108,36 @@ def test_allow_training_mode_keeps_the_training_uses_working():
     # Batch statistics couple the examples: eq. 1 holds for the batch's sum.
     assert abs(float(fj.completeness_delta.sum())) < 1e-10
     assert model.training
+
+
+def _registry_net(with_batch_norm: bool) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4) if with_batch_norm else nn.Identity(),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    )
+    return randomize_parameters_(model)
+
+
+@pytest.mark.parametrize("name", available_methods())
+def test_every_registry_method_follows_the_policy(name):
+    method = get_method(name).fast()
+    x = torch.rand(2, 3, 16, 16)
+    model = _registry_net(with_batch_norm=True)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="BatchNorm uses batch statistics"):
+        method(model, x, target=1)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key  # running statistics not updated
+    assert model.training
+    free = _registry_net(with_batch_norm=False)
+    in_training = method(free, x, target=1)
+    assert free.training
+    if not method.stochastic:
+        torch.testing.assert_close(in_training, method(free.eval(), x, target=1))
