@@ -136,3 +136,27 @@ def test_eq4_on_a_layer_and_the_refusals():
     hooks = [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()]
     assert hooks == [0] * len(hooks)
     assert LayerFullGradient(model, model[3]).multiplies_by_inputs
+
+
+def test_full_gradient_reads_token_tensors_per_token():
+    """FullGradient(layout="tokens") on embeddings is the layer attribution at the embedding;
+    the default layout reads (B, L, E) as L channels, one bias value for every token."""
+    namespace: dict = {}
+    exec(compile(_docs_text_example(), str(USAGE), "exec"), namespace)
+    model, ids = namespace["model"], namespace["ids"]
+
+    def rest(embedded):
+        return model.head(model.encoder(embedded + model.position).mean(1))
+
+    embedded = model.embedding(ids).detach()
+    tokens, delta = FullGradient(rest, layout="tokens").attribute(
+        embedded, target=1, postprocess="signed", return_convergence_delta=True
+    )
+    torch.testing.assert_close(tokens, namespace["attributions"], rtol=0, atol=1e-12)
+    torch.testing.assert_close(delta, namespace["delta"], rtol=0, atol=1e-12)
+    bias_tokens = FullGradient(rest, layout="tokens").attribute(
+        embedded, target=1, include_input_gradient=False
+    )
+    assert bias_tokens.sum(-1).std(1).min() > 1e-6  # per-token bias maps
+    with pytest.raises(ValueError, match="layout='tokens' needs a \\(B, L, E\\) input"):
+        FullGradient(rest, layout="tokens").attribute(embedded[:, None], target=1)
