@@ -16,6 +16,7 @@ completeness gap, which is the convergence delta.
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable, List, Optional, Tuple, Union
 
 import torch
@@ -207,10 +208,16 @@ class LayerFullGradient(LayerAttribution, GradientAttribution):
                 )
             seen.append(value.detach().clone())
 
+        # Another thread may run the same model meanwhile: its calls are not ours.
+        owner = threading.get_ident()
         if to_input:
-            handle = self.layer.register_forward_pre_hook(lambda m, args: keep(args[0]))
+            handle = self.layer.register_forward_pre_hook(
+                lambda m, args: keep(args[0]) if threading.get_ident() == owner else None
+            )
         else:
-            handle = self.layer.register_forward_hook(lambda m, args, out: keep(out))
+            handle = self.layer.register_forward_hook(
+                lambda m, args, out: keep(out) if threading.get_ident() == owner else None
+            )
         try:
             with torch.no_grad():
                 self.forward_func(*xs, *extra)
@@ -247,10 +254,15 @@ class LayerFullGradient(LayerAttribution, GradientAttribution):
 
         # The second pass reads ``h`` in place of what the layer computes, so the capture
         # follows everything that depends on it and nothing before it.
+        owner = threading.get_ident()
         if attribute_to_layer_input:
-            handle = self.layer.register_forward_pre_hook(lambda m, args: (h, *args[1:]))
+            handle = self.layer.register_forward_pre_hook(
+                lambda m, args: (h, *args[1:]) if threading.get_ident() == owner else None
+            )
         else:
-            handle = self.layer.register_forward_hook(lambda m, args, out: h)
+            handle = self.layer.register_forward_hook(
+                lambda m, args, out: h if threading.get_ident() == owner else None
+            )
         collector = MapCollector(postprocess)
         try:
             with torch.enable_grad():

@@ -92,3 +92,37 @@ def test_global_hooks_are_gone_after_concurrent_calls():
     test_concurrent_calls_give_the_results_of_a_call_alone("same_model")
     after = (dict(module_file._global_forward_hooks), dict(module_file._global_forward_pre_hooks))
     assert after == before
+
+
+def test_layer_attribution_and_another_threads_forward_do_not_mix():
+    """LayerFullGradient hooks the user's layer: another thread's forward through it must
+    neither receive the attribution's tensor nor feed its own into the attribution."""
+    from captum_fullgrad import LayerFullGradient
+
+    model = _net(0)
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    other_x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    with torch.no_grad():
+        other_expected = model(other_x)
+    layer = LayerFullGradient(model, model[2])
+    expected = layer.attribute(x, target=1)
+    wrong: list = []
+
+    def forward() -> None:
+        with torch.no_grad():
+            if not torch.allclose(model(other_x), other_expected):
+                wrong.append(1)
+
+    stop, errors = threading.Event(), []
+    thread = _busy(forward, stop, errors)
+    try:
+        deadline = time.monotonic() + _SECONDS
+        calls = 0
+        while calls < _MAX_CALLS and time.monotonic() < deadline:
+            torch.testing.assert_close(layer.attribute(x, target=1), expected)
+            calls += 1
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert not errors, errors
+    assert not wrong
