@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -697,10 +698,42 @@ def _is_graph_output(value: Any) -> bool:
     )
 
 
+# PyTorch has one forward-mode AD level for the whole process: two threads tracing at
+# once would collide on it ("nested forward mode AD").
+_DUAL_LEVEL_LOCK = threading.RLock()
+_JVP_DECOMPOSITIONS_LOADED = False
+
+
+def _load_jvp_decompositions() -> None:
+    """Import what ``fwAD.make_dual`` imports on its first call, once, without its noise.
+
+    That import scripts a few decompositions with ``torch.jit.script``, whose deprecation
+    FutureWarning would otherwise reach the user from inside a capture. Called under
+    ``_DUAL_LEVEL_LOCK`` (the warning filters are process-wide).
+    """
+    global _JVP_DECOMPOSITIONS_LOADED
+    if _JVP_DECOMPOSITIONS_LOADED:
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning
+        )
+        fwAD._maybe_load_decompositions()
+    _JVP_DECOMPOSITIONS_LOADED = True
+
+
 def _forward_mode_intercepts(
     call: Callable[..., Any], primals: List[Tensor], inplace: bool, positions: List[int]
 ) -> List[Tensor]:
-    with torch.no_grad(), fwAD.dual_level():
+    with _DUAL_LEVEL_LOCK, torch.no_grad():
+        _load_jvp_decompositions()
+        return _forward_mode_constants(call, primals, inplace, positions)
+
+
+def _forward_mode_constants(
+    call: Callable[..., Any], primals: List[Tensor], inplace: bool, positions: List[int]
+) -> List[Tensor]:
+    with fwAD.dual_level():
         # In-place ops write into their input and its tangent: give each its own storage.
         duals = [
             fwAD.make_dual(p.clone(), p.clone()) if inplace else fwAD.make_dual(p, p)

@@ -8,6 +8,8 @@ import torch
 from captum._utils.common import _select_targets
 from torch import Tensor, nn
 
+from ._mode import check_mode
+
 TargetType = Union[None, int, Tuple[int, ...], Tensor, List[Any]]
 
 
@@ -19,8 +21,9 @@ def format_single_input(
     if was_tuple:
         if len(inputs) != 1:
             raise ValueError(
-                f"{method} attributes to a single input tensor; got a tuple of {len(inputs)} inputs. "
-                "Pass the image tensor alone (or a one-tensor tuple) and the rest as additional_forward_args."
+                f"{method} attributes to a single input tensor; got a tuple of {len(inputs)} "
+                "inputs. Pass the image tensor alone (or a one-tensor tuple) and the rest as "
+                "additional_forward_args."
             )
         inputs = inputs[0]
     if not isinstance(inputs, Tensor):
@@ -31,7 +34,8 @@ def format_single_input(
         )
     if inputs.dim() < 1 or inputs.shape[0] == 0:
         raise ValueError(
-            f"{method} needs a batch dimension with at least one example; got shape {tuple(inputs.shape)}."
+            f"{method} needs a batch dimension with at least one example; got shape "
+            f"{tuple(inputs.shape)}."
         )
     # On an accelerator the check would make the host wait for the device on every call
     # (it was the only synchronisation in FullGradient); there a NaN shows in the result.
@@ -40,43 +44,88 @@ def format_single_input(
     return inputs, was_tuple
 
 
-def check_spatial_rank(inputs: Tensor, *, method: str) -> None:
+def format_inputs(inputs: Any, *, method: str) -> Tuple[Tuple[Tensor, ...], bool]:
+    """Return ``(tensors, was_tuple)`` for a tensor or a tuple of tensors (Captum's inputs).
+
+    Every tensor must be floating point, finite (on the CPU) and share the batch size.
+    """
+    was_tuple = isinstance(inputs, tuple)
+    tensors = inputs if was_tuple else (inputs,)
+    if was_tuple and len(tensors) == 0:
+        raise ValueError(f"{method}: got an empty tuple of inputs.")
+    checked = tuple(format_single_input(t, method=method)[0] for t in tensors)
+    sizes = {t.shape[0] for t in checked}
+    if len(sizes) > 1:
+        raise ValueError(
+            f"{method}: the inputs have different batch sizes {[t.shape[0] for t in checked]}; "
+            "every input needs one row per example."
+        )
+    return checked, was_tuple
+
+
+def check_bias_input(bias_input: Any, count: int, *, method: str) -> int:
+    """The index of the input that receives the bias terms, checked against ``count`` inputs."""
+    if isinstance(bias_input, bool) or not isinstance(bias_input, int):
+        raise TypeError(f"{method}: bias_input must be an int index, got {bias_input!r}.")
+    if not -count <= bias_input < count:
+        raise ValueError(f"{method}: bias_input={bias_input} is out of range for {count} input(s).")
+    return bias_input % count
+
+
+# Public layout names and the capture's: images are channels-first; ``(B, L, E)`` token
+# tensors (Captum's text layout) hold their channels (the embedding) last.
+LAYOUTS = {"channels_first": "cf", "tokens": "cl"}
+
+
+def check_layout(layout: Any, *, method: str) -> str:
+    """The capture's layout code for a public layout name."""
+    if layout not in LAYOUTS:
+        raise ValueError(
+            f"{method}: layout must be one of {tuple(LAYOUTS)}, got {layout!r} "
+            "('tokens' reads a (B, L, E) tensor as L positions of E channels)."
+        )
+    return LAYOUTS[layout]
+
+
+def channel_axis(layout: str, rank: int) -> int:
+    """The channel axis of a tensor of ``rank`` in a public ``layout``."""
+    return 1 if layout == "channels_first" else rank - 1
+
+
+def check_internal_batch_size(value: Any, *, method: str) -> Optional[int]:
+    """``None`` or a positive int; a bool or a float is refused, never rounded."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(
+            f"{method}: internal_batch_size must be a positive int or None, got {value!r}."
+        )
+    if value < 1:
+        raise ValueError(f"{method}: internal_batch_size must be a positive int, got {value}.")
+    return value
+
+
+def check_spatial_rank(inputs: Tensor, *, method: str, layout: str = "channels_first") -> None:
+    if layout == "tokens":
+        if inputs.dim() != 3:
+            raise ValueError(
+                f"{method}: layout='tokens' needs a (B, L, E) input; got shape "
+                f"{tuple(inputs.shape)}."
+            )
+        return
     if inputs.dim() not in (3, 4, 5):
         raise ValueError(
             f"{method} makes a spatial saliency map (eq. 4) and needs an input of shape (B, C, L), "
-            f"(B, C, H, W) or (B, C, D, H, W); got rank {inputs.dim()} with shape {tuple(inputs.shape)}. "
+            f"(B, C, H, W) or (B, C, D, H, W); got rank {inputs.dim()} with shape "
+            f"{tuple(inputs.shape)}. "
             "For non-spatial inputs use captum_fullgrad.full_jacobian."
         )
 
 
 def check_eval_mode(forward_func: Callable[..., Any], *, method: str) -> None:
-    """Refuse a model in training mode: BatchNorm would use batch statistics, dropout noise."""
-    if not isinstance(forward_func, nn.Module):
-        return
-    if not _any_training(forward_func):
-        return
-    training = [name or type(m).__name__ for name, m in forward_func.named_modules() if m.training]
-    if training:
-        shown = ", ".join(training[:5]) + (
-            f" and {len(training) - 5} more" if len(training) > 5 else ""
-        )
-        raise ValueError(
-            f"{method} needs the model in eval mode (BatchNorm would use batch statistics and mix "
-            f"examples, dropout would be random), but these modules are training: {shown}. "
-            "Call model.eval() first; the model's mode was left unchanged."
-        )
-
-
-def _any_training(root: nn.Module) -> bool:
-    # An explicit walk over ``_modules``: ``Module.modules()`` builds a memo set and nested
-    # generators, a measurable share of a small model's attribution time.
-    stack = [root]
-    while stack:
-        module = stack.pop()
-        if module.training:
-            return True
-        stack.extend(m for m in module._modules.values() if m is not None)
-    return False
+    """The mode policy (:func:`captum_fullgrad._mode.check_mode`): refuse a model only when
+    a module of a mode-dependent kind (BatchNorm, dropout, drop-path...) is training."""
+    check_mode(forward_func, method=method)
 
 
 def format_additional_forward_args(additional_forward_args: Any) -> Tuple[Any, ...]:
@@ -91,18 +140,21 @@ def select_output(output: Any, target: TargetType, batch_size: int, *, method: s
     """The scalar output per example that eq. 1 decomposes, shape ``(B,)``."""
     if not isinstance(output, Tensor):
         raise TypeError(
-            f"{method}: the model must return a tensor, got {type(output).__name__}; wrap it so that "
+            f"{method}: the model must return a tensor, got {type(output).__name__}; "
+            "wrap it so that "
             "it returns the logits tensor."
         )
     if output.dim() == 0 or output.shape[0] != batch_size:
         raise ValueError(
-            f"{method}: the model output has shape {tuple(output.shape)}, whose first dimension is not "
+            f"{method}: the model output has shape {tuple(output.shape)}, "
+            "whose first dimension is not "
             f"the batch size {batch_size}."
         )
     if target is None:
         if output[0].numel() != 1:
             raise ValueError(
-                f"{method}: the model output has shape {tuple(output.shape)}; pass `target` to choose "
+                f"{method}: the model output has shape {tuple(output.shape)}; "
+                "pass `target` to choose "
                 "which output to explain."
             )
         return output.reshape(batch_size)
@@ -112,7 +164,8 @@ def select_output(output: Any, target: TargetType, batch_size: int, *, method: s
     selected = _select_targets(output, target)
     if selected.numel() != batch_size:
         raise ValueError(
-            f"{method}: target {target!r} selects {selected.numel()} values from an output of shape "
+            f"{method}: target {target!r} selects {selected.numel()} values "
+            "from an output of shape "
             f"{tuple(output.shape)}; it must select one value per example."
         )
     return selected.reshape(batch_size)
@@ -156,24 +209,40 @@ def _check_target(target: TargetType, output: Tensor, batch_size: int, *, method
     elif isinstance(target, list):
         if len(target) != batch_size:
             raise ValueError(
-                f"{method}: target list has {len(target)} entries for a batch of {batch_size} examples."
+                f"{method}: target list has {len(target)} entries for a batch of "
+                f"{batch_size} examples."
             )
         for item in target:
             if isinstance(item, int) and not isinstance(item, bool):
                 check_index(item, "index ")
-            elif not isinstance(item, tuple):
+            elif isinstance(item, tuple):
+                _check_tuple_target(item, output, method=method)
+            else:
                 raise TypeError(
                     f"{method}: a target list holds ints (one class per example) or tuples, "
                     f"not {type(item).__name__}."
                 )
     elif isinstance(target, tuple):
-        if len(target) != output.dim() - 1:
-            raise ValueError(
-                f"{method}: target tuple {target} has {len(target)} indices for an output of shape "
-                f"{tuple(output.shape)} (needs {output.dim() - 1})."
-            )
+        _check_tuple_target(target, output, method=method)
     else:
         raise TypeError(f"{method}: unsupported target type {type(target).__name__}.")
+
+
+def _check_tuple_target(target: Tuple[Any, ...], output: Tensor, *, method: str) -> None:
+    """A tuple indexes one output per example: one in-range index per non-batch axis."""
+    if len(target) != output.dim() - 1:
+        raise ValueError(
+            f"{method}: target tuple {target} has {len(target)} indices for an output of shape "
+            f"{tuple(output.shape)} (needs {output.dim() - 1})."
+        )
+    for axis, index in enumerate(target, start=1):
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise TypeError(f"{method}: target tuple {target} must hold ints.")
+        if not 0 <= index < output.shape[axis]:
+            raise ValueError(
+                f"{method}: target tuple {target} is out of range on output axis {axis} "
+                f"(size {output.shape[axis]}, valid: 0..{output.shape[axis] - 1})."
+            )
 
 
 def target_on_host(target: TargetType) -> TargetType:

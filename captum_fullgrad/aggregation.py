@@ -36,11 +36,14 @@ __all__ = [
     "resize_and_sum",
     "input_term_map",
     "interpolation_mode",
+    "area_split",
+    "signed_bias_attribution",
 ]
 
 EQ4 = "eq4"
 NEURIPS2019 = "neurips2019"
-POSTPROCESS_MODES = (EQ4, NEURIPS2019)
+SIGNED = "signed"
+POSTPROCESS_MODES = (EQ4, NEURIPS2019, SIGNED)
 _EPS = 1e-6
 
 
@@ -73,6 +76,10 @@ class MapCollector:
             raise ValueError(
                 f"postprocess must be one of {POSTPROCESS_MODES}, got {postprocess!r}."
             )
+        if postprocess == SIGNED:
+            # The signed attribution reads eq. 4's signed block maps, before any absolute
+            # value (see signed_bias_attribution).
+            postprocess = EQ4
         self.postprocess = postprocess
         self.selected = selected
         # Eq. 4 sums a conv-BN block before the absolute value anyway, so the capture may
@@ -221,3 +228,73 @@ def input_term_map(input_gradient: Tensor, inputs: Tensor, postprocess: str) -> 
     if postprocess == NEURIPS2019:
         return minmax_rescale(product.abs())
     return product.abs()
+
+
+# ---------------------------------------------------------------- signed attribution
+
+
+def _overlap_matrix(size: int, cells: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``(size, cells)`` weights: the share of cell ``i`` that input pixel ``p`` covers.
+
+    Cell ``i`` of a layer with ``cells`` positions covers ``[i size/cells, (i+1) size/cells)``
+    of the input axis, pixel ``p`` covers ``[p, p + 1)``. In units of ``1/cells`` both ends
+    are integers, so the overlaps are exact and every column sums to exactly ``size``
+    before the division: each cell's value is split without loss, whatever the ratio.
+    """
+    p = torch.arange(size, dtype=torch.int64, device=device).unsqueeze(1)
+    i = torch.arange(cells, dtype=torch.int64, device=device).unsqueeze(0)
+    low = torch.maximum(p * cells, i * size)
+    high = torch.minimum((p + 1) * cells, (i + 1) * size)
+    return (high - low).clamp_min(0).to(dtype) / size
+
+
+def area_split(signed_map: Tensor, size: Sequence[int]) -> Tensor:
+    """Split each cell of a ``(B, *cells)`` map over the input positions it covers.
+
+    The weights are the cell's area overlap with each input position, so the map's
+    per-example sum is kept exactly (up to rounding) for any size ratio, non-divisible
+    ones included; the result is ``(B, *size)``.
+    """
+    out = signed_map
+    for axis, target in enumerate(size, start=1):
+        cells = out.shape[axis]
+        if cells == target:
+            continue
+        weights = _overlap_matrix(int(target), cells, out.dtype, out.device)
+        out = torch.movedim(torch.matmul(weights, torch.movedim(out, axis, -2)), -2, axis)
+    return out
+
+
+def signed_bias_attribution(
+    collector: MapCollector, shape: Sequence[int], channel_dim: int, *, include_non_spatial: bool
+) -> Optional[Tensor]:
+    """The bias terms of eq. 1 as a signed attribution of the input's ``shape``.
+
+    Each block's signed channel-summed bias-Jacobian is split over the input positions
+    its cells cover (:func:`area_split`) and evenly over the input's channels; with
+    ``include_non_spatial`` the terms of sources that are not spatial maps are spread
+    evenly over every element of an example. The per-example sum of the result is the
+    sum of the included bias terms. ``None`` when there is nothing to place.
+    """
+    spatial = [int(s) for i, s in enumerate(shape) if i not in (0, channel_dim)]
+    channels = int(shape[channel_dim])
+    total: Optional[Tensor] = None
+    for block_map in collector.block_maps.values():
+        part = area_split(block_map, spatial)
+        total = part if total is None else total + part
+    result = None
+    if total is not None:
+        result = (total / channels).unsqueeze(channel_dim).expand(*shape)
+    other = collector._other_sum
+    if include_non_spatial and other is not None:
+        elements = 1
+        for s in shape[1:]:
+            elements *= int(s)
+        even = (other / elements).reshape(-1, *([1] * (len(shape) - 1)))
+        result = even.expand(*shape) if result is None else result + even
+    return result
+
+
+def signed_input_term(input_gradient: Tensor, inputs: Tensor) -> Tensor:
+    """The input term of eq. 1 per element, ``grad_x f * x``, keeping its sign."""
+    return input_gradient * inputs

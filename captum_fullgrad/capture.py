@@ -22,6 +22,7 @@ module's :class:`Capture`, or a plan's replay) and a :class:`Plan` makes one.
 
 from __future__ import annotations
 
+import threading
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -44,6 +45,49 @@ _CONV_NAMES = {
     "conv_transpose2d",
     "conv_transpose3d",
 }
+
+
+# Ids of the global module hooks this package has installed (its captures and replays).
+# Other threads' captures install them too; a replay's guard must not take them for a
+# user's hooks, or a concurrent call would disable a plan for good.
+_OWN_GLOBAL_HOOKS: set = set()
+
+
+def install_global_module_hooks(
+    pre_hook: Any = None, post_hook: Any = None, *, always_call: bool = False
+) -> List[Any]:
+    """Register global module hooks that only react to the calling thread's forward passes.
+
+    ``torch.nn.modules.module``'s global hooks see every thread's module calls; a capture
+    must ignore another thread running the same (or any) model at the same time.
+    """
+    owner = threading.get_ident()
+    handles = []
+    if pre_hook is not None:
+
+        def own_pre_hook(module: nn.Module, args: Any) -> None:
+            if threading.get_ident() == owner:
+                pre_hook(module, args)
+
+        handles.append(nn.modules.module.register_module_forward_pre_hook(own_pre_hook))
+    if post_hook is not None:
+
+        def own_post_hook(module: nn.Module, args: Any, output: Any) -> None:
+            if threading.get_ident() == owner:
+                post_hook(module, args, output)
+
+        handles.append(
+            nn.modules.module.register_module_forward_hook(own_post_hook, always_call=always_call)
+        )
+    _OWN_GLOBAL_HOOKS.update(handle.id for handle in handles)
+    return handles
+
+
+def remove_global_module_hooks(handles: List[Any]) -> None:
+    for handle in handles:
+        handle.remove()
+        _OWN_GLOBAL_HOOKS.discard(handle.id)
+    handles.clear()
 
 
 @dataclass(eq=False)
@@ -321,13 +365,25 @@ class Capture:
         forward_func: the model (an ``nn.Module`` gives readable names) or any callable.
         inputs: the network input ``x`` (a tensor that requires grad).
         collector: receives sources and their gradients.
+        layout: the input's layout, ``"channels_first"`` (images) or ``"channels_last"``
+            (``(B, L, E)`` token tensors); sources laid out like it are spatial maps.
+        other_inputs: further network inputs that the decomposition differentiates
+            (Captum's tuple of inputs); ``inputs`` is the one whose layout the maps follow.
     """
 
     def __init__(
-        self, forward_func: Callable[..., Any], inputs: Tensor, collector: Collector
+        self,
+        forward_func: Callable[..., Any],
+        inputs: Tensor,
+        collector: Collector,
+        *,
+        layout: str = CHANNELS_FIRST,
+        other_inputs: Sequence[Tensor] = (),
     ) -> None:
         self.forward_func = forward_func
         self.inputs = inputs
+        self.layout = layout
+        self.other_inputs = tuple(other_inputs)
         self.collector = collector
         self.tracker = _GraphTracker()
         self.sources: List[BiasSource] = []
@@ -355,7 +411,9 @@ class Capture:
 
     # ------------------------------------------------------------------ context
     def __enter__(self) -> "Capture":
-        self.tracker.add(self.inputs, CHANNELS_FIRST, 0)
+        self.tracker.add(self.inputs, self.layout, 0)
+        for other in self.other_inputs:
+            self.tracker.add(other, self.layout if other.shape == self.inputs.shape else None, 0)
         try:
             self._install_module_hooks()
             self._mode = _Mode(self)
@@ -421,15 +479,10 @@ class Capture:
                             output_origins[source] = (module, popped[5], type(_output.grad_fn))
                     break
 
-        self._handles.append(nn.modules.module.register_module_forward_pre_hook(pre_hook))
-        self._handles.append(
-            nn.modules.module.register_module_forward_hook(post_hook, always_call=True)
-        )
+        self._handles.extend(install_global_module_hooks(pre_hook, post_hook, always_call=True))
 
     def _remove_module_hooks(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        remove_global_module_hooks(self._handles)
         self._module_stack.clear()
 
     def _base_name(self, op: str) -> Tuple[str, str, Optional[Tuple[nn.Module, int]]]:
@@ -837,9 +890,9 @@ def _permutation(
 class Pass:
     """What one captured forward and backward pass produced."""
 
-    inputs: Tensor  # the detached copy of the input that was differentiated
+    inputs: Any  # the detached copy of the input that was differentiated (a tuple for several)
     output: Tensor  # selected output per example, (B,)
-    input_gradient: Tensor  # grad_x f, the input's shape
+    input_gradient: Any  # grad_x f, the input's shape (a tuple for several inputs)
     sources: List[BiasSource]
     failed_ops: List[str]
     # What recorded the sources: the Capture (a CapturePlan can be made from it) or the
@@ -849,12 +902,15 @@ class Pass:
 
 def forward_backward(
     forward_func: Callable[..., Any],
-    inputs: Tensor,
+    inputs: Any,
     select: Callable[[Any], Tensor],
     additional_forward_args: Tuple[Any, ...],
     collector: Collector,
     create_graph: bool = False,
     plan: Optional[Plan] = None,
+    *,
+    reference: int = 0,
+    layout: str = CHANNELS_FIRST,
 ) -> Pass:
     """One forward pass under capture, then one backward pass to the input.
 
@@ -868,35 +924,48 @@ def forward_backward(
     accumulates nothing into any ``.grad``. Gradients are enabled even under
     ``torch.no_grad()`` (Captum's ``sensitivity_max`` calls explanations that way).
     ``create_graph=True`` keeps the backward pass differentiable (training uses).
+
+    A tuple of ``inputs`` (Captum's several inputs) is passed to ``forward_func`` in order
+    and differentiated together; the maps follow ``inputs[reference]``'s ``layout``, and
+    the pass's ``inputs`` and ``input_gradient`` are tuples too.
     """
-    x = inputs.detach().clone()
-    if create_graph and inputs.requires_grad:
-        # Keep the caller's graph for double backpropagation (the penalty is then a
-        # function of whatever produced ``inputs``).
-        x = inputs.clone()
-    x.requires_grad_(True)
+    several = isinstance(inputs, tuple)
+    copies = []
+    for tensor in inputs if several else (inputs,):
+        x = tensor.detach().clone()
+        if create_graph and tensor.requires_grad:
+            # Keep the caller's graph for double backpropagation (the penalty is then a
+            # function of whatever produced ``inputs``).
+            x = tensor.clone()
+        copies.append(x.requires_grad_(True))
+    x = copies[reference]
+    others = [c for i, c in enumerate(copies) if i != reference]
     with torch.enable_grad():
         recorder: Recorder = (
-            Capture(forward_func, x, collector) if plan is None else plan.replay(x, collector)
+            Capture(forward_func, x, collector, layout=layout, other_inputs=others)
+            if plan is None
+            else plan.replay(x, collector)
         )
         with recorder as capture:
-            output = forward_func(x, *additional_forward_args)
+            output = forward_func(*copies, *additional_forward_args)
         try:
             selected = select(output)
+            gradients: List[Optional[Tensor]] = [None] * len(copies)
             if selected.requires_grad:
-                (input_gradient,) = torch.autograd.grad(
-                    selected.sum(), x, create_graph=create_graph, allow_unused=True
+                gradients = list(
+                    torch.autograd.grad(
+                        selected.sum(), copies, create_graph=create_graph, allow_unused=True
+                    )
                 )
-            else:
-                input_gradient = None
         finally:
             capture.remove_gradient_hooks()
-    if input_gradient is None:
-        input_gradient = torch.zeros_like(x)
+    filled = [torch.zeros_like(c) if g is None else g for c, g in zip(copies, gradients)]
+    if not create_graph:
+        copies = [c.detach() for c in copies]
     return Pass(
-        inputs=x if create_graph else x.detach(),
+        inputs=tuple(copies) if several else copies[0],
         output=selected if create_graph else selected.detach(),
-        input_gradient=input_gradient,
+        input_gradient=tuple(filled) if several else filled[0],
         sources=capture.sources,
         failed_ops=capture.failed_ops,
         recorder=capture,

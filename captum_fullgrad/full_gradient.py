@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -10,7 +11,18 @@ from captum.log import log_usage
 from torch import Tensor, nn
 
 from . import _validation
-from .aggregation import EQ4, POSTPROCESS_MODES, MapCollector, input_term_map, interpolation_mode
+from ._mode import check_mode
+from .aggregation import (
+    EQ4,
+    NEURIPS2019,
+    POSTPROCESS_MODES,
+    SIGNED,
+    MapCollector,
+    input_term_map,
+    interpolation_mode,
+    signed_bias_attribution,
+    signed_input_term,
+)
 from .capture import BiasSource, forward_backward
 from .replay import CapturePlan, ReplayMismatch, call_signature, plans_for
 
@@ -43,12 +55,20 @@ class FullGradient(GradientAttribution):
 
     The attribution has the input's shape (Captum's contract): the input term per
     channel, plus the bias term spread evenly over the input channels, so that
-    ``attributions.sum(1)`` is eq. 4's single-channel map. One forward and one backward
-    pass; every layer's gradient is reduced as it is produced.
+    ``attributions.sum(1)`` is eq. 4's single-channel map. ``postprocess="signed"`` gives
+    eq. 1 itself as an attribution instead: its per-example sum is ``f(x)`` up to the
+    completeness gap. One forward and one backward pass; every layer's gradient is
+    reduced as it is produced.
+
+    The convergence delta is eq. 1's gap over every bias source, in Captum's sign: what
+    the decomposition claims minus the truth, ``(<grad_x f, x> + sum_g <df/dy_g, c_g>) -
+    f(x)`` (no baseline: eq. 1 decomposes ``f(x)`` itself).
 
     Args:
-        forward_func: the model, an ``nn.Module`` in eval mode (its submodule names
-            select layers), or any callable returning one tensor.
+        forward_func: the model (its submodule names select layers), or any callable
+            returning one tensor. A model in training mode is refused only when a module
+            of a mode-dependent kind is training (BatchNorm, dropout, drop-path: the list
+            is in :mod:`captum_fullgrad._mode`); otherwise it runs as in eval mode.
         layers: the layers whose bias-Jacobians enter the map (module names, modules, or
             source names such as ``"features.1.0.block.2:mul"``; a module includes its
             submodules). ``None`` takes every spatial bias source. The convergence delta
@@ -61,6 +81,9 @@ class FullGradient(GradientAttribution):
             :mod:`captum_fullgrad.replay`), which removes most of the per-call host time.
             ``False`` traces every call: use it for a forward whose operations change
             with the input values, not only with its shape. Default: True
+        layout: ``"channels_first"`` (images, ``(B, C, *spatial)``) or ``"tokens"``
+            (``(B, L, E)`` token tensors in Captum's text layout: ``L`` positions of ``E``
+            channels, so bias maps are per token). Default: "channels_first"
 
     Examples::
 
@@ -78,15 +101,56 @@ class FullGradient(GradientAttribution):
         layers: Optional[Sequence[Union[str, nn.Module]]] = None,
         *,
         reuse_capture: bool = True,
+        layout: str = "channels_first",
     ) -> None:
         GradientAttribution.__init__(self, forward_func)
         self.layers = _validation.layer_names(forward_func, layers)
         self.reuse_capture = reuse_capture
+        self.layout = layout
+        self._capture_layout = _validation.check_layout(layout, method="FullGradient")
         self._plans = plans_for(forward_func)
 
-    def has_convergence_delta(self) -> bool:
-        """True: the delta is eq. 1's completeness gap, ``f(x) - (<grad, x> + sum of bias-Jacobians)``."""
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        """True: the input term of eq. 1 is ``grad_x f * x`` (a global attribution)."""
         return True
+
+    def has_convergence_delta(self) -> bool:
+        """True: the delta is eq. 1's completeness gap, ``(<grad, x> + bias terms) - f(x)``."""
+        return True
+
+    def compute_convergence_delta(
+        self,
+        attributions: Union[Tensor, Tuple[Tensor, ...]],
+        start_point: Union[None, int, float, Tensor, Tuple[Union[int, float, Tensor], ...]],
+        end_point: Union[Tensor, Tuple[Tensor, ...]],
+        target: _validation.TargetType = None,
+        additional_forward_args: Any = None,
+    ) -> Tensor:
+        r"""Eq. 1's completeness gap at ``end_point``, the delta :meth:`attribute` returns.
+
+        Captum's convergence delta compares ``sum(attributions)`` with
+        ``f(end_point) - f(start_point)``. The full-Jacobian decomposes ``f(end_point)``
+        itself, without a baseline (eq. 1), so this returns
+        ``(<grad_x f, x> + sum of every bias term) - f(x)`` at ``x = end_point``, the same
+        number as ``attribute(..., return_convergence_delta=True)``. ``attributions`` and
+        ``start_point`` are not used; a non-zero ``start_point`` gets a warning, since the
+        delta is not relative to it.
+        """
+        if start_point is not None and _nonzero(start_point):
+            warnings.warn(
+                "FullGradient.compute_convergence_delta ignores start_point: eq. 1 decomposes "
+                "f(end_point) without a baseline.",
+                UserWarning,
+                stacklevel=2,
+            )
+        _, delta = self.attribute(
+            end_point,
+            target=target,
+            additional_forward_args=additional_forward_args,
+            return_convergence_delta=True,
+        )
+        return delta
 
     @log_usage()
     def attribute(
@@ -102,13 +166,15 @@ class FullGradient(GradientAttribution):
         interpolate_mode: str = "bilinear",
         align_corners: Optional[bool] = None,
         internal_batch_size: Optional[int] = None,
+        bias_input: int = 0,
     ) -> Union[Tensor, Tuple[Tensor, ...], Tuple[Union[Tensor, Tuple[Tensor, ...]], Tensor]]:
         r"""
         Args:
 
             inputs (Tensor or tuple[Tensor]): images ``(B, C, H, W)`` (or ``(B, C, L)``,
-                        ``(B, C, D, H, W)``), or a one-tensor tuple; a tuple in gives a
-                        tuple out. Not modified.
+                        ``(B, C, D, H, W)``; ``(B, L, E)`` with ``layout="tokens"``), or a
+                        tuple of inputs passed to ``forward_func`` in order; a tuple in
+                        gives a tuple out, one attribution per input. Not modified.
             target (int, tuple, Tensor, or list, optional): output indices to explain, in
                         any of Captum's formats: one int for all examples, a list or 1-D
                         tensor of one index per example, a tuple (or list of tuples) for
@@ -118,124 +184,202 @@ class FullGradient(GradientAttribution):
                         ``forward_func`` after ``inputs``; constants of the decomposition.
                         Default: None
             return_convergence_delta (bool, optional): also return eq. 1's completeness gap
-                        per example, ``(B,)``. Default: False
-            single_channel (bool, optional): return the ``(B, 1, H, W)`` map of eq. 4
-                        instead of the input-shaped attribution. Default: False
+                        per example, ``(B,)``: ``(sum of every input term + every bias
+                        term) - f(x)``, Captum's sign (what the decomposition claims minus
+                        the truth), in every ``postprocess`` mode and whatever ``layers``
+                        and ``include_input_gradient`` select; at least float32.
+                        Default: False
+            single_channel (bool, optional): sum each attribution over its channel axis
+                        (``(B, 1, H, W)``: eq. 4's map for ``"eq4"``). Default: False
             include_input_gradient (bool, optional): False gives the bias-Jacobian-only
                         map (the last column of the paper's Table 5). Default: True
             postprocess (str, optional): ``"eq4"`` (the seed paper: channel sum, then
-                        absolute value, per conv-BN block) or ``"neurips2019"`` (the
+                        absolute value, per conv-BN block), ``"neurips2019"`` (the
                         authors' FullGrad code: absolute value, per-example min-max rescale
-                        of each layer over ``C x H x W``, then channel sum). Default: "eq4"
-            interpolate_mode (str, optional): how layer maps are resized to the input:
-                        ``"bilinear"`` (linear/trilinear for 1-D/3-D inputs), ``"bicubic"``,
+                        of each layer over ``C x H x W``, then channel sum) or ``"signed"``
+                        (eq. 1 itself as an attribution: ``grad_x f * x`` plus each
+                        bias-Jacobian split over the input positions its cells cover, by
+                        area overlap, and evenly over the channels; terms that are not
+                        spatial maps spread evenly over the bias input. With every source
+                        and the input term included, ``sum(attributions) - f(x)`` per
+                        example is the delta). Default: "eq4"
+            interpolate_mode (str, optional): how layer maps are resized to the input
+                        for ``"eq4"`` and ``"neurips2019"``: ``"bilinear"``
+                        (linear/trilinear for 1-D/3-D inputs), ``"bicubic"``,
                         ``"nearest"``, ``"area"``. Default: "bilinear"
             align_corners (bool, optional): passed to interpolation; ``None`` means False
                         for ``"eq4"`` and True for ``"neurips2019"`` (the authors' choice).
             internal_batch_size (int, optional): split the batch into chunks of this size
                         to bound memory; results are identical. Default: None
+            bias_input (int, optional): which of several inputs receives the bias terms;
+                        the maps follow its layout. Default: 0
 
         Returns:
-            **attributions** (*Tensor* or *tuple[Tensor]*) of the input's shape (or
-            ``(B, 1, *spatial)`` with ``single_channel``), and with
+            **attributions** (*Tensor* or *tuple[Tensor]*) of each input's shape (with
+            ``single_channel`` the channel axis has size 1), and with
             ``return_convergence_delta`` the **delta** tensor ``(B,)``.
         """
         method = "FullGradient"
-        x, was_tuple = _validation.format_single_input(inputs, method=method)
-        _validation.check_spatial_rank(x, method=method)
-        _validation.check_eval_mode(self.forward_func, method=method)
+        xs, was_tuple = _validation.format_inputs(inputs, method=method)
+        bias_input = _validation.check_bias_input(bias_input, len(xs), method=method)
+        x = xs[bias_input]
+        _validation.check_spatial_rank(x, method=method, layout=self.layout)
+        check_mode(self.forward_func, method=method)
         if postprocess not in POSTPROCESS_MODES:
             raise ValueError(
                 f"postprocess must be one of {POSTPROCESS_MODES}, got {postprocess!r}."
             )
         interpolation_mode(interpolate_mode, x.dim() - 2)
-        if internal_batch_size is not None and internal_batch_size < 1:
-            raise ValueError(
-                f"internal_batch_size must be a positive integer, got {internal_batch_size}."
-            )
+        internal_batch_size = _validation.check_internal_batch_size(
+            internal_batch_size, method=method
+        )
         if align_corners is None:
-            align_corners = postprocess != EQ4
+            align_corners = postprocess == NEURIPS2019
         extra = _validation.format_additional_forward_args(additional_forward_args)
         target = _validation.target_on_host(target)
 
         batch = x.shape[0]
         chunk = internal_batch_size or batch
-        maps, deltas = [], []
+        parts: List[List[Tensor]] = []
+        deltas = []
         for start in range(0, batch, chunk):
             stop = min(start + chunk, batch)
             whole = start == 0 and stop == batch
-            attribution, delta = self._attribute_batch(
-                x if whole else x[start:stop],
+            attributions, delta = self._attribute_batch(
+                xs if whole else tuple(t[start:stop] for t in xs),
                 target if whole else _validation.slice_target(target, start, stop, batch),
                 extra if whole else _validation.slice_additional_args(extra, start, stop, batch),
+                bias_input=bias_input,
                 single_channel=single_channel,
                 include_input_gradient=include_input_gradient,
                 postprocess=postprocess,
                 interpolate_mode=interpolate_mode,
                 align_corners=align_corners,
             )
-            maps.append(attribution)
+            parts.append(attributions)
             deltas.append(delta)
-        attributions = maps[0] if len(maps) == 1 else torch.cat(maps)
-        result: Union[Tensor, Tuple[Tensor, ...]] = (attributions,) if was_tuple else attributions
+        joined = tuple(
+            pieces[0] if len(pieces) == 1 else torch.cat(pieces) for pieces in zip(*parts)
+        )
+        result: Union[Tensor, Tuple[Tensor, ...]] = joined if was_tuple else joined[0]
         if return_convergence_delta:
             return result, (deltas[0] if len(deltas) == 1 else torch.cat(deltas))
         return result
 
     def _attribute_batch(
         self,
-        x: Tensor,
+        xs: Tuple[Tensor, ...],
         target: _validation.TargetType,
         extra: Tuple[Any, ...],
         *,
+        bias_input: int,
         single_channel: bool,
         include_input_gradient: bool,
         postprocess: str,
         interpolate_mode: str,
         align_corners: bool,
-    ) -> Tuple[Tensor, Tensor]:
+    ) -> Tuple[List[Tensor], Tensor]:
+        x = xs[bias_input]
+        several = len(xs) > 1
+        others = tuple(t for i, t in enumerate(xs) if i != bias_input)
+
         def select(output: Any) -> Tensor:
             return _validation.select_output(output, target, x.shape[0], method="FullGradient")
 
         collector = MapCollector(postprocess, self._layer_filter())
         signature = (
-            call_signature(x, extra, postprocess, self.layers) if self.reuse_capture else None
+            call_signature(
+                x, others + extra, postprocess, self.layers, self.layout, bias_input, len(xs)
+            )
+            if self.reuse_capture
+            else None
         )
+        inputs: Any = xs if several else x
         plan = self._plans.get(signature) if signature is not None else None
         if plan is not None:
             try:
-                run = forward_backward(self.forward_func, x, select, extra, collector, plan=plan)
+                run = forward_backward(
+                    self.forward_func,
+                    inputs,
+                    select,
+                    extra,
+                    collector,
+                    plan=plan,
+                    reference=bias_input,
+                    layout=self._capture_layout,
+                )
             except ReplayMismatch:
                 self._plans.mismatched(signature)
                 plan = None
                 collector = MapCollector(postprocess, self._layer_filter())
         if plan is None:
-            run = forward_backward(self.forward_func, x, select, extra, collector)
+            run = forward_backward(
+                self.forward_func,
+                inputs,
+                select,
+                extra,
+                collector,
+                reference=bias_input,
+                layout=self._capture_layout,
+            )
             if signature is not None:
                 self._plans.put(signature, CapturePlan.record(run.recorder))
         self._check_layers_matched(run.sources)
-        spatial = x.shape[2:]
-        if include_input_gradient:
-            input_part = input_term_map(run.input_gradient, run.inputs, postprocess)
-        else:
-            input_part = torch.zeros_like(x)
-        bias_map = collector.bias_map(spatial, interpolate_mode, align_corners)
-        if single_channel:
-            attribution = input_part.sum(1, keepdim=True)
-            if bias_map is not None:
-                attribution = attribution + bias_map.unsqueeze(1).to(attribution.dtype)
-        else:
-            attribution = input_part
-            if bias_map is not None:
-                attribution = attribution + (bias_map / x.shape[1]).unsqueeze(1).to(
-                    attribution.dtype
+        gradients = run.input_gradient if several else (run.input_gradient,)
+        copies = run.inputs if several else (run.inputs,)
+        channel_dim = _validation.channel_axis(self.layout, x.dim())
+
+        attributions = []
+        for i, (gradient, copy) in enumerate(zip(gradients, copies)):
+            if not include_input_gradient:
+                part = torch.zeros_like(copy)
+            elif postprocess == SIGNED:
+                part = signed_input_term(gradient, copy)
+            else:
+                part = input_term_map(gradient, copy, postprocess)
+            if i == bias_input:
+                part = self._add_bias_part(
+                    part,
+                    collector,
+                    channel_dim,
+                    postprocess=postprocess,
+                    interpolate_mode=interpolate_mode,
+                    align_corners=align_corners,
                 )
-        input_term = (run.input_gradient * run.inputs).flatten(1).sum(1)
-        bias_sum = (
-            collector.bias_sum if collector.bias_sum is not None else torch.zeros_like(input_term)
-        )
-        delta = run.output - (input_term + bias_sum.to(input_term.dtype)).to(run.output.dtype)
-        return attribution.detach(), delta.detach()
+            if single_channel:
+                part = part.sum(channel_dim if i == bias_input else min(1, part.dim() - 1), True)
+            attributions.append(part.detach())
+
+        # Eq. 1's gap over every source, Captum's sign; in float32 at least (under
+        # autocast the output is bf16/fp16, whose rounding would hide real gaps).
+        input_term = sum((g * c).flatten(1).sum(1) for g, c in zip(gradients, copies))
+        dtype = torch.promote_types(run.output.dtype, torch.float32)
+        bias_sum = collector.bias_sum
+        claimed = input_term.to(dtype) + (bias_sum.to(dtype) if bias_sum is not None else 0)
+        delta = claimed - run.output.to(dtype)
+        return attributions, delta.detach()
+
+    def _add_bias_part(
+        self,
+        part: Tensor,
+        collector: MapCollector,
+        channel_dim: int,
+        *,
+        postprocess: str,
+        interpolate_mode: str,
+        align_corners: bool,
+    ) -> Tensor:
+        if postprocess == SIGNED:
+            bias = signed_bias_attribution(
+                collector, part.shape, channel_dim, include_non_spatial=self.layers is None
+            )
+            return part if bias is None else part + bias.to(part.dtype)
+        spatial = [s for d, s in enumerate(part.shape) if d not in (0, channel_dim)]
+        bias_map = collector.bias_map(spatial, interpolate_mode, align_corners)
+        if bias_map is None:
+            return part
+        spread = (bias_map / part.shape[channel_dim]).unsqueeze(channel_dim)
+        return part + spread.to(part.dtype)
 
     def _layer_filter(self) -> Optional[Callable[[BiasSource], bool]]:
         if self.layers is None:
@@ -251,7 +395,8 @@ class FullGradient(GradientAttribution):
             if not any(_matches(s, layer) for s in spatial):
                 names = ", ".join(s.name for s in spatial[:12])
                 raise ValueError(
-                    f"FullGradient: layer {layer!r} has no spatial bias source; spatial sources are: "
+                    f"FullGradient: layer {layer!r} has no spatial bias source; "
+                    "spatial sources are: "
                     f"{names}{' ...' if len(spatial) > 12 else ''}."
                 )
 
@@ -264,3 +409,14 @@ def _matches(source: BiasSource, layer: str) -> bool:
         or source.module == layer
         or source.module.startswith(layer + ".")
     )
+
+
+def _nonzero(point: Any) -> bool:
+    values = point if isinstance(point, tuple) else (point,)
+    for value in values:
+        if isinstance(value, Tensor):
+            if bool((value != 0).any()):
+                return True
+        elif value:
+            return True
+    return False

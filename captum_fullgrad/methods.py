@@ -78,6 +78,7 @@ from captum.attr import (
 from torch import Tensor, nn
 
 from . import _validation
+from ._mode import check_mode
 from .full_gradient import FullGradient
 
 __all__ = [
@@ -240,6 +241,9 @@ class AttributionMethod:
     def __call__(self, model: Any, inputs: Tensor, target: Any = None) -> Tensor:
         """The ``(B, 1, H, W)`` map of ``inputs`` for ``target`` (None: the predicted class)."""
         x = _check_inputs(inputs, self.name)
+        # Every method, one policy: a training BatchNorm would have its running statistics
+        # updated by the forward passes below, dropout would make the map random.
+        check_mode(model, method=self.name)
         with torch.enable_grad():
             target = _resolve_target(model, x, target)
             result = self.fn(model, x, target, **self.params)

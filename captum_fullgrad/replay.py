@@ -45,6 +45,7 @@ likewise formed when the backward pass reaches it.
 from __future__ import annotations
 
 import dataclasses
+import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -63,7 +64,16 @@ from ._intercepts import (
     normalisation_op,
     normalisation_settings,
 )
-from .capture import BiasSource, Capture, Collector, Recorder, register_gradient_hook
+from .capture import (
+    _OWN_GLOBAL_HOOKS,
+    BiasSource,
+    Capture,
+    Collector,
+    Recorder,
+    install_global_module_hooks,
+    register_gradient_hook,
+    remove_global_module_hooks,
+)
 
 __all__ = ["CapturePlan", "PlanCache", "ReplayMismatch", "call_signature", "plans_for"]
 
@@ -348,7 +358,11 @@ def _hook_key(module: nn.Module) -> Any:
 def _global_hook_key() -> Any:
     from torch.nn.modules import module as module_file
 
-    return (tuple(module_file._global_forward_hooks), tuple(module_file._global_forward_pre_hooks))
+    # This package's own hooks (another thread's capture or replay) are not the user's.
+    return (
+        tuple(k for k in module_file._global_forward_hooks if k not in _OWN_GLOBAL_HOOKS),
+        tuple(k for k in module_file._global_forward_pre_hooks if k not in _OWN_GLOBAL_HOOKS),
+    )
 
 
 class Replay:
@@ -378,9 +392,11 @@ class Replay:
         # One global forward hook rather than one per module: it sees every module call,
         # so the guard compares the whole call sequence with the trace's, and it costs
         # less than registering and removing a handle per module.
-        self._handles.append(nn.modules.module.register_module_forward_hook(self._on_output))
-        if self.plan.read_first:
-            self._handles.append(nn.modules.module.register_module_forward_pre_hook(self._on_input))
+        self._handles.extend(
+            install_global_module_hooks(
+                self._on_input if self.plan.read_first else None, self._on_output
+            )
+        )
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -393,9 +409,7 @@ class Replay:
             )
 
     def _remove_module_hooks(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        remove_global_module_hooks(self._handles)
         self._linear_parts.clear()
 
     def _on_input(self, module: nn.Module, args: Any) -> None:
@@ -649,28 +663,34 @@ class PlanCache:
         self.size = size
         self._plans: "OrderedDict[Hashable, Optional[CapturePlan]]" = OrderedDict()
         self._mismatches: Dict[Hashable, int] = {}
+        # Threads attributing with one model share its cache.
+        self._lock = threading.Lock()
 
     def get(self, signature: Hashable) -> Optional[CapturePlan]:
-        plan = self._plans.get(signature)
-        if plan is not None:
-            self._plans.move_to_end(signature)
-        return plan
+        with self._lock:
+            plan = self._plans.get(signature)
+            if plan is not None:
+                self._plans.move_to_end(signature)
+            return plan
 
     def put(self, signature: Hashable, plan: Optional[CapturePlan]) -> None:
-        if self._mismatches.get(signature, 0) >= 2:
-            plan = None
-        self._plans[signature] = plan
-        self._plans.move_to_end(signature)
-        while len(self._plans) > self.size:
-            self._plans.popitem(last=False)
+        with self._lock:
+            if self._mismatches.get(signature, 0) >= 2:
+                plan = None
+            self._plans[signature] = plan
+            self._plans.move_to_end(signature)
+            while len(self._plans) > self.size:
+                self._plans.popitem(last=False)
 
     def mismatched(self, signature: Hashable) -> None:
-        self._mismatches[signature] = self._mismatches.get(signature, 0) + 1
-        self._plans.pop(signature, None)
+        with self._lock:
+            self._mismatches[signature] = self._mismatches.get(signature, 0) + 1
+            self._plans.pop(signature, None)
 
     def clear(self) -> None:
-        self._plans.clear()
-        self._mismatches.clear()
+        with self._lock:
+            self._plans.clear()
+            self._mismatches.clear()
 
     def __len__(self) -> int:
         return sum(plan is not None for plan in self._plans.values())
@@ -680,13 +700,15 @@ class PlanCache:
 # attribution object per batch). Plans hold weak references to modules and tensors derived
 # from parameters, never the model itself, so an entry goes when its model goes.
 _PLANS: "weakref.WeakKeyDictionary[nn.Module, PlanCache]" = weakref.WeakKeyDictionary()
+_PLANS_LOCK = threading.Lock()
 
 
 def plans_for(model: Any) -> PlanCache:
     """The plan cache of ``model`` (a private one for a callable that is not a module)."""
     if not isinstance(model, nn.Module):
         return PlanCache()
-    cache = _PLANS.get(model)
-    if cache is None:
-        cache = _PLANS[model] = PlanCache()
-    return cache
+    with _PLANS_LOCK:
+        cache = _PLANS.get(model)
+        if cache is None:
+            cache = _PLANS[model] = PlanCache()
+        return cache

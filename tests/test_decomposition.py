@@ -227,9 +227,9 @@ def test_missing_intercept_shows_in_the_delta():
 
     x = torch.randn(2, 4, dtype=torch.float64)
     fj = full_jacobian(forward, x)
-    # sum(x^2) = <2x, x> - sum(x^2): a gap of exactly -f(x) if the product is unseen, 0 if seen.
+    # Unseen, the decomposition claims <2x, x> = 2 f(x): a gap of exactly +f(x); 0 if seen.
     seen = torch.allclose(fj.completeness_delta, torch.zeros(2, dtype=torch.float64), atol=1e-12)
-    hidden = torch.allclose(fj.completeness_delta, -fj.output)
+    hidden = torch.allclose(fj.completeness_delta, fj.output)
     assert seen or hidden
 
 

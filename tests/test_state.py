@@ -125,7 +125,8 @@ def test_training_mode_is_refused_and_left_as_it_was(net):
         (torch.rand(3, 8, 8).unsqueeze(0).flatten(1), ValueError, "rank"),
         (torch.randint(0, 255, (1, 3, 8, 8)), TypeError, "floating-point"),
         ([torch.rand(1, 3, 8, 8)], TypeError, "torch.Tensor"),
-        ((torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8)), ValueError, "single input tensor"),
+        ((torch.rand(1, 3, 8, 8), torch.rand(2, 3, 8, 8)), ValueError, "batch sizes"),
+        ((), ValueError, "empty tuple"),
     ],
 )
 def test_bad_inputs(net, inputs, error, match):
@@ -160,5 +161,27 @@ def test_bad_options(net):
         FullGradient(net).attribute(x, target=0, interpolate_mode="spline")
     with pytest.raises(ValueError, match="internal_batch_size"):
         FullGradient(net).attribute(x, target=0, internal_batch_size=0)
+    # Not silently read as 1, nor a raw TypeError from range().
+    for value in (True, 1.5, "2"):
+        with pytest.raises(TypeError, match="internal_batch_size must be a positive int"):
+            FullGradient(net).attribute(x, target=0, internal_batch_size=value)
+    with pytest.raises(ValueError, match="bias_input=2 is out of range for 1 input"):
+        FullGradient(net).attribute(x, target=0, bias_input=2)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        FullGradient(net, layout="nhwc")
     with pytest.raises(TypeError, match="must return a tensor"):
         FullGradient(lambda t: {"logits": net(t)}).attribute(x, target=0)
+
+
+def test_tuple_target_out_of_range_gets_our_error():
+    """Captum's own IndexError used to surface from a tuple index past an output axis."""
+
+    def forward(t):
+        return t.flatten(1)[:, :6].reshape(-1, 2, 3)
+
+    x = torch.rand(2, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"out of range on output axis 2 \(size 3"):
+        FullGradient(forward).attribute(x, target=(1, 3))
+    with pytest.raises(ValueError, match="out of range on output axis 1"):
+        FullGradient(forward).attribute(x, target=[(0, 0), (2, 0)])
+    FullGradient(forward).attribute(x, target=[(0, 0), (1, 2)])
