@@ -680,7 +680,8 @@ def _compute(
             for i in index_list:
                 block = i // store.block_size
                 if block not in blocks:
-                    blocks[block] = _Block(*store.block_range(block), names, map_size)
+                    start, stop = store.block_range(block)
+                    blocks[block] = _Block(start, stop, names, map_size)
             _compute_batch(
                 args, loaded.model, methods, blocks, index_list, images, labels, errors,
                 map_size, device, store.block_size,
