@@ -25,9 +25,10 @@ How the work is cut, so that a job can die at any moment and be resumed:
   processes; a finished store is left alone; a store made by another model, weights,
   method set, parameters, image source, map size, dtype, target rule or block size is
   refused unless ``--overwrite``.
-- Methods with a ``seed`` parameter (SmoothGrad, SmoothFullGrad, and any registered
-  method that has one) are called image by image with a seed derived from ``--seed`` and
-  the image's index, so a map depends on neither the batch it fell in nor the world size.
+- Stochastic methods (SmoothGrad, SmoothFullGrad, any method registered with
+  ``stochastic=True`` and a ``seed`` parameter) are called image by image with a seed
+  derived from ``--seed`` and the image's index (:func:`image_seed`), so a map depends on
+  neither the batch it fell in nor the world size.
 - An image that cannot be read is recorded (id, reason) in the store and the summary; its
   slots keep NaN and ``valid`` is False for it. The job carries on.
 
@@ -239,32 +240,28 @@ def _parse_value(text: str) -> Any:
 
 
 def _configured_methods(names_text: str, params: Sequence[str]) -> List[Any]:
-    from .methods import get_method
+    from .methods import resolve_methods
     from .store import RESERVED_NAMES
 
-    names = [n.strip().lower().replace("-", "_") for n in names_text.split(",") if n.strip()]
-    if not names:
-        raise AttributeError_("--methods: give at least one method name, e.g. fullgrad,gradcam")
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise AttributeError_(f"--methods: each method may appear once; repeated: {repeated}")
-    reserved = sorted(set(names) & set(RESERVED_NAMES))
-    if reserved:
-        raise AttributeError_(f"--methods: {reserved} are names of the store's own arrays")
     overrides: Dict[str, Dict[str, Any]] = {}
     for item in params:
         key, _, value = item.partition("=")
         method, _, name = key.partition(".")
         method = method.strip().lower().replace("-", "_")
-        if method not in names:
-            raise AttributeError_(f"--param {item!r}: method {method!r} is not in --methods")
         overrides.setdefault(method, {})[name.strip()] = _parse_value(value.strip())
-    methods = []
-    for name in names:
-        try:
-            methods.append(get_method(name, **overrides.get(name, {})))
-        except (ValueError, TypeError) as exc:
-            raise AttributeError_(f"--methods/--param: {exc}") from None
+    try:
+        methods = resolve_methods(names_text, params=overrides, unselected_params="error")
+    except (ValueError, TypeError) as exc:
+        raise AttributeError_(f"--methods/--param: {exc}") from None
+    reserved = sorted({m.name for m in methods} & set(RESERVED_NAMES))
+    if reserved:
+        raise AttributeError_(f"--methods: {reserved} are names of the store's own arrays")
+    for configured in methods:
+        if configured.stochastic and "seed" not in configured.defaults:
+            raise AttributeError_(
+                f"--methods: {configured.name} is stochastic but has no seed parameter, so its "
+                "maps would change with batching and resumption; give it a 'seed' parameter"
+            )
     return methods
 
 
@@ -418,9 +415,11 @@ def _method_maps(
                 return_convergence_delta=True,
             )
         return registry._check_output(maps, x, method.name), delta.detach().reshape(-1)
-    if "seed" in method.defaults:
+    if method.stochastic:
         # One call per image with its own seed: the noise of image i never depends on
-        # which other images share its batch, nor on the number of processes.
+        # which other images share its batch, nor on the number of processes. The noise
+        # tunnels already batch their samples (64 noisy images per call by default), so
+        # a call per image costs about what a batched call does.
         parts = [
             method.configure(seed=image_seed(seed, index))(model, x[k : k + 1], target[k : k + 1])
             for k, index in enumerate(indices)

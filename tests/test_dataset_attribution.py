@@ -235,7 +235,7 @@ def test_target_options(tmp_path):
     np.testing.assert_array_equal(store.targets, synthetic_shapes(N, seed=SEED)[1].numpy())
     with pytest.raises(CliError, match="4 classes"):
         _run(tmp_path / "x.zarr", "--target", "4")
-    with pytest.raises(CliError, match="not in --methods"):
+    with pytest.raises(CliError, match="not among the selected"):
         _run(tmp_path / "x.zarr", "--methods", "gradcam", "--param", "smoothgrad.noise=0.1")
     with pytest.raises(CliError, match="unknown method"):
         _run(tmp_path / "x.zarr", "--methods", "nonesuch")
