@@ -47,7 +47,7 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -55,13 +55,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._argtypes import add_runtime_options, non_negative_int, positive_int, resolve_device
+from .cli._common import CliError, Parser, fail, run_command
 from .image_sources import BadImageError, ImageSource, open_image_source
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "DEFAULT_DATA_SEED",
     "EXIT_AFTER_BLOCKS_ENV_VAR",
-    "AttributeError_",
     "add_arguments",
     "build_parser",
     "image_seed",
@@ -96,20 +96,6 @@ _FLOAT16_MAX = float(np.finfo(np.float16).max)
 _PROGRESS_POLL_S = 2.0
 
 PROG = "captum-fullgrad attribute"
-
-
-class AttributeError_(ValueError):
-    """Bad input to the job (reported as one line, exit status 2). Named with a trailing
-    underscore so as not to shadow Python's built-in ``AttributeError``."""
-
-
-def _cli_error() -> Type[Exception]:
-    """The command line's bad-input exception when the CLI is importable, else ours."""
-    try:
-        from .cli import CliError
-    except ImportError:  # pragma: no cover - the CLI is part of the package
-        return AttributeError_
-    return CliError
 
 
 # --------------------------------------------------------------------------------------
@@ -221,7 +207,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """A stand-alone parser for ``python -m captum_fullgrad.dataset_attribution``."""
-    parser = argparse.ArgumentParser(prog=PROG, description=(__doc__ or "").splitlines()[0])
+    parser = Parser(prog=PROG, description=(__doc__ or "").splitlines()[0])
     add_arguments(parser)
     return parser
 
@@ -252,13 +238,13 @@ def _configured_methods(names_text: str, params: Sequence[str]) -> List[Any]:
     try:
         methods = resolve_methods(names_text, params=overrides, unselected_params="error")
     except (ValueError, TypeError) as exc:
-        raise AttributeError_(f"--methods/--param: {exc}") from None
+        raise CliError(f"--methods/--param: {exc}") from None
     reserved = sorted({m.name for m in methods} & set(RESERVED_NAMES))
     if reserved:
-        raise AttributeError_(f"--methods: {reserved} are names of the store's own arrays")
+        raise CliError(f"--methods: {reserved} are names of the store's own arrays")
     for configured in methods:
         if configured.stochastic and "seed" not in configured.defaults:
-            raise AttributeError_(
+            raise CliError(
                 f"--methods: {configured.name} is stochastic but has no seed parameter, so its "
                 "maps would change with batching and resumption; give it a 'seed' parameter"
             )
@@ -314,14 +300,14 @@ class _Processes:
         result, error = None, None
         try:
             result = step()
-        except (ValueError, TypeError, OSError, BadImageError) as exc:
+        except (CliError, ValueError, TypeError, OSError, BadImageError) as exc:
             error = " ".join(str(exc).split()) or type(exc).__name__
         if self.distributed:
             errors: List[Optional[str]] = [None] * self.world_size
             torch.distributed.all_gather_object(errors, error)
             error = next((e for e in errors if e is not None), None)
         if error is not None:
-            raise _cli_error()(error)
+            raise CliError(error)
         return result
 
     def broadcast(self, value: Any) -> Any:
@@ -555,8 +541,8 @@ def run_job(args: argparse.Namespace) -> Dict[str, Any]:
         (``[(id, reason)]``), ``nothing_to_do``.
 
     Raises:
-        the CLI's ``CliError`` (or :class:`AttributeError_`): bad input, a mismatched
-        store without ``--overwrite``, on every process alike.
+        CliError: bad input, or a mismatched store without ``--overwrite``, raised on
+            every process alike.
     """
     from .store import AttributionStore
 
@@ -569,7 +555,7 @@ def run_job(args: argparse.Namespace) -> Dict[str, Any]:
         source = processes.agree(lambda: open_image_source(args.images, args.data_seed))
         fingerprints = processes.gather(source.fingerprint)
         if len(set(fingerprints)) != 1:
-            raise _cli_error()(
+            raise CliError(
                 f"--images {args.images!r} lists different images on different processes "
                 "(is the directory changing, or not shared between nodes?)"
             )
@@ -803,24 +789,21 @@ def _report(summary: Dict[str, Any]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``captum-fullgrad attribute`` with parsed ``args``: run the job, print the summary
-    on rank 0, return the exit status (bad input raises the CLI's error, exit status 2)."""
-    try:
-        summary = run_job(args)
-    except AttributeError_ as exc:
-        raise _cli_error()(str(exc)) from None
+    on rank 0, return the exit status (bad input raises :class:`CliError`, exit status 2)."""
+    summary = run_job(args)
     if int(os.environ.get("RANK", "0")) == 0:
         _report(summary)
     return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m captum_fullgrad.dataset_attribution ...``: the command without the CLI."""
-    args = build_parser().parse_args(argv)
+    """``python -m captum_fullgrad.dataset_attribution ...``: the same as
+    ``python -m captum_fullgrad attribute ...``."""
     try:
-        return run(args)
-    except (AttributeError_, _cli_error()) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+        args = build_parser().parse_args(argv)
+    except CliError as exc:
+        return fail(str(exc))
+    return run_command(run, args)
 
 
 if __name__ == "__main__":  # pragma: no cover - exercised through subprocesses

@@ -55,7 +55,7 @@ def _launch(out, nproc, *extra, env=None):
         if nproc > 1
         else []
     )
-    command = [sys.executable, *launcher, "-m", "captum_fullgrad.dataset_attribution"]
+    command = [sys.executable, *launcher, "-m", "captum_fullgrad", "attribute"]
     environment = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
