@@ -740,7 +740,7 @@ def _compute_batch(
                 maps = F.interpolate(maps, map_size, mode="bilinear", antialias=True)
             values = maps[:, 0].float().cpu().numpy()
             if args.dtype == "float16" and values.size and values.max() > _FLOAT16_MAX:
-                raise ValueError(
+                raise CliError(
                     f"{method.name} maps reach {values.max():.3g}, beyond float16's range; "
                     "use --dtype float32"
                 )
