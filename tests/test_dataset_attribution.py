@@ -246,3 +246,15 @@ def test_map_size_resizes_the_stored_maps(tmp_path):
     _run(tmp_path / "m.zarr", "--map-size", "16", "--methods", "gradcam", "--dtype", "float16")
     store = open_attributions(tmp_path / "m.zarr")
     assert store["gradcam"].shape == (N, 16, 16) and store["gradcam"].dtype == np.float16
+
+
+def test_command_line_entry(tmp_path, capsys):
+    from captum_fullgrad import cli
+    from captum_fullgrad import open_attributions as exported
+
+    assert exported is open_attributions
+    assert "attribute" in [c.name for c in cli.COMMANDS]
+    status = cli.main(["attribute", *_argv(tmp_path / "c.zarr", "--methods", "gradcam")])
+    assert status == 0 and f"{N} images computed by 1 process" in capsys.readouterr().out
+    status = cli.main(["attribute", *_argv(tmp_path / "c.zarr", "--methods", "fullgrad")])
+    assert status == 2 and "different run" in capsys.readouterr().err
