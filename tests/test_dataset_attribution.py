@@ -5,8 +5,10 @@ native 64 px."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -258,3 +260,26 @@ def test_command_line_entry(tmp_path, capsys):
     assert status == 0 and f"{N} images computed by 1 process" in capsys.readouterr().out
     status = cli.main(["attribute", *_argv(tmp_path / "c.zarr", "--methods", "fullgrad")])
     assert status == 2 and "different run" in capsys.readouterr().err
+
+
+def test_sigkill_at_a_random_moment_then_resume(reference, tmp_path):
+    out = tmp_path / "sigkill.zarr"
+    command = [sys.executable, "-m", "captum_fullgrad", "attribute", *_argv(out)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    try:
+        # Kill as soon as the first block is marked: the next block is being computed or
+        # written, at no moment of our choosing.
+        while not any((out / "done").glob("[0-9]*")) and time.monotonic() < deadline:
+            assert process.poll() is None, process.stderr.read().decode()[-2000:]
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    pending = open_attributions(out).pending_blocks()
+    assert pending  # killed before the end
+    summary = _run(out)
+    assert summary["computed"] == sum(min(4, N - 4 * k) for k in pending)
+    _assert_same_store(out, reference)
