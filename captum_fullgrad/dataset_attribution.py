@@ -481,6 +481,8 @@ def _prepare_store(
     from .store import AttributionStore, create_store, remove_store
 
     out = Path(args.out).expanduser()
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()  # an empty directory made beforehand (e.g. by a job script) is no store
     if out.exists():
         try:
             store = AttributionStore(out, mode="r+")

@@ -283,3 +283,8 @@ def test_sigkill_at_a_random_moment_then_resume(reference, tmp_path):
     summary = _run(out)
     assert summary["computed"] == sum(min(4, N - 4 * k) for k in pending)
     _assert_same_store(out, reference)
+
+
+def test_an_empty_directory_is_taken_as_no_store(tmp_path):
+    (tmp_path / "e.zarr").mkdir()
+    assert _run(tmp_path / "e.zarr", "--methods", "gradcam")["computed"] == N
