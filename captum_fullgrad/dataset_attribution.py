@@ -552,8 +552,6 @@ def run_job(args: argparse.Namespace) -> Dict[str, Any]:
     processes = _Processes.from_environment(args.device)
     try:
         device = processes.agree(lambda: processes.device(args.device))
-        if getattr(args, "threads", None):
-            torch.set_num_threads(args.threads)
         source = processes.agree(lambda: open_image_source(args.images, args.data_seed))
         fingerprints = processes.gather(source.fingerprint)
         if len(set(fingerprints)) != 1:
