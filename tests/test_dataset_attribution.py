@@ -125,6 +125,7 @@ def test_batch_size_does_not_change_the_maps(reference, tmp_path):
     _assert_same_store(tmp_path / "b3.zarr", reference)
 
 
+@pytest.mark.slow  # fresh processes: torch's import dominates
 def test_two_processes_equal_one(reference, tmp_path):
     result = _launch(tmp_path / "two.zarr", 2)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -132,6 +133,7 @@ def test_two_processes_equal_one(reference, tmp_path):
     _assert_same_store(tmp_path / "two.zarr", reference)
 
 
+@pytest.mark.slow  # fresh processes: torch's import dominates
 def test_killed_distributed_run_resumes_on_one_process(reference, tmp_path):
     out = tmp_path / "killed.zarr"
     # Rank 1 writes the arrays of its first block and dies before marking it; torchrun
@@ -146,6 +148,7 @@ def test_killed_distributed_run_resumes_on_one_process(reference, tmp_path):
     _assert_same_store(out, reference)
 
 
+@pytest.mark.slow  # fresh processes: torch's import dominates
 def test_killed_single_process_run_resumes_on_two(reference, tmp_path):
     out = tmp_path / "killed1.zarr"
     result = _launch(out, 1, env={EXIT_AFTER_BLOCKS_ENV_VAR: "1"})
@@ -262,6 +265,7 @@ def test_command_line_entry(tmp_path, capsys):
     assert status == 2 and "different run" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # fresh processes: torch's import dominates
 def test_sigkill_at_a_random_moment_then_resume(reference, tmp_path):
     out = tmp_path / "sigkill.zarr"
     command = [sys.executable, "-m", "captum_fullgrad", "attribute", *_argv(out)]
