@@ -568,6 +568,12 @@ def run_job(args: argparse.Namespace) -> Dict[str, Any]:
                     f"--target label: {args.images!r} has no labels (use an ImageFolder "
                     "layout or synthetic:N, or --target pred)"
                 )
+            if args.target == "label" and len(source.classes) > len(loaded.categories):
+                raise ValueError(
+                    f"--target label: {args.images!r} has {len(source.classes)} class "
+                    f"directories but model {loaded.name!r} has {len(loaded.categories)} "
+                    "classes"
+                )
             if args.target.isdigit() and int(args.target) >= len(loaded.categories):
                 raise ValueError(
                     f"--target {args.target}: model {loaded.name!r} has "

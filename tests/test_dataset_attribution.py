@@ -292,3 +292,15 @@ def test_sigkill_at_a_random_moment_then_resume(reference, tmp_path):
 def test_an_empty_directory_is_taken_as_no_store(tmp_path):
     (tmp_path / "e.zarr").mkdir()
     assert _run(tmp_path / "e.zarr", "--methods", "gradcam")["computed"] == N
+
+
+def test_label_target_needs_as_many_model_classes_as_class_directories(tmp_path):
+    image = (synthetic_shapes(1, seed=0)[0][0] * 255).round().to(torch.uint8)
+    for k in range(5):  # five classes; the shapes model has four
+        (tmp_path / "images" / f"class{k}").mkdir(parents=True)
+        torchvision.io.write_png(image, str(tmp_path / "images" / f"class{k}" / "a.png"))
+    argv = ["--model", "shapes", "--images", str(tmp_path / "images"), "--target", "label",
+            "--num-workers", "0", "--device", "cpu", "--no-progress",
+            "--out", str(tmp_path / "s.zarr")]  # fmt: skip
+    with pytest.raises(CliError, match="5 class directories"):
+        run_job(build_parser().parse_args(argv))
