@@ -659,8 +659,7 @@ def _compute(
     )
     names = [m.name for m in methods]
     blocks: Dict[int, _Block] = {}
-    exit_after = _exit_after_blocks(processes.rank)
-    written = 0
+    writer = _BlockWriter(store, _exit_after_blocks(processes.rank))
     total = sum(b - a for a, b in map(store.block_range, pending))
     others = [k for k in pending if k not in set(mine)]
     bar = _progress_bar(processes.rank == 0 and not args.no_progress and sys.stderr.isatty(), total)
@@ -678,23 +677,8 @@ def _compute(
                 map_size, device, store.block_size,
             )  # fmt: skip
             for block in sorted({i // store.block_size for i in index_list}):
-                if blocks[block].remaining:
-                    continue
-                content = blocks.pop(block)
-                store.write_arrays(
-                    block,
-                    maps=content.maps,
-                    labels=content.labels,
-                    targets=content.targets,
-                    probabilities=content.probabilities,
-                    deltas=content.deltas,
-                    valid=content.valid,
-                    errors=content.errors,
-                )
-                if exit_after is not None and written >= exit_after:
-                    os._exit(43)  # the test hook: a kill between the arrays and the marker
-                store.mark_done(block)
-                written += 1
+                if not blocks[block].remaining:
+                    writer.submit(block, blocks.pop(block))
             own_done += len(index_list)
             now = time.monotonic()
             if bar.disable is False and others and now - last_poll > _PROGRESS_POLL_S:
@@ -706,8 +690,56 @@ def _compute(
             bar.n = own_done + others_done
             bar.refresh()
     finally:
+        # Blocks already computed are written and marked even if a later batch failed.
+        writer.close()
         bar.close()
     return own_done
+
+
+class _BlockWriter:
+    """Writes finished blocks on a background thread, so that compressing and writing a
+    block overlaps the computation of the next one (Blosc and file writes release the
+    GIL). At most ``depth`` blocks wait; a write error is raised on the next submit or on
+    :meth:`close`. Each block's marker is written after its arrays, in the same task."""
+
+    def __init__(self, store: Any, exit_after: Optional[int], depth: int = 2) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.store = store
+        self.exit_after = exit_after
+        self.depth = depth
+        self.written = 0
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
+        self.futures: List[Any] = []
+
+    def _write(self, block: int, content: _Block) -> None:
+        self.store.write_arrays(
+            block,
+            maps=content.maps,
+            labels=content.labels,
+            targets=content.targets,
+            probabilities=content.probabilities,
+            deltas=content.deltas,
+            valid=content.valid,
+            errors=content.errors,
+        )
+        if self.exit_after is not None and self.written >= self.exit_after:
+            os._exit(43)  # the test hook: a kill between the arrays and the marker
+        self.store.mark_done(block)
+        self.written += 1
+
+    def submit(self, block: int, content: _Block) -> None:
+        self.futures.append(self.executor.submit(self._write, block, content))
+        while len(self.futures) > self.depth:
+            self.futures.pop(0).result()
+
+    def close(self) -> None:
+        try:
+            for future in self.futures:
+                future.result()
+        finally:
+            self.futures = []
+            self.executor.shutdown(wait=True)
 
 
 def _compute_batch(
