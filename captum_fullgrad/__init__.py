@@ -12,7 +12,14 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["FullGradient", "FullJacobian", "LayerFullGradient", "full_jacobian", "__version__"]
+__all__ = [
+    "FullGradient",
+    "FullJacobian",
+    "LayerFullGradient",
+    "full_jacobian",
+    "open_attributions",
+    "__version__",
+]
 
 # The public names are imported on first use (PEP 562), so that ``import captum_fullgrad``
 # (and with it ``captum-fullgrad --help``) does not load torch.
@@ -21,12 +28,14 @@ _LAZY = {
     "FullJacobian": ".decomposition",
     "LayerFullGradient": ".layer_full_gradient",
     "full_jacobian": ".decomposition",
+    "open_attributions": ".store",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from .decomposition import FullJacobian, full_jacobian
     from .full_gradient import FullGradient
     from .layer_full_gradient import LayerFullGradient
+    from .store import open_attributions
 
 
 def __getattr__(name: str) -> Any:

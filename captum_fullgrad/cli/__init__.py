@@ -61,7 +61,7 @@ __all__ = [
 
 #: The subcommand modules, in ``--help`` order: a name in this package or a dotted module
 #: path, each exposing ``COMMAND``.
-COMMAND_MODULES: Sequence[str] = ("demo", "compare", "decompose", "bench", "evaluate")
+COMMAND_MODULES: Sequence[str] = ("demo", "compare", "decompose", "bench", "evaluate", "attribute")
 
 
 def load_command(module: str) -> Command:
