@@ -142,9 +142,7 @@ def find_token_layer(model: nn.Module, inputs: Tensor, target: Any = None) -> Op
             outputs.append((name, output))
 
     handles = [
-        module.register_forward_hook(
-            lambda m, _i, o, name=name: record(name, m, o)  # type: ignore[misc]
-        )
+        module.register_forward_hook(lambda m, _i, o, name=name: record(name, m, o))
         for name, module in model.named_modules()
         if name
     ]
