@@ -179,6 +179,7 @@ def attribution_maps(
     *,
     batch_size: Optional[int] = None,
     progress: bool = False,
+    description: str = "saliency maps",
 ) -> AttributionMaps:
     """Run several saliency methods on a batch, in chunks, and time each.
 
@@ -190,7 +191,8 @@ def attribution_maps(
         methods: method names (see :func:`~captum_fullgrad.methods.available_methods`)
             or :class:`~captum_fullgrad.methods.AttributionMethod` objects.
         batch_size: images per call of a method (``None``: all at once).
-        progress: show a tqdm progress bar on stderr.
+        progress: show a tqdm progress bar on stderr (one step per method and chunk).
+        description: the progress bar's label (e.g. the stage of a longer run).
 
     Returns:
         :class:`AttributionMaps`.
@@ -212,7 +214,7 @@ def attribution_maps(
 
     bar = tqdm(
         total=len(resolved) * len(parts),
-        desc="saliency maps",
+        desc=description,
         unit="batch",
         file=sys.stderr,
         disable=not progress,

@@ -53,6 +53,7 @@ from torchvision.models import WeightsEnum
 from .datasets import SHAPE_CLASSES
 
 __all__ = [
+    "FACTORY_INPUT_SIZE",
     "OFFLINE_ENV_VAR",
     "SHAPES_MODEL_NAME",
     "TIMM_PREFIX",
@@ -71,6 +72,8 @@ __all__ = [
 OFFLINE_ENV_VAR = "CAPTUM_FULLGRAD_OFFLINE"
 #: Name of the bundled synthetic-shapes network in :func:`load_model`.
 SHAPES_MODEL_NAME = "shapes"
+#: Input size of a ``module:function`` model that returns a bare module.
+FACTORY_INPUT_SIZE = (224, 224)
 #: Prefix of timm models in :func:`load_model`: ``"timm/<timm model name>"``.
 TIMM_PREFIX = "timm/"
 
@@ -316,6 +319,13 @@ def load_model(
             pretrained ones, read from timm's usual cache (the Hugging Face hub cache, or
             the torch hub cache for weights published as a URL) and downloaded there
             unless ``CAPTUM_FULLGRAD_OFFLINE=1``; a file or ``None`` work as below.
+            Or ``"package.module:function"``: your own model. The function (called with
+            ``model_kwargs``) returns an :class:`~torch.nn.Module`, a :class:`LoadedModel`,
+            or a tuple ``(model, transform, categories)``; a bare module is fed the image as
+            ``[0, 1]`` floats (:class:`ToFloatImage`) at :data:`FACTORY_INPUT_SIZE`, with
+            classes named ``"0", "1", ...``. ``weights="DEFAULT"`` keeps the parameters the
+            function gave, a path loads a state dict over them (strictly); ``None`` is
+            refused (the function decides the initialisation).
         weights: which parameters to load.
 
             - ``"DEFAULT"``: the model's default pretrained weights (for ``"shapes"``, the
@@ -354,6 +364,12 @@ def load_model(
         StateDictMismatchError: the state dict does not fit the architecture; the message
             names the model and the first mismatching keys.
     """
+    if isinstance(name, str) and ":" in name:
+        loaded = _load_factory(name.strip(), weights, model_kwargs)
+        loaded.model.eval()
+        if device is not None:
+            loaded.model.to(device)
+        return loaded
     if isinstance(name, str) and name.strip().lower().startswith(TIMM_PREFIX):
         loaded = _load_timm(name, weights, model_kwargs)
         loaded.model.eval()
@@ -863,3 +879,81 @@ def _load_timm(name: str, weights: WeightsSpec, model_kwargs: dict[str, Any]) ->
         input_size=input_size,
         weights=source,
     )
+
+
+# --------------------------------------------------------------------------------------
+# Your own model: "module:function"
+# --------------------------------------------------------------------------------------
+
+
+def _load_factory(spec: str, weights: WeightsSpec, model_kwargs: dict[str, Any]) -> LoadedModel:
+    """``"package.module:function"``: import the module, call the function, wrap the result."""
+    import importlib
+
+    module_name, _, function_name = spec.partition(":")
+    if not module_name or not function_name:
+        raise ValueError(f"model {spec!r}: give module:function, e.g. mypackage.nets:build")
+    try:
+        factory = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"cannot load model factory {spec!r}: {exc}") from None
+    if not callable(factory):
+        raise ValueError(f"{spec} is not a function (got {type(factory).__name__})")
+    if weights is None:
+        raise ValueError(
+            f"model {spec!r} comes with the parameters its function gives: random weights "
+            "(weights=None, --weights random) do not apply; pass DEFAULT or a state dict file"
+        )
+    made = factory(**model_kwargs)
+    if isinstance(made, LoadedModel):
+        loaded = made
+    elif isinstance(made, nn.Module):
+        loaded = LoadedModel(
+            model=made,
+            transform=ToFloatImage(),
+            categories=[],
+            name=spec,
+            input_size=FACTORY_INPUT_SIZE,
+        )
+    elif (
+        isinstance(made, tuple)
+        and len(made) == 3
+        and isinstance(made[0], nn.Module)
+        and callable(made[1])
+    ):
+        model, transform, categories = made
+        crop = list(getattr(transform, "crop_size", FACTORY_INPUT_SIZE))
+        loaded = LoadedModel(
+            model=model,
+            transform=transform,
+            categories=[str(c) for c in categories],
+            name=spec,
+            input_size=(int(crop[0]), int(crop[-1])),
+        )
+    else:
+        raise ValueError(
+            f"{spec} returned {type(made).__name__}: expected an nn.Module, a LoadedModel or "
+            "a tuple (model, transform, categories)"
+        )
+    if isinstance(weights, (str, os.PathLike)) and str(weights).strip().upper() != "DEFAULT":
+        path = _existing_file(Path(weights))
+        _load_state_dict_strict(loaded.model, _read_state_dict(path), spec, str(path))
+        loaded.weights = str(path)
+    elif loaded.weights is None:
+        loaded.weights = f"{spec}()"
+    if not loaded.categories:
+        loaded.categories = _probe_categories(loaded)
+    return loaded
+
+
+def _probe_categories(loaded: LoadedModel) -> list[str]:
+    """``"0", "1", ...`` for as many classes as the model outputs on one blank input."""
+    parameter = next(loaded.model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    dtype = parameter.dtype if parameter is not None else torch.float32
+    with torch.no_grad():
+        blank = torch.zeros(1, 3, *loaded.input_size, device=device, dtype=dtype)
+        output = loaded.model.eval()(blank)
+    if not isinstance(output, Tensor) or output.dim() != 2:
+        raise ValueError(f"model {loaded.name!r} must return logits of shape (N, K)")
+    return _numbered(int(output.shape[1]))
