@@ -946,8 +946,8 @@ def decomposition_figure(
     # Panels: the image, the input term and one per block; the running sum of the shares
     # of f(x) has a row of its own, as tall as its labels need.
     panels = 2 + len(summary.block_maps)
-    columns = min(max_columns, panels)
-    rows = math.ceil(panels / columns)
+    rows = math.ceil(panels / max_columns)
+    columns = math.ceil(panels / rows)  # balanced rows: 6 panels make 2 x 3, not 5 + 1
     if cell_size is None:
         cell_size = min(2.0, PRINT_WIDTH_IN / columns)
     if isinstance(cell_size, bool) or not isinstance(cell_size, (int, float)) or cell_size <= 0:

@@ -166,9 +166,9 @@ def test_decompose_writes_the_figure(capsys, image_dir, tmp_path):
     out = tmp_path / "decomposition.png"
     status, _, err = run(capsys, *decompose_argv(image_dir / "c.jpg", out, "--target", "1"))
     assert status == 0, err
-    # 4 blocks + image + input term: 2 rows of 3 panels, then the chart; a page wide.
+    # 4 blocks + image + input term: 2 rows of 3 panels of 2 in, then the chart.
     pixels = assert_png(out)
-    assert pixels.shape[1] == round(PAGE_WIDTH_IN * DPI)
+    assert pixels.shape[1] == round(3 * 2.0 * DPI)
     assert files_in(tmp_path) == ["decomposition.png"]
 
 

@@ -172,7 +172,7 @@ def test_decompose_takes_the_figure_options(capsys, scene, tmp_path):
         "--overlay", "--dpi", "40", "--percentile", "99", "--cmap", "PuOr",
     )  # fmt: skip
     assert status == 0, err
-    assert matplotlib.image.imread(out).shape[1] == round(7.0 * 40)
+    assert matplotlib.image.imread(out).shape[1] == round(3 * 2.0 * 40)  # 2 rows of 3 panels
 
 
 def test_sixteen_bit_png_goes_through_compare(capsys, tmp_path):
