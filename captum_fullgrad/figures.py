@@ -8,6 +8,8 @@ Agg / PDF backends through :func:`save_figure`.
   per method (default: guided backprop, integrated gradients, SmoothGrad, Grad-CAM,
   FullGrad and the bias-Jacobian-only map, as in Table 5). Each row is labelled with the
   predicted class and its softmax probability.
+- :func:`overlay`: a map blended over its image (pytorch-grad-cam's ``show_cam_on_image``),
+  unsigned with :data:`SALIENCY_CMAP` or signed with the diverging :data:`SIGNED_CMAP`.
 - :func:`decomposition_figure`: eq. 1 for one image. The input-gradient term and every
   spatial block's channel-summed bias-Jacobian, signed, each titled with its spatial sum,
   and the line showing that these terms, plus the share of the non-spatial (e.g. Linear)
@@ -20,6 +22,11 @@ This is the usual display practice (e.g. Smilkov et al.'s SmoothGrad code clips 
 99th percentile): a handful of extreme pixels cannot flatten the rest of the map. Maps are
 therefore comparable in *shape* (where a method puts its mass), not in absolute scale,
 which differs between methods by orders of magnitude. All maps share one colour map.
+
+**Print size.** Both figures are laid out for a page width (:data:`PRINT_WIDTH_IN`, 7 in)
+with no text under :data:`MIN_FONT_PT` (7 pt); a figure made wider (``cell_size``) scales its
+fonts with its width, so that they are still 7 pt once it is scaled to a page. PNGs are
+written at :data:`DEFAULT_DPI` (200) and PDFs are vector.
 """
 
 from __future__ import annotations
@@ -52,7 +59,10 @@ __all__ = [
     "comparison_grid",
     "decomposition_figure",
     "decomposition_summary",
+    "format_probability",
     "normalize_maps",
+    "normalize_signed_map",
+    "overlay",
     "save_figure",
 ]
 
@@ -63,6 +73,13 @@ SALIENCY_CMAP = "inferno"
 #: Diverging colour map of the signed maps in :func:`decomposition_figure`.
 SIGNED_CMAP = "RdBu_r"
 _FORMATS = {".png": "png", ".pdf": "pdf", ".svg": "svg"}
+#: Default resolution of PNG files (PDF and SVG are vector): 200 dpi keeps a 7 in figure's
+#: 7 pt labels legible in print.
+DEFAULT_DPI = 200
+#: A full page width in inches: figures are laid out to be legible at this width.
+PRINT_WIDTH_IN = 7.0
+#: The smallest font size in points, once a figure is scaled to :data:`PRINT_WIDTH_IN`.
+MIN_FONT_PT = 7.0
 
 
 # --------------------------------------------------------------------------------------
@@ -162,6 +179,7 @@ def attribution_maps(
     *,
     batch_size: Optional[int] = None,
     progress: bool = False,
+    description: str = "saliency maps",
 ) -> AttributionMaps:
     """Run several saliency methods on a batch, in chunks, and time each.
 
@@ -173,7 +191,8 @@ def attribution_maps(
         methods: method names (see :func:`~captum_fullgrad.methods.available_methods`)
             or :class:`~captum_fullgrad.methods.AttributionMethod` objects.
         batch_size: images per call of a method (``None``: all at once).
-        progress: show a tqdm progress bar on stderr.
+        progress: show a tqdm progress bar on stderr (one step per method and chunk).
+        description: the progress bar's label (e.g. the stage of a longer run).
 
     Returns:
         :class:`AttributionMaps`.
@@ -195,7 +214,7 @@ def attribution_maps(
 
     bar = tqdm(
         total=len(resolved) * len(parts),
-        desc="saliency maps",
+        desc=description,
         unit="batch",
         file=sys.stderr,
         disable=not progress,
@@ -276,7 +295,7 @@ def normalize_maps(maps: Tensor, percentile: float = 99.0) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------
-# Display helpers
+# Display helpers and overlays
 # --------------------------------------------------------------------------------------
 
 
@@ -309,14 +328,164 @@ def _to_display(images: Any, n: int, reference: Tensor) -> List[np.ndarray]:
     return [a[..., 0] if a.shape[-1] == 1 else a for a in array]
 
 
+def _map_2d(saliency: Any, name: str = "saliency") -> Tensor:
+    """A ``(H, W)`` float64 tensor from one map ``(H, W)``, ``(1, H, W)`` or ``(1, 1, H, W)``."""
+    values = saliency if isinstance(saliency, Tensor) else torch.as_tensor(np.asarray(saliency))
+    values = values.detach().cpu().double()
+    while values.dim() > 2 and values.shape[0] == 1:
+        values = values[0]
+    if values.dim() != 2 or values.numel() == 0:
+        raise ValueError(
+            f"{name} must be one map of shape (H, W), (1, H, W) or (1, 1, H, W), "
+            f"got shape {tuple(np.shape(saliency))}"
+        )
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError(f"{name} holds NaN or infinite values")
+    return values
+
+
+def _check_alpha(alpha: float) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
+    return float(alpha)
+
+
+def _check_percentile(percentile: float) -> float:
+    if (
+        isinstance(percentile, bool)
+        or not isinstance(percentile, (int, float))
+        or not 0 < percentile <= 100
+    ):
+        raise ValueError(f"percentile must be in (0, 100], got {percentile!r}")
+    return float(percentile)
+
+
+def normalize_signed_map(values: Tensor, percentile: float = 100.0) -> Tensor:
+    """Scale a signed map to ``[-1, 1]``: divide by the ``percentile``-th percentile of its
+    absolute values (its maximum where that is zero) and clip; zero stays zero.
+
+    Args:
+        values: a map of any shape (normalised as a whole).
+        percentile: in ``(0, 100]``; 100 is division by ``max |m|``.
+
+    Returns:
+        Float64 tensor of the same shape in ``[-1, 1]`` (all zeros for an all-zero map).
+    """
+    percentile = _check_percentile(percentile)
+    values = values.detach().double()
+    scale = _signed_scale(values, percentile)
+    if scale == 0.0:
+        return torch.zeros_like(values)
+    return (values / scale).clamp(-1.0, 1.0)
+
+
+def _signed_scale(values: Tensor, percentile: float) -> float:
+    """The ``percentile``-th percentile of ``|values|``, or ``max |values|`` where it is zero."""
+    magnitude = values.detach().abs().double().reshape(-1)
+    if magnitude.numel() == 0:
+        return 0.0
+    if percentile >= 100.0:
+        return float(magnitude.max())
+    k = max(1, int(math.ceil(percentile / 100.0 * magnitude.numel())))
+    scale = float(magnitude.kthvalue(k).values)
+    return scale if scale > 0 else float(magnitude.max())
+
+
+def overlay(
+    image: Any,
+    saliency: Any,
+    *,
+    alpha: float = 0.5,
+    cmap: Optional[str] = None,
+    percentile: float = 99.0,
+    signed: Optional[bool] = None,
+) -> np.ndarray:
+    """Blend a saliency map over its image (pytorch-grad-cam's ``show_cam_on_image``).
+
+    The map is normalised to a colour index ``v`` and coloured with ``cmap``; every pixel is
+    then ``(1 - alpha) * image + alpha * cmap(v)``:
+
+    - a non-negative map (``signed=False``): ``v = clip(m / q(m), 0, 1)``, with ``q`` the
+      ``percentile``-th percentile of the map (:func:`normalize_maps`; the maximum where
+      that is zero); default colour map :data:`SALIENCY_CMAP`.
+    - a signed map (``signed=True``, e.g. a term of eq. 1): ``u = clip(m / q(|m|), -1, 1)``
+      and ``v = (u + 1) / 2``, so that zero falls in the middle of the diverging default
+      colour map :data:`SIGNED_CMAP` (white for ``RdBu_r``) and the sign is kept.
+
+    A map of another size than the image (e.g. a block's bias-Jacobian at its own
+    resolution) is resized to the image with bilinear interpolation first.
+
+    Args:
+        image: ``(3, H, W)`` / ``(1, H, W)`` tensor or ``(H, W, 3)`` / ``(H, W)`` array, floats
+            in [0, 1] or uint8; a grey image is drawn as grey RGB.
+        saliency: one map ``(h, w)``, ``(1, h, w)`` or ``(1, 1, h, w)``.
+        alpha: weight of the coloured map, in [0, 1] (0: the image alone).
+        cmap: Matplotlib colour map name (default by ``signed``, see above).
+        percentile: normalisation percentile, in (0, 100].
+        signed: treat the map as signed; ``None``: signed exactly when it has a negative value.
+
+    Returns:
+        ``(H, W, 3)`` float32 array in [0, 1] (``imshow`` it, or multiply by 255 for a PNG).
+    """
+    from matplotlib import colormaps
+
+    alpha = _check_alpha(alpha)
+    percentile = _check_percentile(percentile)
+    if isinstance(image, Tensor):
+        picture = image.detach().cpu()
+        if picture.dim() == 3 and picture.shape[0] in (1, 3):
+            picture = picture.permute(1, 2, 0)
+        array = picture.numpy()
+    else:
+        array = np.asarray(image)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] != 3):
+        raise ValueError(
+            "image must be (3, H, W), (1, H, W), (H, W, 3) or (H, W), "
+            f"got shape {tuple(np.shape(image))}"
+        )
+    array = array.astype(np.float32) / 255.0 if array.dtype == np.uint8 else array
+    array = np.clip(np.asarray(array, dtype=np.float32), 0.0, 1.0)
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=-1)
+    values = _map_2d(saliency)
+    height, width = array.shape[:2]
+    if tuple(values.shape) != (height, width):
+        values = torch.nn.functional.interpolate(
+            values[None, None], size=(height, width), mode="bilinear", align_corners=False
+        )[0, 0]
+    if signed is None:
+        signed = bool((values < 0).any())
+    if signed:
+        index = (normalize_signed_map(values, percentile) + 1.0) / 2.0
+        colour_map = colormaps[cmap or SIGNED_CMAP]
+    else:
+        if bool((values < 0).any()):
+            raise ValueError("the map has negative values: pass signed=True (or None) to show them")
+        index = normalize_maps(values, percentile).double()
+        colour_map = colormaps[cmap or SALIENCY_CMAP]
+    colours = colour_map(index.numpy())[..., :3].astype(np.float32)
+    return np.clip((1.0 - alpha) * array + alpha * colours, 0.0, 1.0).astype(np.float32)
+
+
 def _class_name(categories: Optional[Sequence[str]], index: int) -> str:
     if categories is not None and 0 <= index < len(categories):
         return str(categories[index])
     return f"class {index}"
 
 
+def format_probability(p: float) -> str:
+    """A probability to three significant figures: ``0.873``, ``0.0123``, ``4.56e-05``."""
+    if math.isnan(p):
+        return "nan"
+    if p == 0.0:
+        return "0"
+    return f"{p:#.3g}"
+
+
 def _short(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
+    return text if len(text) <= width else text[: max(1, width - 1)] + "…"
 
 
 def _clean_axes(ax: Any) -> None:
@@ -326,9 +495,47 @@ def _clean_axes(ax: Any) -> None:
         spine.set_visible(False)
 
 
+def _labelled(name: str, prefix: str, probability: str, width: int) -> List[str]:
+    """``prefix + name  p=probability`` on one line of ``width`` characters, or on two."""
+    name = _short(name, width - len(prefix))
+    line = f"{prefix}{name}  p={probability}"
+    return [line] if len(line) <= width else [f"{prefix}{name}", f"p={probability}"]
+
+
+def _mark_all_zero(ax: Any, fontsize: float) -> None:
+    """Say so on a panel whose map is zero everywhere (else it is a plain dark square)."""
+    ax.text(
+        0.5,
+        0.5,
+        "all zero",
+        transform=ax.transAxes,
+        ha="center",
+        va="center",
+        fontsize=fontsize,
+        color="black",
+        bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "edgecolor": "0.5", "lw": 0.5},
+    )
+
+
+def _font_scale(width_in: float) -> float:
+    """Factor on every font size so that text stays >= :data:`MIN_FONT_PT` once the figure is
+    scaled to :data:`PRINT_WIDTH_IN` (a full page width): 1 for figures at most that wide."""
+    return max(1.0, width_in / PRINT_WIDTH_IN)
+
+
+def _chars_for(width_in: float, fontsize: float) -> int:
+    """How many characters of ``fontsize`` points fit in ``width_in`` inches (DejaVu Sans'
+    average advance is about 0.6 em)."""
+    return max(6, int(width_in * 72.0 / (0.6 * fontsize)))
+
+
 # --------------------------------------------------------------------------------------
 # Table 5: the comparison grid
 # --------------------------------------------------------------------------------------
+
+# Inches of the row-label column and of the margins around the panels of the grid.
+_ROW_LABEL_IN = 1.35
+_GRID_MARGIN_IN = 0.2
 
 
 def comparison_grid(
@@ -346,45 +553,64 @@ def comparison_grid(
     batch_size: Optional[int] = None,
     progress: bool = False,
     title: Optional[str] = None,
-    cell_size: float = 1.8,
+    cell_size: Optional[float] = None,
+    overlay_maps: bool = False,
+    alpha: float = 0.5,
+    note: Optional[str] = None,
 ) -> Figure:
     """The seed paper's Table 5: images in rows, saliency methods in columns.
 
-    Column 1 is the image, labelled with the predicted class and its softmax probability
-    (and the explained class, when a target other than the prediction is given); the
-    other columns are the maps of ``methods``, titled with their labels.
+    Column 1 is the image, labelled on its left with the predicted class and its softmax
+    probability to three significant figures (and the explained class, when a target other
+    than the prediction is given); the other columns are the maps of ``methods``, titled
+    with their labels. A map that is zero everywhere (e.g. a zero-initialised head) is
+    marked "all zero" rather than left as a plain dark square.
 
-    Normalisation: every map is divided by its own 99th percentile and clipped to
-    ``[0, 1]`` (:func:`normalize_maps`), then drawn with the same colour map ``cmap`` and
-    the same ``[0, 1]`` colour range; a shared colour bar shows the scale. Maps are thus
-    comparable in shape, not in absolute value.
+    Normalisation: every map is divided by its own ``percentile``-th percentile and
+    clipped to ``[0, 1]`` (:func:`normalize_maps`), then drawn with the same colour map
+    ``cmap``; one horizontal colour bar under the maps says so. With ``overlay_maps`` the
+    maps are blended over their image instead (:func:`overlay`, weight ``alpha``).
+
+    Print size: by default the figure is at most :data:`PRINT_WIDTH_IN` (7 in, a page
+    width) wide and no text is smaller than :data:`MIN_FONT_PT` (7 pt); with a larger
+    ``cell_size`` the figure grows and every font grows with it, so that labels are still
+    7 pt once the figure is scaled down to a page width.
 
     Args:
         model: classifier in eval mode returning logits ``(N, K)``.
-        images: ``(N, C, H, W)`` model inputs (preprocessed), on the model's device.
-        targets: classes to explain: ``None`` (each image's predicted class), one int, or
-            one per image.
+        images: ``(N, C, H, W)`` model inputs (already preprocessed).
+        targets: classes to explain: ``None`` (predicted), one int, or one per image.
         methods: method names or :class:`~captum_fullgrad.methods.AttributionMethod`
-            objects; default :data:`DEFAULT_TABLE5_METHODS`.
-        categories: class names indexed by logit (e.g. ``LoadedModel.categories``).
-        display_images: what to show in the image column: ``(N, 3, H, W)`` /
-            ``(N, H, W, 3)`` tensor or array in ``[0, 1]`` (or uint8), e.g. the images
-            before normalisation. ``None``: ``images`` themselves, rescaled per image to
-            ``[0, 1]`` if they are outside it. Shown with the maps' extent, so both align
-            even at different resolutions.
-        precomputed: reuse maps from :func:`attribution_maps` instead of computing them.
-        row_labels: an extra first line for each row's label (e.g. the file name).
-        percentile: clipping percentile of the normalisation.
+            objects, one column each (default: Table 5's six).
+        categories: class names indexed by logit, for the row labels.
+        display_images: what to show in column 1: ``(N, 3, H, W)`` or ``(N, H, W, 3)``
+            floats in [0, 1] or uint8, e.g. the un-normalised pictures. ``None``: the inputs,
+            rescaled per image to [0, 1] if outside it.
+        precomputed: reuse an :class:`AttributionMaps` of the same images (``methods``,
+            ``targets`` and ``batch_size`` are then ignored).
+        row_labels: one extra label per row (e.g. file names), shown above the prediction.
+        percentile: clipping percentile of the normalisation, in (0, 100].
         cmap: Matplotlib colour map of every saliency map.
         batch_size: images per method call.
         progress: tqdm progress bar on stderr.
         title: optional figure title.
-        cell_size: inches per panel.
+        cell_size: inches per panel (default: the largest up to 1.8 in that keeps the figure
+            within 7 in).
+        overlay_maps: blend each map over its image instead of drawing the bare map.
+        alpha: weight of the map in an overlay, in [0, 1].
+        note: an optional line under the colour bar (e.g. the methods' parameters).
 
     Returns:
         A :class:`matplotlib.figure.Figure` (save it with :func:`save_figure`).
     """
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
     images = _check_images(images)
+    percentile = _check_percentile(percentile)
+    alpha = _check_alpha(alpha)
+    colour_map = colormaps[cmap]  # KeyError naming the valid maps for an unknown name
     result = precomputed
     if result is None:
         result = attribution_maps(
@@ -404,13 +630,26 @@ def comparison_grid(
     extent = (0, width, height, 0)
 
     columns = 1 + len(names)
+    if cell_size is None:
+        cell_size = min(1.8, (PRINT_WIDTH_IN - _ROW_LABEL_IN - _GRID_MARGIN_IN) / columns)
+    if isinstance(cell_size, bool) or not isinstance(cell_size, (int, float)) or cell_size <= 0:
+        raise ValueError(f"cell_size must be a positive number of inches, got {cell_size!r}")
+    figure_width = _ROW_LABEL_IN + _GRID_MARGIN_IN + cell_size * columns
+    scale = _font_scale(figure_width)
+    small, medium = MIN_FONT_PT * scale, (MIN_FONT_PT + 0.5) * scale
+    header = 0.45 * scale + (0.3 * scale if title else 0.0)
+    footer = 0.55 * scale + (0.2 * scale if note else 0.0)
     figure = Figure(
-        figsize=(cell_size * columns + 0.8, cell_size * n + (0.55 if title else 0.3)),
+        figsize=(figure_width, cell_size * n * (height / width) + header + footer),
         layout="constrained",
     )
     FigureCanvasAgg(figure)
-    grid = figure.add_gridspec(n, columns + 1, width_ratios=[1.0] * columns + [0.06])
-    image_artist = None
+    bar_height = 0.12 * scale
+    grid = figure.add_gridspec(
+        n + 1, columns, height_ratios=[cell_size * height / width] * n + [bar_height]
+    )
+    label_chars = _chars_for(_ROW_LABEL_IN - 0.1, small)
+    title_chars = _chars_for(cell_size, medium)
     for row in range(n):
         ax = figure.add_subplot(grid[row, 0])
         ax.imshow(
@@ -422,34 +661,66 @@ def comparison_grid(
         _clean_axes(ax)
         predicted = int(result.predictions[row])
         target = int(result.targets[row])
-        lines = [] if row_labels is None else [_short(str(row_labels[row]), 26)]
-        p_predicted = float(result.probabilities[row, predicted])
-        lines += [f"{_short(_class_name(categories, predicted), 22)}  p={p_predicted:.2f}"]
+        lines = [] if row_labels is None else [_short(str(row_labels[row]), label_chars)]
+        p_text = format_probability(float(result.probabilities[row, predicted]))
+        lines += _labelled(_class_name(categories, predicted), "", p_text, label_chars)
         if target != predicted:
-            p_target = float(result.probabilities[row, target])
-            lines.append(
-                f"explains {_short(_class_name(categories, target), 14)}  p={p_target:.2f}"
-            )
-        ax.set_ylabel("\n".join(lines), fontsize=8)
+            p_target = format_probability(float(result.probabilities[row, target]))
+            lines += _labelled(_class_name(categories, target), "explains ", p_target, label_chars)
+        ax.set_ylabel("\n".join(lines), fontsize=small, rotation=0, ha="right", va="center")
         if row == 0:
-            ax.set_title("Image\n(prediction, p)", fontsize=9)
+            ax.set_title("Image", fontsize=medium)
         for column, name in enumerate(names, start=1):
             ax = figure.add_subplot(grid[row, column])
-            shown = normalize_maps(result.maps[name][row], percentile)[0].numpy()
-            image_artist = ax.imshow(
-                shown, extent=extent, cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest"
-            )
-            _clean_axes(ax)
-            if row == 0:
-                ax.set_title(
-                    "\n".join(textwrap.wrap(result.labels.get(name, name), 14)), fontsize=9
+            values = result.maps[name][row]
+            if overlay_maps:
+                shown = overlay(
+                    pictures[row],
+                    values,
+                    alpha=alpha,
+                    cmap=cmap,
+                    percentile=percentile,
+                    signed=False,
                 )
-    colorbar_ax = figure.add_subplot(grid[:, columns])
-    bar = figure.colorbar(image_artist, cax=colorbar_ax)
-    bar.set_label(f"saliency / its {percentile:g}th percentile (clipped)", fontsize=8)
-    bar.ax.tick_params(labelsize=7)
+                ax.imshow(shown, extent=extent, interpolation="nearest")
+            else:
+                shown = normalize_maps(values, percentile)[0].numpy()
+                ax.imshow(
+                    shown, extent=extent, cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest"
+                )
+            _clean_axes(ax)
+            if not bool((values > 0).any()):
+                _mark_all_zero(ax, small)
+            if row == 0:
+                label = result.labels.get(name, name)
+                ax.set_title(
+                    "\n".join(
+                        textwrap.wrap(
+                            label, title_chars, break_on_hyphens=False, break_long_words=False
+                        )
+                    )
+                    or name,
+                    fontsize=medium,
+                )
+    colorbar_ax = figure.add_subplot(grid[n, 1:])
+    mappable = ScalarMappable(norm=Normalize(0.0, 1.0), cmap=colour_map)
+    bar = figure.colorbar(mappable, cax=colorbar_ax, orientation="horizontal")
+    what = f"saliency / its {percentile:g}th percentile, clipped to [0, 1]"
+    if overlay_maps:
+        what += f"; blended over the image with alpha = {alpha:g}"
+    bar_chars = _chars_for(cell_size * (columns - 1), small)
+    bar.set_label("\n".join(textwrap.wrap(what, bar_chars)), fontsize=small)
+    bar.set_ticks([0.0, 0.5, 1.0])
+    bar.ax.tick_params(labelsize=small)
+    if note:
+        figure.supxlabel(
+            "\n".join(textwrap.wrap(note, _chars_for(figure_width - 0.2, small))), fontsize=small
+        )
     if title:
-        figure.suptitle(title, fontsize=10)
+        figure.suptitle(
+            "\n".join(textwrap.wrap(title, _chars_for(figure_width - 0.2, medium + 1))),
+            fontsize=medium + scale,
+        )
     return figure
 
 
@@ -557,12 +828,47 @@ def decomposition_summary(
     )
 
 
-def _signed_panel(ax: Any, values: Tensor, extent: Tuple[float, ...], cmap: str) -> Any:
-    array = values.float().numpy()
-    limit = float(np.abs(array).max()) or 1.0
-    return ax.imshow(
-        array, extent=extent, cmap=cmap, vmin=-limit, vmax=limit, interpolation="nearest"
-    )
+def _signed_panel(
+    ax: Any,
+    values: Tensor,
+    extent: Tuple[float, ...],
+    cmap: str,
+    *,
+    picture: Optional[np.ndarray],
+    alpha: float,
+    percentile: float,
+    fontsize: float,
+) -> None:
+    """A signed map with its symmetric colour bar, centred at 0; "all zero" when it is."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.ticker import FormatStrFormatter
+
+    limit = _signed_scale(values, percentile)
+    zero = limit == 0.0
+    limit = limit or 1.0
+    if picture is None:
+        ax.imshow(
+            values.float().numpy(),
+            extent=extent,
+            cmap=cmap,
+            vmin=-limit,
+            vmax=limit,
+            interpolation="nearest",
+        )
+    else:
+        blended = overlay(
+            picture, values, alpha=alpha, cmap=cmap, percentile=percentile, signed=True
+        )
+        ax.imshow(blended, extent=extent, interpolation="nearest")
+    _clean_axes(ax)
+    if zero:
+        _mark_all_zero(ax, fontsize)
+    mappable = ScalarMappable(norm=Normalize(-limit, limit), cmap=cmap)
+    bar = ax.figure.colorbar(mappable, ax=ax, fraction=0.07, pad=0.03, aspect=15)
+    bar.set_ticks([-limit, 0.0, limit])
+    bar.ax.yaxis.set_major_formatter(FormatStrFormatter("%.2g"))
+    bar.ax.tick_params(labelsize=fontsize, length=2, pad=1)
 
 
 def decomposition_figure(
@@ -575,8 +881,11 @@ def decomposition_figure(
     summary: Optional[DecompositionSummary] = None,
     max_columns: int = 5,
     cmap: str = SIGNED_CMAP,
-    cell_size: float = 2.0,
+    cell_size: Optional[float] = None,
     title: Optional[str] = None,
+    overlay_maps: bool = False,
+    alpha: float = 0.5,
+    percentile: float = 100.0,
 ) -> Figure:
     """The seed paper's Figure 1: eq. 1's terms for one image, as maps that add up to ``f(x)``.
 
@@ -584,11 +893,15 @@ def decomposition_figure(
     panel per spatial block (a convolution with the BatchNorm that reads it) with its
     bias-Jacobian summed over channels, at the block's own resolution, stretched over the
     image. Every panel is signed and uses the diverging colour map ``cmap`` centred at 0,
-    with its own symmetric range ``[-max|m|, max|m|]`` (blocks differ in magnitude); its
-    title gives its spatial sum, i.e. its share of ``f(x)``. A last panel draws the running
-    sum of these shares, plus the non-spatial biases' share (e.g. Linear layers), ending at
-    ``f(x)``; a footer prints ``input term + sum of blocks + non-spatial = f(x)`` with the
-    completeness gap.
+    with its own symmetric range ``[-s, s]``, ``s`` the ``percentile``-th percentile of
+    ``|m|`` (100: ``max |m|``; blocks differ in magnitude), shown by the panel's own colour
+    bar; an all-zero panel is marked. Each title gives the panel's spatial sum, i.e. its
+    share of ``f(x)``. A last row draws the running sum of these shares, plus the
+    non-spatial biases' share (e.g. Linear layers), ending at ``f(x)``; a footer prints
+    ``input term + sum of blocks + non-spatial = f(x)`` with the completeness gap.
+
+    Print size: by default 7 in wide (a page width) with no text under 7 pt; a larger
+    ``cell_size`` scales every font with the width.
 
     Args:
         model: network in eval mode returning logits.
@@ -598,11 +911,14 @@ def decomposition_figure(
         display_image: what to show as the image (``(3, H, W)`` or ``(H, W, 3)`` in [0, 1]);
             ``None``: the input, rescaled to [0, 1] if outside it.
         summary: reuse a :func:`decomposition_summary` of the same image.
-        max_columns: panels per row at most (VGG-16-BN's 13 blocks, the image, the input
-            term and the running-sum chart make 4 rows of 5).
+        max_columns: panels per row at most.
         cmap: diverging colour map of the signed panels.
-        cell_size: inches per panel.
+        cell_size: inches per panel (default: 7 in divided by the number of columns, at most 2).
         title: figure title (default: names the class, its probability and ``f(x)``).
+        overlay_maps: blend every signed map over the image (:func:`overlay`) instead of
+            drawing it bare.
+        alpha: weight of the map in an overlay, in [0, 1].
+        percentile: colour-scale percentile of ``|m|`` per panel, in (0, 100].
 
     Returns:
         A :class:`matplotlib.figure.Figure`.
@@ -610,6 +926,11 @@ def decomposition_figure(
     image = _single_image(image)
     if isinstance(max_columns, bool) or not isinstance(max_columns, int) or max_columns < 2:
         raise ValueError(f"max_columns must be an integer >= 2, got {max_columns!r}")
+    alpha = _check_alpha(alpha)
+    percentile = _check_percentile(percentile)
+    from matplotlib import colormaps
+
+    colormaps[cmap]  # KeyError naming the valid maps for an unknown name
     if summary is None:
         summary = decomposition_summary(model, image, target)
     picture = _to_display(
@@ -622,71 +943,112 @@ def decomposition_figure(
     height, width = image.shape[-2:]
     extent = (0, width, height, 0)
 
-    # Panels: the image, the input term, one per block, then the waterfall of the shares of
-    # f(x), which takes the free cells of the last row (at least two).
+    # Panels: the image, the input term and one per block; the running sum of the shares
+    # of f(x) has a row of its own, as tall as its labels need.
     panels = 2 + len(summary.block_maps)
-    rows = math.ceil((panels + 2) / max_columns)
-    columns = math.ceil((panels + 2) / rows)
+    rows = math.ceil(panels / max_columns)
+    columns = math.ceil(panels / rows)  # balanced rows: 6 panels make 2 x 3, not 5 + 1
+    if cell_size is None:
+        cell_size = min(2.0, PRINT_WIDTH_IN / columns)
+    if isinstance(cell_size, bool) or not isinstance(cell_size, (int, float)) or cell_size <= 0:
+        raise ValueError(f"cell_size must be a positive number of inches, got {cell_size!r}")
+    figure_width = cell_size * columns
+    scale = _font_scale(figure_width)
+    small, medium = MIN_FONT_PT * scale, (MIN_FONT_PT + 0.5) * scale
+    chart_rows = panels + 2  # input term, blocks, non-spatial, f(x)
+    chart_height = (0.135 * chart_rows + 0.55) * scale
+    panel_height = cell_size * (height / width) * 0.8 + 0.45 * scale
     figure = Figure(
-        figsize=(cell_size * columns, cell_size * rows * 1.12 + 1.0), layout="constrained"
+        figsize=(figure_width, panel_height * rows + chart_height + 1.0 * scale),
+        layout="constrained",
     )
     FigureCanvasAgg(figure)
-    grid = figure.add_gridspec(rows, columns)
+    grid = figure.add_gridspec(
+        rows + 1, columns, height_ratios=[panel_height] * rows + [chart_height]
+    )
+    title_chars = _chars_for(cell_size * 0.85, medium)
+    shown = picture if overlay_maps else None
 
     def panel(index: int) -> Any:
-        ax = figure.add_subplot(grid[index // columns, index % columns])
-        _clean_axes(ax)
-        return ax
+        return figure.add_subplot(grid[index // columns, index % columns])
 
     ax = panel(0)
     ax.imshow(picture, extent=extent, cmap="gray" if picture.ndim == 2 else None)
+    _clean_axes(ax)
     name = _class_name(categories, summary.target) if summary.target is not None else "output"
-    ax.set_title(f"input x\n{_short(name, 20)}", fontsize=9)
+    ax.set_title(f"input x\n{_short(name, title_chars)}\n", fontsize=medium)
 
     ax = panel(1)
-    _signed_panel(ax, summary.input_map, extent, cmap)
-    ax.set_title(f"input term ∇f·x\nΣ = {summary.input_term:.5g}", fontsize=9)
+    _signed_panel(
+        ax,
+        summary.input_map,
+        extent,
+        cmap,
+        picture=shown,
+        alpha=alpha,
+        percentile=percentile,
+        fontsize=small,
+    )
+    ax.set_title(f"input term ∇f·x\n\nΣ = {summary.input_term:.5g}", fontsize=medium)
 
     for index, (block, values) in enumerate(summary.block_maps.items(), start=2):
         ax = panel(index)
-        _signed_panel(ax, values, extent, cmap)
+        _signed_panel(
+            ax,
+            values,
+            extent,
+            cmap,
+            picture=shown,
+            alpha=alpha,
+            percentile=percentile,
+            fontsize=small,
+        )
         size = "×".join(str(s) for s in values.shape)
         ax.set_title(
-            f"{_short(block, 18)} ({size})\nΣ = {summary.block_terms[block]:.5g}", fontsize=9
+            f"{_short(block, title_chars)}\n{size}\nΣ = {summary.block_terms[block]:.5g}",
+            fontsize=medium,
         )
+    for index in range(panels, rows * columns):
+        panel(index).axis("off")
 
-    first_free = max(0, panels - (rows - 1) * columns)
-    host = figure.add_subplot(grid[rows - 1, first_free:])
-    host.axis("off")
-    # The chart is an inset of an empty host cell, so that its tick labels (block names)
-    # stay inside the cell instead of widening a whole column of the layout.
-    label_inches = 1.05
-    span_inches = cell_size * (columns - first_free)
-    left = min(0.45, label_inches / span_inches)
-    _waterfall(host.inset_axes([left, 0.08, 0.97 - left, 0.78]), summary)
+    _waterfall(figure.add_subplot(grid[rows, :]), summary, small, medium)
 
     blocks_sum = sum(summary.block_terms.values())
     sources = ", ".join(summary.non_spatial_sources[:3]) + (
         " …" if len(summary.non_spatial_sources) > 3 else ""
     )
-    probability = "" if math.isnan(summary.probability) else f", p = {summary.probability:.3f}"
+    probability = (
+        ""
+        if math.isnan(summary.probability)
+        else f", p = {format_probability(summary.probability)}"
+    )
     relative = abs(summary.completeness_gap) / max(abs(summary.output), 1e-12)
     terms = f"{summary.input_term:.5g} + {blocks_sum:.5g} + {summary.non_spatial:.5g}"
+    scale_note = "max |m|" if percentile >= 100 else f"the {percentile:g}th percentile of |m|"
     footer = (
         f"input term + Σ spatial blocks + non-spatial = f(x):   {terms} = {summary.total:.5g}\n"
         f"f(x) = {summary.output:.5g};  completeness gap f(x) − sum = "
         f"{summary.completeness_gap:.2e} ({relative:.1e} relative)\n"
-        f"non-spatial sources: {sources or 'none'}.   "
-        "Red > 0 > blue; each map has its own symmetric colour scale."
+        + "\n".join(
+            textwrap.wrap(
+                f"non-spatial sources: {sources or 'none'}.   Red > 0 > blue; each map has its "
+                f"own symmetric colour scale ±{scale_note}"
+                + (f", blended over the image with alpha = {alpha:g}." if overlay_maps else "."),
+                _chars_for(figure_width - 0.2, small),
+            )
+        )
     )
-    figure.supxlabel(footer, fontsize=8.5)
+    figure.supxlabel(footer, fontsize=small)
     if title is None:
         title = f"Full-Jacobian decomposition of f(x) = logit of '{_short(name, 30)}'{probability}"
-    figure.suptitle(title, fontsize=11)
+    figure.suptitle(
+        "\n".join(textwrap.wrap(title, _chars_for(figure_width - 0.2, medium + scale))),
+        fontsize=medium + scale,
+    )
     return figure
 
 
-def _waterfall(ax: Any, summary: DecompositionSummary) -> None:
+def _waterfall(ax: Any, summary: DecompositionSummary, small: float, medium: float) -> None:
     """Horizontal waterfall: each term of eq. 1 as a bar from the running total, then f(x)."""
     names = ["input term"] + list(summary.block_terms) + ["non-spatial"]
     values = [summary.input_term] + list(summary.block_terms.values()) + [summary.non_spatial]
@@ -697,13 +1059,13 @@ def _waterfall(ax: Any, summary: DecompositionSummary) -> None:
     ax.barh(len(values), summary.output, color="0.35", height=0.7)
     ax.axvline(0.0, color="0.6", linewidth=0.6)
     ax.axvline(summary.output, color="0.35", linewidth=0.6, linestyle=":")
-    labels = [_short(n, 16) for n in names] + ["f(x)"]
-    ax.set_yticks(range(len(labels)), labels, fontsize=7 if len(labels) <= 10 else 6)
+    labels = [_short(n, 24) for n in names] + ["f(x)"]
+    ax.set_yticks(range(len(labels)), labels, fontsize=small)
     ax.invert_yaxis()
-    ax.tick_params(axis="x", labelsize=7)
+    ax.tick_params(axis="x", labelsize=small)
     ax.use_sticky_edges = False  # bars stick to their ends; let the margin show them whole
-    ax.margins(x=0.04, y=0.04)
-    ax.set_title("running sum of the terms = f(x)", fontsize=9)
+    ax.margins(x=0.04, y=0.02)
+    ax.set_title("running sum of the terms = f(x)", fontsize=medium)
     for spine in ("top", "right"):
         ax.spines[spine].set_visible(False)
 
@@ -713,8 +1075,13 @@ def _waterfall(ax: Any, summary: DecompositionSummary) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def save_figure(figure: Figure, path: Union[str, "os.PathLike[str]"], *, dpi: int = 150) -> Path:
+def save_figure(
+    figure: Figure, path: Union[str, "os.PathLike[str]"], *, dpi: int = DEFAULT_DPI
+) -> Path:
     """Write ``figure`` to ``path`` as PNG, PDF or SVG (by extension), atomically.
+
+    ``dpi`` sets the PNG's resolution (default :data:`DEFAULT_DPI`, 200); PDF and SVG are
+    vector files whose text stays text.
 
     The figure is written to a temporary file in the same directory and moved into place
     with :func:`os.replace`, so ``path`` is either the complete new file or untouched,

@@ -1118,6 +1118,15 @@ def _gradcam(
     interpolate_mode: str = "bilinear",
 ) -> Tensor:
     if layer is None:
+        # A token model (ViT, Swin): its last convolution is the patch embedding, so read the
+        # tokens of its last block on their grid instead (or refuse, saying why).
+        from ._token_grid import find_token_layer, token_gradcam
+
+        tokens = find_token_layer(model, inputs, target)
+        if tokens is not None:
+            cam = token_gradcam(model, inputs, target, tokens)
+            size = tuple(inputs.shape[2:])
+            return LayerAttribution.interpolate(cam, size, interpolate_mode).clamp(min=0)
         _, module = find_last_conv(model, inputs)
     elif isinstance(layer, str):
         modules = dict(model.named_modules())

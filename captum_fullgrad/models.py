@@ -4,7 +4,7 @@
 :class:`LoadedModel`: the network in eval mode together with what is needed to feed it and
 to read its output (the preprocessing transform, the class names and the input size).
 
-Two families of models are available (see :func:`list_models`):
+Three families of models are available (see :func:`list_models`):
 
 - ``"shapes"``: :class:`ShapesVGG`, a 4-block VGG-style network trained on
   :func:`captum_fullgrad.datasets.synthetic_shapes`, whose weights ship with the package.
@@ -16,6 +16,8 @@ Two families of models are available (see :func:`list_models`):
   downloaded there when missing and a network is reachable. Setting the environment
   variable ``CAPTUM_FULLGRAD_OFFLINE=1`` forbids any download attempt; a missing file then
   raises :class:`WeightsUnavailableError`, whose message says which file to put where.
+- with timm installed (the ``timm`` extra), every timm model as ``"timm/<name>"``, with
+  timm's preprocessing and pretrained weights from timm's cache (same offline story).
 
 Example::
 
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.resources
+import math
 import os
 import pickle
 import zipfile
@@ -50,8 +53,10 @@ from torchvision.models import WeightsEnum
 from .datasets import SHAPE_CLASSES
 
 __all__ = [
+    "FACTORY_INPUT_SIZE",
     "OFFLINE_ENV_VAR",
     "SHAPES_MODEL_NAME",
+    "TIMM_PREFIX",
     "LoadedModel",
     "ShapesVGG",
     "StateDictMismatchError",
@@ -67,6 +72,10 @@ __all__ = [
 OFFLINE_ENV_VAR = "CAPTUM_FULLGRAD_OFFLINE"
 #: Name of the bundled synthetic-shapes network in :func:`load_model`.
 SHAPES_MODEL_NAME = "shapes"
+#: Input size of a ``module:function`` model that returns a bare module.
+FACTORY_INPUT_SIZE = (224, 224)
+#: Prefix of timm models in :func:`load_model`: ``"timm/<timm model name>"``.
+TIMM_PREFIX = "timm/"
 
 WeightsSpec = Union[str, "os.PathLike[str]", WeightsEnum, None]
 DeviceSpec = Union[str, torch.device, None]
@@ -301,7 +310,22 @@ def load_model(
 
     Args:
         name: a name from :func:`list_models` (case-insensitive): ``"shapes"`` or a
-            torchvision classifier such as ``"vgg16_bn"`` or ``"resnet50"``.
+            torchvision classifier such as ``"vgg16_bn"`` or ``"resnet50"``; or, when timm
+            is installed (``pip install 'captum-fullgrad[timm]'``), ``"timm/<name>"`` for
+            any name of ``timm.list_models()``, optionally with a pretrained tag
+            (``"timm/resnet50.a1_in1k"``). A timm model gets timm's evaluation preprocessing
+            from its data config (resize to ``crop / crop_pct``, centre crop, normalise) and
+            ImageNet class names where timm has them. Its ``"DEFAULT"`` weights are timm's
+            pretrained ones, read from timm's usual cache (the Hugging Face hub cache, or
+            the torch hub cache for weights published as a URL) and downloaded there
+            unless ``CAPTUM_FULLGRAD_OFFLINE=1``; a file or ``None`` work as below.
+            Or ``"package.module:function"``: your own model. The function (called with
+            ``model_kwargs``) returns an :class:`~torch.nn.Module`, a :class:`LoadedModel`,
+            or a tuple ``(model, transform, categories)``; a bare module is fed the image as
+            ``[0, 1]`` floats (:class:`ToFloatImage`) at :data:`FACTORY_INPUT_SIZE`, with
+            classes named ``"0", "1", ...``. ``weights="DEFAULT"`` keeps the parameters the
+            function gave, a path loads a state dict over them (strictly); ``None`` is
+            refused (the function decides the initialisation).
         weights: which parameters to load.
 
             - ``"DEFAULT"``: the model's default pretrained weights (for ``"shapes"``, the
@@ -340,6 +364,18 @@ def load_model(
         StateDictMismatchError: the state dict does not fit the architecture; the message
             names the model and the first mismatching keys.
     """
+    if isinstance(name, str) and ":" in name:
+        loaded = _load_factory(name.strip(), weights, model_kwargs)
+        loaded.model.eval()
+        if device is not None:
+            loaded.model.to(device)
+        return loaded
+    if isinstance(name, str) and name.strip().lower().startswith(TIMM_PREFIX):
+        loaded = _load_timm(name, weights, model_kwargs)
+        loaded.model.eval()
+        if device is not None:
+            loaded.model.to(device)
+        return loaded
     key = _resolve_name(name)
     if key == SHAPES_MODEL_NAME:
         loaded = _load_shapes(weights, model_kwargs)
@@ -535,7 +571,8 @@ def _download(member: WeightsEnum, path: Path, model_name: str) -> None:
             f"({reason}). Download {member.url} on a machine with network access and place "
             f"it, under that exact name, in {str(path.parent)!r} (that is "
             "<torch.hub.get_dir()>/checkpoints; set TORCH_HOME to use another cache), or pass "
-            "weights=<path to a state dict file> or weights=None to load_model.",
+            "weights=<path to a state dict file> or weights=None to load_model (--weights PATH "
+            "or --weights random on the command line).",
             file_name=path.name,
             directory=str(path.parent),
             url=member.url,
@@ -646,3 +683,277 @@ def _mismatch_error(
 
 def _numbered(n: int) -> list[str]:
     return [str(i) for i in range(n)]
+
+
+# --------------------------------------------------------------------------------------
+# timm models
+# --------------------------------------------------------------------------------------
+
+
+def _import_timm() -> Any:
+    try:
+        import timm
+    except ImportError:
+        raise ValueError(
+            "timm models need the timm package: pip install 'captum-fullgrad[timm]' "
+            "(or pip install timm)"
+        ) from None
+    return timm
+
+
+def _resolve_timm_name(name: str) -> str:
+    """``"timm/resnet50.a1_in1k"`` -> ``"resnet50.a1_in1k"``, checked against timm's registry."""
+    timm = _import_timm()
+    spec = name.strip()[len(TIMM_PREFIX) :].strip()
+    architecture = spec.split(".", 1)[0]
+    if not architecture or not timm.is_model(architecture):
+        names = timm.list_models()
+        close = difflib.get_close_matches(architecture.lower(), names, n=5, cutoff=0.6)
+        hint = f" Did you mean {', '.join(repr(TIMM_PREFIX + c) for c in close)}?" if close else ""
+        raise ValueError(
+            f"unknown timm model {spec!r}.{hint} timm.list_models() gives its {len(names)} names."
+        )
+    return spec
+
+
+def _timm_weights_location(pretrained_cfg: Mapping[str, Any]) -> tuple[str, str, str, str | None]:
+    """Where timm reads pretrained weights: ``(kind, file name, directory, cached path)``.
+
+    ``kind`` is ``"hf-hub"`` (Hugging Face hub repository ``timm/...``, cached under
+    ``huggingface_hub``'s cache) or ``"url"`` (a file cached like torchvision's, in
+    ``<torch.hub.get_dir()>/checkpoints``); ``cached path`` is ``None`` when not cached.
+    """
+    hub_id = pretrained_cfg.get("hf_hub_id")
+    url = pretrained_cfg.get("url")
+    if hub_id:
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        repo_id, _, revision = str(hub_id).partition("@")
+        for file_name in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+            found = try_to_load_from_cache(repo_id, file_name, revision=revision or None)
+            if isinstance(found, str):
+                return "hf-hub", file_name, str(Path(found).parent), found
+        return "hf-hub", "model.safetensors", str(constants.HF_HUB_CACHE), None
+    if url:
+        file_name = os.path.basename(urlparse(str(url)).path)
+        path = Path(torch.hub.get_dir()) / "checkpoints" / file_name
+        return "url", file_name, str(path.parent), str(path) if path.is_file() else None
+    return "none", "", "", None
+
+
+def _timm_unavailable(spec: str, pretrained_cfg: Mapping[str, Any], reason: str) -> Exception:
+    kind, file_name, directory, _ = _timm_weights_location(pretrained_cfg)
+    alternatives = (
+        "or pass weights=<path to a state dict file> or weights=None to load_model "
+        "(--weights PATH or --weights random on the command line)."
+    )
+    if kind == "hf-hub":
+        repo = str(pretrained_cfg["hf_hub_id"]).partition("@")[0]
+        url = f"https://huggingface.co/{repo}/resolve/main/{file_name}"
+        message = (
+            f"pretrained weights of timm model {spec!r} are not available ({reason}): timm reads "
+            f"them from the Hugging Face hub repository {repo!r}, file {file_name!r}, cached in "
+            f"{directory!r}. On a machine with network access run "
+            f"`huggingface-cli download {repo} {file_name}` (or "
+            f"timm.create_model({spec!r}, pretrained=True)) and copy the cache folder "
+            f"'models--{repo.replace('/', '--')}' into {directory!r} (set HF_HOME or "
+            f"HF_HUB_CACHE to use another cache), {alternatives}"
+        )
+    elif kind == "url":
+        url = str(pretrained_cfg["url"])
+        message = (
+            f"pretrained weights of timm model {spec!r} are not available ({reason}): file "
+            f"{file_name!r} is not in directory {directory!r}. Download {url} on a machine with "
+            f"network access and place it, under that exact name, in {directory!r} (that is "
+            f"<torch.hub.get_dir()>/checkpoints; set TORCH_HOME to use another cache), "
+            f"{alternatives}"
+        )
+    else:
+        return ValueError(
+            f"timm model {spec!r} has no pretrained weights; pass weights=None (--weights "
+            "random) or a state dict file"
+        )
+    return WeightsUnavailableError(message, file_name=file_name, directory=directory, url=url)
+
+
+class _TimmEvalTransform(torchvision.transforms._presets.ImageClassification):
+    """timm's evaluation preprocessing (its data config: resize to ``crop / crop_pct``,
+    centre crop, normalise), for PIL images and ``(..., 3, H, W)`` tensors alike."""
+
+    def __init__(self, data_config: Mapping[str, Any], input_size: tuple[int, int]) -> None:
+        from torchvision.transforms import InterpolationMode
+
+        crop_pct = float(data_config.get("crop_pct") or 1.0)
+        interpolation = str(data_config.get("interpolation") or "bilinear").upper()
+        mode = InterpolationMode.__members__.get(interpolation, InterpolationMode.BILINEAR)
+        super().__init__(
+            crop_size=input_size[0],
+            resize_size=int(math.floor(min(input_size) / crop_pct)),
+            mean=tuple(data_config["mean"]),
+            std=tuple(data_config["std"]),
+            interpolation=mode,
+        )
+        self.crop_size = [int(input_size[0]), int(input_size[1])]  # (height, width)
+        self.crop_pct = crop_pct
+
+
+def _timm_categories(pretrained_cfg: Mapping[str, Any], num_classes: int) -> list[str]:
+    """Class names where timm knows them (its ImageNet subsets), else ``"0", "1", ...``."""
+    try:
+        from timm.data import ImageNetInfo, infer_imagenet_subset
+
+        subset = infer_imagenet_subset(dict(pretrained_cfg))
+        if subset:
+            info = ImageNetInfo(subset)
+            if info.num_classes() == num_classes:
+                return [
+                    info.index_to_description(i).split(",")[0].strip() for i in range(num_classes)
+                ]
+    except (ImportError, OSError, ValueError, KeyError):  # class names are a nicety
+        pass
+    return _numbered(num_classes)
+
+
+def _load_timm(name: str, weights: WeightsSpec, model_kwargs: dict[str, Any]) -> LoadedModel:
+    timm = _import_timm()
+    spec = _resolve_timm_name(name)
+    if weights is None:
+        kind, value = _RANDOM, Path()
+    elif isinstance(weights, os.PathLike):
+        kind, value = _FILE, _existing_file(Path(weights))
+    elif isinstance(weights, str) and weights.strip().upper() in ("DEFAULT", "PRETRAINED"):
+        kind, value = _PRETRAINED, Path()
+    elif isinstance(weights, str):
+        kind, value = _FILE, _existing_file(Path(weights))
+    else:
+        raise TypeError(
+            "weights of a timm model must be 'DEFAULT', a path or None, "
+            f"got {type(weights).__name__}"
+        )
+    full_name = TIMM_PREFIX + spec
+    if kind == _PRETRAINED:
+        pretrained_cfg = timm.models.get_pretrained_cfg(spec) or {}
+        cfg = pretrained_cfg.to_dict() if hasattr(pretrained_cfg, "to_dict") else pretrained_cfg
+        if not cfg:
+            # An untagged architecture: its default tag's configuration.
+            cfg = timm.create_model(spec, pretrained=False).pretrained_cfg
+        _, _, _, cached = _timm_weights_location(cfg)
+        if cached is None and _offline():
+            raise _timm_unavailable(
+                spec, cfg, f"{OFFLINE_ENV_VAR} is set, so no download was attempted"
+            )
+        try:
+            if cached is not None:
+                # Read the cached file itself: no network round trip, and timm's filter_fn
+                # (checkpoint remapping) still applies. torch.load runs with weights_only.
+                model = timm.create_model(
+                    spec, pretrained=True, pretrained_cfg_overlay={"file": cached}, **model_kwargs
+                )
+            else:
+                model = timm.create_model(spec, pretrained=True, **model_kwargs)
+        except (OSError, ConnectionError) as exc:  # network errors and missing files
+            raise _timm_unavailable(spec, cfg, f"the download failed: {exc}") from exc
+        except Exception as exc:  # huggingface_hub's own errors (offline mode, gated repos)
+            if type(exc).__module__.startswith(("huggingface_hub", "requests", "urllib3")):
+                raise _timm_unavailable(spec, cfg, f"the download failed: {exc}") from exc
+            raise
+        source: str | None = f"{full_name} (pretrained)"
+    else:
+        model = timm.create_model(spec, pretrained=False, **model_kwargs)
+        source = None
+        if kind == _FILE:
+            _load_state_dict_strict(model, _read_state_dict(value), full_name, str(value))
+            source = str(value)
+    model_cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
+    from timm.data import resolve_model_data_config
+
+    data_config = resolve_model_data_config(model)
+    size = model_kwargs.get("img_size", data_config["input_size"][-2:])
+    input_size = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    num_classes = int(getattr(model, "num_classes", 0) or model_cfg.get("num_classes") or 0)
+    return LoadedModel(
+        model=model,
+        transform=_TimmEvalTransform(data_config, input_size),
+        categories=_timm_categories(model_cfg, num_classes),
+        name=full_name,
+        input_size=input_size,
+        weights=source,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Your own model: "module:function"
+# --------------------------------------------------------------------------------------
+
+
+def _load_factory(spec: str, weights: WeightsSpec, model_kwargs: dict[str, Any]) -> LoadedModel:
+    """``"package.module:function"``: import the module, call the function, wrap the result."""
+    import importlib
+
+    module_name, _, function_name = spec.partition(":")
+    if not module_name or not function_name:
+        raise ValueError(f"model {spec!r}: give module:function, e.g. mypackage.nets:build")
+    try:
+        factory = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"cannot load model factory {spec!r}: {exc}") from None
+    if not callable(factory):
+        raise ValueError(f"{spec} is not a function (got {type(factory).__name__})")
+    if weights is None:
+        raise ValueError(
+            f"model {spec!r} comes with the parameters its function gives: random weights "
+            "(weights=None, --weights random) do not apply; pass DEFAULT or a state dict file"
+        )
+    made = factory(**model_kwargs)
+    if isinstance(made, LoadedModel):
+        loaded = made
+    elif isinstance(made, nn.Module):
+        loaded = LoadedModel(
+            model=made,
+            transform=ToFloatImage(),
+            categories=[],
+            name=spec,
+            input_size=FACTORY_INPUT_SIZE,
+        )
+    elif (
+        isinstance(made, tuple)
+        and len(made) == 3
+        and isinstance(made[0], nn.Module)
+        and callable(made[1])
+    ):
+        model, transform, categories = made
+        crop = list(getattr(transform, "crop_size", FACTORY_INPUT_SIZE))
+        loaded = LoadedModel(
+            model=model,
+            transform=transform,
+            categories=[str(c) for c in categories],
+            name=spec,
+            input_size=(int(crop[0]), int(crop[-1])),
+        )
+    else:
+        raise ValueError(
+            f"{spec} returned {type(made).__name__}: expected an nn.Module, a LoadedModel or "
+            "a tuple (model, transform, categories)"
+        )
+    if isinstance(weights, (str, os.PathLike)) and str(weights).strip().upper() != "DEFAULT":
+        path = _existing_file(Path(weights))
+        _load_state_dict_strict(loaded.model, _read_state_dict(path), spec, str(path))
+        loaded.weights = str(path)
+    elif loaded.weights is None:
+        loaded.weights = f"{spec}()"
+    if not loaded.categories:
+        loaded.categories = _probe_categories(loaded)
+    return loaded
+
+
+def _probe_categories(loaded: LoadedModel) -> list[str]:
+    """``"0", "1", ...`` for as many classes as the model outputs on one blank input."""
+    parameter = next(loaded.model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    dtype = parameter.dtype if parameter is not None else torch.float32
+    with torch.no_grad():
+        blank = torch.zeros(1, 3, *loaded.input_size, device=device, dtype=dtype)
+        output = loaded.model.eval()(blank)
+    if not isinstance(output, Tensor) or output.dim() != 2:
+        raise ValueError(f"model {loaded.name!r} must return logits of shape (N, K)")
+    return _numbered(int(output.shape[1]))

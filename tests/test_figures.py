@@ -4,19 +4,28 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
+from collections import OrderedDict
 
 import matplotlib.image
+import matplotlib.text
 import numpy as np
 import pytest
 import torch
 from matplotlib.figure import Figure
 
 from captum_fullgrad.figures import (
+    MIN_FONT_PT,
+    PRINT_WIDTH_IN,
+    AttributionMaps,
     attribution_maps,
     comparison_grid,
     decomposition_figure,
     decomposition_summary,
+    format_probability,
     normalize_maps,
+    normalize_signed_map,
+    overlay,
     save_figure,
 )
 from captum_fullgrad.methods import get_method
@@ -93,7 +102,7 @@ def test_grid_layout_titles_and_row_labels(grid, model, images):
     labels = [ax.get_ylabel() for ax in grid.axes if ax.get_ylabel()]
     for row, label in enumerate(labels[:3]):
         k = int(probabilities[row].argmax())
-        assert label == f"{CATEGORIES[k]}  p={float(probabilities[row, k]):.2f}"
+        assert label == f"{CATEGORIES[k]}  p={float(probabilities[row, k]):#.3g}"
 
 
 def test_grid_maps_are_normalised_with_one_colour_map(grid):
@@ -277,3 +286,189 @@ def test_decomposition_figure_rejects_batches(model, images):
         decomposition_figure(model, images)
     with pytest.raises(ValueError, match="target"):
         decomposition_summary(model, images[0], target=9)
+
+
+# ---------------------------------------------------------------------------------------
+# Overlays
+# ---------------------------------------------------------------------------------------
+
+
+def test_overlay_blends_a_normalised_map_over_the_image():
+    image = np.array([[0.0, 0.2], [0.6, 1.0]], dtype=np.float32)  # grey (H, W)
+    saliency = torch.tensor([[0.0, 1.0], [2.0, 4.0]])
+    # With the grey colour map, cmap(v) = (v, v, v): out = (1 - alpha) * image + alpha * m / max.
+    shown = overlay(image, saliency, alpha=0.25, cmap="gray", percentile=100)
+    assert shown.shape == (2, 2, 3) and shown.dtype == np.float32
+    expected = 0.75 * image + 0.25 * np.array([[0.0, 0.25], [0.5, 1.0]])
+    np.testing.assert_allclose(shown, np.repeat(expected[..., None], 3, -1), atol=2e-3)
+    # alpha = 0 is the image, alpha = 1 the coloured map; uint8 and (3, H, W) images read alike.
+    rgb = torch.from_numpy(np.repeat(image[None], 3, 0))
+    np.testing.assert_allclose(overlay(rgb, saliency, alpha=0.0), np.stack([image] * 3, -1))
+    as_uint8 = (np.stack([image] * 3, -1) * 255).astype(np.uint8)
+    np.testing.assert_allclose(
+        overlay(as_uint8, saliency, alpha=0.0), np.stack([image] * 3, -1), atol=1e-6
+    )
+    np.testing.assert_allclose(
+        overlay(image, saliency, alpha=1.0, cmap="gray", percentile=100)[..., 0],
+        [[0.0, 0.25], [0.5, 1.0]],
+        atol=2e-3,
+    )
+
+
+def test_overlay_of_a_signed_map_centres_zero_on_the_diverging_map():
+    image = np.zeros((2, 2), dtype=np.float32)
+    saliency = torch.tensor([[-2.0, 0.0], [1.0, 2.0]])
+    shown = overlay(image, saliency, alpha=1.0, cmap="gray", percentile=100)  # signed: auto
+    np.testing.assert_allclose(shown[..., 0], [[0.0, 0.5], [0.75, 1.0]], atol=3e-3)
+    default = overlay(image, saliency, alpha=1.0)  # RdBu_r: blue, white, ..., red
+    assert default[0, 0, 2] > default[0, 0, 0] and default[1, 1, 0] > default[1, 1, 2]
+    np.testing.assert_allclose(default[0, 1], [0.97, 0.97, 0.97], atol=0.03)  # zero is white
+    with pytest.raises(ValueError, match="negative"):
+        overlay(image, saliency, signed=False)
+    torch.testing.assert_close(
+        normalize_signed_map(saliency), torch.tensor([[-1.0, 0.0], [0.5, 1.0]], dtype=torch.double)
+    )
+
+
+def test_overlay_resizes_a_coarse_map_and_rejects_bad_arguments():
+    image = np.zeros((8, 8, 3), dtype=np.float32)
+    coarse = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])  # (1, 1, 2, 2) at a block's resolution
+    shown = overlay(image, coarse, alpha=1.0, cmap="gray", percentile=100)
+    assert shown.shape == (8, 8, 3)
+    assert shown[0, 0, 0] > 0.9 and shown[7, 7, 0] < 0.05  # top-left stays bright
+    with pytest.raises(ValueError, match="alpha"):
+        overlay(image, coarse, alpha=1.5)
+    with pytest.raises(ValueError, match="percentile"):
+        overlay(image, coarse, percentile=0)
+    with pytest.raises(ValueError, match="one map"):
+        overlay(image, torch.ones(2, 1, 8, 8))
+    with pytest.raises(ValueError, match="NaN"):
+        overlay(image, torch.full((8, 8), float("nan")))
+
+
+def test_probabilities_have_three_significant_figures():
+    assert format_probability(0.5) == "0.500"
+    assert format_probability(0.0012345) == "0.00123"
+    assert format_probability(0.99996) == "1.00"
+    assert format_probability(1.2345e-5) == "1.23e-05"
+    assert format_probability(0.0) == "0"
+
+
+# ---------------------------------------------------------------------------------------
+# Print-ready layout: nothing clipped, labels >= 7 pt at a page width
+# ---------------------------------------------------------------------------------------
+
+
+def fake_maps(rows, columns, zero=()):
+    """Precomputed maps for a grid of any size, without running a model."""
+    generator = torch.Generator().manual_seed(rows * 100 + columns)
+    maps = OrderedDict()
+    for column in range(columns):
+        values = torch.rand(rows, 1, 24, 24, generator=generator)
+        if column in zero:
+            values.zero_()
+        maps[f"method_{column}"] = values
+    logits = torch.randn(rows, 5, generator=generator) * 4
+    return AttributionMaps(
+        maps=maps,
+        labels={name: f"Method number {i} with a long label" for i, name in enumerate(maps)},
+        seconds={name: 0.0 for name in maps},
+        targets=torch.arange(rows) % 5,
+        predictions=logits.argmax(1),
+        probabilities=logits.softmax(1),
+    )
+
+
+def check_print_ready(figure):
+    """Every text inside the figure and >= 7 pt once the figure is scaled to 7 in wide."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. "constrained_layout not applied"
+        figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    width = figure.get_size_inches()[0]
+    bounds = figure.bbox
+    inside = bounds.padded(1)
+    # What is drawn: each axes' tight box (its titles, labels and drawn tick labels; ticks
+    # beyond the view limits exist but are not drawn) and the figure's own texts.
+    boxes = [ax.get_tightbbox(renderer) for ax in figure.axes]
+    boxes += [t.get_window_extent(renderer) for t in figure.texts if t.get_text().strip()]
+    for box in boxes:
+        assert inside.contains(box.x0, box.y0) and inside.contains(box.x1, box.y1), box
+    checked = 0
+    for text in figure.findobj(matplotlib.text.Text):
+        if not text.get_visible() or not text.get_text().strip():
+            continue
+        size = text.get_fontsize()
+        assert size >= MIN_FONT_PT and size * PRINT_WIDTH_IN / width >= MIN_FONT_PT - 1e-9
+        checked += 1
+    for ax in figure.axes:  # the layout did not collapse any panel
+        assert ax.get_position().width > 0 and ax.get_position().height > 0
+    return checked
+
+
+@pytest.mark.parametrize("rows, columns", [(1, 1), (1, 10), (8, 1), (8, 10), (3, 6), (2, 4)])
+def test_grids_of_every_size_are_print_ready(rows, columns):
+    images = torch.rand(rows, 3, 24, 24, generator=torch.Generator().manual_seed(1))
+    result = fake_maps(rows, columns)
+    figure = comparison_grid(
+        None,
+        images,
+        precomputed=result,
+        categories=["a class with a rather long name"] * 5,
+        row_labels=[f"photo_{i}_with_a_long_file_name.png" for i in range(rows)],
+        title="A title long enough to need more than one line at a page width, for sure",
+    )
+    assert figure.get_size_inches()[0] <= PRINT_WIDTH_IN + 1e-9
+    assert check_print_ready(figure) >= rows + columns + 2
+    if (rows, columns) == (1, 1):  # the colour bar's label, whole
+        labels = [t.get_text() for t in figure.findobj(matplotlib.text.Text)]
+        assert any("clipped" in t for t in labels)
+
+
+def test_a_wider_grid_scales_its_fonts():
+    result = fake_maps(2, 3)
+    images = torch.rand(2, 3, 24, 24)
+    figure = comparison_grid(None, images, precomputed=result, cell_size=4.0, overlay_maps=True)
+    assert figure.get_size_inches()[0] > PRINT_WIDTH_IN
+    check_print_ready(figure)
+
+
+def test_all_zero_maps_are_marked():
+    result = fake_maps(2, 3, zero=(1,))
+    figure = comparison_grid(None, torch.rand(2, 3, 24, 24), precomputed=result)
+    marked = [ax for ax in figure.axes if any(t.get_text() == "all zero" for t in ax.texts)]
+    assert len(marked) == 2  # both rows of method_1, no other panel
+    assert all(np.asarray(ax.get_images()[0].get_array()).max() == 0 for ax in marked)
+
+
+def test_grid_overlays_blend_each_map_over_its_image():
+    result = fake_maps(1, 2)
+    display = np.full((1, 24, 24, 3), 0.5, dtype=np.float32)
+    figure = comparison_grid(
+        None,
+        torch.rand(1, 3, 24, 24),
+        precomputed=result,
+        display_images=display,
+        overlay_maps=True,
+        alpha=0.3,
+    )
+    panels = [ax for ax in figure.axes if ax.get_images()][1:]
+    assert len(panels) == 2
+    for ax, name in zip(panels, result.maps):
+        shown = np.asarray(ax.get_images()[0].get_array())
+        np.testing.assert_allclose(
+            shown, overlay(display[0], result.maps[name][0], alpha=0.3), atol=1e-6
+        )
+    assert any("alpha = 0.3" in t for t in texts(figure))
+
+
+def test_decomposition_panels_have_colour_bars_and_are_print_ready(images):
+    deep = randomize_parameters_(ShapesVGG(widths=(4, 4, 8, 8), convs_per_block=3), seed=5).eval()
+    figure = decomposition_figure(deep, images[0], overlay_maps=True, percentile=99)
+    bars = [ax for ax in figure.axes if getattr(ax, "_colorbar", None) is not None]
+    assert len(bars) == 1 + 12  # the input term and the 12 blocks
+    for ax in bars:
+        low, high = ax._colorbar.mappable.get_clim()
+        assert low == -high and high > 0
+    check_print_ready(figure)
+    assert figure.get_size_inches()[0] <= PRINT_WIDTH_IN + 1e-9

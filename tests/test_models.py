@@ -327,3 +327,108 @@ def test_missing_weights_file(tmp_path: Path) -> None:
 def test_bundled_weights_fix_the_architecture() -> None:
     with pytest.raises(ValueError, match="num_classes"):
         load_model("shapes", num_classes=3)
+
+
+# --------------------------------------------------------------------------------------
+# timm models
+# --------------------------------------------------------------------------------------
+
+timm = pytest.importorskip("timm")
+
+
+@pytest.fixture()
+def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty, private Hugging Face hub cache (where timm's pretrained weights live)."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hf"
+    cache.mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def completeness(model: nn.Module, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """FullGradient's map and relative completeness gap on two random images, in float64."""
+    from captum_fullgrad.full_gradient import FullGradient
+
+    model = randomize_parameters_(model, seed=2).double()
+    x = torch.rand(
+        2, 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+    )
+    attribution, delta = FullGradient(model).attribute(x, target=3, return_convergence_delta=True)
+    with torch.no_grad():
+        output = model(x)[:, 3]
+    return attribution, delta.detach().abs() / output.abs()
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, size",
+    [("timm/resnet10t", {}, 64), ("timm/vit_tiny_patch16_224", {"img_size": 48}, 48)],
+)
+def test_random_timm_models_are_exact(name: str, kwargs: dict, size: int) -> None:
+    loaded = load_model(name, weights=None, **kwargs)
+    assert loaded.name == name and loaded.weights is None
+    assert_eval_mode(loaded.model)
+    assert len(loaded.categories) == 1000 and loaded.categories[0] == "tench"
+    if kwargs:
+        assert loaded.input_size == (size, size)
+    attribution, relative_gap = completeness(loaded.model, size)
+    assert torch.isfinite(attribution).all() and attribution.abs().sum() > 0
+    assert float(relative_gap.max()) <= 1e-8
+
+
+def test_timm_transform_is_timms_data_config() -> None:
+    loaded = load_model("timm/resnet10t", weights=None)
+    config = timm.data.resolve_model_data_config(loaded.model)
+    assert loaded.input_size == tuple(config["input_size"][-2:])
+    assert loaded.transform.mean == list(config["mean"])
+    assert loaded.transform.resize_size == [int(config["input_size"][-1] / config["crop_pct"])]
+    batch = loaded.transform(torch.randint(0, 256, (2, 3, 300, 260), dtype=torch.uint8))
+    assert batch.shape == (2, 3, *loaded.input_size)
+    picture = Image.fromarray(torch.randint(0, 256, (90, 120, 3), dtype=torch.uint8).numpy())
+    assert loaded.transform(picture).shape == (3, *loaded.input_size)
+
+
+def test_offline_timm_error_names_repository_file_and_cache(hf_cache: Path) -> None:
+    with pytest.raises(WeightsUnavailableError) as info:
+        load_model("timm/resnet10t")
+    message = str(info.value)
+    repo = timm.models.get_pretrained_cfg("resnet10t").hf_hub_id
+    assert repo in message and "model.safetensors" in message and str(hf_cache) in message
+    assert "huggingface-cli download" in message and "--weights random" in message
+    assert info.value.url == f"https://huggingface.co/{repo}/resolve/main/model.safetensors"
+
+
+def test_timm_pretrained_weights_from_the_hub_cache(hf_cache: Path) -> None:
+    from safetensors.torch import save_file
+
+    reference = randomize_parameters_(timm.create_model("resnet10t"), seed=4)
+    expected = {k: v.clone().contiguous() for k, v in reference.state_dict().items()}
+    repo = timm.models.get_pretrained_cfg("resnet10t").hf_hub_id
+    folder = hf_cache / f"models--{repo.replace('/', '--')}"
+    snapshot = folder / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text("0" * 40)
+    save_file(expected, str(snapshot / "model.safetensors"))
+
+    loaded = load_model("timm/resnet10t")
+
+    assert_same_state(loaded.model, expected)
+    assert loaded.weights == "timm/resnet10t (pretrained)"
+
+
+def test_timm_state_dict_file_and_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    reference = randomize_parameters_(timm.create_model("resnet10t", num_classes=7), seed=6)
+    path = tmp_path / "fine_tuned.pt"
+    torch.save(reference.state_dict(), path)
+    loaded = load_model("timm/resnet10t", weights=str(path), num_classes=7)
+    assert_same_state(loaded.model, reference.state_dict())
+    assert loaded.categories == [str(i) for i in range(7)] and loaded.weights == str(path)
+    with pytest.raises(StateDictMismatchError, match="timm/resnet10t"):
+        load_model("timm/resnet10t", weights=path)  # 1000 classes: the head does not fit
+    with pytest.raises(ValueError, match="timm/resnet18"):
+        load_model("timm/resnt18", weights=None)  # close names are suggested
+    monkeypatch.setitem(__import__("sys").modules, "timm", None)
+    with pytest.raises(ValueError, match=r"pip install 'captum-fullgrad\[timm\]'"):
+        load_model("timm/resnet10t", weights=None)

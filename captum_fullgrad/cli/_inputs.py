@@ -28,8 +28,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         required=True,
-        help="'shapes' (the bundled synthetic-shapes network) or a torchvision classifier "
-        "such as vgg16_bn",
+        help="'shapes' (the bundled synthetic-shapes network), a torchvision classifier "
+        "such as vgg16_bn, timm/NAME for a timm model (with timm installed), or "
+        "module:function returning your model",
     )
     parser.add_argument(
         "--weights",
@@ -156,28 +157,17 @@ def image_paths(items: Sequence[str]) -> List[Path]:
     return paths
 
 
-def _decoder_message(exc: Exception) -> str:
-    text = one_line(exc)
-    # torchvision's messages start with "function, /path/to/source.cpp:LINE, ".
-    match = re.match(r"^\w+, \S+:\d+, (.*)$", text)
-    return (match.group(1) if match else text)[:200]
-
-
 def read_image(path: Path) -> "torch.Tensor":
-    """``(3, H, W)`` uint8 RGB image, or :class:`CliError`."""
-    import torchvision.io as tvio
+    """``(3, H, W)`` uint8 RGB image of any PIL mode (16-bit too), or :class:`CliError`."""
+    from .._images import ImageReadError
+    from .._images import read_image as read
 
     try:
-        data = tvio.read_file(str(path))
-        image = tvio.decode_image(data, mode=tvio.ImageReadMode.RGB)
-    except (RuntimeError, OSError, ValueError) as exc:
-        raise CliError(f"cannot read image {str(path)!r}: {_decoder_message(exc)}") from None
-    if image.dim() == 4:  # animated GIF: first frame
-        image = image[0]
-    if image.dim() != 3 or image.shape[0] != 3 or min(image.shape[1:]) < 1:
-        raise CliError(
-            f"cannot read image {str(path)!r}: unexpected decoded shape {tuple(image.shape)}"
-        )
+        image = read(path)
+    except (ImageReadError, OSError) as exc:
+        raise CliError(f"cannot read image {str(path)!r}: {one_line(exc)[:200]}") from None
+    if min(image.shape[1:]) < 1:
+        raise CliError(f"cannot read image {str(path)!r}: it has no pixels")
     return image
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from .._argtypes import add_runtime_options, non_negative_int, positive_int
-from . import _inputs, _outputs
+from . import _figure_options, _inputs, _outputs
 from ._common import EXIT_OK, Command
 
 
@@ -38,14 +38,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch-size", type=positive_int, default=8, help="images per method call (default: 8)"
     )
+    _figure_options.add_param_option(parser)
+    _figure_options.add_figure_options(parser)
     add_runtime_options(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..figures import comparison_grid
+    from ..figures import SALIENCY_CMAP, comparison_grid
 
     out = _outputs.output_file(args.out)
-    methods = _inputs.methods(args.methods)
+    methods = _figure_options.methods(args.methods, args.param)
+    cmap = _figure_options.colour_map(args.cmap)
     paths = _inputs.image_paths(args.images)
     images = [_inputs.read_image(p) for p in paths]
     device = _inputs.device(args.device)
@@ -63,8 +66,13 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         progress=_inputs.progress(args),
         title=f"{loaded.name} ({_inputs.weights_label(loaded)})",
+        percentile=args.percentile,
+        overlay_maps=args.overlay,
+        alpha=args.alpha,
+        note=_figure_options.parameters_note(methods),
+        cmap=cmap or SALIENCY_CMAP,
     )
-    _outputs.save(figure, out)
+    _outputs.save(figure, out, dpi=args.dpi)
     print(f"wrote {out}")
     return EXIT_OK
 
@@ -77,5 +85,5 @@ COMMAND = Command(
     description="Load a classifier and PNG/JPEG images, preprocess them with the model's "
     "transform, and write a grid: one row per image, one column per method.",
     epilog="example: captum-fullgrad compare --model vgg16_bn --images photos/ --out grid.png "
-    "--methods fullgrad,gradcam,smoothgrad",
+    "--methods fullgrad,gradcam,smoothgrad --param smoothgrad.nt_samples=10 --overlay",
 )

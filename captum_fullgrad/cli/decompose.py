@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 from .._argtypes import add_runtime_options, non_negative_int, positive_int
-from . import _inputs, _outputs
+from . import _figure_options, _inputs, _outputs
 from ._common import EXIT_OK, CliError, Command
 
 
@@ -26,13 +26,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="class index to decompose (default: predicted class)",
     )
     parser.add_argument("--columns", type=positive_int, default=5, help=argparse.SUPPRESS)
+    _figure_options.add_figure_options(parser, percentile=100.0)
     add_runtime_options(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..figures import decomposition_figure
+    from ..figures import SIGNED_CMAP, decomposition_figure
 
     out = _outputs.output_file(args.out)
+    cmap = _figure_options.colour_map(args.cmap)
     if Path(args.image).expanduser().is_dir():
         raise CliError(f"--image {args.image!r} is a directory; give one PNG or JPEG file")
     image = _inputs.read_image(_inputs.image_paths([args.image])[0])
@@ -47,8 +49,12 @@ def run(args: argparse.Namespace) -> int:
         categories=loaded.categories,
         display_image=display[0],
         max_columns=max(2, args.columns),
+        overlay_maps=args.overlay,
+        alpha=args.alpha,
+        percentile=args.percentile,
+        cmap=cmap or SIGNED_CMAP,
     )
-    _outputs.save(figure, out)
+    _outputs.save(figure, out, dpi=args.dpi)
     print(f"wrote {out}")
     return EXIT_OK
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from .._argtypes import add_runtime_options, positive_int
-from . import _inputs, _outputs
+from . import _figure_options, _inputs, _outputs
 from ._common import EXIT_OK, Command
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -27,7 +27,12 @@ if TYPE_CHECKING:  # pragma: no cover
 # The demo's data: held-out scenes (the bundled model was trained on seed 0 and reports its
 # held-out accuracy on seed 10000; see benchmarks/train_shapes.py).
 DEMO_SEED = 10_000
-DEMO_GRID_DPI = 120
+#: Resolution of the demo's PNG figures (``--dpi``): print quality, see docs/gallery.md.
+DEMO_GRID_DPI = _figure_options.DEFAULT_DPI
+#: The VGG-16-BN grid's expensive methods on a CPU, where the paper's 50 steps / 50 noisy
+#: copies at 224 px took 972 s on 2 cores: 8 each keep the grid to a few minutes (``--param``
+#: overrides them; on a GPU the registered defaults, the paper's parameters, are used).
+CPU_IMAGENET_PARAMS = {"integrated_gradients": {"n_steps": 8}, "smoothgrad": {"nt_samples": 8}}
 # The sample photos shipped with scikit-image (all present offline).
 SKIMAGE_PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
 #: The files every run writes into DIR (``vgg16_bn_grid.png`` too when it is made).
@@ -67,6 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="skip the VGG-16-BN grid even when its weights are cached",
     )
+    _figure_options.add_param_option(parser)
+    _figure_options.add_figure_options(parser)
     add_runtime_options(parser)
 
 
@@ -76,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     from ..datasets import SHAPE_CLASSES, synthetic_shapes
     from ..evaluation import pointing_game
     from ..figures import (
+        SIGNED_CMAP,
         attribution_maps,
         comparison_grid,
         decomposition_figure,
@@ -86,7 +94,14 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     out = _outputs.output_directory(args.out)
-    grid_methods = _inputs.methods(args.methods)
+    grid_methods = _figure_options.methods(args.methods, args.param)
+    cmap = _figure_options.colour_map(args.cmap)
+    figure_options: Dict[str, Any] = {
+        "percentile": args.percentile,
+        "overlay_maps": args.overlay,
+        "alpha": args.alpha,
+        **({"cmap": cmap} if cmap else {}),
+    }
     # Every registered method for the pointing game: Table 5's columns, then the rest.
     every = [
         *DEFAULT_TABLE5_METHODS,
@@ -115,7 +130,13 @@ def run(args: argparse.Namespace) -> int:
     # 2. Table 5 on the first images, predicted classes.
     grid_inputs = loaded.transform(images[: args.n_images]).to(device)
     grid_maps = attribution_maps(
-        model, grid_inputs, None, grid_methods, batch_size=args.batch_size, progress=progress
+        model,
+        grid_inputs,
+        None,
+        grid_methods,
+        batch_size=args.batch_size,
+        progress=progress,
+        description="shapes grid",
     )
     grid = comparison_grid(
         model,
@@ -125,9 +146,10 @@ def run(args: argparse.Namespace) -> int:
         precomputed=grid_maps,
         row_labels=[f"#{i} true: {SHAPE_CLASSES[int(labels[i])]}" for i in range(args.n_images)],
         title=f"Bundled 'shapes' VGG on held-out scenes (seed {args.seed})",
+        note=_figure_options.parameters_note(grid_methods, always=True),
+        **figure_options,
     )
-    # 64 px scenes: 120 dpi still draws each of their pixels 3 x 3 and keeps the PNG small.
-    _outputs.save(grid, out / "comparison_grid.png", dpi=DEMO_GRID_DPI)
+    _outputs.save(grid, out / "comparison_grid.png", dpi=args.dpi)
     _outputs.save(grid, out / "comparison_grid.pdf")
 
     # 3. Figure 1 on the first image.
@@ -138,14 +160,23 @@ def run(args: argparse.Namespace) -> int:
         categories=loaded.categories,
         display_image=images[0],
         summary=summary,
+        overlay_maps=args.overlay,
+        alpha=args.alpha,
+        cmap=cmap or SIGNED_CMAP,
     )
-    _outputs.save(figure, out / "decomposition.png")
+    _outputs.save(figure, out / "decomposition.png", dpi=args.dpi)
 
     # 4. Pointing game and timings, explaining the true class.
     inputs = loaded.transform(images[: args.n_pointing]).to(device)
     truth = labels[: args.n_pointing]
     pointing = attribution_maps(
-        model, inputs, truth, pointing_methods, batch_size=args.batch_size, progress=progress
+        model,
+        inputs,
+        truth,
+        pointing_methods,
+        batch_size=args.batch_size,
+        progress=progress,
+        description="pointing game",
     )
     object_masks = masks[: args.n_pointing]
     hits = {
@@ -155,8 +186,11 @@ def run(args: argparse.Namespace) -> int:
     chance = float(object_masks.flatten(1).float().mean(1).mean())
 
     # 5. Completeness of eq. 1 (FullGradient's convergence delta) on the same images.
+    from tqdm.auto import tqdm
+
     gaps, outputs = [], []
-    for start in range(0, args.n_pointing, args.batch_size):
+    starts = range(0, args.n_pointing, args.batch_size)
+    for start in tqdm(starts, desc="completeness", disable=not progress, leave=False):
         part = inputs[start : start + args.batch_size]
         target = truth[start : start + args.batch_size].to(device)
         _, delta = FullGradient(model).attribute(
@@ -170,7 +204,14 @@ def run(args: argparse.Namespace) -> int:
 
     # 6. The ImageNet grid, where VGG-16-BN's weights are cached.
     imagenet, vgg_grid = _imagenet_section(
-        out, device, grid_methods, progress, args.batch_size, args.skip_imagenet
+        out,
+        device,
+        grid_methods,
+        progress,
+        args.batch_size,
+        args.skip_imagenet,
+        figure_options=figure_options,
+        dpi=args.dpi,
     )
 
     wall = time.perf_counter() - started
@@ -242,10 +283,16 @@ def _imagenet_section(
     progress: bool,
     batch_size: int,
     skip: bool,
+    *,
+    figure_options: Optional[Dict[str, Any]] = None,
+    dpi: int = DEMO_GRID_DPI,
 ) -> Tuple[str, Optional[Path]]:
     """Make ``vgg16_bn_grid.png`` when VGG-16-BN's ImageNet weights are in the torch hub
     cache (never downloads); return the report's section about it and the grid's path
-    (None when not made)."""
+    (None when not made).
+
+    On a CPU, :data:`CPU_IMAGENET_PARAMS` replace the expensive methods' defaults (unless
+    ``--param`` set them); the figure's footnote and the report state what was used."""
     import torch
 
     cached, weights, path = _imagenet_cached()
@@ -264,16 +311,25 @@ def _imagenet_section(
             f"scikit-image, matplotlib and (if installed) scikit-learn.\n"
         ), None
 
-    from ..figures import attribution_maps, comparison_grid
+    from ..figures import attribution_maps, comparison_grid, format_probability
 
     loaded = _inputs.load_model("vgg16_bn", "DEFAULT", device)
     photos = sample_photos()
     images = [torch.from_numpy(array).permute(2, 0, 1).contiguous() for _, array in photos]
     inputs, display = _inputs.prepare(loaded, images)
     inputs = inputs.to(device)
+    methods = _device_parameters(methods, device)
+    note = _figure_options.parameters_note(methods, always=True)
     started = time.perf_counter()
     maps = attribution_maps(
-        loaded.model, inputs, None, methods, batch_size=min(batch_size, 4), progress=progress
+        loaded.model,
+        inputs,
+        None,
+        methods,
+        # One photo per step on a CPU, so that the progress bar moves every few seconds.
+        batch_size=1 if device.type == "cpu" else min(batch_size, 4),
+        progress=progress,
+        description="VGG-16-BN grid",
     )
     figure = comparison_grid(
         loaded.model,
@@ -283,21 +339,40 @@ def _imagenet_section(
         precomputed=maps,
         row_labels=[name for name, _ in photos],
         title="VGG-16-BN (ImageNet) on sample photos",
+        note=note,
+        **(figure_options or {}),
     )
     grid_path = out / "vgg16_bn_grid.png"
-    _outputs.save(figure, grid_path)
+    _outputs.save(figure, grid_path, dpi=dpi)
     seconds = time.perf_counter() - started
     lines = [
         "![VGG-16-BN grid](vgg16_bn_grid.png)\n",
-        f"{len(photos)} photos, {seconds:.1f} s for all maps on {device.type}. Predictions:\n",
+        f"{len(photos)} photos, {seconds:.1f} s for all maps on {device.type}"
+        f"{' (' + note.rstrip('.') + ')' if note else ''}. Predictions:\n",
         "| photo | predicted class | p |",
         "|---|---|---|",
     ]
     for row, ((name, _), k) in enumerate(zip(photos, maps.predictions.tolist())):
         lines.append(
-            f"| {name} | {loaded.categories[k]} | {float(maps.probabilities[row, k]):.3f} |"
+            f"| {name} | {loaded.categories[k]} "
+            f"| {format_probability(float(maps.probabilities[row, k]))} |"
         )
     return "\n".join(lines) + "\n", grid_path
+
+
+def _device_parameters(methods: List[Any], device: "torch.device") -> List[Any]:
+    """On a CPU, :data:`CPU_IMAGENET_PARAMS` for the parameters ``--param`` left unset."""
+    if device.type != "cpu":
+        return methods
+    configured = []
+    for method in methods:
+        cheaper = {
+            key: value
+            for key, value in CPU_IMAGENET_PARAMS.get(method.name, {}).items()
+            if key not in method.params
+        }
+        configured.append(method.configure(**cheaper) if cheaper else method)
+    return configured
 
 
 def _demo_report(
