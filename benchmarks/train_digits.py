@@ -89,6 +89,29 @@ DOC_PATH = ROOT / "docs" / "training.md"
 MATCHING_METHODS = list(MATCHING_PRESETS)
 REGULARISERS = ["dropout", "bias_weight_decay", "bias_jacobian"]
 
+#: The orderings the paper reports (better, worse) in its low-data columns: Tables 2/3 (each
+#: method above the previous baseline; full-Jacobians + attention best) and Table 4 (the
+#: bias-Jacobian penalty above no regularisation, dropout and bias weight decay).
+ORDERINGS: Dict[str, List[Tuple[str, str]]] = {
+    "distillation": [
+        ("activation", "cross_entropy"),
+        ("i_jacobian", "activation"),
+        ("full_jacobian", "i_jacobian"),
+        ("attention", "activation"),
+        ("i_jacobian_attention", "i_jacobian"),
+        ("full_jacobian_attention", "i_jacobian_attention"),
+        ("full_jacobian_attention", "attention"),
+        ("full_jacobian_attention", "cross_entropy"),
+    ],
+    "regularisation": [
+        ("bias_jacobian", "none"),
+        ("bias_jacobian", "dropout"),
+        ("bias_jacobian", "bias_weight_decay"),
+        ("dropout", "none"),
+        ("bias_weight_decay", "none"),
+    ],
+}
+
 # The seed paper's CIFAR-10 Table 3 (mean ± std over two runs; columns: examples per class).
 PAPER_TABLE3 = {
     "columns": [50, 100, 500, 1000, 5000],
@@ -386,8 +409,8 @@ def sign_flip_p_value(differences: Sequence[float]) -> float:
 
     Under the null the sign of each paired difference is a fair coin; the p-value is the
     share of the ``2^n`` sign patterns whose mean is at least as far from 0 as the observed
-    one (the observed pattern included, so it is never below ``2 / 2^n`` when the
-    differences are not all zero... and exactly 1 when they are).
+    one. The observed pattern and its mirror image always count, so ``p >= 2 / 2^n``: 0.031
+    with 6 differences, 0.0625 with 5. All-zero differences give ``p = 1``.
     """
     n = len(differences)
     observed = abs(sum(differences)) - 1e-12
@@ -548,6 +571,7 @@ def run_all(config: Dict[str, Any], runner: Runner) -> Dict[str, Any]:
     reg_grid_done = {s: False for s in r_sizes}
     matching_done = {m: False for m in MATCHING_METHODS}
     teacher_result: Optional[Dict[str, Any]] = None
+    finals_submitted = False
     results = runner.results
 
     def of(phase: str, **match: Any) -> List[Dict[str, Any]]:
@@ -593,20 +617,6 @@ def run_all(config: Dict[str, Any], runner: Runner) -> Dict[str, Any]:
             chosen_scale[method] = scale
             validation["matching"][method] = means
             runner.log(f"chosen scale for {method}: {scale} (validation {means})")
-            for per_class in d_sizes:
-                for seed in seeds:
-                    runner.submit(
-                        {
-                            "phase": "distillation",
-                            "method": method,
-                            "per_class": per_class,
-                            "seed": seed,
-                            **base,
-                            "scale": scale,
-                            "evaluate_on": "test",
-                            "teacher_state": runner.teacher_state,
-                        }
-                    )
         # Regularisation strength chosen per size once its grid is complete.
         for per_class in r_sizes:
             expected = sum(len(grid[m]) for m in REGULARISERS) * len(val_seeds)
@@ -628,19 +638,43 @@ def run_all(config: Dict[str, Any], runner: Runner) -> Dict[str, Any]:
                 )
                 chosen_strength[str(per_class)][method] = strength
                 validation["regularisation"][str(per_class)][method] = means
-                for seed in seeds:
-                    runner.submit(
-                        {
-                            "phase": "regularisation",
-                            "method": method,
-                            "per_class": per_class,
-                            "seed": seed,
-                            **base,
-                            "strength": strength,
-                            "evaluate_on": "test",
-                        }
-                    )
             runner.log(f"chosen strengths at {per_class}/class: {chosen_strength[str(per_class)]}")
+        if not finals_submitted and all(matching_done.values()) and all(reg_grid_done.values()):
+            # Every choice is made: the final runs, in the order that leaves the most useful
+            # tables if the run is cut short: the first 5 seeds before any later one (5 paired
+            # seeds are enough for the t-test), size by size (distillation, then
+            # regularisation), and within a size seed by seed, so that every method has the
+            # same seeds.
+            finals_submitted = True
+            groups = [seeds[:5], seeds[5:]] if len(seeds) > 5 else [seeds]
+            for group, index in itertools.product(groups, range(max(len(d_sizes), len(r_sizes)))):
+                for seed in group:
+                    for method in MATCHING_METHODS if index < len(d_sizes) else []:
+                        runner.submit(
+                            {
+                                "phase": "distillation",
+                                "method": method,
+                                "per_class": d_sizes[index],
+                                "seed": seed,
+                                **base,
+                                "scale": chosen_scale[method],
+                                "evaluate_on": "test",
+                                "teacher_state": runner.teacher_state,
+                            }
+                        )
+                for seed in group:
+                    for method in REGULARISERS if index < len(r_sizes) else []:
+                        runner.submit(
+                            {
+                                "phase": "regularisation",
+                                "method": method,
+                                "per_class": r_sizes[index],
+                                "seed": seed,
+                                **base,
+                                "strength": chosen_strength[str(r_sizes[index])][method],
+                                "evaluate_on": "test",
+                            }
+                        )
     if teacher_result is None:
         raise RuntimeError("the teacher did not run")
     teacher = {k: v for k, v in teacher_result.items() if k != "state"}
@@ -695,15 +729,51 @@ def summarise(config: Dict[str, Any], runs: Sequence[Dict[str, Any]]) -> Dict[st
                     paired[method][str(per_class)] = paired_comparison(
                         [acc[s] for s in both], [baseline[s] for s in both]
                     )
-        out[table] = {"cells": cells, "paired": paired}
+        orderings: List[Dict[str, Any]] = []
+        for better, worse in ORDERINGS[table]:
+            for per_class in sizes:
+                a, b = (
+                    accuracies(
+                        ["baseline"] if m in ("cross_entropy", "none") else [phase],
+                        "cross_entropy" if m in ("cross_entropy", "none") else m,
+                        per_class,
+                    )
+                    for m in (better, worse)
+                )
+                both = [s for s in config["seeds"] if s in a and s in b]
+                if len(both) >= 2:
+                    comparison = paired_comparison([a[s] for s in both], [b[s] for s in both])
+                    orderings.append(
+                        {
+                            "better": better,
+                            "worse": worse,
+                            "per_class": per_class,
+                            **comparison,
+                            "verdict": verdict(comparison),
+                        }
+                    )
+        out[table] = {"cells": cells, "paired": paired, "orderings": orderings}
     return out
 
 
+def verdict(comparison: Dict[str, Any]) -> str:
+    """``reproduced`` / ``reversed`` when the 95 % interval of the paired difference
+    excludes 0 on the paper's / the other side; ``within noise`` otherwise."""
+    low = comparison["mean"] - comparison["ci95"]
+    high = comparison["mean"] + comparison["ci95"]
+    if low > 0:
+        return "reproduced"
+    if high < 0:
+        return "reversed"
+    return "within noise"
+
+
 # --------------------------------------------------------------------------- report
-def _cell(stats: Optional[Dict[str, Any]]) -> str:
+def _cell(stats: Optional[Dict[str, Any]], seeds: int) -> str:
     if not stats:
         return "–"
-    return f"{stats['mean']:.1f} ± {stats['ci95']:.1f}"
+    n = "" if stats["n"] == seeds else f" (n={stats['n']})"
+    return f"{stats['mean']:.1f} ± {stats['ci95']:.1f}{n}"
 
 
 def _delta(stats: Optional[Dict[str, Any]]) -> str:
@@ -721,6 +791,7 @@ def _table(
     methods: Sequence[str],
     sizes: Sequence[int],
     papers: Sequence[Tuple[str, Dict[str, Any], Sequence[int]]],
+    seeds: int,
 ) -> List[str]:
     """Our cells per size, then the chosen columns of each ``(label, paper table, columns)``."""
     header = ["# examples / class →", *[str(s) for s in sizes]]
@@ -729,7 +800,7 @@ def _table(
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method in methods:
         cells = summary["cells"].get(method, {})
-        row = [METHOD_LABELS[method], *[_cell(cells.get(str(s))) for s in sizes]]
+        row = [METHOD_LABELS[method], *[_cell(cells.get(str(s)), seeds) for s in sizes]]
         for _, paper, columns in papers:
             row += [paper["rows"][method][paper["columns"].index(c)] for c in columns]
         lines.append("| " + " | ".join(row) + " |")
@@ -747,6 +818,24 @@ def _paired_table(
             "| "
             + " | ".join([METHOD_LABELS[method], *[_delta(paired.get(str(s))) for s in sizes]])
             + " |"
+        )
+    return lines
+
+
+def _orderings_table(summary: Dict[str, Any]) -> List[str]:
+    lines = [
+        "| paper's ordering | per class | Δ (points) [95 % CI] | p (t / sign-flip) | "
+        "Δ / seed std of the worse row | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for o in summary["orderings"]:
+        low, high = o["mean"] - o["ci95"], o["mean"] + o["ci95"]
+        noise = o["baseline_std"]
+        ratio = f"{o['mean'] / noise:+.1f}" if noise > 0 else "–"
+        lines.append(
+            f"| {METHOD_LABELS[o['better']]} > {METHOD_LABELS[o['worse']]} | {o['per_class']} | "
+            f"{o['mean']:+.1f} [{low:+.1f}, {high:+.1f}] | {o['p_t']:.3f} / {o['p_sign_flip']:.3f} "
+            f"| {ratio} | {o['verdict']} |"
         )
     return lines
 
@@ -777,6 +866,7 @@ def markdown(config: Dict[str, Any], payload: Dict[str, Any]) -> str:
             DISTILLATION_METHODS,
             d_sizes,
             [("C100", PAPER_TABLE2, [5, 10, 50]), ("C10", PAPER_TABLE3, [50, 100])],
+            n,
         ),
         "",
     ]
@@ -786,6 +876,13 @@ def markdown(config: Dict[str, Any], payload: Dict[str, Any]) -> str:
         f"(smallest attainable {2 / 2**n:.3f}).",
         "",
         *_paired_table(summary["distillation"], DISTILLATION_METHODS[1:], d_sizes),
+        "",
+    ]
+    lines += [
+        "The paper's distillation orderings, paired by seed (verdict: the 95 % interval of the "
+        "difference is above 0, below 0, or contains it):",
+        "",
+        *_orderings_table(summary["distillation"]),
         "",
     ]
     strengths = "; ".join(
@@ -803,23 +900,116 @@ def markdown(config: Dict[str, Any], payload: Dict[str, Any]) -> str:
             REGULARISATION_METHODS,
             r_sizes,
             [("C100", PAPER_TABLE4, [50, 100, 500])],
+            n,
         ),
         "",
         "Paired differences to no regularisation, as above.",
         "",
         *_paired_table(summary["regularisation"], REGULARISATION_METHODS[1:], r_sizes),
         "",
-        "Wall time {:.1f} min on {} CPU cores ({} worker processes × {} thread, {:.1f} CPU-min "
-        "in the workers), torch {}.".format(
-            payload["wall_seconds"] / 60,
-            payload["environment"]["cpu_count"],
+        "The paper's regularisation orderings, as above:",
+        "",
+        *_orderings_table(summary["regularisation"]),
+        "",
+        "{}{:.1f} CPU-min in the training processes ({} worker processes × {} thread on {} "
+        "CPU cores), torch {}.{}".format(
+            f"Wall time {payload['wall_seconds'] / 60:.1f} min; "
+            if payload.get("wall_seconds")
+            else "",
+            payload["cpu_seconds"] / 60,
             config["workers"],
             config["threads_per_worker"],
-            payload["cpu_seconds"] / 60,
+            payload["environment"]["cpu_count"],
             torch.__version__,
+            ""
+            if payload.get("complete", True)
+            else f" **Incomplete run: {payload['missing_final_runs']} final trainings missing; "
+            "cells with fewer seeds say n.**",
         ),
     ]
     return "\n".join(lines)
+
+
+def build_payload(
+    config: Dict[str, Any],
+    runs: Sequence[Dict[str, Any]],
+    wall_seconds: Optional[float],
+    runs_name: str,
+) -> Dict[str, Any]:
+    """The results file: configuration, choices made on validation, summary, every run.
+
+    The choices are re-derived from the validation runs with the rule of :func:`run_all`,
+    so the same function serves a finished run and one that was cut short.
+    """
+    runs = [r for r in runs if "accuracy" in r]
+    teacher = next(
+        ({k: v for k, v in r.items() if k != "state"} for r in runs if r["phase"] == "teacher"),
+        None,
+    )
+    chosen_scale: Dict[str, Any] = {}
+    chosen_strength: Dict[str, Dict[str, Any]] = {}
+    validation: Dict[str, Any] = {"matching": {}, "regularisation": {}}
+    for method in MATCHING_METHODS:
+        grid_runs = [r for r in runs if r["phase"] == "match_grid" and r["method"] == method]
+        if grid_runs:
+            scales = config["matching_grid"]["scales"] if method != "activation" else [None]
+            chosen_scale[method], validation["matching"][method] = choose(
+                grid_runs, "scale", scales
+            )
+    for per_class in config["regularisation_sizes"]:
+        key = str(per_class)
+        base = [
+            r["accuracy"]
+            for r in runs
+            if r["phase"] == "val_baseline" and r["per_class"] == per_class
+        ]
+        validation["regularisation"][key] = {"none": statistics.fmean(base) if base else None}
+        for method in REGULARISERS:
+            grid_runs = [
+                r
+                for r in runs
+                if r["phase"] == "reg_grid"
+                and r["method"] == method
+                and r["per_class"] == per_class
+            ]
+            if grid_runs:
+                strength, means = choose(
+                    grid_runs, "strength", config["regularisation_grid"][method]
+                )
+                chosen_strength.setdefault(key, {})[method] = strength
+                validation["regularisation"][key][method] = means
+    expected = len(config["seeds"]) * (
+        len(config["distillation_sizes"]) * len(MATCHING_METHODS)
+        + len(config["regularisation_sizes"]) * len(REGULARISERS)
+    )
+    finals = sum(r["phase"] in ("distillation", "regularisation") for r in runs)
+    return {
+        "config": config,
+        "environment": {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "cpu_count": os.cpu_count(),
+        },
+        "complete": finals >= expected,
+        "missing_final_runs": max(expected - finals, 0),
+        "teacher": teacher,
+        "student_layers": num_layers(make_model(config, "student", 0)),
+        "regularised_layer": next(
+            (r["layer"] for r in runs if r["phase"] == "regularisation"), None
+        ),
+        "chosen_scale": chosen_scale,
+        "chosen_strength": chosen_strength,
+        "validation": validation,
+        "summary": summarise(config, runs),
+        "paper": {
+            "table2_cifar100": PAPER_TABLE2,
+            "table3_cifar10": PAPER_TABLE3,
+            "table4_cifar100": PAPER_TABLE4,
+        },
+        "wall_seconds": wall_seconds,
+        "cpu_seconds": sum(r.get("cpu_seconds", 0.0) for r in runs),
+        "runs_file": runs_name,
+    }
 
 
 def marks(dataset: str) -> Tuple[str, str]:
@@ -860,6 +1050,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         action="store_true",
         help="train nothing: rewrite the doc's tables from the results file of an earlier run",
     )
+    parser.add_argument(
+        "--from-runs",
+        action="store_true",
+        help="(--report) rebuild the results file from the per-job log, e.g. of a run that was "
+        "cut short (choices re-derived from the validation runs, the configuration from the "
+        "defaults and --workers)",
+    )
     args = parser.parse_args(argv)
     config = default_config(args.dataset, args.smoke)
     if args.workers:
@@ -867,7 +1064,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     stem = f"training_{args.dataset}" + ("_smoke" if args.smoke else "")
     results_path = args.results or RESULTS_DIR / f"{stem}.json"
     if args.report:
-        payload = json.loads(results_path.read_text())
+        runs_file = results_path.with_name(results_path.stem + "_runs.jsonl")
+        if args.from_runs:
+            runs = [json.loads(line) for line in runs_file.read_text().splitlines() if line]
+            payload = build_payload(config, runs, None, runs_file.name)
+            results_path.write_text(json.dumps(payload, indent=1) + "\n")
+        else:
+            payload = json.loads(results_path.read_text())
         text = markdown(payload["config"], payload)
         print(text)
         if not args.no_doc:
@@ -901,39 +1104,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             # Resumed jobs are re-logged so the runs file stays complete.
             runs_path.write_text("".join(json.dumps(r) + "\n" for r in previous.values()))
         results = run_all(config, runner)
-    student = make_model(config, "student", 0)
-    runs = results["runs"]
-    payload = {
-        "config": config,
-        "environment": {
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "cpu_count": os.cpu_count(),
-        },
-        "teacher": results["teacher"],
-        "student_layers": num_layers(student),
-        "regularised_layer": next(
-            (r["layer"] for r in runs if r["phase"] == "regularisation"), None
-        ),
-        "chosen_scale": results["chosen_scale"],
-        "chosen_strength": results["chosen_strength"],
-        "validation": results["validation"],
-        "summary": summarise(config, runs),
-        "paper": {
-            "table2_cifar100": PAPER_TABLE2,
-            "table3_cifar10": PAPER_TABLE3,
-            "table4_cifar100": PAPER_TABLE4,
-        },
-        "wall_seconds": results["wall_seconds"],
-        "cpu_seconds": sum(r.get("cpu_seconds", 0.0) for r in runs),
-        "runs_file": runs_path.name,
-    }
+    payload = build_payload(config, results["runs"], results["wall_seconds"], runs_path.name)
     results_path.write_text(json.dumps(payload, indent=1) + "\n")
     text = markdown(config, payload)
     print(text)
     if not args.no_doc and not args.smoke:
         write_doc(text, args.doc, *marks(args.dataset))
     log(f"wall time {results['wall_seconds']:.0f} s; wrote {results_path} and {runs_path}")
+    if not payload["complete"]:
+        log(f"INCOMPLETE: {payload['missing_final_runs']} final runs missing")
     return 0
 
 

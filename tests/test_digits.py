@@ -119,8 +119,8 @@ def test_sign_flip_p_value_is_exact(train_digits):
     assert p([1.0, 2.0, 0.5, 3.0, 1.5, 2.5]) == pytest.approx(2 / 64)  # can reach 0.05 at n = 6
     assert p([1.0, 2.0, 0.5, 3.0, 1.5]) == pytest.approx(2 / 32)  # cannot at n = 5
     assert p([0.0, 0.0, 0.0]) == 1.0
-    # One of 2^3 = 8 patterns per side is as extreme: [1, 1, -1] has |sum| 1; patterns with
-    # |sum| >= 1 are all but none, so p = 1; [3, 1, 1]: |sum| 5, only +-(1,1,1): 2/8.
+    # [1, 1, -1]: every one of the 8 sign patterns has an odd sum, so |sum| >= 1 = observed;
+    # [3, 1, 1]: |sum| = 5 only for (+, +, +) and (-, -, -), so 2/8.
     assert p([1.0, 1.0, -1.0]) == 1.0
     assert p([3.0, 1.0, 1.0]) == pytest.approx(2 / 8)
 
@@ -140,3 +140,44 @@ def test_paired_comparison_interval_and_t_test(train_digits):
     assert result["p_sign_flip"] == pytest.approx(2 / 64)
     with pytest.raises(ValueError, match="paired with"):
         train_digits.paired_comparison(values, baseline[:5])
+
+
+def test_summary_pairs_by_seed_and_judges_orderings(train_digits):
+    config = train_digits.default_config("digits")
+    config.update(seeds=[0, 1, 2, 3, 4, 5], distillation_sizes=[5], regularisation_sizes=[10])
+    ce = [0.80, 0.84, 0.78, 0.90, 0.82, 0.86]
+    runs = [
+        {"phase": "baseline", "method": "cross_entropy", "per_class": n, "seed": s, "accuracy": a}
+        for n in (5, 10)
+        for s, a in enumerate(ce)
+    ]
+    # Activation matching: +2 points on every seed (far below the seed spread of 4 points,
+    # yet certain when paired); attention: same as activation but one seed missing.
+    runs += [
+        {"phase": "distillation", "method": "activation", "per_class": 5, "seed": s, "accuracy": a}
+        for s, a in enumerate(a + 0.02 for a in ce)
+    ]
+    runs += [
+        {"phase": "distillation", "method": "attention", "per_class": 5, "seed": s, "accuracy": a}
+        for s, a in enumerate(a + 0.02 for a in ce[:5])
+    ]
+    runs += [
+        {"phase": "regularisation", "method": "dropout", "per_class": 10, "seed": s, "accuracy": a}
+        for s, a in enumerate(a + (0.01 if i % 2 else -0.01) for i, a in enumerate(ce))
+    ]
+    summary = train_digits.summarise(config, runs)
+    cells = summary["distillation"]["cells"]
+    assert cells["cross_entropy"]["5"]["mean"] == pytest.approx(100 * sum(ce) / 6)
+    assert cells["attention"]["5"]["n"] == 5
+    paired = summary["distillation"]["paired"]["activation"]["5"]
+    assert paired["mean"] == pytest.approx(2.0) and paired["ci95"] == pytest.approx(0.0, abs=1e-9)
+    assert paired["p_sign_flip"] == pytest.approx(2 / 64) and paired["p_t"] < 1e-6
+    orderings = {(o["better"], o["worse"]): o for o in summary["distillation"]["orderings"]}
+    assert orderings[("activation", "cross_entropy")]["verdict"] == "reproduced"
+    # Paired on the 5 seeds both have: attention equals activation there.
+    assert orderings[("attention", "activation")]["n"] == 5
+    assert orderings[("attention", "activation")]["verdict"] == "within noise"
+    dropout = {(o["better"], o["worse"]): o for o in summary["regularisation"]["orderings"]}
+    assert dropout[("dropout", "none")]["mean"] == pytest.approx(0.0, abs=1e-9)
+    assert dropout[("dropout", "none")]["verdict"] == "within noise"
+    assert train_digits.verdict({"mean": -1.0, "ci95": 0.5}) == "reversed"
