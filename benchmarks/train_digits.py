@@ -30,7 +30,7 @@ patterns; its smallest attainable p-value is ``2 / 2^n``, 0.031 with 6 seeds).
 Every finished job is appended to ``benchmarks/results/training_digits_runs.jsonl`` at once,
 so an interrupted run keeps its results and ``--resume`` skips them::
 
-    python benchmarks/train_digits.py           # the full run (about 25-30 min on 2 quiet cores)
+    python benchmarks/train_digits.py           # the full run (15 CPU-min: ~8 min on 2 quiet cores)
     python benchmarks/train_digits.py --smoke   # the whole pipeline on tiny sizes, about 1 min
 """
 
