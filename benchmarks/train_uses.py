@@ -134,11 +134,16 @@ class VGG(nn.Module):
     """
 
     def __init__(
-        self, widths: Sequence[int], convs_per_stage: int, num_classes: int, dropout: float = 0.0
+        self,
+        widths: Sequence[int],
+        convs_per_stage: int,
+        num_classes: int,
+        dropout: float = 0.0,
+        in_channels: int = 3,
     ) -> None:
         super().__init__()
         layers: List[nn.Module] = []
-        channels = 3
+        channels = in_channels
         for stage, width in enumerate(widths):
             for conv in range(convs_per_stage):
                 layers += [
@@ -180,7 +185,8 @@ def default_config(smoke: bool = False) -> Dict[str, Any]:
             "lr": 3e-3,
         },
         "student": {"widths": [16, 32, 64], "convs_per_stage": 2},
-        # Distillation students: double backpropagation costs ~4 plain steps, so fewer, smaller steps.
+        # Distillation students: double backpropagation costs ~4 plain steps, so fewer,
+        # smaller steps.
         "train": {"steps": 100, "batch_size": 16, "lr": 3e-3},
         "regularisation_train": {"steps": 150, "batch_size": 32, "lr": 3e-3},
         "distillation_sizes": [5, 10, 50],
@@ -281,8 +287,11 @@ def fit(
     batch_size: int,
     lr: float,
     seed: int,
+    augment: Callable[[Tensor, torch.Generator], Tensor] = random_symmetry,
 ) -> None:
-    """Adam with a one-cycle schedule, ``steps`` minibatches drawn epoch by epoch."""
+    """Adam with a one-cycle schedule, ``steps`` minibatches drawn epoch by epoch, each
+    minibatch passed through ``augment`` (default: the square's symmetries, which keep the
+    shapes' classes)."""
     generator = torch.Generator().manual_seed(seed)
     optimiser = torch.optim.Adam(model.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
@@ -295,7 +304,7 @@ def fit(
             order = torch.randperm(len(images), generator=generator)
         index, order = order[:batch_size], order[batch_size:]
         model.train()
-        loss = loss_fn(model, random_symmetry(images[index], generator), labels[index])
+        loss = loss_fn(model, augment(images[index], generator), labels[index])
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
@@ -438,7 +447,8 @@ def run_all(config: Dict[str, Any], log: Callable[[str], None]) -> Dict[str, Any
         def submit(job: Dict[str, Any]):
             return executor.submit(run_job, config, job)
 
-        # Phase 1: the teacher, the regularisation grid and the unregularised runs need nothing else.
+        # Phase 1: the teacher, the regularisation grid and the unregularised runs need
+        # nothing else.
         pending = {submit({"kind": "teacher"})}
         for method in ("dropout", "bias_weight_decay", "bias_jacobian"):
             for strength in grid[method]:
@@ -505,8 +515,9 @@ def run_all(config: Dict[str, Any], log: Callable[[str], None]) -> Dict[str, Any
                     teacher_state = r.pop("state")
                     results["teacher"] = r
                     log(
-                        f"teacher: {r['num_layers']} layers, test accuracy {100 * r['accuracy']:.1f} %, "
-                        f"{r['seconds']:.0f} s [{time.perf_counter() - start:.0f} s]"
+                        f"teacher: {r['num_layers']} layers, test accuracy "
+                        f"{100 * r['accuracy']:.1f} %, {r['seconds']:.0f} s "
+                        f"[{time.perf_counter() - start:.0f} s]"
                     )
                     for per_class in config["distillation_sizes"]:
                         for seed in config["seeds"]:
@@ -532,8 +543,9 @@ def run_all(config: Dict[str, Any], log: Callable[[str], None]) -> Dict[str, Any
                     }[kind]
                 ].append(r)
                 log(
-                    f"{kind:>14} {r['method']:>24} {r.get('strength')!s:>6} {r['per_class']:>4}/class seed {r['seed']}: "
-                    f"{100 * r['accuracy']:.1f} % ({r['seconds']:.0f} s) [{time.perf_counter() - start:.0f} s]"
+                    f"{kind:>14} {r['method']:>24} {r.get('strength')!s:>6} "
+                    f"{r['per_class']:>4}/class seed {r['seed']}: {100 * r['accuracy']:.1f} % "
+                    f"({r['seconds']:.0f} s) [{time.perf_counter() - start:.0f} s]"
                 )
                 if kind == "grid":
                     grid_left -= 1
@@ -588,7 +600,8 @@ def matching_grid(
         if teacher_cache is not None:
             torch.save(teacher, teacher_cache)
     log(
-        f"teacher: test {100 * teacher['accuracy']:.1f} %, validation {100 * teacher['val_accuracy']:.1f} %"
+        f"teacher: test {100 * teacher['accuracy']:.1f} %, "
+        f"validation {100 * teacher['val_accuracy']:.1f} %"
     )
     jobs = []
     for scale in scales:
@@ -638,8 +651,9 @@ def matching_grid(
         for r in executor.map(run_job, [config] * len(jobs), jobs):
             rows.append(r)
             log(
-                f"{r['method']:>24} {r.get('matching_scale')} seed {r['seed']}: {100 * r['accuracy']:.1f} % "
-                f"({r['seconds']:.0f} s) [{time.perf_counter() - start:.0f} s]"
+                f"{r['method']:>24} {r.get('matching_scale')} seed {r['seed']}: "
+                f"{100 * r['accuracy']:.1f} % ({r['seconds']:.0f} s) "
+                f"[{time.perf_counter() - start:.0f} s]"
             )
     return {
         "per_class": per_class,
@@ -712,8 +726,8 @@ def markdown_tables(config: Dict[str, Any], results: Dict[str, Any], tables: Dic
         f"{config['image_size']} px, {len(SHAPE_CLASSES)} classes; held-out accuracy (%) on "
         f"{config['test_size']} scenes, mean ± std over {len(config['seeds'])} seeds. Teacher "
         f"VGG-{teacher['num_layers']} trained on {config['pool_size']} scenes: "
-        f"{100 * teacher['accuracy']:.1f} %. Student VGG-{results['student_layers']}. Beside: the paper's CIFAR-100 "
-        "Table 2 (VGG-9 teacher 66.82 %, VGG-11 student)."
+        f"{100 * teacher['accuracy']:.1f} %. Student VGG-{results['student_layers']}. Beside: "
+        "the paper's CIFAR-100 Table 2 (VGG-9 teacher 66.82 %, VGG-11 student)."
     )
     lines.append("")
     lines += _table_beside_paper(
@@ -725,10 +739,11 @@ def markdown_tables(config: Dict[str, Any], results: Dict[str, Any], tables: Dic
     lines.append(
         f"**Table B — regularisation** (cf. the paper's Table 4). Student architecture "
         f"VGG-{results['student_layers']} trained with cross-entropy; every regulariser acts on "
-        f"its last convolutional block (`{results['regularised_layer']}`). Strengths chosen on the validation "
-        f"split ({config['grid']['size']} examples/class, seed {config['grid']['seed']}): dropout "
-        f"p = {chosen['dropout']}, bias weight decay λ = {chosen['bias_weight_decay']}, bias-Jacobian "
-        f"λ = {chosen['bias_jacobian']}. Beside: the paper's CIFAR-100 Table 4 "
+        f"its last convolutional block (`{results['regularised_layer']}`). Strengths chosen on "
+        f"the validation split ({config['grid']['size']} examples/class, seed "
+        f"{config['grid']['seed']}): dropout p = {chosen['dropout']}, bias weight decay "
+        f"λ = {chosen['bias_weight_decay']}, bias-Jacobian λ = {chosen['bias_jacobian']}. "
+        "Beside: the paper's CIFAR-100 Table 4 "
         "(p = 0.5, λ = 1e-1, λ = 1e2)."
     )
     lines.append("")
@@ -744,20 +759,24 @@ def markdown_tables(config: Dict[str, Any], results: Dict[str, Any], tables: Dic
     )
     lines.append("")
     lines.append(
-        f"Wall time of the run: {results['wall_seconds'] / 60:.1f} min on {os.cpu_count()} CPU cores "
-        f"({config['workers']} worker processes × {config['threads_per_worker']} thread; "
+        f"Wall time of the run: {results['wall_seconds'] / 60:.1f} min on {os.cpu_count()} "
+        f"CPU cores ({config['workers']} worker processes × {config['threads_per_worker']} thread; "
         f"{results['cpu_seconds'] / 60:.1f} CPU-min in the workers), torch {torch.__version__}."
     )
     return "\n".join(lines)
 
 
-def write_doc(text: str, path: Path = DOC_PATH) -> None:
-    block = f"{BEGIN_MARK}\n{text}\n{END_MARK}"
+def write_doc(
+    text: str, path: Path = DOC_PATH, begin: str = BEGIN_MARK, end: str = END_MARK
+) -> None:
+    """Replace the text between the markers ``begin`` and ``end`` of ``path`` (append both
+    when absent)."""
+    block = f"{begin}\n{text}\n{end}"
     if path.exists():
         doc = path.read_text()
-        if BEGIN_MARK in doc and END_MARK in doc:
-            head, rest = doc.split(BEGIN_MARK, 1)
-            _, tail = rest.split(END_MARK, 1)
+        if begin in doc and end in doc:
+            head, rest = doc.split(begin, 1)
+            _, tail = rest.split(end, 1)
             path.write_text(head + block + tail)
             return
         path.write_text(doc.rstrip() + "\n\n" + block + "\n")
@@ -782,8 +801,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         type=float,
         nargs="+",
         metavar="SCALE",
-        help="instead of the benchmark, run the validation grid that chose the matching weights: every "
-        "non-output weight set to SCALE (results in benchmarks/results/training_uses_matching_grid.json)",
+        help="instead of the benchmark, run the validation grid that chose the matching weights: "
+        "every non-output weight set to SCALE (results in "
+        "benchmarks/results/training_uses_matching_grid.json)",
     )
     parser.add_argument(
         "--teacher-cache", type=Path, default=None, help="(--matching-grid) reuse a trained teacher"

@@ -1,4 +1,4 @@
-"""Training uses of the full-Jacobian: distillation (seed sections 4, 7.1) and regularisation (5, 7.2).
+"""Training uses of the full-Jacobian: distillation (sections 4, 7.1), regularisation (5, 7.2).
 
 Everything here is a differentiable loss term built on one captured forward pass and one
 backward pass with ``create_graph=True`` (double backpropagation), so it can be added to
@@ -32,15 +32,15 @@ masks' values, to the layer's input pathway). The intercept ``c`` is
 - for convolutions and linear layers, the bias parameter itself: differentiable;
 - for BatchNorm in eval mode, ``beta - mu * gamma / sqrt(var + eps)`` with the running
   statistics: differentiable with respect to ``gamma`` and ``beta``;
-- for BatchNorm in train mode (batch statistics), the engine's exact intercept of the
-  batch-normalisation map, computed by forward-mode AD as a *constant*. It equals
-  ``gamma * x_hat * var / (var + eps) + beta``, i.e. almost the whole BatchNorm output
-  (normalisation is scale-invariant in its input, so its linear part ``J x`` is only
-  ``gamma * x_hat * eps / (var + eps)``). The penalty then still differentiates through
-  ``df/dy`` and through the convolution bias of the block, but not through ``gamma``,
-  ``beta`` or the batch statistics. In this regime the BatchNorm term is
-  ``||df/dz * z||^2`` with ``z`` held fixed: the low-noise dropout regulariser of
-  eq. 3 (section 5.1) applied to the block's pre-activation.
+- for BatchNorm in train mode (batch statistics), the engine's closed form of the exact
+  intercept of the batch-normalisation map, ``c = y - (y - beta) * eps / (var + eps)``
+  with ``y = gamma * (z - mu) / sqrt(var + eps) + beta`` and the batch statistics
+  ``mu``, ``var`` of the block's pre-activation ``z`` (normalisation is scale-invariant in
+  its input, so its linear part ``J z`` is only ``(y - beta) * eps / (var + eps)`` and the
+  intercept is almost the whole output). It is built from differentiable operations, so
+  the penalty differentiates through ``gamma``, ``beta`` and the batch statistics (hence
+  through every parameter before the BatchNorm), besides ``df/dy``; ``gradcheck`` tests
+  cover both modes.
 """
 
 from __future__ import annotations
@@ -146,9 +146,10 @@ def _resolve_layers(
             bad = [m for m in members if not m.spatial]
             if bad:
                 raise ValueError(
-                    f"{role} layer {name!r} ({bad[0].op}, output shape {tuple(bad[0].shape)}) is not a "
-                    "spatial map, so it has no channel-summed bias-Jacobian map or attention map to "
-                    f"match. Choose a convolutional block; available {_available(sources)}."
+                    f"{role} layer {name!r} ({bad[0].op}, output shape {tuple(bad[0].shape)}) "
+                    "is not a spatial map, so it has no channel-summed bias-Jacobian map or "
+                    "attention map to match. Choose a convolutional block; available "
+                    f"{_available(sources)}."
                 )
         resolved.append((name, members))
     return resolved
@@ -305,8 +306,8 @@ class _Collector:
         members = dict(self.layers)[key]
         if members[-1] not in self.outputs:
             raise RuntimeError(
-                f"the capture did not hand over the output of layer {key!r}; attention matching needs "
-                "BiasSource.intercept.output at on_source time."
+                f"the capture did not hand over the output of layer {key!r}; attention matching "
+                "needs BiasSource.intercept.output at on_source time."
             )
         return self.outputs[members[-1]]
 
@@ -361,8 +362,8 @@ def bias_jacobian_penalty(
             spatial = _spatial_block_names(collector.sources)
             if not spatial:
                 raise ValueError(
-                    f"{method}: the model has no spatial (convolutional) block for the default layer; "
-                    f"pass layers=... Available {_available(collector.sources)}."
+                    f"{method}: the model has no spatial (convolutional) block for the default "
+                    f"layer; pass layers=... Available {_available(collector.sources)}."
                 )
             chosen = [spatial[-1]]
         else:
@@ -414,7 +415,8 @@ def bias_weight_decay(model: nn.Module, layers: Union[LayerSpec, Sequence[LayerS
         bias = getattr(modules[module_name], "bias", None)
         if not isinstance(bias, Tensor):
             raise ValueError(
-                f"bias_weight_decay: module {module_name!r} ({type(modules[module_name]).__name__}) has no bias."
+                f"bias_weight_decay: module {module_name!r} "
+                f"({type(modules[module_name]).__name__}) has no bias."
             )
         term = bias.pow(2).sum()
         total = term if total is None else total + term
@@ -615,7 +617,7 @@ def full_jacobian_matching_loss(
     distance) and ``n(m) = m / ||m||_2`` per example, the loss is::
 
         w.output         * d(logits_s, logits_t)
-      + w.input_jacobian * d(n(grad_x f_s), n(grad_x f_t))      (n omitted if not normalize_input_jacobian)
+      + w.input_jacobian * d(n(grad_x f_s), n(grad_x f_t))  (no n if not normalize_input_jacobian)
       + w.bias_jacobian  * mean_pairs d(n(R(sum_c f^b_s,l)), n(R(sum_c f^b_t,l')))
       + w.attention      * mean_pairs d(n(R(sum_c A_s,l^2)), n(R(sum_c A_t,l'^2)))
 
@@ -689,7 +691,8 @@ def full_jacobian_matching_loss(
         for pair in pairs:
             if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
                 raise ValueError(
-                    f"{method}: each layer pair must be (student_layer, teacher_layer), got {pair!r}."
+                    f"{method}: each layer pair must be (student_layer, teacher_layer), "
+                    f"got {pair!r}."
                 )
         student_names = _layer_list(student, [p[0] for p in pairs])
         teacher_names = _layer_list(teacher, [p[1] for p in pairs])
@@ -707,9 +710,9 @@ def full_jacobian_matching_loss(
         k = min(num_pairs, len(spatial), counts.get("teacher", 0)) if need_maps else 0
         if need_maps and k == 0:
             raise ValueError(
-                f"{method}: the bias-Jacobian and attention terms need spatial blocks, but the student has "
-                f"{len(spatial)} and the teacher {counts.get('teacher', 0)}; pass layer_pairs or set "
-                "those weights to 0."
+                f"{method}: the bias-Jacobian and attention terms need spatial blocks, but the "
+                f"student has {len(spatial)} and the teacher {counts.get('teacher', 0)}; pass "
+                "layer_pairs or set those weights to 0."
             )
         return spatial[len(spatial) - k :] if k else []
 
@@ -746,14 +749,15 @@ def full_jacobian_matching_loss(
         teacher_layers = teacher_layers[len(teacher_layers) - len(student_layers) :]
     if need_maps and len(student_layers) != len(teacher_layers):  # pragma: no cover - guarded above
         raise ValueError(
-            f"{method}: {len(student_layers)} student layers for {len(teacher_layers)} teacher layers."
+            f"{method}: {len(student_layers)} student layers for {len(teacher_layers)} "
+            "teacher layers."
         )
 
     s_out, t_out = student_run.output, teacher_run.output.detach()
     if not isinstance(s_out, Tensor) or s_out.shape != t_out.shape:
         raise ValueError(
-            f"{method}: student output shape {tuple(getattr(s_out, 'shape', ()))} differs from the teacher's "
-            f"{tuple(t_out.shape)}."
+            f"{method}: student output shape {tuple(getattr(s_out, 'shape', ()))} differs from "
+            f"the teacher's {tuple(t_out.shape)}."
         )
 
     zero = s_out.sum() * 0.0

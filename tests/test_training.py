@@ -132,6 +132,33 @@ def test_penalty_gradcheck_train_mode_conv_bias_and_head():
     assert torch.autograd.gradcheck(penalty, tuple(start), eps=1e-6, atol=1e-7, rtol=1e-4)
 
 
+def test_penalty_gradcheck_train_mode_through_batch_norm():
+    """Train-mode BatchNorm: the intercept's closed form ``y - (y - beta) eps / (var + eps)``
+    is differentiable, so the penalty's gradient must be right through ``gamma``, ``beta``
+    and the batch statistics (the convolution weight feeding the BatchNorm changes its batch
+    mean and variance; an earlier BatchNorm's ``gamma`` changes every later statistic)."""
+    model = vgg(widths=(3, 4)).train()
+    x, y = batch(n=5)
+    last = [b for b in bias_blocks(model, x) if b.spatial][-1]
+    conv_name, bn_name = last.modules
+    assert last.ops == ("conv2d", "batch_norm")
+    names = [f"{bn_name}.weight", f"{bn_name}.bias", f"{conv_name}.weight", "1.weight", "1.bias"]
+    params = dict(model.named_parameters())
+    start = [params[n].detach().clone().requires_grad_(True) for n in names]
+
+    def penalty(*values):
+        return bias_jacobian_penalty(
+            Substituted(model, dict(zip(names, values))), x, y, layers=[f"model.{last.name}"]
+        )
+
+    value = penalty(*start)
+    assert value > 1e-6
+    # Not vacuous: each of these parameters moves the penalty.
+    grads = torch.autograd.grad(value, start)
+    assert all(g.abs().max() > 1e-8 for g in grads)
+    assert torch.autograd.gradcheck(penalty, tuple(start), eps=1e-6, atol=1e-8, rtol=1e-5)
+
+
 def test_penalty_returns_output_and_decreases_under_training():
     model = vgg(seed=1).float().train()
     x, y = batch(n=8, dtype=torch.float32)
@@ -292,7 +319,10 @@ def test_layer_pairing_errors():
     x, y = batch()
     with pytest.raises(
         ValueError,
-        match=r"teacher layer 'bogus'.*Available blocks: 0, 4, 10 \(non-spatial\); single sources: 1, 5",
+        match=(
+            r"teacher layer 'bogus'.*Available blocks: 0, 4, 10 \(non-spatial\); "
+            r"single sources: 1, 5"
+        ),
     ):
         full_jacobian_matching_loss(student, teacher, x, y, layer_pairs=[("0", "bogus")])
     with pytest.raises(ValueError, match=r"student layer '3'.*Available"):
