@@ -266,7 +266,7 @@ def _bad_cases(bad):
         ),
         "repeated method": (
             compare[:3] + ["--methods", "fullgrad,gradcam,FullGrad", "--images", good],
-            "--methods: each method may appear once; repeated: fullgrad",
+            "each method may appear once; repeated: fullgrad",
         ),
         "no method": (compare[:3] + ["--methods", " , ", "--images", good], "at least one"),
         "evaluate without masks": (
