@@ -73,7 +73,8 @@ def build(name: str) -> torch.nn.Module:
 def main() -> int:
     torch.set_num_threads(2)
     rows = [
-        "| model | bias sources | spatial | relative gap float64 (max of 2) | relative gap float32 | bias share of f(x) | s (float64) |",
+        "| model | bias sources | spatial | relative gap float64 (max of 2) "
+        "| relative gap float32 | bias share of f(x) | s (float64) |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name in ZOO:
@@ -99,13 +100,15 @@ def main() -> int:
         share = float(((fj.output - fj.input_term).abs() / fj.output.abs()).min())
         spatial = sum(s.spatial for s in fj.sources.values())
         rows.append(
-            f"| {name} | {len(fj.sources)} | {spatial} | {gap64:.1e} | {gaps[torch.float32][1]:.1e} | {share:.2f} | {seconds:.1f} |"
+            f"| {name} | {len(fj.sources)} | {spatial} | {gap64:.1e} "
+            f"| {gaps[torch.float32][1]:.1e} | {share:.2f} | {seconds:.1f} |"
         )
         print(rows[-1], flush=True)
     table = "\n".join(rows) + "\n"
     out = Path(__file__).parent / "results" / "completeness_zoo.md"
     out.write_text(
-        "Completeness (eq. 1) on random-weight torchvision classifiers with randomised bias sources, "
+        "Completeness (eq. 1) on random-weight torchvision classifiers "
+        "with randomised bias sources, "
         f"2 images of 64 px (inception_v3: 80 px), torch {torch.__version__}, CPU.\n"
         '"bias share" is the smallest |f(x) - <grad, x>| / |f(x)| of the two images: how much of '
         "the output the bias terms carry (a zero-bias network would show 0 and test nothing).\n\n"

@@ -56,7 +56,7 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def minmax_rescale(t: Tensor) -> Tensor:
-    """The authors' per-example rescale: ``(t - min) / (max(t - min) + 1e-6)`` over all but dim 0."""
+    """The authors' per-example rescale ``(t - min) / (max(t - min) + 1e-6)`` (all but dim 0)."""
     flat = t.flatten(1)
     shifted = flat - flat.min(1, keepdim=True).values
     return (shifted / (shifted.max(1, keepdim=True).values + _EPS)).view_as(t)
@@ -203,7 +203,7 @@ def interpolation_mode(mode: str, spatial_rank: int) -> str:
 def resize_and_sum(
     maps: List[Tensor], size: Sequence[int], mode: str, align_corners: Optional[bool]
 ) -> Tensor:
-    """Resize each ``(B, *s)`` map to ``size`` and add them up; one interpolation per distinct size."""
+    """Resize each ``(B, *s)`` map to ``size`` and add them up (one resize per distinct size)."""
     size = tuple(int(s) for s in size)
     mode = interpolation_mode(mode, len(size))
     if mode in ("nearest", "nearest-exact", "area"):

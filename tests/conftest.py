@@ -47,7 +47,7 @@ ZOO_INPUT_SIZE = {"inception_v3": 80, "alexnet": 64}
 def build_zoo_model(
     name: str, seed: int = 0, dtype: torch.dtype = torch.float64
 ) -> torch.nn.Module:
-    """A torchvision classifier with randomised biases, BN statistics and affine terms, in eval mode."""
+    """A torchvision classifier, randomised biases, BN statistics and affine terms, eval mode."""
     kwargs = {}
     if name in ("googlenet", "inception_v3"):
         kwargs = {"init_weights": True, "aux_logits": False}

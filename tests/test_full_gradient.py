@@ -45,7 +45,7 @@ def reference_maps(model: nn.Module, x: torch.Tensor, target, neurips: bool = Fa
     grads = torch.autograd.grad(out.sum(), [x] + [o for _, o in records])
     input_grad, layer_grads = grads[0], grads[1:]
     per_layer = []
-    for (module, output), grad in zip(records, layer_grads):
+    for (module, _output), grad in zip(records, layer_grads):
         if isinstance(module, nn.Conv2d):
             bias = module.bias
         else:
