@@ -393,16 +393,17 @@ def normalisation_settings(module: torch.nn.Module) -> Optional[Tuple[Any, ...]]
     """``(kind, axes, eps)`` of a normalisation module of exactly a known type (see
     :func:`normalisation_intercept`); ``None`` for any other module."""
     kind = type(module)
+    norm: Any = module  # read as the matched type, not as Tensor | Module
     if kind is torch.nn.LayerNorm:
-        return ("layer_norm", len(module.normalized_shape), float(module.eps))
+        return ("layer_norm", len(norm.normalized_shape), float(norm.eps))
     if kind is torch.nn.GroupNorm:
-        return ("group_norm", int(module.num_groups), float(module.eps))
+        return ("group_norm", int(norm.num_groups), float(norm.eps))
     if _is_layer_norm_2d(module):
-        return ("channel_layer_norm", 1, float(module.eps))
+        return ("channel_layer_norm", 1, float(norm.eps))
     if kind is getattr(torch.nn, "RMSNorm", None):
-        return ("rms_norm", len(module.normalized_shape), module.eps)
-    if kind in _INSTANCE_NORMS and (module.training or not module.track_running_stats):
-        return ("instance_norm", None, float(module.eps))
+        return ("rms_norm", len(norm.normalized_shape), norm.eps)
+    if kind in _INSTANCE_NORMS and (norm.training or not norm.track_running_stats):
+        return ("instance_norm", None, float(norm.eps))
     return None
 
 
@@ -524,7 +525,8 @@ class _Activation:
     call_parameters: Callable[[Sequence[Any], Dict[str, Any], Callable], Tuple[Any, ...]] = (
         lambda args, kwargs, func: ()
     )
-    module_parameters: Callable[[torch.nn.Module], Tuple[Any, ...]] = lambda module: ()
+    # Any: a module's attributes type as Tensor | Module; the registered type fixes them.
+    module_parameters: Callable[[Any], Tuple[Any, ...]] = lambda module: ()
 
 
 def _hardtanh_call(args: Sequence[Any], kwargs: Dict[str, Any], func: Callable) -> Tuple[Any, ...]:
@@ -760,6 +762,7 @@ def _double_backward_intercepts(
         probes = [torch.zeros_like(o, requires_grad=True) for o in connected]
         vjps = torch.autograd.grad(connected, leaves, probes, create_graph=True, allow_unused=True)
         used = [(v, leaf) for v, leaf in zip(vjps, leaves) if v is not None and v.requires_grad]
+        jvps: Sequence[Optional[Tensor]]
         if used:
             jvps = torch.autograd.grad(
                 [v for v, _ in used], probes, [leaf.detach() for _, leaf in used], allow_unused=True
@@ -871,7 +874,7 @@ def register_activation(
     modules: Sequence[type] = (),
     reads: str = "input",
     call_parameters: Optional[Callable[..., Tuple[Any, ...]]] = None,
-    module_parameters: Optional[Callable[[torch.nn.Module], Tuple[Any, ...]]] = None,
+    module_parameters: Optional[Callable[[Any], Tuple[Any, ...]]] = None,
     backward_node: Optional[str] = None,
 ) -> Registration:
     """Give the element-wise activation ``name`` a closed-form intercept in the trace and

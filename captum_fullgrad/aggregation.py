@@ -22,7 +22,7 @@ channel sum, resize with ``align_corners=True``; the input term gets the same re
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -71,7 +71,9 @@ class MapCollector:
             always enters the completeness sum.
     """
 
-    def __init__(self, postprocess: str = EQ4, selected=None) -> None:
+    def __init__(
+        self, postprocess: str = EQ4, selected: Optional[Callable[[BiasSource], bool]] = None
+    ) -> None:
         if postprocess not in POSTPROCESS_MODES:
             raise ValueError(
                 f"postprocess must be one of {POSTPROCESS_MODES}, got {postprocess!r}."

@@ -139,11 +139,14 @@ class BiasSource:
 
     def broadcast_intercept(self) -> Tensor:
         """The intercept as a tensor broadcastable to :attr:`shape`."""
-        if self.intercept.channel_vector is not None:
+        intercept = self.intercept
+        if intercept.channel_vector is not None and intercept.channel_dim is not None:
             view = [1] * len(self.shape)
-            view[self.intercept.channel_dim] = -1
-            return self.intercept.channel_vector.reshape(view)
-        return self.intercept.dense
+            view[intercept.channel_dim] = -1
+            return intercept.channel_vector.reshape(view)
+        if intercept.dense is None:
+            raise RuntimeError(f"captum_fullgrad: the source `{self.name}` has no intercept")
+        return intercept.dense
 
     def bias_jacobian(self, grad: Tensor) -> Tensor:
         """``df/dy_g * c_g``, shaped like the output (seed eq. 1)."""
@@ -689,6 +692,8 @@ class Capture:
         self, op: str, intercept: Intercept, graph_inputs: List[Tensor], inplace: bool = False
     ) -> None:
         output = intercept.output
+        if output is None:
+            raise RuntimeError(f"captum_fullgrad: an intercept of `{op}` lost its output tensor")
         module, name, origin = self._base_name(op)
         layout = self.tracker.layout(output)
         batch_dim = self.tracker.batch_dim(output)
@@ -809,13 +814,14 @@ class Capture:
         if self._conv_uses.get(id(conv_output), 0) != 1 or not batch_norm.spatial:
             return  # something besides this BatchNorm read it: keep the convolution's hook
         conv = entry[3]
-        if conv.intercept.channel_vector is None or conv.folded_vector is not None:
+        scale = batch_norm.intercept.input_scale  # set for an eval BatchNorm only
+        if conv.intercept.channel_vector is None or conv.folded_vector is not None or scale is None:
             return
         handle = self._hooks.pop(conv, None)
         if handle is None:
             return
         handle.remove()
-        batch_norm.folded_vector = conv.intercept.channel_vector * batch_norm.intercept.input_scale
+        batch_norm.folded_vector = conv.intercept.channel_vector * scale
         self._folded[id(conv_output)] = (weakref.ref(conv_output), conv, batch_norm)
 
     def _unfold(self, graph_inputs: List[Tensor]) -> None:
@@ -876,11 +882,11 @@ def _permutation(
             ]
             source = [source] if isinstance(source, int) else list(source)
             destination = [destination] if isinstance(destination, int) else list(destination)
-            perm: List[Optional[int]] = [None] * rank
+            placed: List[Optional[int]] = [None] * rank
             for s, d in zip(source, destination):
-                perm[d % rank] = s % rank
+                placed[d % rank] = s % rank
             rest = iter(i for i in range(rank) if i not in {s % rank for s in source})
-            return [p if p is not None else next(rest) for p in perm]
+            return [p if p is not None else next(rest) for p in placed]
     except (TypeError, IndexError, ValueError):
         return None
     return None

@@ -86,7 +86,7 @@ _CONVOLUTIONS = (
     nn.ConvTranspose3d,
 )
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_OPS = {
+_OPS: Dict[type, Tuple[str, ...]] = {
     **{
         t: (
             "conv1d",
@@ -168,7 +168,10 @@ class CapturePlan:
         self._sources: List[Optional[BiasSource]] = [None] * len(self.steps)
 
     def source_for(
-        self, step: int, module: nn.Module, batch_norm: Dict[int, Tuple[Tensor, ...]]
+        self,
+        step: int,
+        module: nn.Module,
+        batch_norm: Dict[int, Tuple[Optional[Tensor], ...]],
     ) -> Optional[BiasSource]:
         """The source of ``step`` from the module's current parameters; ``None`` if it has none."""
         planned = self.steps[step]
@@ -187,7 +190,7 @@ class CapturePlan:
             source.folded_vector, source.block_vector = folded, block
             return source
         bias = module.bias
-        if bias is None:
+        if not isinstance(bias, Tensor):
             return None
         cached = self._sources[step]
         if cached is not None and cached.intercept.channel_vector is bias:
@@ -197,7 +200,7 @@ class CapturePlan:
         )
         return cached
 
-    def batch_norm_vectors(self) -> Optional[Dict[int, Tuple[Tensor, ...]]]:
+    def batch_norm_vectors(self) -> Optional[Dict[int, Tuple[Optional[Tensor], ...]]]:
         """Every BatchNorm step's (scale, effective bias, folded conv bias, block vector).
 
         Recomputed on every call from the modules' current statistics and parameters (a
@@ -208,8 +211,9 @@ class CapturePlan:
         steps = self._batch_norm_steps
         if not steps:
             return {}
-        modules = [self.calls[self.step_call[i]]() for i in steps]
-        convs: List[Optional[nn.Module]] = []
+        # Any: BatchNorm attributes read as tensors, not as Tensor | Module.
+        modules: List[Any] = [self.calls[self.step_call[i]]() for i in steps]
+        convs: List[Any] = []
         for step, bn in zip(steps, modules):
             if bn is None or bn.training or bn.running_mean is None or bn.running_var is None:
                 return None
@@ -488,6 +492,9 @@ class Replay:
                 self.matched = False  # eps or the number of groups changed
                 return
             bias = None if step.normalisation[0] == "rms_norm" else module.bias
+            if bias is not None and not isinstance(bias, Tensor):
+                self.matched = False  # a bias that is not a tensor: not the planned module
+                return
             intercept = Intercept(
                 None, dense=normalisation_intercept(step.normalisation, args[0], output, bias)
             )
@@ -501,10 +508,11 @@ class Replay:
             # the backward pass reaches it rather than kept from the forward pass.
             source = _with_intercept(step.template, Intercept(None))
         else:
-            source = plan.source_for(index, module, self._batch_norm)
-            if source is None:
+            planned_source = plan.source_for(index, module, self._batch_norm)
+            if planned_source is None:
                 self.matched = False
                 return
+            source = planned_source
         self.sources.append(source)
         intercept = source.intercept
         intercept.output = output

@@ -298,8 +298,9 @@ class _Collector:
             return self.kept[key]
         members = dict(self.layers)[key]
         shape = list(members[-1].shape)
-        if self.kind == "map":
-            del shape[members[-1].channel_dim]
+        channel_dim = members[-1].channel_dim
+        if self.kind == "map" and channel_dim is not None:
+            del shape[channel_dim]
         return torch.zeros(shape, dtype=like.dtype, device=like.device)
 
     def activation(self, key: str) -> Tensor:
@@ -771,6 +772,8 @@ def full_jacobian_matching_loss(
     if weights.output > 0:
         terms["output"] = (s_out - t_out.to(s_out.dtype)).pow(2).flatten(1).sum(1).mean()
     if weights.input_jacobian > 0:
+        if student_run.input_jacobian is None or teacher_run.input_jacobian is None:
+            raise RuntimeError("captum_fullgrad: a network's pass kept no input-Jacobian")
         s_j, t_j = student_run.input_jacobian, teacher_run.input_jacobian.detach()
         if normalize_input_jacobian:
             s_j, t_j = _normalise(s_j), _normalise(t_j)
@@ -786,6 +789,8 @@ def full_jacobian_matching_loss(
         distances = []
         for (s_name, s_members), (t_name, t_members) in zip(student_layers, teacher_layers):
             s_dim, t_dim = s_members[-1].channel_dim, t_members[-1].channel_dim
+            if s_dim is None or t_dim is None:
+                raise RuntimeError(f"captum_fullgrad: `{s_name}` or `{t_name}` has no channel axis")
             s_map = _attention_map(student_run.activations[s_name], s_dim, attention_nonlinearity)
             with torch.no_grad():
                 t_map = _attention_map(
