@@ -743,7 +743,9 @@ class DecompositionSummary:
         block_maps: spatial block name -> ``(h, w)`` channel-summed bias-Jacobian (signed).
         non_spatial: share of ``f(x)`` from non-spatial bias sources (e.g. Linear biases).
         non_spatial_sources: their names.
-        completeness_gap: ``f(x) - (input_term + sum(block_terms) + non_spatial)``.
+        completeness_gap: eq. 1's gap in Captum's sign (that of
+            :attr:`FullGradient.attribute`'s convergence delta):
+            ``(input_term + sum(block_terms) + non_spatial) - f(x)``.
     """
 
     output: float
@@ -824,7 +826,8 @@ def decomposition_summary(
         block_maps=block_maps,
         non_spatial=non_spatial,
         non_spatial_sources=non_spatial_sources,
-        completeness_gap=out - (input_term + sum(block_terms.values()) + non_spatial),
+        # Captum's sign, as FullGradient's delta: what the terms claim minus f(x).
+        completeness_gap=(input_term + sum(block_terms.values()) + non_spatial) - out,
     )
 
 
@@ -1027,7 +1030,7 @@ def decomposition_figure(
     scale_note = "max |m|" if percentile >= 100 else f"the {percentile:g}th percentile of |m|"
     footer = (
         f"input term + Σ spatial blocks + non-spatial = f(x):   {terms} = {summary.total:.5g}\n"
-        f"f(x) = {summary.output:.5g};  completeness gap f(x) − sum = "
+        f"f(x) = {summary.output:.5g};  completeness gap sum − f(x) = "
         f"{summary.completeness_gap:.2e} ({relative:.1e} relative)\n"
         + "\n".join(
             textwrap.wrap(

@@ -109,3 +109,33 @@ def float64_vgg() -> torch.nn.Module:
 @pytest.fixture
 def images64() -> torch.Tensor:
     return torch.rand(2, 3, 48, 56, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+
+class UnseenSquare(torch.autograd.Function):
+    """``x * x`` inside a custom autograd Function: the capture cannot see its intercept
+    (``-x^2``), so eq. 1's terms claim ``<2x, x> = 2 x^2`` for it, a known completeness gap."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+class UnseenSquareNet(torch.nn.Module):
+    """Logits ``(s, -s)`` with ``s = sum(conv(x)^2)`` through :class:`UnseenSquare`.
+
+    The decomposition of either logit claims twice its value, so eq. 1's gap in Captum's
+    sign, ``claimed - f(x)``, is ``+f(x)``: a flipped sign shows as ``-f(x)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 2, 3, padding=1)
+
+    def forward(self, x):
+        s = UnseenSquare.apply(self.conv(x)).flatten(1).sum(1)
+        return torch.stack([s, -s], 1)

@@ -19,8 +19,10 @@ from torch import nn
 from captum_fullgrad import cli
 from captum_fullgrad.cli import _inputs, demo, main
 from captum_fullgrad.datasets import synthetic_shapes
+from captum_fullgrad.figures import decomposition_summary
 from captum_fullgrad.models import LoadedModel, ShapesVGG
 from captum_fullgrad.testing import randomize_parameters_
+from tests.conftest import UnseenSquareNet
 from tests.test_benchmark import tiny_cnn
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -368,6 +370,21 @@ def test_demo_small(capsys, tmp_path):
     assert "max relative gap" in report and "completeness gap" in report
     assert "Not made: the ImageNet weights of VGG-16-BN are not in the torch hub cache" in report
     assert "![comparison grid](comparison_grid.png)" in report
+
+
+def test_demo_report_states_the_gap_in_captums_sign():
+    """The report's eq. 1 table labels the gap sum - f(x) and prints it with its sign: +f(x)
+    through an unseen square, whose terms claim 2 f(x)."""
+    net = UnseenSquareNet().double().eval()
+    image = torch.rand(3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    summary = decomposition_summary(net, image, target=0)
+    table = demo._decomposition_table(summary, ["plus", "minus"])
+    row = next(line for line in table.splitlines() if "completeness gap" in line)
+    label, value = row.strip("|").split("|")
+    assert label.strip() == "completeness gap sum - f(x)"
+    assert value.strip().startswith("+")
+    assert float(value) == pytest.approx(summary.output, rel=1e-2)
+    assert "logit of 'plus'" in table
 
 
 def test_demo_out_must_be_a_directory(capsys, tmp_path):

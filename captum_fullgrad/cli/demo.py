@@ -418,13 +418,9 @@ def _demo_report(
         if device.type == "cuda"
         else ""
     )
-    sources = ", ".join(summary.non_spatial_sources) or "none"
     reproduce = (
         f"captum-fullgrad demo --out {args.out} --n-images {args.n_images} --n-eval {args.n_eval} "
         f"--n-pointing {args.n_pointing} --seed {args.seed}"
-    )
-    block_lines = "\n".join(
-        f"| `{block}` | {value:+.5g} |" for block, value in summary.block_terms.items()
     )
     return f"""# captum-fullgrad demo report
 
@@ -455,16 +451,7 @@ Also as [PDF](comparison_grid.pdf).
 
 ![decomposition](decomposition.png)
 
-For scene #0: f(x) = {summary.output:.6g} (logit of '{loaded.categories[summary.target]}').
-
-| term | share of f(x) |
-|---|---|
-| input term `<grad f, x>` | {summary.input_term:+.5g} |
-{block_lines}
-| non-spatial biases ({sources}) | {summary.non_spatial:+.5g} |
-| **sum** | **{summary.total:+.6g}** |
-| completeness gap f(x) - sum | {summary.completeness_gap:.2e} |
-
+{_decomposition_table(summary, loaded.categories)}
 ## Pointing game and time per image
 
 {n} held-out scenes, explaining the true class. A hit: every pixel where the map attains its
@@ -479,7 +466,7 @@ batches of {args.batch_size}, including each method's own forward passes.
 
 ## Completeness of eq. 1
 
-FullGradient's convergence delta, f(x) - (<grad f, x> + sum of all bias-Jacobians), on the
+FullGradient's convergence delta, (<grad f, x> + sum of all bias-Jacobians) - f(x), on the
 same {n} scenes (float32; |f(x)| up to {float(output.abs().max()):.3g}):
 
 | max abs gap | max relative gap | mean abs gap |
@@ -494,6 +481,24 @@ same {n} scenes (float32; |f(x)| up to {float(output.abs().max()):.3g}):
 ```
 {reproduce}
 ```
+"""
+
+
+def _decomposition_table(summary: Any, categories: List[str]) -> str:
+    """The report's eq. 1 table for a :class:`~captum_fullgrad.figures.DecompositionSummary`:
+    each term's share of f(x), their sum, and the gap in Captum's sign (sum - f(x))."""
+    sources = ", ".join(summary.non_spatial_sources) or "none"
+    block_lines = "".join(
+        f"| `{block}` | {value:+.5g} |\n" for block, value in summary.block_terms.items()
+    )
+    return f"""For scene #0: f(x) = {summary.output:.6g} (logit of '{categories[summary.target]}').
+
+| term | share of f(x) |
+|---|---|
+| input term `<grad f, x>` | {summary.input_term:+.5g} |
+{block_lines}| non-spatial biases ({sources}) | {summary.non_spatial:+.5g} |
+| **sum** | **{summary.total:+.6g}** |
+| completeness gap sum - f(x) | {summary.completeness_gap:+.2e} |
 """
 
 
