@@ -45,8 +45,9 @@ import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from torch import Tensor, nn
+from torch import Tensor
 
+from ._device import synchronize
 from ._io import atomic_write
 from .decomposition import full_jacobian
 from .methods import DEFAULT_TABLE5_METHODS, AttributionMethod, resolve_methods
@@ -111,13 +112,6 @@ class AttributionMaps:
 def _resolve_methods(methods: Union[MethodSpec, Sequence[MethodSpec]]) -> List[AttributionMethod]:
     # The registry's one reader of method lists: the same names and errors as the CLI.
     return resolve_methods(methods)
-
-
-def _model_device(model: Any, inputs: Tensor) -> torch.device:
-    if isinstance(model, nn.Module):
-        for tensor in model.parameters():
-            return tensor.device
-    return inputs.device
 
 
 def _batches(n: int, batch_size: Optional[int]) -> List[slice]:
@@ -228,10 +222,10 @@ def attribution_maps(
             chunks = []
             elapsed = 0.0
             for part in parts:
-                _synchronize(device)
+                synchronize(device)
                 start = time.perf_counter()
                 result = method(model, inputs[part], target_tensor[part].to(device))
-                _synchronize(device)
+                synchronize(device)
                 elapsed += time.perf_counter() - start
                 chunks.append(result.cpu())
                 bar.update(1)
@@ -247,11 +241,6 @@ def attribution_maps(
         predictions=predictions,
         probabilities=probabilities,
     )
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def normalize_maps(maps: Tensor, percentile: float = 99.0) -> Tensor:
