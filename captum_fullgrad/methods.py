@@ -664,7 +664,8 @@ def resolve_methods(
     Raises:
         ValueError: no method named, an unknown method (the message lists the registered
             ones), a method named twice, or bad ``params`` (unknown method or parameter,
-            bad value, or a method not selected when ``unselected_params="error"``).
+            bad value, two keys naming the same method, or a method not selected when
+            ``unselected_params="error"``).
         TypeError: an item that is neither a name nor an :class:`AttributionMethod`.
     """
     if unselected_params not in ("error", "ignore"):
@@ -692,7 +693,17 @@ def resolve_methods(
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise ValueError(f"each method may appear once; repeated: {', '.join(repeated)}")
-    overrides = {_normalise_name(k): dict(v) for k, v in (params or {}).items()}
+    overrides: Dict[str, Dict[str, Any]] = {}
+    given_as: Dict[str, str] = {}  # normalised name -> the key the caller wrote
+    for key, values in (params or {}).items():
+        name = _normalise_name(key)
+        if name in overrides:
+            # Keeping one of the two dicts (or merging them) would hide a conflicting value.
+            raise ValueError(
+                f"params names method {name!r} twice, as {given_as[name]!r} and {key!r}; "
+                "give its parameters under one key"
+            )
+        overrides[name], given_as[name] = dict(values), key
     for key in overrides:
         if key not in names:
             _lookup(key)  # unknown everywhere: the message lists the registered names
