@@ -49,10 +49,13 @@ def randomize_parameters_(model: nn.Module, seed: int = 0, bias_scale: float = 0
                 module.weight.copy_(uniform_like(module.weight, 0.5, 1.5))
             if getattr(module, "bias", None) is not None:
                 module.bias.copy_(normal_like(module.bias, bias_scale))
-            if getattr(module, "running_mean", None) is not None:
-                module.running_mean.copy_(normal_like(module.running_mean, bias_scale))
-            if getattr(module, "running_var", None) is not None:
-                module.running_var.copy_(uniform_like(module.running_var, 0.5, 1.5))
+            # Buffers, None when the norm keeps no running statistics.
+            running_mean = getattr(module, "running_mean", None)
+            if isinstance(running_mean, torch.Tensor):
+                running_mean.copy_(normal_like(running_mean, bias_scale))
+            running_var = getattr(module, "running_var", None)
+            if isinstance(running_var, torch.Tensor):
+                running_var.copy_(uniform_like(running_var, 0.5, 1.5))
             continue
         for name, param in module.named_parameters(recurse=False):
             if name == "bias":
