@@ -19,6 +19,7 @@ from torch import nn
 from captum_fullgrad import FullGradient, full_jacobian
 from captum_fullgrad.aggregation import area_split
 from captum_fullgrad.testing import randomize_parameters_
+from tests.conftest import UnseenSquare
 
 
 def _net() -> nn.Module:
@@ -103,26 +104,12 @@ def test_signed_parts_hold_only_what_was_asked_for():
     torch.testing.assert_close(single, full.sum(1, keepdim=True), rtol=0, atol=1e-12)
 
 
-class _Square(torch.autograd.Function):
-    """An operation the capture cannot see into: its intercept is missed."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x * x
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return 2 * x * grad
-
-
 def test_delta_sign_is_claimed_minus_truth():
     """f(x) = sum(x^2) through an unseen square: the input term claims <2x, x> = 2 f(x),
     so the delta is +f(x) (Captum's sign), not -f(x)."""
 
     def forward(x):
-        return _Square.apply(x).flatten(1).sum(1)
+        return UnseenSquare.apply(x).flatten(1).sum(1)
 
     x = torch.randn(2, 2, 5, 5, dtype=torch.float64)
     attributions, delta = FullGradient(forward).attribute(
