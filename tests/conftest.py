@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torchvision
 
-from captum_fullgrad.testing import randomize_parameters_
+from captum_fullgrad.testing import ZOO as TORCHVISION_ZOO
+from captum_fullgrad.testing import randomize_parameters_, zoo_model
 
 torch.set_num_threads(2)
 
@@ -22,57 +21,28 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-# The completeness zoo of the core issue. Inception needs at least 75 px.
-ZOO = [
-    "vgg11_bn",
-    "vgg16_bn",
-    "alexnet",
-    "resnet18",
-    "resnet50",
-    "densenet121",
-    "squeezenet1_1",
-    "shufflenet_v2_x0_5",
-    "mnasnet0_5",
-    "googlenet",
-    "inception_v3",
-    "mobilenet_v2",
-    "mobilenet_v3_small",
-    "efficientnet_b0",
-    "regnet_y_400mf",
-    "convnext_tiny",
-]
+# The completeness zoo of the core issue (one list, shared with the benchmark).
+ZOO = list(TORCHVISION_ZOO)
 ZOO_INPUT_SIZE = {"inception_v3": 80, "alexnet": 64}
 
 
 def build_zoo_model(
     name: str, seed: int = 0, dtype: torch.dtype = torch.float64
 ) -> torch.nn.Module:
-    """A torchvision classifier, randomised biases, BN statistics and affine terms, eval mode."""
-    kwargs = {}
-    if name in ("googlenet", "inception_v3"):
-        kwargs = {"init_weights": True, "aux_logits": False}
-    if name == "vit":
-        model = torchvision.models.VisionTransformer(
-            image_size=32,
-            patch_size=8,
-            num_layers=2,
-            num_heads=2,
-            hidden_dim=32,
-            mlp_dim=64,
-            num_classes=10,
-        )
-    else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = torchvision.models.get_model(name, weights=None, num_classes=10, **kwargs)
+    """A torchvision classifier of the zoo (or a small ViT for "vit"), randomised biases,
+    BN statistics and affine terms, eval mode."""
+    if name != "vit":
+        return zoo_model(name, seed).to(dtype).eval()
+    model = torchvision.models.VisionTransformer(
+        image_size=32,
+        patch_size=8,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=32,
+        mlp_dim=64,
+        num_classes=10,
+    )
     randomize_parameters_(model, seed)
-    if name == "inception_v3":
-        # Truncated-normal init with std 0.1 makes the logits ~1e9; rescale to keep the
-        # test's relative tolerance meaningful.
-        with torch.no_grad():
-            for m in model.modules():
-                if isinstance(m, torch.nn.Conv2d):
-                    m.weight.mul_(0.3)
     return model.to(dtype).eval()
 
 
