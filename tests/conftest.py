@@ -61,6 +61,24 @@ def vgg_features_small_head(seed: int = 0) -> torch.nn.Module:
     return model.double().eval()
 
 
+def odd_size_conv_net() -> torch.nn.Sequential:
+    """A conv-BN block, max-pool and a strided conv: on 13 px, resolutions 13 -> 6 (the
+    max-pool's floor) -> 3 (stride 2) that do not divide the input; float64, eval mode."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 6, 3, padding=1),
+        torch.nn.BatchNorm2d(6),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(6, 5, 3, stride=2, padding=1),
+        torch.nn.SiLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(5, 4),
+    )
+    return randomize_parameters_(model).double().eval()
+
+
 @pytest.fixture(scope="module")
 def one_cpu_thread():
     """One intra-op thread for a module of tiny-tensor tests: extra threads only add
