@@ -127,3 +127,74 @@ class UnseenSquareNet(torch.nn.Module):
     def forward(self, x):
         s = UnseenSquare.apply(self.conv(x)).flatten(1).sum(1)
         return torch.stack([s, -s], 1)
+
+
+# ---------------------------------------------------------------------------------------
+# The command line (test_cli, test_cli_figures)
+# ---------------------------------------------------------------------------------------
+
+
+def run_cli(capsys, *argv):
+    """``captum-fullgrad ARGV`` in-process: ``(exit status, stdout, stderr)``."""
+    from captum_fullgrad.cli import main
+
+    status = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def assert_bad_input(capsys, *argv, match=None):
+    """The command fails as bad input: status 2, one ``captum-fullgrad: error:`` line on
+    stderr (containing ``match`` if given), no traceback. Returns stderr."""
+    status, out, err = run_cli(capsys, *argv)
+    assert status == 2, (status, err)
+    assert err.startswith("captum-fullgrad: error: ") and err.endswith("\n")
+    assert err.count("\n") == 1, err
+    assert "Traceback" not in err + out
+    if match is not None:
+        assert match in err, err
+    return err
+
+
+class TinyImageNet(torch.nn.Sequential):
+    """Five classes from a conv-BN-ReLU block: a stand-in for an ImageNet classifier."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            torch.nn.Conv2d(3, 4, 3, padding=1),
+            torch.nn.BatchNorm2d(4),
+            torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Flatten(),
+            torch.nn.Linear(4, 5),
+        )
+
+
+@pytest.fixture
+def cached_vgg16_bn(monkeypatch, tmp_path):
+    """The demo finds VGG-16-BN's ImageNet weights 'cached' and loads a :class:`TinyImageNet`
+    stand-in under that name (32 px preset transform); other models load as usual.
+    Returns the stand-in's ``LoadedModel``."""
+    from torchvision.transforms._presets import ImageClassification
+
+    from captum_fullgrad.cli import _inputs, demo
+    from captum_fullgrad.models import LoadedModel
+
+    stand_in = LoadedModel(
+        model=randomize_parameters_(TinyImageNet()).eval(),
+        transform=ImageClassification(crop_size=32, resize_size=36),
+        categories=["a", "b", "c", "d", "e"],
+        name="vgg16_bn",
+        input_size=(32, 32),
+        weights="VGG16_BN_Weights.IMAGENET1K_V1",
+    )
+    load = _inputs.load_model
+    monkeypatch.setattr(demo, "_imagenet_cached", lambda: (True, None, tmp_path / "vgg16_bn.pth"))
+    monkeypatch.setattr(
+        _inputs,
+        "load_model",
+        lambda name, weights, device: (
+            stand_in if name == "vgg16_bn" else load(name, weights, device)
+        ),
+    )
+    return stand_in
