@@ -251,90 +251,145 @@ def decomposition_figure(
     )[0]
     height, width = image.shape[-2:]
     extent = (0, width, height, 0)
-
-    # Panels: the image, the input term and one per block; the running sum of the shares
-    # of f(x) has a row of its own, as tall as its labels need.
-    panels = 2 + len(summary.block_maps)
-    rows = math.ceil(panels / max_columns)
-    columns = math.ceil(panels / rows)  # balanced rows: 6 panels make 2 x 3, not 5 + 1
-    if cell_size is None:
-        cell_size = min(2.0, PRINT_WIDTH_IN / columns)
-    if isinstance(cell_size, bool) or not isinstance(cell_size, (int, float)) or cell_size <= 0:
-        raise ValueError(f"cell_size must be a positive number of inches, got {cell_size!r}")
-    figure_width = cell_size * columns
-    scale = font_scale(figure_width)
-    small, medium = MIN_FONT_PT * scale, (MIN_FONT_PT + 0.5) * scale
-    chart_rows = panels + 2  # input term, blocks, non-spatial, f(x)
-    chart_height = (0.135 * chart_rows + 0.55) * scale
-    panel_height = cell_size * (height / width) * 0.8 + 0.45 * scale
-    figure = Figure(
-        figsize=(figure_width, panel_height * rows + chart_height + 1.0 * scale),
-        layout="constrained",
-    )
-    FigureCanvasAgg(figure)
-    grid = figure.add_gridspec(
-        rows + 1, columns, height_ratios=[panel_height] * rows + [chart_height]
-    )
-    title_chars = chars_for(cell_size * 0.85, medium)
-    shown = picture if overlay_maps else None
+    # Panels: the image, the input term and one per block.
+    layout = _PanelLayout.make(2 + len(summary.block_maps), max_columns, height / width, cell_size)
+    figure, grid = layout.figure()
 
     def panel(index: int) -> Any:
-        return figure.add_subplot(grid[index // columns, index % columns])
+        return figure.add_subplot(grid[index // layout.columns, index % layout.columns])
 
     ax = panel(0)
     ax.imshow(picture, extent=extent, cmap="gray" if picture.ndim == 2 else None)
     clean_axes(ax)
     name = class_name(categories, summary.target) if summary.target is not None else "output"
-    ax.set_title(f"input x\n{short(name, title_chars)}\n", fontsize=medium)
-
-    ax = panel(1)
-    _signed_panel(
-        ax,
-        summary.input_map,
-        extent,
-        cmap,
-        picture=shown,
-        alpha=alpha,
-        percentile=percentile,
-        fontsize=small,
-    )
-    ax.set_title(f"input term ∇f·x\n\nΣ = {summary.input_term:.5g}", fontsize=medium)
-
-    for index, (block, values) in enumerate(summary.block_maps.items(), start=2):
+    ax.set_title(f"input x\n{short(name, layout.title_chars)}\n", fontsize=layout.medium)
+    for index, (values, panel_title) in enumerate(_signed_maps(summary, layout), start=1):
         ax = panel(index)
         _signed_panel(
             ax,
             values,
             extent,
             cmap,
-            picture=shown,
+            picture=picture if overlay_maps else None,
             alpha=alpha,
             percentile=percentile,
-            fontsize=small,
+            fontsize=layout.small,
         )
-        size = "×".join(str(s) for s in values.shape)
-        ax.set_title(
-            f"{short(block, title_chars)}\n{size}\nΣ = {summary.block_terms[block]:.5g}",
-            fontsize=medium,
-        )
-    for index in range(panels, rows * columns):
+        ax.set_title(panel_title, fontsize=layout.medium)
+    for index in range(layout.panels, layout.rows * layout.columns):
         panel(index).axis("off")
+    _waterfall(figure.add_subplot(grid[layout.rows, :]), summary, layout.small, layout.medium)
 
-    _waterfall(figure.add_subplot(grid[rows, :]), summary, small, medium)
+    footer_chars = chars_for(layout.width - 0.2, layout.small)
+    figure.supxlabel(
+        _footer(summary, percentile, alpha if overlay_maps else None, footer_chars),
+        fontsize=layout.small,
+    )
+    if title is None:
+        probability = (
+            ""
+            if math.isnan(summary.probability)
+            else f", p = {format_probability(summary.probability)}"
+        )
+        title = f"Full-Jacobian decomposition of f(x) = logit of '{short(name, 30)}'{probability}"
+    title_chars = chars_for(layout.width - 0.2, layout.medium + layout.scale)
+    figure.suptitle(
+        "\n".join(textwrap.wrap(title, title_chars)), fontsize=layout.medium + layout.scale
+    )
+    return figure
 
+
+@dataclass
+class _PanelLayout:
+    """Sizes of Figure 1: ``panels`` in balanced rows of at most ``max_columns``, and under
+    them the running sum of the shares of f(x) in a row as tall as its labels need."""
+
+    panels: int
+    rows: int
+    columns: int
+    cell_size: float
+    width: float
+    scale: float
+    small: float
+    medium: float
+    panel_height: float
+    chart_height: float
+    title_chars: int
+
+    @classmethod
+    def make(
+        cls, panels: int, max_columns: int, aspect: float, cell_size: Optional[float]
+    ) -> "_PanelLayout":
+        rows = math.ceil(panels / max_columns)
+        columns = math.ceil(panels / rows)  # balanced rows: 6 panels make 2 x 3, not 5 + 1
+        if cell_size is None:
+            cell_size = min(2.0, PRINT_WIDTH_IN / columns)
+        if isinstance(cell_size, bool) or not isinstance(cell_size, (int, float)) or cell_size <= 0:
+            raise ValueError(f"cell_size must be a positive number of inches, got {cell_size!r}")
+        width = cell_size * columns
+        scale = font_scale(width)
+        small, medium = MIN_FONT_PT * scale, (MIN_FONT_PT + 0.5) * scale
+        chart_rows = panels + 2  # input term, blocks, non-spatial, f(x)
+        return cls(
+            panels=panels,
+            rows=rows,
+            columns=columns,
+            cell_size=cell_size,
+            width=width,
+            scale=scale,
+            small=small,
+            medium=medium,
+            panel_height=cell_size * aspect * 0.8 + 0.45 * scale,
+            chart_height=(0.135 * chart_rows + 0.55) * scale,
+            title_chars=chars_for(cell_size * 0.85, medium),
+        )
+
+    def figure(self) -> Tuple[Figure, Any]:
+        """The figure and its grid: the rows of panels, then the running sum's row."""
+        figure = Figure(
+            figsize=(
+                self.width,
+                self.panel_height * self.rows + self.chart_height + 1.0 * self.scale,
+            ),
+            layout="constrained",
+        )
+        FigureCanvasAgg(figure)
+        grid = figure.add_gridspec(
+            self.rows + 1,
+            self.columns,
+            height_ratios=[self.panel_height] * self.rows + [self.chart_height],
+        )
+        return figure, grid
+
+
+def _signed_maps(summary: DecompositionSummary, layout: _PanelLayout) -> List[Tuple[Tensor, str]]:
+    """The signed panels with their titles: the input term, then one per spatial block (its
+    name, its own resolution and its share of f(x))."""
+    shown = [(summary.input_map, f"input term ∇f·x\n\nΣ = {summary.input_term:.5g}")]
+    for block, values in summary.block_maps.items():
+        size = "×".join(str(s) for s in values.shape)
+        shown.append(
+            (
+                values,
+                f"{short(block, layout.title_chars)}\n{size}\nΣ = {summary.block_terms[block]:.5g}",
+            )
+        )
+    return shown
+
+
+def _footer(
+    summary: DecompositionSummary, percentile: float, alpha: Optional[float], chars: int
+) -> str:
+    """Eq. 1 in numbers (the shares, their sum, f(x) and the gap in Captum's sign), then the
+    non-spatial sources and how the maps are coloured (and blended, with ``alpha``)."""
     blocks_sum = sum(summary.block_terms.values())
     sources = ", ".join(summary.non_spatial_sources[:3]) + (
         " …" if len(summary.non_spatial_sources) > 3 else ""
     )
-    probability = (
-        ""
-        if math.isnan(summary.probability)
-        else f", p = {format_probability(summary.probability)}"
-    )
     relative = abs(summary.completeness_gap) / max(abs(summary.output), 1e-12)
     terms = f"{summary.input_term:.5g} + {blocks_sum:.5g} + {summary.non_spatial:.5g}"
     scale_note = "max |m|" if percentile >= 100 else f"the {percentile:g}th percentile of |m|"
-    footer = (
+    return (
         f"input term + Σ spatial blocks + non-spatial = f(x):   {terms} = {summary.total:.5g}\n"
         f"f(x) = {summary.output:.5g};  completeness gap sum − f(x) = "
         f"{summary.completeness_gap:.2e} ({relative:.1e} relative)\n"
@@ -342,19 +397,15 @@ def decomposition_figure(
             textwrap.wrap(
                 f"non-spatial sources: {sources or 'none'}.   Red > 0 > blue; each map has its "
                 f"own symmetric colour scale ±{scale_note}"
-                + (f", blended over the image with alpha = {alpha:g}." if overlay_maps else "."),
-                chars_for(figure_width - 0.2, small),
+                + (
+                    f", blended over the image with alpha = {alpha:g}."
+                    if alpha is not None
+                    else "."
+                ),
+                chars,
             )
         )
     )
-    figure.supxlabel(footer, fontsize=small)
-    if title is None:
-        title = f"Full-Jacobian decomposition of f(x) = logit of '{short(name, 30)}'{probability}"
-    figure.suptitle(
-        "\n".join(textwrap.wrap(title, chars_for(figure_width - 0.2, medium + scale))),
-        fontsize=medium + scale,
-    )
-    return figure
 
 
 def _waterfall(ax: Any, summary: DecompositionSummary, small: float, medium: float) -> None:

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import textwrap
-from typing import Any, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Tuple, Union
 
+import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
@@ -33,8 +35,6 @@ from .overlay import overlay
 
 # Inches of the row-label column and of the margins around the panels of the grid.
 _ROW_LABEL_IN = 1.35
-
-
 _GRID_MARGIN_IN = 0.2
 
 
@@ -104,8 +104,6 @@ def comparison_grid(
         A :class:`matplotlib.figure.Figure` (save it with :func:`save_figure`).
     """
     from matplotlib import colormaps
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
 
     images = check_images(images)
     percentile = check_percentile(percentile)
@@ -116,109 +114,203 @@ def comparison_grid(
         result = attribution_maps(
             model, images, targets, methods, batch_size=batch_size, progress=progress
         )
-    names = list(result.maps)
     n = images.shape[0]
-    for name in names:
-        if result.maps[name].shape[0] != n:
-            raise ValueError(
-                f"precomputed maps of {name!r} are for {result.maps[name].shape[0]} images, not {n}"
-            )
+    _check_map_counts(result, n)
     pictures = to_display(display_images, n, images)
     if row_labels is not None and len(row_labels) != n:
         raise ValueError(f"got {len(row_labels)} row labels for {n} images")
+    names = list(result.maps)
     height, width = images.shape[-2:]
     extent = (0, width, height, 0)
-
-    columns = 1 + len(names)
-    if cell_size is None:
-        cell_size = min(1.8, (PRINT_WIDTH_IN - _ROW_LABEL_IN - _GRID_MARGIN_IN) / columns)
-    if isinstance(cell_size, bool) or not isinstance(cell_size, (int, float)) or cell_size <= 0:
-        raise ValueError(f"cell_size must be a positive number of inches, got {cell_size!r}")
-    figure_width = _ROW_LABEL_IN + _GRID_MARGIN_IN + cell_size * columns
-    scale = font_scale(figure_width)
-    small, medium = MIN_FONT_PT * scale, (MIN_FONT_PT + 0.5) * scale
-    header = 0.45 * scale + (0.3 * scale if title else 0.0)
-    footer = 0.55 * scale + (0.2 * scale if note else 0.0)
-    figure = Figure(
-        figsize=(figure_width, cell_size * n * (height / width) + header + footer),
-        layout="constrained",
-    )
-    FigureCanvasAgg(figure)
-    bar_height = 0.12 * scale
-    grid = figure.add_gridspec(
-        n + 1, columns, height_ratios=[cell_size * height / width] * n + [bar_height]
-    )
-    label_chars = chars_for(_ROW_LABEL_IN - 0.1, small)
-    title_chars = chars_for(cell_size, medium)
+    layout = _GridLayout.make(n, 1 + len(names), height / width, cell_size, title, note)
+    figure, grid = layout.figure()
     for row in range(n):
         ax = figure.add_subplot(grid[row, 0])
-        ax.imshow(
-            pictures[row],
-            extent=extent,
-            cmap="gray" if pictures[row].ndim == 2 else None,
-            interpolation="antialiased",
-        )
-        clean_axes(ax)
-        predicted = int(result.predictions[row])
-        target = int(result.targets[row])
-        lines = [] if row_labels is None else [short(str(row_labels[row]), label_chars)]
-        p_text = format_probability(float(result.probabilities[row, predicted]))
-        lines += labelled(class_name(categories, predicted), "", p_text, label_chars)
-        if target != predicted:
-            p_target = format_probability(float(result.probabilities[row, target]))
-            lines += labelled(class_name(categories, target), "explains ", p_target, label_chars)
-        ax.set_ylabel("\n".join(lines), fontsize=small, rotation=0, ha="right", va="center")
-        if row == 0:
-            ax.set_title("Image", fontsize=medium)
+        _image_cell(ax, pictures[row], extent, result, row, categories, row_labels, layout)
         for column, name in enumerate(names, start=1):
             ax = figure.add_subplot(grid[row, column])
-            values = result.maps[name][row]
-            if overlay_maps:
-                shown = overlay(
-                    pictures[row],
-                    values,
-                    alpha=alpha,
-                    cmap=cmap,
-                    percentile=percentile,
-                    signed=False,
-                )
-                ax.imshow(shown, extent=extent, interpolation="nearest")
-            else:
-                shown = normalize_maps(values, percentile)[0].numpy()
-                ax.imshow(
-                    shown, extent=extent, cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest"
-                )
-            clean_axes(ax)
-            if not bool((values > 0).any()):
-                mark_all_zero(ax, small)
+            picture = pictures[row] if overlay_maps else None
+            _map_cell(ax, result.maps[name][row], extent, cmap, picture, alpha, percentile, layout)
             if row == 0:
                 label = result.labels.get(name, name)
-                ax.set_title(
-                    "\n".join(
-                        textwrap.wrap(
-                            label, title_chars, break_on_hyphens=False, break_long_words=False
-                        )
-                    )
-                    or name,
-                    fontsize=medium,
-                )
-    colorbar_ax = figure.add_subplot(grid[n, 1:])
-    mappable = ScalarMappable(norm=Normalize(0.0, 1.0), cmap=colour_map)
-    bar = figure.colorbar(mappable, cax=colorbar_ax, orientation="horizontal")
-    what = f"saliency / its {percentile:g}th percentile, clipped to [0, 1]"
-    if overlay_maps:
-        what += f"; blended over the image with alpha = {alpha:g}"
-    bar_chars = chars_for(cell_size * (columns - 1), small)
-    bar.set_label("\n".join(textwrap.wrap(what, bar_chars)), fontsize=small)
-    bar.set_ticks([0.0, 0.5, 1.0])
-    bar.ax.tick_params(labelsize=small)
+                ax.set_title(_column_title(label, name, layout), fontsize=layout.medium)
+    _colour_bar(figure, grid, n, colour_map, percentile, alpha if overlay_maps else None, layout)
     if note:
         figure.supxlabel(
-            "\n".join(textwrap.wrap(note, chars_for(figure_width - 0.2, small))), fontsize=small
+            "\n".join(textwrap.wrap(note, chars_for(layout.width - 0.2, layout.small))),
+            fontsize=layout.small,
         )
     if title:
         figure.suptitle(
-            "\n".join(textwrap.wrap(title, chars_for(figure_width - 0.2, medium + 1))),
-            fontsize=medium + scale,
+            "\n".join(textwrap.wrap(title, chars_for(layout.width - 0.2, layout.medium + 1))),
+            fontsize=layout.medium + layout.scale,
         )
     return figure
+
+
+def _check_map_counts(result: AttributionMaps, n: int) -> None:
+    for name, maps in result.maps.items():
+        if maps.shape[0] != n:
+            raise ValueError(
+                f"precomputed maps of {name!r} are for {maps.shape[0]} images, not {n}"
+            )
+
+
+@dataclass
+class _GridLayout:
+    """Sizes of a grid of ``rows`` images by ``columns`` panels (the image and the maps):
+    inches, font sizes and how many characters fit in a label."""
+
+    rows: int
+    columns: int
+    aspect: float  # image height / width
+    cell_size: float
+    width: float
+    scale: float
+    small: float
+    medium: float
+    header: float
+    footer: float
+    label_chars: int
+    title_chars: int
+
+    @classmethod
+    def make(
+        cls,
+        rows: int,
+        columns: int,
+        aspect: float,
+        cell_size: Optional[float],
+        title: Optional[str],
+        note: Optional[str],
+    ) -> "_GridLayout":
+        if cell_size is None:
+            cell_size = min(1.8, (PRINT_WIDTH_IN - _ROW_LABEL_IN - _GRID_MARGIN_IN) / columns)
+        if isinstance(cell_size, bool) or not isinstance(cell_size, (int, float)) or cell_size <= 0:
+            raise ValueError(f"cell_size must be a positive number of inches, got {cell_size!r}")
+        width = _ROW_LABEL_IN + _GRID_MARGIN_IN + cell_size * columns
+        scale = font_scale(width)
+        small, medium = MIN_FONT_PT * scale, (MIN_FONT_PT + 0.5) * scale
+        return cls(
+            rows=rows,
+            columns=columns,
+            aspect=aspect,
+            cell_size=cell_size,
+            width=width,
+            scale=scale,
+            small=small,
+            medium=medium,
+            header=0.45 * scale + (0.3 * scale if title else 0.0),
+            footer=0.55 * scale + (0.2 * scale if note else 0.0),
+            label_chars=chars_for(_ROW_LABEL_IN - 0.1, small),
+            title_chars=chars_for(cell_size, medium),
+        )
+
+    def figure(self) -> Tuple[Figure, Any]:
+        """The figure and its grid: a row of panels per image, then the colour bar's row."""
+        figure = Figure(
+            figsize=(
+                self.width,
+                self.cell_size * self.rows * self.aspect + self.header + self.footer,
+            ),
+            layout="constrained",
+        )
+        FigureCanvasAgg(figure)
+        bar_height = 0.12 * self.scale
+        grid = figure.add_gridspec(
+            self.rows + 1,
+            self.columns,
+            height_ratios=[self.cell_size * self.aspect] * self.rows + [bar_height],
+        )
+        return figure, grid
+
+
+def _image_cell(
+    ax: Any,
+    picture: np.ndarray,
+    extent: Tuple[float, ...],
+    result: AttributionMaps,
+    row: int,
+    categories: Optional[Sequence[str]],
+    row_labels: Optional[Sequence[str]],
+    layout: _GridLayout,
+) -> None:
+    """Column 1: the image, labelled on its left with the prediction (and the explained
+    class when it differs), and the optional row label above them."""
+    ax.imshow(
+        picture,
+        extent=extent,
+        cmap="gray" if picture.ndim == 2 else None,
+        interpolation="antialiased",
+    )
+    clean_axes(ax)
+    predicted = int(result.predictions[row])
+    target = int(result.targets[row])
+    chars = layout.label_chars
+    lines = [] if row_labels is None else [short(str(row_labels[row]), chars)]
+    p_text = format_probability(float(result.probabilities[row, predicted]))
+    lines += labelled(class_name(categories, predicted), "", p_text, chars)
+    if target != predicted:
+        p_target = format_probability(float(result.probabilities[row, target]))
+        lines += labelled(class_name(categories, target), "explains ", p_target, chars)
+    ax.set_ylabel("\n".join(lines), fontsize=layout.small, rotation=0, ha="right", va="center")
+    if row == 0:
+        ax.set_title("Image", fontsize=layout.medium)
+
+
+def _map_cell(
+    ax: Any,
+    values: Tensor,
+    extent: Tuple[float, ...],
+    cmap: str,
+    picture: Optional[np.ndarray],
+    alpha: float,
+    percentile: float,
+    layout: _GridLayout,
+) -> None:
+    """One map: normalised (:func:`normalize_maps`), or blended over ``picture`` when given;
+    marked "all zero" when it is."""
+    if picture is not None:
+        shown = overlay(
+            picture, values, alpha=alpha, cmap=cmap, percentile=percentile, signed=False
+        )
+        ax.imshow(shown, extent=extent, interpolation="nearest")
+    else:
+        shown = normalize_maps(values, percentile)[0].numpy()
+        ax.imshow(shown, extent=extent, cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
+    clean_axes(ax)
+    if not bool((values > 0).any()):
+        mark_all_zero(ax, layout.small)
+
+
+def _column_title(label: str, name: str, layout: _GridLayout) -> str:
+    """A method's label wrapped to its column (whole words only); its name if empty."""
+    wrapped = textwrap.wrap(
+        label, layout.title_chars, break_on_hyphens=False, break_long_words=False
+    )
+    return "\n".join(wrapped) or name
+
+
+def _colour_bar(
+    figure: Figure,
+    grid: Any,
+    row: int,
+    colour_map: Any,
+    percentile: float,
+    alpha: Optional[float],
+    layout: _GridLayout,
+) -> None:
+    """The horizontal colour bar under the maps, saying how they were normalised (and
+    blended, with ``alpha``, when they are overlays)."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    mappable = ScalarMappable(norm=Normalize(0.0, 1.0), cmap=colour_map)
+    bar = figure.colorbar(mappable, cax=figure.add_subplot(grid[row, 1:]), orientation="horizontal")
+    what = f"saliency / its {percentile:g}th percentile, clipped to [0, 1]"
+    if alpha is not None:
+        what += f"; blended over the image with alpha = {alpha:g}"
+    bar_chars = chars_for(layout.cell_size * (layout.columns - 1), layout.small)
+    bar.set_label("\n".join(textwrap.wrap(what, bar_chars)), fontsize=layout.small)
+    bar.set_ticks([0.0, 0.5, 1.0])
+    bar.ax.tick_params(labelsize=layout.small)
