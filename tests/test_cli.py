@@ -16,7 +16,7 @@ import torch
 import torchvision
 
 from captum_fullgrad import cli
-from captum_fullgrad.cli import _inputs, demo
+from captum_fullgrad.cli import _demo_report, _inputs, demo
 from captum_fullgrad.datasets import synthetic_shapes
 from captum_fullgrad.figures import decomposition_summary
 from captum_fullgrad.models import ShapesVGG
@@ -360,7 +360,7 @@ def test_demo_report_states_the_gap_in_captums_sign():
     net = UnseenSquareNet().double().eval()
     image = torch.rand(3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     summary = decomposition_summary(net, image, target=0)
-    table = demo._decomposition_table(summary, ["plus", "minus"])
+    table = _demo_report.decomposition_table(summary, ["plus", "minus"])
     row = next(line for line in table.splitlines() if "completeness gap" in line)
     label, value = row.strip("|").split("|")
     assert label.strip() == "completeness gap sum - f(x)"
