@@ -11,62 +11,32 @@ from __future__ import annotations
 
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
 import torchvision
 
 from captum_fullgrad import full_jacobian
-from captum_fullgrad.testing import randomize_parameters_
+from captum_fullgrad.testing import ZOO as TORCHVISION_ZOO
+from captum_fullgrad.testing import randomize_parameters_, zoo_model
 
-ZOO = [
-    "vgg11_bn",
-    "vgg16_bn",
-    "alexnet",
-    "resnet18",
-    "resnet50",
-    "densenet121",
-    "squeezenet1_1",
-    "shufflenet_v2_x0_5",
-    "mnasnet0_5",
-    "googlenet",
-    "inception_v3",
-    "mobilenet_v2",
-    "mobilenet_v3_small",
-    "efficientnet_b0",
-    "regnet_y_400mf",
-    "convnext_tiny",
-    "vit",
-]
+# The tests' zoo, plus a ViT larger than the tests' one.
+ZOO = [*TORCHVISION_ZOO, "vit"]
 
 
 def build(name: str) -> torch.nn.Module:
-    if name == "vit":
-        model = torchvision.models.VisionTransformer(
-            image_size=64,
-            patch_size=16,
-            num_layers=4,
-            num_heads=4,
-            hidden_dim=64,
-            mlp_dim=128,
-            num_classes=10,
-        )
-    else:
-        kwargs = (
-            {"init_weights": True, "aux_logits": False}
-            if name in ("googlenet", "inception_v3")
-            else {}
-        )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = torchvision.models.get_model(name, weights=None, num_classes=10, **kwargs)
+    if name != "vit":
+        return zoo_model(name, seed=0)
+    model = torchvision.models.VisionTransformer(
+        image_size=64,
+        patch_size=16,
+        num_layers=4,
+        num_heads=4,
+        hidden_dim=64,
+        mlp_dim=128,
+        num_classes=10,
+    )
     randomize_parameters_(model, 0)
-    if name == "inception_v3":
-        with torch.no_grad():
-            for m in model.modules():
-                if isinstance(m, torch.nn.Conv2d):
-                    m.weight.mul_(0.3)
     return model.eval()
 
 

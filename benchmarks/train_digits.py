@@ -42,7 +42,6 @@ import json
 import math
 import multiprocessing as mp
 import os
-import platform
 import statistics
 import sys
 import time
@@ -52,10 +51,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _common import cross_entropy, environment, student_loss  # noqa: E402
 from captum_fullgrad.datasets import (  # noqa: E402
     handwritten_digits,
     random_symmetry,
@@ -65,9 +65,6 @@ from captum_fullgrad.training import (  # noqa: E402
     MATCHING_PRESETS,
     MatchingWeights,
     bias_blocks,
-    bias_jacobian_penalty,
-    bias_weight_decay,
-    full_jacobian_matching_loss,
 )
 from train_uses import (  # noqa: E402  (the sibling script, importable once its folder is on the path)
     DISTILLATION_METHODS,
@@ -315,7 +312,7 @@ def run_job(config: Dict[str, Any], job: Dict[str, Any]) -> Dict[str, Any]:
             model,
             pool_x,
             pool_y,
-            lambda m, x, y: F.cross_entropy(m(x), y),
+            cross_entropy,
             steps=t["steps"],
             batch_size=t["batch_size"],
             lr=config["lr"],
@@ -338,36 +335,20 @@ def run_job(config: Dict[str, Any], job: Dict[str, Any]) -> Dict[str, Any]:
     model = make_model(config, "student", seed, dropout=strength if method == "dropout" else 0.0)
     last_block = [b for b in bias_blocks(model, images[:2]) if b.spatial][-1]
 
-    loss_fn: Callable[[nn.Module, Tensor, Tensor], Tensor]
+    teacher, weights = None, None
     if method in MATCHING_PRESETS:
         teacher = make_model(config, "teacher", seed=0)
         teacher.load_state_dict(job["teacher_state"])
         teacher.eval()
         weights = matching_weights(method, job.get("scale") or 1.0)
-
-        def loss_fn(m: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-            matching, terms = full_jacobian_matching_loss(
-                m, teacher, x, y, weights=weights, num_pairs=config["num_pairs"], return_terms=True
-            )
-            return F.cross_entropy(terms.student_output, y) + matching
-
-    elif method == "bias_jacobian":
-
-        def loss_fn(m: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-            penalty, logits = bias_jacobian_penalty(
-                m, x, y, layers=[last_block.name], return_output=True
-            )
-            return F.cross_entropy(logits, y) + strength * penalty
-
-    elif method == "bias_weight_decay":
-
-        def loss_fn(m: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-            return F.cross_entropy(m(x), y) + strength * bias_weight_decay(m, last_block.modules)
-
-    else:  # cross_entropy, none, dropout (the dropout layer is in the model)
-
-        def loss_fn(m: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-            return F.cross_entropy(m(x), y)
+    loss_fn = student_loss(
+        method,
+        last_block,
+        strength,
+        teacher=teacher,
+        weights=weights,
+        num_pairs=config["num_pairs"],
+    )
 
     fit(
         model,
@@ -985,11 +966,7 @@ def build_payload(
     finals = sum(r["phase"] in ("distillation", "regularisation") for r in runs)
     return {
         "config": config,
-        "environment": {
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "cpu_count": os.cpu_count(),
-        },
+        "environment": environment(),
         "complete": finals >= expected,
         "missing_final_runs": max(expected - finals, 0),
         "teacher": teacher,

@@ -29,7 +29,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import platform
 import statistics
 import sys
 import time
@@ -39,7 +38,6 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from captum_fullgrad.datasets import SHAPE_CLASSES, random_symmetry, synthetic_shapes
@@ -47,10 +45,11 @@ from captum_fullgrad.training import (
     MATCHING_PRESETS,
     MatchingWeights,
     bias_blocks,
-    bias_jacobian_penalty,
-    bias_weight_decay,
-    full_jacobian_matching_loss,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _common, run or imported
+
+from _common import cross_entropy, environment, student_loss  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_PATH = ROOT / "benchmarks" / "results" / "training_uses.json"
@@ -349,7 +348,7 @@ def run_job(config: Dict[str, Any], job: Dict[str, Any]) -> Dict[str, Any]:
             model,
             pool_x,
             pool_y,
-            lambda m, x, y: F.cross_entropy(m(x), y),
+            cross_entropy,
             steps=t["steps"],
             batch_size=t["batch_size"],
             lr=t["lr"],
@@ -371,35 +370,20 @@ def run_job(config: Dict[str, Any], job: Dict[str, Any]) -> Dict[str, Any]:
     )
     last_block = [b for b in bias_blocks(model, images[:2]) if b.spatial][-1]
 
+    teacher, weights = None, None
     if job["kind"] in ("distillation", "matching_grid") and method != "cross_entropy":
         teacher = make_teacher(config, num_classes)
         teacher.load_state_dict(job["teacher_state"])
         teacher.eval()
         weights = scaled_weights(config, method, job.get("matching_scale"))
-
-        def loss_fn(m: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-            matching, terms = full_jacobian_matching_loss(
-                m, teacher, x, y, weights=weights, num_pairs=config["num_pairs"], return_terms=True
-            )
-            return F.cross_entropy(terms.student_output, y) + matching
-
-    elif method == "bias_jacobian":
-
-        def loss_fn(m: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-            penalty, logits = bias_jacobian_penalty(
-                m, x, y, layers=[last_block.name], return_output=True
-            )
-            return F.cross_entropy(logits, y) + strength * penalty
-
-    elif method == "bias_weight_decay":
-
-        def loss_fn(m: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-            return F.cross_entropy(m(x), y) + strength * bias_weight_decay(m, last_block.modules)
-
-    else:  # cross_entropy, none, dropout (the dropout is in the model)
-
-        def loss_fn(m: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-            return F.cross_entropy(m(x), y)
+    loss_fn = student_loss(
+        method,
+        last_block,
+        strength,
+        teacher=teacher,
+        weights=weights,
+        num_pairs=config["num_pairs"],
+    )
 
     tr = (
         config["train"]
@@ -849,11 +833,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     tables = summarise(config, results)
     payload = {
         "config": config,
-        "environment": {
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "cpu_count": os.cpu_count(),
-        },
+        "environment": environment(),
         "teacher": results["teacher"],
         "student_layers": results["student_layers"],
         "regularised_layer": results["regularised_layer"],

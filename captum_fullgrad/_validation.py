@@ -105,6 +105,37 @@ def check_internal_batch_size(value: Any, *, method: str) -> Optional[int]:
     return value
 
 
+def check_postprocess(postprocess: Any, modes: Sequence[str], *, method: str) -> str:
+    """``postprocess`` when it is one of ``modes``, the modes ``method`` supports."""
+    if postprocess not in modes:
+        raise ValueError(
+            f"{method}: postprocess must be one of {tuple(modes)}, got {postprocess!r}."
+        )
+    return postprocess
+
+
+def check_call(
+    forward_func: Callable[..., Any],
+    target: TargetType,
+    additional_forward_args: Any,
+    internal_batch_size: Any,
+    *,
+    method: str,
+) -> Tuple[TargetType, Tuple[Any, ...], Optional[int]]:
+    """The checks and conversions that every ``attribute`` of this package makes (FullGradient
+    and LayerFullGradient): the mode policy on ``forward_func``, ``internal_batch_size``
+    (:func:`check_internal_batch_size`), and the call's arguments in the form the batch loop
+    slices.
+
+    Returns:
+        ``(target on the host, additional_forward_args as a tuple, internal_batch_size)``.
+    """
+    check_mode(forward_func, method=method)
+    internal_batch_size = check_internal_batch_size(internal_batch_size, method=method)
+    extra = format_additional_forward_args(additional_forward_args)
+    return target_on_host(target), extra, internal_batch_size
+
+
 def check_spatial_rank(inputs: Tensor, *, method: str, layout: str = "channels_first") -> None:
     if layout == "tokens":
         if inputs.dim() != 3:

@@ -30,6 +30,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from ._device import synchronize
 from ._io import atomic_write, write_text
 from .full_gradient import FullGradient
 from .testing import randomize_parameters_
@@ -328,11 +329,6 @@ def _bound(method: Any, model: nn.Module) -> Callable[[Tensor, Tensor], Any]:
     return call
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run_benchmark(
     model: nn.Module,
     model_name: str,
@@ -434,12 +430,12 @@ def run_benchmark(
                 fn = timed.fn
                 for _ in range(1 if timed.max_repeats is not None else warmup):
                     fn(x, target)
-                _sync(device)
+                synchronize(device)
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                     base = torch.cuda.memory_allocated(device)
                     fn(x, target)
-                    _sync(device)
+                    synchronize(device)
                     peaks[name] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
                 else:
                     peaks[name] = None
@@ -448,10 +444,10 @@ def run_benchmark(
                 for name, timed in active.items():
                     if timed.max_repeats is not None and repeat >= timed.max_repeats:
                         continue
-                    _sync(device)
+                    synchronize(device)
                     start = time.perf_counter()
                     timed.fn(x, target)
-                    _sync(device)
+                    synchronize(device)
                     times[name].append(time.perf_counter() - start)
             gap = _completeness_gap(model, x, target) if "fullgrad" in active else None
         saliency_median = statistics.median(times["saliency"])

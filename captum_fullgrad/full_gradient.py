@@ -11,7 +11,6 @@ from captum.log import log_usage
 from torch import Tensor, nn
 
 from . import _validation
-from ._mode import check_mode
 from .aggregation import (
     EQ4,
     NEURIPS2019,
@@ -224,19 +223,13 @@ class FullGradient(GradientAttribution):
         bias_input = _validation.check_bias_input(bias_input, len(xs), method=method)
         x = xs[bias_input]
         _validation.check_spatial_rank(x, method=method, layout=self.layout)
-        check_mode(self.forward_func, method=method)
-        if postprocess not in POSTPROCESS_MODES:
-            raise ValueError(
-                f"postprocess must be one of {POSTPROCESS_MODES}, got {postprocess!r}."
-            )
-        interpolation_mode(interpolate_mode, x.dim() - 2)
-        internal_batch_size = _validation.check_internal_batch_size(
-            internal_batch_size, method=method
+        target, extra, internal_batch_size = _validation.check_call(
+            self.forward_func, target, additional_forward_args, internal_batch_size, method=method
         )
+        _validation.check_postprocess(postprocess, POSTPROCESS_MODES, method=method)
+        interpolation_mode(interpolate_mode, x.dim() - 2)
         if align_corners is None:
             align_corners = postprocess == NEURIPS2019
-        extra = _validation.format_additional_forward_args(additional_forward_args)
-        target = _validation.target_on_host(target)
 
         batch = x.shape[0]
         chunk = internal_batch_size or batch

@@ -25,7 +25,6 @@ from captum.log import log_usage
 from torch import Tensor, nn
 
 from . import _validation
-from ._mode import check_mode
 from .aggregation import (
     EQ4,
     SIGNED,
@@ -156,22 +155,16 @@ class LayerFullGradient(LayerAttribution, GradientAttribution):
             ``return_convergence_delta``, the **delta** ``(B,)``.
         """
         method = "LayerFullGradient"
-        if postprocess not in _LAYER_POSTPROCESS:
-            raise ValueError(
-                f"{method}: postprocess must be one of {_LAYER_POSTPROCESS}, got {postprocess!r}."
-            )
+        _validation.check_postprocess(postprocess, _LAYER_POSTPROCESS, method=method)
         xs = inputs if isinstance(inputs, tuple) else (inputs,)
         if not xs or not all(isinstance(t, Tensor) and t.dim() >= 1 for t in xs):
             raise TypeError(f"{method}: inputs must be a tensor or a tuple of tensors.")
         batch = xs[0].shape[0]
         if batch == 0 or any(t.shape[0] != batch for t in xs):
             raise ValueError(f"{method}: every input needs the same non-zero batch size.")
-        check_mode(self.forward_func, method=method)
-        internal_batch_size = _validation.check_internal_batch_size(
-            internal_batch_size, method=method
+        target, extra, internal_batch_size = _validation.check_call(
+            self.forward_func, target, additional_forward_args, internal_batch_size, method=method
         )
-        extra = _validation.format_additional_forward_args(additional_forward_args)
-        target = _validation.target_on_host(target)
         chunk = internal_batch_size or batch
         maps, deltas = [], []
         for start in range(0, batch, chunk):

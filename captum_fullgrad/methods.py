@@ -664,7 +664,8 @@ def resolve_methods(
     Raises:
         ValueError: no method named, an unknown method (the message lists the registered
             ones), a method named twice, or bad ``params`` (unknown method or parameter,
-            bad value, or a method not selected when ``unselected_params="error"``).
+            bad value, two keys naming the same method, or a method not selected when
+            ``unselected_params="error"``).
         TypeError: an item that is neither a name nor an :class:`AttributionMethod`.
     """
     if unselected_params not in ("error", "ignore"):
@@ -692,7 +693,17 @@ def resolve_methods(
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise ValueError(f"each method may appear once; repeated: {', '.join(repeated)}")
-    overrides = {_normalise_name(k): dict(v) for k, v in (params or {}).items()}
+    overrides: Dict[str, Dict[str, Any]] = {}
+    given_as: Dict[str, str] = {}  # normalised name -> the key the caller wrote
+    for key, values in (params or {}).items():
+        name = _normalise_name(key)
+        if name in overrides:
+            # Keeping one of the two dicts (or merging them) would hide a conflicting value.
+            raise ValueError(
+                f"params names method {name!r} twice, as {given_as[name]!r} and {key!r}; "
+                "give its parameters under one key"
+            )
+        overrides[name], given_as[name] = dict(values), key
     for key in overrides:
         if key not in names:
             _lookup(key)  # unknown everywhere: the message lists the registered names
@@ -770,6 +781,16 @@ def _grad_input(x: Tensor) -> Tensor:
     return x.detach().clone().requires_grad_(True)
 
 
+def _captum_channel_abs(
+    attribution: Any, inputs: Tensor, target: Any, reduce: str = "sum", **kwargs: Any
+) -> Tensor:
+    """A Captum attribution method's ``|attribution|`` reduced over channels (the adapters
+    of gradient-type methods), on a leaf copy of ``inputs`` and without Captum's warnings."""
+    with _Quiet():
+        result = attribution.attribute(_grad_input(inputs), target=target, **kwargs)
+    return _channel_abs(result, reduce)
+
+
 class _Quiet:
     def __enter__(self) -> None:
         self._context = warnings.catch_warnings()
@@ -840,9 +861,7 @@ _FULLGRAD_CHECKS: Dict[str, ParameterCheck] = {
     checks={"reduce": is_one_of("max", "sum")},
 )
 def _saliency(model: Any, inputs: Tensor, target: Any, *, reduce: str = "max") -> Tensor:
-    with _Quiet():
-        gradient = Saliency(model).attribute(_grad_input(inputs), target=target, abs=True)
-    return _channel_abs(gradient, reduce)
+    return _captum_channel_abs(Saliency(model), inputs, target, reduce, abs=True)
 
 
 @register_method(
@@ -852,9 +871,7 @@ def _saliency(model: Any, inputs: Tensor, target: Any, *, reduce: str = "max") -
     reference=_SHRIKUMAR,
 )
 def _input_x_gradient(model: Any, inputs: Tensor, target: Any) -> Tensor:
-    with _Quiet():
-        attribution = InputXGradient(model).attribute(_grad_input(inputs), target=target)
-    return _channel_abs(attribution)
+    return _captum_channel_abs(InputXGradient(model), inputs, target)
 
 
 @register_method(
@@ -864,9 +881,7 @@ def _input_x_gradient(model: Any, inputs: Tensor, target: Any) -> Tensor:
     reference=_SPRINGENBERG,
 )
 def _guided_backprop(model: Any, inputs: Tensor, target: Any) -> Tensor:
-    with _Quiet():
-        attribution = GuidedBackprop(model).attribute(_grad_input(inputs), target=target)
-    return _channel_abs(attribution)
+    return _captum_channel_abs(GuidedBackprop(model), inputs, target)
 
 
 @register_method(
@@ -926,16 +941,15 @@ def _integrated_gradients(
                 )
             )
         return torch.cat(parts)
-    with _Quiet():
-        attribution = IntegratedGradients(model).attribute(
-            _grad_input(inputs),
-            baselines=baseline,
-            target=target,
-            n_steps=n_steps,
-            method=method,
-            internal_batch_size=internal_batch_size,
-        )
-    return _channel_abs(attribution)
+    return _captum_channel_abs(
+        IntegratedGradients(model),
+        inputs,
+        target,
+        baselines=baseline,
+        n_steps=n_steps,
+        method=method,
+        internal_batch_size=internal_batch_size,
+    )
 
 
 #: Default bound on the noisy images of one attribution call in the SmoothGrad adapters:

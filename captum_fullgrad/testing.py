@@ -9,8 +9,35 @@ randomises those terms with :func:`randomize_parameters_`.
 
 from __future__ import annotations
 
+import warnings
+from typing import Any, Dict, Tuple
+
 import torch
 from torch import nn
+
+__all__ = ["ZOO", "randomize_parameters_", "zoo_model"]
+
+#: The torchvision classifiers on which eq. 1's completeness is tested and benchmarked
+#: (the tests and ``benchmarks/completeness_zoo.py`` both loop over this list).
+#: Inception needs inputs of at least 75 px.
+ZOO: Tuple[str, ...] = (
+    "vgg11_bn",
+    "vgg16_bn",
+    "alexnet",
+    "resnet18",
+    "resnet50",
+    "densenet121",
+    "squeezenet1_1",
+    "shufflenet_v2_x0_5",
+    "mnasnet0_5",
+    "googlenet",
+    "inception_v3",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "efficientnet_b0",
+    "regnet_y_400mf",
+    "convnext_tiny",
+)
 
 _NORMS = (
     nn.modules.batchnorm._BatchNorm,
@@ -49,10 +76,13 @@ def randomize_parameters_(model: nn.Module, seed: int = 0, bias_scale: float = 0
                 module.weight.copy_(uniform_like(module.weight, 0.5, 1.5))
             if getattr(module, "bias", None) is not None:
                 module.bias.copy_(normal_like(module.bias, bias_scale))
-            if getattr(module, "running_mean", None) is not None:
-                module.running_mean.copy_(normal_like(module.running_mean, bias_scale))
-            if getattr(module, "running_var", None) is not None:
-                module.running_var.copy_(uniform_like(module.running_var, 0.5, 1.5))
+            # Buffers, None when the norm keeps no running statistics.
+            running_mean = getattr(module, "running_mean", None)
+            if isinstance(running_mean, torch.Tensor):
+                running_mean.copy_(normal_like(running_mean, bias_scale))
+            running_var = getattr(module, "running_var", None)
+            if isinstance(running_var, torch.Tensor):
+                running_var.copy_(uniform_like(running_var, 0.5, 1.5))
             continue
         for name, param in module.named_parameters(recurse=False):
             if name == "bias":
@@ -66,3 +96,28 @@ def randomize_parameters_(model: nn.Module, seed: int = 0, bias_scale: float = 0
                         normal_like(param, 0.02 if "embed" in name or "token" in name else 0.05)
                     )
     return model
+
+
+def zoo_model(name: str, seed: int = 0, num_classes: int = 10) -> nn.Module:
+    """torchvision classifier ``name`` (one of :data:`ZOO`) with random weights and every
+    bias source randomised (:func:`randomize_parameters_` with ``seed``), float32, eval mode.
+
+    GoogLeNet and Inception are built without auxiliary heads. Inception's truncated-normal
+    initialisation gives logits of ~1e9, so its convolution weights are scaled by 0.3 to
+    keep a relative completeness gap meaningful.
+    """
+    import torchvision  # not needed by randomize_parameters_ alone
+
+    kwargs: Dict[str, Any] = {}
+    if name in ("googlenet", "inception_v3"):
+        kwargs = {"init_weights": True, "aux_logits": False}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision's notes on init_weights
+        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+    randomize_parameters_(model, seed)
+    if name == "inception_v3":
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, nn.Conv2d):
+                    module.weight.mul_(0.3)
+    return model.eval()

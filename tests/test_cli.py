@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from torch import nn
 
 from captum_fullgrad import cli
-from captum_fullgrad.cli import _inputs, demo, main
+from captum_fullgrad.cli import _demo_report, _inputs, demo
 from captum_fullgrad.datasets import synthetic_shapes
-from captum_fullgrad.models import LoadedModel, ShapesVGG
-from captum_fullgrad.testing import randomize_parameters_
+from captum_fullgrad.figures import decomposition_summary
+from captum_fullgrad.models import ShapesVGG
+from tests.conftest import UnseenSquareNet, assert_bad_input
+from tests.conftest import run_cli as run
 from tests.test_benchmark import tiny_cnn
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -49,23 +50,6 @@ def image_dir(tmp_path_factory):
     larger = torch.nn.functional.interpolate(images[2:3], size=(80, 96), mode="bilinear")[0]
     torchvision.io.write_jpeg((larger * 255).round().to(torch.uint8), str(directory / "c.jpg"))
     return directory
-
-
-def run(capsys, *argv):
-    status = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
-def assert_bad_input(capsys, *argv, match=None):
-    status, out, err = run(capsys, *argv)
-    assert status == 2, (status, err)
-    assert err.startswith("captum-fullgrad: error: ") and err.endswith("\n")
-    assert err.count("\n") == 1, err
-    assert "Traceback" not in err + out
-    if match is not None:
-        assert match in err, err
-    return err
 
 
 def assert_png(path, size=None, dpi=DPI):
@@ -370,6 +354,21 @@ def test_demo_small(capsys, tmp_path):
     assert "![comparison grid](comparison_grid.png)" in report
 
 
+def test_demo_report_states_the_gap_in_captums_sign():
+    """The report's eq. 1 table labels the gap sum - f(x) and prints it with its sign: +f(x)
+    through an unseen square, whose terms claim 2 f(x)."""
+    net = UnseenSquareNet().double().eval()
+    image = torch.rand(3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    summary = decomposition_summary(net, image, target=0)
+    table = _demo_report.decomposition_table(summary, ["plus", "minus"])
+    row = next(line for line in table.splitlines() if "completeness gap" in line)
+    label, value = row.strip("|").split("|")
+    assert label.strip() == "completeness gap sum - f(x)"
+    assert value.strip().startswith("+")
+    assert float(value) == pytest.approx(summary.output, rel=1e-2)
+    assert "logit of 'plus'" in table
+
+
 def test_demo_out_must_be_a_directory(capsys, tmp_path):
     target = tmp_path / "file"
     target.write_text("x")
@@ -386,32 +385,8 @@ def test_sample_photos_offline():
         assert array.dtype == np.uint8 and array.ndim == 3 and array.shape[2] == 3
 
 
-class TinyImageNet(nn.Sequential):
-    def __init__(self) -> None:
-        super().__init__(
-            nn.Conv2d(3, 4, 3, padding=1),
-            nn.BatchNorm2d(4),
-            nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-            nn.Linear(4, 5),
-        )
-
-
-def test_imagenet_grid_when_weights_are_cached(tmp_path, monkeypatch):
+def test_imagenet_grid_when_weights_are_cached(tmp_path, cached_vgg16_bn):
     """The VGG-16-BN part of the demo, with a stand-in model: it runs on the sample photos."""
-    from torchvision.transforms._presets import ImageClassification
-
-    loaded = LoadedModel(
-        model=randomize_parameters_(TinyImageNet()).eval(),
-        transform=ImageClassification(crop_size=32, resize_size=36),
-        categories=["a", "b", "c", "d", "e"],
-        name="vgg16_bn",
-        input_size=(32, 32),
-        weights="VGG16_BN_Weights.IMAGENET1K_V1",
-    )
-    monkeypatch.setattr(demo, "_imagenet_cached", lambda: (True, None, tmp_path / "vgg16_bn.pth"))
-    monkeypatch.setattr(_inputs, "load_model", lambda name, weights, device: loaded)
     section, path = demo._imagenet_section(
         tmp_path, torch.device("cpu"), _inputs.methods("fullgrad,gradcam"), False, 4, False
     )
@@ -510,27 +485,8 @@ def test_every_option_parser_builds():
     assert {c.name for c in cli.COMMANDS} >= {"demo", "compare", "decompose", "bench", "evaluate"}
 
 
-def test_demo_names_every_file_it_wrote(capsys, tmp_path, monkeypatch):
+def test_demo_names_every_file_it_wrote(capsys, tmp_path, cached_vgg16_bn):
     """With VGG-16-BN's weights 'cached' (a stand-in model), the closing line names its grid."""
-    from torchvision.transforms._presets import ImageClassification
-
-    stand_in = LoadedModel(
-        model=randomize_parameters_(TinyImageNet()).eval(),
-        transform=ImageClassification(crop_size=32, resize_size=36),
-        categories=["a", "b", "c", "d", "e"],
-        name="vgg16_bn",
-        input_size=(32, 32),
-        weights="VGG16_BN_Weights.IMAGENET1K_V1",
-    )
-    load = _inputs.load_model
-    monkeypatch.setattr(demo, "_imagenet_cached", lambda: (True, None, tmp_path / "vgg16_bn.pth"))
-    monkeypatch.setattr(
-        _inputs,
-        "load_model",
-        lambda name, weights, device: (
-            stand_in if name == "vgg16_bn" else load(name, weights, device)
-        ),
-    )
     out = tmp_path / "demo"
     status, stdout, err = run(
         capsys,

@@ -11,14 +11,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 
 from captum_fullgrad import figures
-from captum_fullgrad.cli import _inputs, demo, main
+from captum_fullgrad.cli import _inputs, demo
 from captum_fullgrad.datasets import synthetic_shapes
 from captum_fullgrad.methods import register_method, unregister_method
-from captum_fullgrad.models import LoadedModel
-from captum_fullgrad.testing import randomize_parameters_
+from tests.conftest import assert_bad_input
+from tests.conftest import run_cli as run
 
 
 @pytest.fixture(autouse=True)
@@ -41,20 +40,6 @@ def scene(tmp_path_factory):
     path = tmp_path_factory.mktemp("images") / "scene.png"
     Image.fromarray((images[0].permute(1, 2, 0) * 255).round().byte().numpy()).save(path)
     return path
-
-
-def run(capsys, *argv):
-    status = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
-def assert_bad_input(capsys, *argv, match):
-    status, out, err = run(capsys, *argv)
-    assert status == 2, (status, err)
-    assert err.startswith("captum-fullgrad: error: ") and err.count("\n") == 1, err
-    assert match in err, err
-    return err
 
 
 @pytest.fixture()
@@ -267,31 +252,11 @@ def test_timm_model_through_compare(capsys, scene, tmp_path):
     assert "--weights random" in err and "load_model" not in err
 
 
-class TinyImageNet(nn.Sequential):
-    def __init__(self) -> None:
-        super().__init__(
-            nn.Conv2d(3, 4, 3, padding=1),
-            nn.BatchNorm2d(4),
-            nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-            nn.Linear(4, 5),
-        )
-
-
-def test_demo_imagenet_grid_uses_cpu_parameters_and_states_them(tmp_path, monkeypatch):
-    from torchvision.transforms._presets import ImageClassification
-
+def test_demo_imagenet_grid_uses_cpu_parameters_and_states_them(
+    tmp_path, monkeypatch, cached_vgg16_bn
+):
     from captum_fullgrad.cli import _figure_options
 
-    loaded = LoadedModel(
-        model=randomize_parameters_(TinyImageNet()).eval(),
-        transform=ImageClassification(crop_size=32, resize_size=36),
-        categories=["a", "b", "c", "d", "e"],
-        name="vgg16_bn",
-        input_size=(32, 32),
-        weights="VGG16_BN_Weights.IMAGENET1K_V1",
-    )
     seen = {}
     original = figures.attribution_maps
 
@@ -300,8 +265,6 @@ def test_demo_imagenet_grid_uses_cpu_parameters_and_states_them(tmp_path, monkey
         return original(model, inputs, targets, methods, **kwargs)
 
     monkeypatch.setattr(figures, "attribution_maps", spy)
-    monkeypatch.setattr(demo, "_imagenet_cached", lambda: (True, None, tmp_path / "vgg.pth"))
-    monkeypatch.setattr(_inputs, "load_model", lambda name, weights, device: loaded)
     methods = _figure_options.methods(
         "integrated_gradients,smoothgrad,gradcam", ["smoothgrad.noise=0.1"]
     )

@@ -10,7 +10,7 @@ from torch import nn
 from captum_fullgrad import FullGradient, full_jacobian
 from captum_fullgrad.testing import randomize_parameters_
 
-from .conftest import ZOO, ZOO_INPUT_SIZE, build_zoo_model
+from .conftest import ZOO, ZOO_INPUT_SIZE, UnseenSquare, build_zoo_model
 
 
 def relative_gap(fj) -> torch.Tensor:
@@ -211,19 +211,8 @@ def test_functional_model_and_additional_forward_args():
 def test_missing_intercept_shows_in_the_delta():
     """An op the capture cannot see (a custom autograd Function) is never hidden."""
 
-    class Square(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            ctx.save_for_backward(x)
-            return x * x
-
-        @staticmethod
-        def backward(ctx, grad):
-            (x,) = ctx.saved_tensors
-            return 2 * x * grad
-
     def forward(x):
-        return Square.apply(x).flatten(1).sum(1)
+        return UnseenSquare.apply(x).flatten(1).sum(1)
 
     x = torch.randn(2, 4, dtype=torch.float64)
     fj = full_jacobian(forward, x)

@@ -28,9 +28,11 @@ from captum_fullgrad.figures import (
     overlay,
     save_figure,
 )
+from captum_fullgrad.full_gradient import FullGradient
 from captum_fullgrad.methods import get_method
 from captum_fullgrad.models import ShapesVGG
 from captum_fullgrad.testing import randomize_parameters_
+from tests.conftest import UnseenSquareNet
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CATEGORIES = ["disc", "square", "triangle", "cross"]
@@ -240,6 +242,22 @@ def test_decomposition_summary_adds_up(model, images):
     assert [tuple(m.shape) for m in summary.block_maps.values()] == [(32, 32), (16, 16), (8, 8)]
     assert summary.input_map.shape == (32, 32)
     assert summary.input_map.sum().item() == pytest.approx(summary.input_term, rel=1e-6, abs=1e-9)
+
+
+def test_completeness_gap_has_captums_sign():
+    """The summary's gap and the figure's footer read claimed - f(x), FullGradient's delta:
+    through an unseen square the terms claim 2 f(x), so the gap is +f(x), not -f(x)."""
+    net = UnseenSquareNet().double().eval()
+    image = torch.rand(3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    summary = decomposition_summary(net, image, target=0)
+    assert summary.output > 0
+    assert summary.completeness_gap == pytest.approx(summary.output, rel=1e-9)
+    _, delta = FullGradient(net).attribute(image[None], target=0, return_convergence_delta=True)
+    assert summary.completeness_gap == pytest.approx(float(delta[0]), rel=1e-9)
+    footer = next(t for t in texts(decomposition_figure(net, image, 0)) if "= f(x):" in t)
+    shown = re.search(rf"completeness gap sum − f\(x\) = {NUMBER} ", footer)
+    assert shown is not None, footer
+    assert float(shown.group(1)) == pytest.approx(summary.output, rel=1e-2)
 
 
 def test_decomposition_figure_numbers_add_up_to_f_x(model, images, tmp_path):

@@ -11,6 +11,7 @@ from torch import nn
 
 from captum_fullgrad import FullGradient, LayerFullGradient, full_jacobian
 from captum_fullgrad.testing import randomize_parameters_
+from tests.conftest import odd_size_conv_net
 
 USAGE = Path(__file__).resolve().parents[1] / "docs" / "usage.md"
 
@@ -76,24 +77,8 @@ def test_class_token_and_padding_mask_keep_completeness():
     torch.testing.assert_close(chunked, attributions, rtol=0, atol=1e-12)
 
 
-def _conv_net() -> nn.Sequential:
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1),
-        nn.BatchNorm2d(6),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(6, 5, 3, stride=2, padding=1),
-        nn.SiLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(5, 4),
-    )
-    return randomize_parameters_(model).double().eval()
-
-
 def test_a_conv_layer_holds_exactly_the_terms_after_it():
-    model = _conv_net()
+    model = odd_size_conv_net()
     x = torch.randn(2, 3, 13, 13, dtype=torch.float64)
     lfg = LayerFullGradient(model, model[3])
     attributions, delta = lfg.attribute(x, target=2, return_convergence_delta=True)
@@ -117,7 +102,7 @@ def test_a_conv_layer_holds_exactly_the_terms_after_it():
 
 
 def test_eq4_on_a_layer_and_the_refusals():
-    model = _conv_net()
+    model = odd_size_conv_net()
     x = torch.randn(2, 3, 13, 13, dtype=torch.float64)
     unsigned = LayerFullGradient(model, model[3]).attribute(x, target=0, postprocess="eq4")
     assert unsigned.shape == (2, 6, 6, 6) and (unsigned >= 0).all()

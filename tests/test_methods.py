@@ -548,6 +548,16 @@ def test_resolve_methods_errors():
         resolve_methods("fullgrad", params={"nope": {}}, unselected_params="ignore")
 
 
+def test_resolve_methods_rejects_two_keys_for_one_method():
+    """Two ``params`` keys that normalise to one method: an error naming both, not one
+    dict silently replacing the other (n_steps would have been 8 here)."""
+    params = {"Integrated-Gradients": {"n_steps": 4}, "integrated_gradients": {"n_steps": 8}}
+    with pytest.raises(ValueError, match="'Integrated-Gradients' and 'integrated_gradients'"):
+        resolve_methods("integrated_gradients", params=params)
+    with pytest.raises(ValueError, match="'Integrated-Gradients' and 'integrated_gradients'"):
+        resolve_methods("fullgrad", params=params, unselected_params="ignore")
+
+
 def test_configured_methods_pickle_with_their_checks():
     """Worker processes receive methods by pickling: declarations must not be closures."""
     import pickle

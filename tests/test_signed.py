@@ -14,28 +14,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
 
 from captum_fullgrad import FullGradient, full_jacobian
 from captum_fullgrad.aggregation import area_split
-from captum_fullgrad.testing import randomize_parameters_
-
-
-def _net() -> nn.Module:
-    """Non-divisible resolutions: 13 -> 6 (max-pool floor) -> 3 (stride 2), a conv-BN block."""
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1),
-        nn.BatchNorm2d(6),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(6, 5, 3, stride=2, padding=1),
-        nn.SiLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(5, 4),
-    )
-    return randomize_parameters_(model).double().eval()
+from tests.conftest import UnseenSquare, odd_size_conv_net
 
 
 def _reference_split(signed_map: torch.Tensor, size: int, axis: int) -> torch.Tensor:
@@ -64,7 +46,7 @@ def test_area_split_keeps_the_sum_and_splits_by_overlap(cells, size):
 
 
 def test_signed_attribution_sums_to_the_output_plus_the_delta():
-    model = _net()
+    model = odd_size_conv_net()
     x = torch.randn(3, 3, 13, 13, dtype=torch.float64)
     target = [0, 2, 3]
     attributions, delta = FullGradient(model).attribute(
@@ -85,7 +67,7 @@ def test_signed_attribution_sums_to_the_output_plus_the_delta():
 
 
 def test_signed_parts_hold_only_what_was_asked_for():
-    model = _net()
+    model = odd_size_conv_net()
     x = torch.randn(2, 3, 13, 13, dtype=torch.float64)
     fj = full_jacobian(model, x, target=1)
     bias_total = sum(fj.bias_terms.values())
@@ -103,26 +85,12 @@ def test_signed_parts_hold_only_what_was_asked_for():
     torch.testing.assert_close(single, full.sum(1, keepdim=True), rtol=0, atol=1e-12)
 
 
-class _Square(torch.autograd.Function):
-    """An operation the capture cannot see into: its intercept is missed."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x * x
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return 2 * x * grad
-
-
 def test_delta_sign_is_claimed_minus_truth():
     """f(x) = sum(x^2) through an unseen square: the input term claims <2x, x> = 2 f(x),
     so the delta is +f(x) (Captum's sign), not -f(x)."""
 
     def forward(x):
-        return _Square.apply(x).flatten(1).sum(1)
+        return UnseenSquare.apply(x).flatten(1).sum(1)
 
     x = torch.randn(2, 2, 5, 5, dtype=torch.float64)
     attributions, delta = FullGradient(forward).attribute(
@@ -135,7 +103,7 @@ def test_delta_sign_is_claimed_minus_truth():
 
 
 def test_compute_convergence_delta_is_the_attribute_delta():
-    model = _net()
+    model = odd_size_conv_net()
     fullgrad = FullGradient(model)
     x = torch.randn(2, 3, 13, 13, dtype=torch.float64)
     attributions, delta = fullgrad.attribute(x, target=2, return_convergence_delta=True)
@@ -153,7 +121,7 @@ def test_compute_convergence_delta_is_the_attribute_delta():
 
 
 def test_delta_under_bf16_autocast_is_float32_and_not_rounded_away():
-    model = _net().float()
+    model = odd_size_conv_net().float()
     x = torch.randn(2, 3, 13, 13)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _, delta = FullGradient(model).attribute(x, target=1, return_convergence_delta=True)

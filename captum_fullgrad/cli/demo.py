@@ -11,14 +11,12 @@ scikit-image, matplotlib and scikit-learn.
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from .._argtypes import add_runtime_options, positive_int
-from . import _figure_options, _inputs, _outputs
+from . import _demo_report, _figure_options, _inputs, _outputs
 from ._common import EXIT_OK, Command
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -78,18 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from ..datasets import SHAPE_CLASSES, synthetic_shapes
-    from ..evaluation import pointing_game
-    from ..figures import (
-        SIGNED_CMAP,
-        attribution_maps,
-        comparison_grid,
-        decomposition_figure,
-        decomposition_summary,
-    )
-    from ..full_gradient import FullGradient
+    from ..datasets import synthetic_shapes
     from ..methods import DEFAULT_TABLE5_METHODS, available_methods
 
     started = time.perf_counter()
@@ -113,95 +100,25 @@ def run(args: argparse.Namespace) -> int:
     device = _inputs.device(args.device)
     progress = _inputs.progress(args)
     loaded = _inputs.load_model("shapes", "DEFAULT", device)
-    model = loaded.model
 
-    # 1. Held-out accuracy of the bundled model.
     n_total = max(args.n_eval, args.n_pointing, args.n_images)
     images, labels, masks = synthetic_shapes(n_total, seed=args.seed)
-    correct = 0
-    with torch.no_grad():
-        for start in range(0, args.n_eval, 200):
-            stop = min(start + 200, args.n_eval)
-            logits = model(loaded.transform(images[start:stop]).to(device))
-            correct += int((logits.argmax(1).cpu() == labels[start:stop]).sum())
-    accuracy = correct / args.n_eval
+    # 1. Held-out accuracy of the bundled model.
+    accuracy = _accuracy(loaded, images[: args.n_eval], labels[: args.n_eval], device)
     _outputs.make_dir(out, "output directory")
-
-    # 2. Table 5 on the first images, predicted classes.
+    # 2. Table 5 on the first images, predicted classes; 3. Figure 1 on the first image.
     grid_inputs = loaded.transform(images[: args.n_images]).to(device)
-    grid_maps = attribution_maps(
-        model,
-        grid_inputs,
-        None,
-        grid_methods,
-        batch_size=args.batch_size,
-        progress=progress,
-        description="shapes grid",
+    grid_maps = _comparison_grid(
+        args, out, loaded, grid_inputs, images, labels, grid_methods, figure_options, progress
     )
-    grid = comparison_grid(
-        model,
-        grid_inputs,
-        categories=loaded.categories,
-        display_images=images[: args.n_images],
-        precomputed=grid_maps,
-        row_labels=[f"#{i} true: {SHAPE_CLASSES[int(labels[i])]}" for i in range(args.n_images)],
-        title=f"Bundled 'shapes' VGG on held-out scenes (seed {args.seed})",
-        note=_figure_options.parameters_note(grid_methods, always=True),
-        **figure_options,
-    )
-    _outputs.save(grid, out / "comparison_grid.png", dpi=args.dpi)
-    _outputs.save(grid, out / "comparison_grid.pdf")
-
-    # 3. Figure 1 on the first image.
-    summary = decomposition_summary(model, grid_inputs[0])
-    figure = decomposition_figure(
-        model,
-        grid_inputs[0],
-        categories=loaded.categories,
-        display_image=images[0],
-        summary=summary,
-        overlay_maps=args.overlay,
-        alpha=args.alpha,
-        cmap=cmap or SIGNED_CMAP,
-    )
-    _outputs.save(figure, out / "decomposition.png", dpi=args.dpi)
-
-    # 4. Pointing game and timings, explaining the true class.
+    summary = _decomposition(args, out, loaded, grid_inputs[0], images[0], cmap)
+    # 4. Pointing game and timings, explaining the true class; 5. completeness of eq. 1
+    # (FullGradient's convergence delta) on the same images.
     inputs = loaded.transform(images[: args.n_pointing]).to(device)
     truth = labels[: args.n_pointing]
-    pointing = attribution_maps(
-        model,
-        inputs,
-        truth,
-        pointing_methods,
-        batch_size=args.batch_size,
-        progress=progress,
-        description="pointing game",
-    )
-    object_masks = masks[: args.n_pointing]
-    hits = {
-        name: pointing_game(maps[:, 0], object_masks, tolerance=0)
-        for name, maps in pointing.maps.items()
-    }
-    chance = float(object_masks.flatten(1).float().mean(1).mean())
-
-    # 5. Completeness of eq. 1 (FullGradient's convergence delta) on the same images.
-    from tqdm.auto import tqdm
-
-    gaps, outputs = [], []
-    starts = range(0, args.n_pointing, args.batch_size)
-    for start in tqdm(starts, desc="completeness", disable=not progress, leave=False):
-        part = inputs[start : start + args.batch_size]
-        target = truth[start : start + args.batch_size].to(device)
-        _, delta = FullGradient(model).attribute(
-            part, target=target, return_convergence_delta=True, single_channel=True
-        )
-        with torch.no_grad():
-            outputs.append(model(part).gather(1, target[:, None])[:, 0].cpu())
-        gaps.append(delta.detach().cpu())
-    gap = torch.cat(gaps).double()
-    output = torch.cat(outputs).double()
-
+    pointing = _pointing_game(args, loaded.model, inputs, truth, pointing_methods, progress)
+    hits, chance = _hits(pointing, masks[: args.n_pointing])
+    gap, output = _completeness(loaded.model, inputs, truth, args.batch_size, device, progress)
     # 6. The ImageNet grid, where VGG-16-BN's weights are cached.
     imagenet, vgg_grid = _imagenet_section(
         out,
@@ -215,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     )
 
     wall = time.perf_counter() - started
-    report = _demo_report(
+    report = _demo_report.render(
         args=args,
         loaded=loaded,
         accuracy=accuracy,
@@ -234,6 +151,150 @@ def run(args: argparse.Namespace) -> int:
     written = [*DEMO_FILES[:-1], *([vgg_grid.name] if vgg_grid is not None else []), "report.md"]
     print(f"wrote {', '.join(written)} in {out} ({wall:.1f} s)")
     return EXIT_OK
+
+
+def _accuracy(
+    loaded: Any, images: "torch.Tensor", labels: "torch.Tensor", device: "torch.device"
+) -> float:
+    """The bundled model's accuracy on held-out scenes, 200 at a time."""
+    import torch
+
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, images.shape[0], 200):
+            stop = min(start + 200, images.shape[0])
+            logits = loaded.model(loaded.transform(images[start:stop]).to(device))
+            correct += int((logits.argmax(1).cpu() == labels[start:stop]).sum())
+    return correct / images.shape[0]
+
+
+def _comparison_grid(
+    args: argparse.Namespace,
+    out: Path,
+    loaded: Any,
+    inputs: "torch.Tensor",
+    images: "torch.Tensor",
+    labels: "torch.Tensor",
+    methods: List[Any],
+    figure_options: Dict[str, Any],
+    progress: bool,
+) -> Any:
+    """``comparison_grid.png`` and ``.pdf``: Table 5 on the first ``--n-images`` scenes,
+    for the predicted classes. Returns the maps (the report states their parameters)."""
+    from ..datasets import SHAPE_CLASSES
+    from ..figures import attribution_maps, comparison_grid
+
+    maps = attribution_maps(
+        loaded.model,
+        inputs,
+        None,
+        methods,
+        batch_size=args.batch_size,
+        progress=progress,
+        description="shapes grid",
+    )
+    grid = comparison_grid(
+        loaded.model,
+        inputs,
+        categories=loaded.categories,
+        display_images=images[: args.n_images],
+        precomputed=maps,
+        row_labels=[f"#{i} true: {SHAPE_CLASSES[int(labels[i])]}" for i in range(args.n_images)],
+        title=f"Bundled 'shapes' VGG on held-out scenes (seed {args.seed})",
+        note=_figure_options.parameters_note(methods, always=True),
+        **figure_options,
+    )
+    _outputs.save(grid, out / "comparison_grid.png", dpi=args.dpi)
+    _outputs.save(grid, out / "comparison_grid.pdf")
+    return maps
+
+
+def _decomposition(
+    args: argparse.Namespace,
+    out: Path,
+    loaded: Any,
+    model_input: "torch.Tensor",
+    image: "torch.Tensor",
+    cmap: Optional[str],
+) -> Any:
+    """``decomposition.png``: Figure 1 on one scene. Returns its summary (for the report)."""
+    from ..figures import SIGNED_CMAP, decomposition_figure, decomposition_summary
+
+    summary = decomposition_summary(loaded.model, model_input)
+    figure = decomposition_figure(
+        loaded.model,
+        model_input,
+        categories=loaded.categories,
+        display_image=image,
+        summary=summary,
+        overlay_maps=args.overlay,
+        alpha=args.alpha,
+        cmap=cmap or SIGNED_CMAP,
+    )
+    _outputs.save(figure, out / "decomposition.png", dpi=args.dpi)
+    return summary
+
+
+def _pointing_game(
+    args: argparse.Namespace,
+    model: Any,
+    inputs: "torch.Tensor",
+    truth: "torch.Tensor",
+    methods: List[Any],
+    progress: bool,
+) -> Any:
+    """Every method's maps of the true classes, timed (:func:`attribution_maps`)."""
+    from ..figures import attribution_maps
+
+    return attribution_maps(
+        model,
+        inputs,
+        truth,
+        methods,
+        batch_size=args.batch_size,
+        progress=progress,
+        description="pointing game",
+    )
+
+
+def _hits(pointing: Any, masks: "torch.Tensor") -> Tuple[Dict[str, "torch.Tensor"], float]:
+    """Pointing-game hits per method (tolerance 0 px) and chance level: the mean area of
+    the class-deciding object, the hit rate of a single random pixel."""
+    from ..evaluation import pointing_game
+
+    hits = {
+        name: pointing_game(maps[:, 0], masks, tolerance=0) for name, maps in pointing.maps.items()
+    }
+    return hits, float(masks.flatten(1).float().mean(1).mean())
+
+
+def _completeness(
+    model: Any,
+    inputs: "torch.Tensor",
+    truth: "torch.Tensor",
+    batch_size: int,
+    device: "torch.device",
+    progress: bool,
+) -> Tuple["torch.Tensor", "torch.Tensor"]:
+    """FullGradient's convergence delta (eq. 1's gap) and the explained logit ``f(x)`` per
+    image, float64 on the CPU."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from ..full_gradient import FullGradient
+
+    gaps, outputs = [], []
+    starts = range(0, inputs.shape[0], batch_size)
+    for start in tqdm(starts, desc="completeness", disable=not progress, leave=False):
+        part = inputs[start : start + batch_size]
+        target = truth[start : start + batch_size].to(device)
+        _, delta = FullGradient(model).attribute(
+            part, target=target, return_convergence_delta=True, single_channel=True
+        )
+        with torch.no_grad():
+            outputs.append(model(part).gather(1, target[:, None])[:, 0].cpu())
+        gaps.append(delta.detach().cpu())
+    return torch.cat(gaps).double(), torch.cat(outputs).double()
 
 
 def sample_photos() -> List[Tuple[str, Any]]:
@@ -373,139 +434,6 @@ def _device_parameters(methods: List[Any], device: "torch.device") -> List[Any]:
         }
         configured.append(method.configure(**cheaper) if cheaper else method)
     return configured
-
-
-def _demo_report(
-    *,
-    args: argparse.Namespace,
-    loaded: Any,
-    accuracy: float,
-    grid_maps: Any,
-    summary: Any,
-    pointing: Any,
-    hits: Dict[str, "torch.Tensor"],
-    chance: float,
-    gap: "torch.Tensor",
-    output: "torch.Tensor",
-    imagenet: str,
-    device: "torch.device",
-    wall: float,
-) -> str:
-    import captum
-    import torch
-
-    from .. import __version__
-    from ..methods import get_method
-
-    n = args.n_pointing
-    relative = gap.abs() / output.abs().clamp_min(1e-12)
-    rows = []
-    for name in pointing.maps:
-        count = int(hits[name].sum())
-        per_image = 1000.0 * pointing.seconds[name] / n
-        method = get_method(name)
-        shown = (*_SHOWN_PARAMS, *method.cost_params)  # and whatever bounds its time
-        params = ", ".join(f"{k}={v}" for k, v in method.parameters.items() if k in shown) or "-"
-        rows.append(
-            f"| {pointing.labels[name]} (`{name}`) | {count}/{n} | {count / n:.0%} "
-            f"| {per_image:.3g} | {params} |"
-        )
-    generated = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    tf32_note = (
-        "\nOn CUDA, convolutions run in TF32 by default "
-        f"(`torch.backends.cudnn.allow_tf32 = {torch.backends.cudnn.allow_tf32}` here), which "
-        "holds completeness to about 1e-3 relative; exactness checks belong in float64.\n"
-        if device.type == "cuda"
-        else ""
-    )
-    sources = ", ".join(summary.non_spatial_sources) or "none"
-    reproduce = (
-        f"captum-fullgrad demo --out {args.out} --n-images {args.n_images} --n-eval {args.n_eval} "
-        f"--n-pointing {args.n_pointing} --seed {args.seed}"
-    )
-    block_lines = "\n".join(
-        f"| `{block}` | {value:+.5g} |" for block, value in summary.block_terms.items()
-    )
-    return f"""# captum-fullgrad demo report
-
-Generated {generated} by `captum-fullgrad demo` in {wall:.1f} s
-(device: {device.type}; torch {torch.__version__}, captum {captum.__version__},
-captum-fullgrad {__version__}, Python {platform.python_version()}).
-
-## The model and the data
-
-The bundled `shapes` network (a 4-block conv-BN-ReLU VGG trained on synthetic scenes,
-classes {", ".join(loaded.categories)}) on held-out scenes of seed {args.seed} (the training
-scenes come from seed 0). Each scene has exactly one class-deciding object, whose pixel mask
-is known, plus distractor rings and bars.
-
-Held-out accuracy: **{accuracy:.1%}** on {args.n_eval} scenes.
-
-## Comparison grid (the paper's Table 5)
-
-![comparison grid](comparison_grid.png)
-
-Rows: the first {args.n_images} held-out scenes, labelled with the predicted class and its
-softmax probability (and the true class). Columns: the image, then each method's map for
-the predicted class. Normalisation: every map is divided by its own 99th percentile and
-clipped to [0, 1], one colour map for all, so the maps compare in shape, not in scale.
-Also as [PDF](comparison_grid.pdf).
-
-## Full-Jacobian decomposition (the paper's Figure 1)
-
-![decomposition](decomposition.png)
-
-For scene #0: f(x) = {summary.output:.6g} (logit of '{loaded.categories[summary.target]}').
-
-| term | share of f(x) |
-|---|---|
-| input term `<grad f, x>` | {summary.input_term:+.5g} |
-{block_lines}
-| non-spatial biases ({sources}) | {summary.non_spatial:+.5g} |
-| **sum** | **{summary.total:+.6g}** |
-| completeness gap f(x) - sum | {summary.completeness_gap:.2e} |
-
-## Pointing game and time per image
-
-{n} held-out scenes, explaining the true class. A hit: every pixel where the map attains its
-maximum lies on the class-deciding object's mask (tolerance 0 px; ties must all hit, as in
-`captum_fullgrad.evaluation.pointing_game`). Chance level (a single random pixel): the mean
-object area, **{chance:.1%}** of the image. Time: wall-clock per image on {device.type},
-batches of {args.batch_size}, including each method's own forward passes.
-
-| method | hits | hit rate | ms / image | parameters |
-|---|---|---|---|---|
-{chr(10).join(rows)}
-
-## Completeness of eq. 1
-
-FullGradient's convergence delta, f(x) - (<grad f, x> + sum of all bias-Jacobians), on the
-same {n} scenes (float32; |f(x)| up to {float(output.abs().max()):.3g}):
-
-| max abs gap | max relative gap | mean abs gap |
-|---|---|---|
-| {float(gap.abs().max()):.2e} | {float(relative.max()):.2e} | {float(gap.abs().mean()):.2e} |
-{tf32_note}
-## VGG-16-BN on ImageNet sample photos
-
-{imagenet}
-## Reproduce
-
-```
-{reproduce}
-```
-"""
-
-
-_SHOWN_PARAMS = (
-    "n_steps",
-    "baseline",
-    "nt_samples",
-    "noise",
-    "postprocess",
-    "reduce",
-    "interpolate_mode",
-)
 
 
 COMMAND = Command(
