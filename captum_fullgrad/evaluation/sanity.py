@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -195,15 +195,16 @@ def randomise_layer_(module: nn.Module, seed: int, bias_std: float = 0.1) -> nn.
         return (low + (high - low) * draw).to(t)
 
     if isinstance(module, _NORMS):
-        for name, low_or_std, kind in (
-            ("weight", None, "scale"),
-            ("bias", bias_std, "normal"),
-            ("running_mean", bias_std, "normal"),
-            ("running_var", None, "scale"),
+        # Scales drawn around 1, shifts around 0; the order fixes the draws of the generator.
+        for name, kind in (
+            ("weight", "scale"),
+            ("bias", "normal"),
+            ("running_mean", "normal"),
+            ("running_var", "scale"),
         ):
             t = getattr(module, name, None)
             if isinstance(t, Tensor):
-                t.copy_(uniform(t, 0.5, 1.5) if kind == "scale" else normal(t, low_or_std))
+                t.copy_(uniform(t, 0.5, 1.5) if kind == "scale" else normal(t, bias_std))
         return module
 
     own: Dict[str, nn.Parameter] = dict(module.named_parameters(recurse=False))
@@ -213,7 +214,9 @@ def randomise_layer_(module: nn.Module, seed: int, bias_std: float = 0.1) -> nn.
         state = torch.get_rng_state()
         try:
             torch.random.default_generator.manual_seed(seed)
-            clone.reset_parameters()
+            # The clone's own reset (``reset`` above is bound to the original module).
+            reset_clone: Callable[[], Any] = getattr(clone, "reset_parameters", reset)
+            reset_clone()
         finally:
             torch.set_rng_state(state)
         fresh = dict(clone.named_parameters(recurse=False))
