@@ -67,6 +67,7 @@ __all__ = [
     "image_seed",
     "main",
     "run",
+    "weights_identity",
 ]
 
 #: Images per block: the unit of work, of chunking and of resumption.
@@ -436,8 +437,9 @@ class _Block:
 # --------------------------------------------------------------------------------------
 
 
-def _weights_identity(weights: str) -> str:
-    """The weights as recorded: a file by its absolute path, size and modification time."""
+def weights_identity(weights: str) -> str:
+    """The ``--weights`` value as a store records it: a file by its absolute path, size and
+    modification time (``evaluate --maps`` compares it the same way)."""
     path = Path(weights).expanduser()
     if weights not in ("DEFAULT",) and path.is_file():
         stat = path.stat()
@@ -584,7 +586,7 @@ def run_job(args: argparse.Namespace) -> Dict[str, Any]:
         map_size = (args.map_size, args.map_size) if args.map_size else tuple(loaded.input_size)
         metadata = {
             "model": loaded.name,
-            "weights": _weights_identity(args.weights),
+            "weights": weights_identity(args.weights),
             "methods": [m.name for m in methods],
             "method_parameters": {m.name: m.parameters for m in methods},
             "source": args.images,

@@ -30,7 +30,7 @@ import shlex
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from .._argtypes import add_runtime_options
 from .._argtypes import non_negative_int as _non_negative_int
@@ -42,6 +42,8 @@ from ._outputs import output_directory
 
 #: Held-out scenes: the bundled ``shapes`` network was trained on seed 0.
 DEFAULT_DATA_SEED = 10_000
+#: Images evaluated without --n (and without --maps).
+DEFAULT_N = 500
 #: Models with generated object masks.
 MASKED_MODELS = ("shapes",)
 
@@ -91,8 +93,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--n",
         type=_positive_int,
-        default=500,
-        help="images to generate and evaluate (default: 500)",
+        default=None,
+        help=f"images to generate and evaluate (default: {DEFAULT_N}, or every image of "
+        "--maps STORE)",
+    )
+    parser.add_argument(
+        "--maps",
+        default=None,
+        metavar="STORE",
+        help="read the methods' maps from STORE, an attribution store written by "
+        "'captum-fullgrad attribute --target label' for the same model, weights, scenes "
+        "(--data-seed) and method parameters, instead of computing them; a mismatch is "
+        "refused. Metrics that call the methods again still do: "
+        + (", ".join(_recomputing_metrics()) or "none")
+        + ". The controls are computed. See docs/scale.md",
     )
     parser.add_argument(
         "--out", default="evaluation-out", help="output directory (default: evaluation-out)"
@@ -167,6 +181,13 @@ def _add_metric_options(parser: argparse.ArgumentParser, published: Any) -> None
             help=f"images (the first ones) for {metric.label}{cost}; 0 skips it "
             f"(default: {published.images(metric.key)}, or a few with --fast; at most --n)",
         )
+
+
+def _recomputing_metrics() -> List[str]:
+    """Keys of the registered metrics that call the method again (not only read maps)."""
+    from ..evaluation.metric import registered_metrics
+
+    return [m.key for m in registered_metrics() if m.recomputes_maps]
 
 
 def _image_counts(args: argparse.Namespace) -> Dict[str, int]:
@@ -262,6 +283,8 @@ def _command_line(args: argparse.Namespace) -> str:
     parts = [PROG, "evaluate", "--model", args.model]
     if args.weights != "DEFAULT":
         parts += ["--weights", args.weights]
+    if args.maps:
+        parts += ["--maps", args.maps]
     parts += [
         "--n",
         str(args.n),
@@ -355,12 +378,65 @@ def _run_meta(args: argparse.Namespace, loaded: Any) -> Dict[str, Any]:
     }
 
 
+def _stored_maps(
+    args: argparse.Namespace,
+    loaded: Any,
+    methods: Optional[List[str]],
+    settings: Any,
+    image_size: List[int],
+) -> Tuple[Any, List[str]]:
+    """The maps of ``--maps STORE`` (:func:`~captum_fullgrad.evaluation.store_maps.
+    read_store_maps`) for the registered methods evaluated, and those methods' names
+    (``--methods``, or every method of the store); refuses a store of another run."""
+    from ..dataset_attribution import weights_identity
+    from ..evaluation._methods import resolve
+    from ..evaluation.controls import CONTROL_NAMES
+    from ..evaluation.store_maps import read_store_maps
+    from ..store import StoreMismatchError, open_attributions
+
+    try:
+        store = open_attributions(Path(args.maps).expanduser())
+    except (OSError, ValueError) as exc:
+        raise CliError(f"--maps: {exc}") from None
+    names = methods if methods is not None else store.methods
+    registered = [m for m in names if m not in CONTROL_NAMES]
+    missing = [m for m in registered if m not in store.methods]
+    if missing:
+        raise CliError(
+            f"--maps: store {args.maps!r} holds no maps of {', '.join(missing)} (it holds "
+            f"{', '.join(store.methods)}); leave them out of --methods, or write them with "
+            "'captum-fullgrad attribute'"
+        )
+    try:
+        evaluated = resolve(registered, settings.method_params, False, args.seed)
+    except (ValueError, TypeError) as exc:
+        raise CliError(f"--maps: {exc}") from None
+    stochastic = [m.name for m in evaluated if getattr(m.fn, "stochastic", False)]
+    try:
+        stored = read_store_maps(
+            Path(args.maps).expanduser(),
+            n=args.n,
+            model=loaded.name,
+            weights=weights_identity(args.weights),
+            data_seed=args.data_seed,
+            methods={m.name: m.parameters for m in evaluated},
+            image_size=image_size,
+            stochastic=stochastic,
+        )
+    except StoreMismatchError as exc:
+        raise CliError(f"--maps: {exc}") from None
+    if not stored.indices:
+        raise CliError(f"--maps: store {args.maps!r} holds none of the first {args.n} images")
+    return stored, list(names)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``captum-fullgrad evaluate`` with parsed ``args``; return the exit status.
 
     Bad input (a model without generated masks, unknown methods, metrics or parameters,
-    unusable devices, weights or output directories) raises :class:`CliError`, which the
-    CLI's common path reports as one line with exit status 2.
+    unusable devices, weights or output directories, a ``--maps`` store of another run)
+    raises :class:`CliError`, which the CLI's common path reports as one line with exit
+    status 2.
     """
     from ..datasets import synthetic_shapes
     from ..evaluation.suite import evaluate, write_report
@@ -373,7 +449,17 @@ def run(args: argparse.Namespace) -> int:
     metrics = _metrics(getattr(args, "metrics", None))
     device = resolve_device(args.device)
     loaded = load_model(name, args.weights, device)
+    if args.n is None:
+        args.n = _store_size(args.maps) if args.maps else DEFAULT_N
     images, labels, masks = synthetic_shapes(args.n, seed=args.data_seed)
+    meta = _run_meta(args, loaded)
+    given, stored = None, None
+    if args.maps:
+        stored, methods = _stored_maps(args, loaded, methods, settings, list(images.shape[2:]))
+        keep = stored.indices
+        images, labels, masks = images[keep], labels[keep], masks[keep]
+        given = stored.maps
+        meta["maps_store"] = stored.describe()
     report = evaluate(
         loaded.model,
         loaded.transform(images).to(device),
@@ -387,7 +473,8 @@ def run(args: argparse.Namespace) -> int:
         controls=not args.no_controls,
         model_name=name,
         metrics=metrics,
-        meta=_run_meta(args, loaded),
+        meta=meta,
+        maps=given,
     )
     try:
         written = write_report(report, out)
@@ -397,9 +484,40 @@ def run(args: argparse.Namespace) -> int:
     plots = [p.name for p in written if p.suffix == ".png"]
     print(
         f"wrote {out / 'results.json'}, results.md and {len(plots)} plot(s) ({', '.join(plots)}) "
-        f"for {len(report.methods)} methods on {args.n} images in {wall:.1f} s"
+        f"for {len(report.methods)} methods on {len(labels)} images in {wall:.1f} s"
     )
+    if stored is not None:
+        _print_store_use(report, stored)
     return EXIT_OK
+
+
+def _store_size(path: str) -> int:
+    from ..store import open_attributions
+
+    try:
+        return len(open_attributions(Path(path).expanduser()))
+    except (OSError, ValueError) as exc:
+        raise CliError(f"--maps: {exc}") from None
+
+
+def _print_store_use(report: Any, stored: Any) -> None:
+    """Say which maps came from the store, which metrics ran the methods again, and which
+    images the store could not give."""
+    recomputed = report.meta.get("maps_recomputed_by", [])
+    print(
+        f"maps of {', '.join(stored.maps)} read from {stored.path}"
+        + (
+            f"; {', '.join(recomputed)} recomputed maps (they call the methods again)"
+            if recomputed
+            else "; no metric recomputed them"
+        )
+    )
+    if stored.excluded:
+        print(f"{len(stored.excluded)} image(s) excluded (the store has no map of them):")
+        for image_id, reason in stored.excluded[:20]:
+            print(f"  {image_id}: {reason}")
+        if len(stored.excluded) > 20:
+            print(f"  ... and {len(stored.excluded) - 20} more (results.json meta.maps_store)")
 
 
 COMMAND = Command("evaluate", HELP, add_arguments, run, DESCRIPTION, EPILOG)
