@@ -57,7 +57,10 @@ DESCRIPTION = (
     "DIR/results.md (rankings, best in bold, where FullGrad wins and loses) and PNG plots "
     "(pixel perturbation, ROAD and sanity-check curves). Costly metrics run on the first "
     "--road-n, --infidelity-n, --sensitivity-n and --sanity-n images (one --KEY-n option per "
-    "such metric of the registry). See docs/evaluation.md."
+    "such metric of the registry). With --maps STORE the maps come from a store written by "
+    "'captum-fullgrad attribute' (computed once, possibly on many GPUs) instead; the metrics "
+    "that call the methods again (listed under --maps) still do, and say so. See "
+    "docs/evaluation.md and docs/scale.md."
 )
 EPILOG = (
     "example: captum-fullgrad evaluate --n 100 --out eval-out "
@@ -74,10 +77,10 @@ def _param(text: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Declare the options of ``captum-fullgrad evaluate`` on ``parser``."""
-    from ..evaluation.suite import EvaluationSettings
+    """Declare the options of ``captum-fullgrad evaluate`` on ``parser``.
 
-    published = EvaluationSettings()
+    torch is not imported: the per-metric options come from the metric registry, whose
+    declarations read without it (so ``evaluate --help`` is quick)."""
     parser.add_argument(
         "--model",
         default="shapes",
@@ -133,7 +136,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--seed",
         type=int,
         default=0,
-        help="seed of the metrics' randomness and the controls (default: 0)",
+        help="seed of the metrics' randomness and the controls (default: 0); the maps of "
+        "--maps STORE drew their noise from attribute's own --seed, recorded in results.json",
     )
     parser.add_argument(
         "--data-seed",
@@ -147,7 +151,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=50,
         help="images per method call and forward pass (default: 50)",
     )
-    _add_metric_options(parser, published)
+    _add_metric_options(parser)
     parser.add_argument(
         "--fast",
         action="store_true",
@@ -158,9 +162,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_runtime_options(parser)
 
 
-def _add_metric_options(parser: argparse.ArgumentParser, published: Any) -> None:
+def _add_metric_options(parser: argparse.ArgumentParser) -> None:
     """``--metrics`` and one ``--<key>-n`` per registered metric that runs on a prefix of
-    the images, from the metric registry."""
+    the images, from the metric registry (the defaults are the published run's, which
+    the metrics declare: ``EvaluationSettings()`` reads them from there too)."""
     from ..evaluation.metric import registered_metrics
 
     metrics = registered_metrics()
@@ -179,7 +184,7 @@ def _add_metric_options(parser: argparse.ArgumentParser, published: Any) -> None
             type=_non_negative_int,
             default=None,
             help=f"images (the first ones) for {metric.label}{cost}; 0 skips it "
-            f"(default: {published.images(metric.key)}, or a few with --fast; at most --n)",
+            f"(default: {metric.images.default}, or a few with --fast; at most --n)",
         )
 
 
