@@ -32,10 +32,13 @@ class _LazyModule(types.ModuleType):
 
     def __getattr__(self, attribute: str) -> Any:
         module = importlib.import_module(self.__name__)
-        # Later reads find the attributes here without coming back through __getattr__.
-        self.__dict__.update(
-            {k: v for k, v in vars(module).items() if k not in ("__name__", "__spec__")}
-        )
+        if "_lazy_loaded" not in self.__dict__:
+            # Later reads find the attributes here without coming back through __getattr__
+            # (only names the module gains afterwards, or lacks, still do).
+            self.__dict__.update(
+                {k: v for k, v in vars(module).items() if k not in ("__name__", "__spec__")}
+            )
+            self.__dict__["_lazy_loaded"] = True
         return getattr(module, attribute)
 
 
