@@ -15,8 +15,12 @@ declares the localisation metrics, ``road.py`` ROAD, ...), and registered with
 A metric yields one or more *scores* (per-image values summarised as a mean with a
 bootstrap interval): the localisation metric yields ``pointing_game``,
 ``relevance_mass``, ... Adding a metric is one file that declares and registers a
-:class:`Metric` (any module of ``captum_fullgrad.evaluation`` is imported when the
-registry is first read), plus its test; see ``docs/extending.md``.
+:class:`Metric` (every module of ``captum_fullgrad.evaluation`` whose source calls
+``register_metric(`` is imported when the registry is first read), plus its test; see
+``docs/extending.md``. Such a module should import torch through
+:mod:`~captum_fullgrad.evaluation._lazy`, as the built-in ones do: ``captum-fullgrad
+evaluate --help`` reads the registry and stays quick only if that loads no torch (a test
+of ``tests/test_cli.py`` checks it).
 """
 
 from __future__ import annotations
