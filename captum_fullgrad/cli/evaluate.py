@@ -288,11 +288,11 @@ def _command_line(args: argparse.Namespace) -> str:
     parts = [PROG, "evaluate", "--model", args.model]
     if args.weights != "DEFAULT":
         parts += ["--weights", args.weights]
-    if args.maps:
+    if getattr(args, "maps", None):
         parts += ["--maps", args.maps]
+    if args.n is not None:  # run() sets it before recording the command
+        parts += ["--n", str(args.n)]
     parts += [
-        "--n",
-        str(args.n),
         "--out",
         args.out,
         "--seed",
