@@ -132,10 +132,13 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _job_id() -> Optional[str]:
-    """The launcher's job id (torchrun's rendezvous id, SLURM's job), for the lock's owner."""
-    for key in ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID"):
-        if os.environ.get(key):
-            return f"{key}={os.environ[key]}"
+    """The launcher's id of this job: torchrun's run id (``--rdzv-id``; random for
+    ``--standalone``), else SLURM's job and step ids; None when launched by hand."""
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        return f"TORCHELASTIC_RUN_ID={os.environ['TORCHELASTIC_RUN_ID']}"
+    if os.environ.get("SLURM_JOB_ID"):
+        step = os.environ.get("SLURM_STEP_ID", "")
+        return f"SLURM_JOB_ID={os.environ['SLURM_JOB_ID']}" + (f".{step}" if step else "")
     return None
 
 
@@ -146,10 +149,19 @@ class StoreLock:
     (``O_CREAT | O_EXCL``) with its owner in JSON: ``pid``, ``host``, ``job`` (torchrun's
     or SLURM's id) and ``started``. One process per job takes it: ``attribute`` takes it on
     rank 0 only, so the ranks of one job never lock each other out. :meth:`release`
-    removes it; a job killed with SIGKILL leaves it behind, and the next job on the same
-    host finds its owner's pid dead and takes it over. A lock left by a process on
-    another host cannot be checked from here: the error says which host and pid hold it
-    and that deleting the file releases it.
+    removes it; a job killed with SIGKILL leaves it behind, and it is taken over by
+
+    - a job on the same host, which finds the owner's pid dead;
+    - the same torchrun job restarted on another host (the same run id, ``--rdzv-id``:
+      an elastic restart, or a requeued SLURM job launched with
+      ``--rdzv-id $SLURM_JOB_ID``; not torchrun's default id ``none``), whose rank 0 may
+      now run on another node. On the same host the pid decides, so a live process is
+      never taken over.
+
+    Any other lock left by a process on another host cannot be checked from here: the
+    error says which host, pid and job hold it and that deleting the file releases it.
+    (A SLURM job id alone is recorded but never trusted: two commands of one batch
+    script share it.)
 
     Use::
 
@@ -181,13 +193,18 @@ class StoreLock:
             "job": _job_id(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+        # torchrun's run id; "none" is torchrun's default when --rdzv-id is not given, shared
+        # by unrelated jobs, so it identifies nothing.
+        run = os.environ.get("TORCHELASTIC_RUN_ID") or None
+        run = None if run is None or run.lower() == "none" else run
+        owner["run"] = run
         took_over: Optional[Dict[str, Any]] = None
         for _ in range(5):
             try:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 holder = cls._read(path)
-                if not cls._stale(holder, host):
+                if not cls._stale(holder, host, run):
                     raise StoreLockedError(
                         cls._message(store, path, holder), path, holder
                     ) from None
@@ -233,12 +250,15 @@ class StoreLock:
         return {"unreadable": text[:200]}
 
     @staticmethod
-    def _stale(holder: Mapping[str, Any], host: str) -> bool:
-        """True when ``holder`` is a process of this host that no longer exists."""
+    def _stale(holder: Mapping[str, Any], host: str, run: Optional[str]) -> bool:
+        """True when ``holder`` is a process of this host that no longer exists, or a
+        process of this same torchrun job (run id ``run``) on another host."""
         if not holder:
             return True  # vanished between our create and read: try again
         pid = holder.get("pid")
-        return holder.get("host") == host and isinstance(pid, int) and not _pid_alive(pid)
+        if holder.get("host") == host:
+            return isinstance(pid, int) and not _pid_alive(pid)
+        return run is not None and holder.get("run") == run
 
     @staticmethod
     def _message(store: PathLike, path: Path, holder: Mapping[str, Any]) -> str:

@@ -184,6 +184,13 @@ _TRY = (
 )
 
 
+@pytest.fixture(autouse=True)
+def _no_launcher_ids(monkeypatch):
+    # The tests' processes are separate jobs even when pytest runs under torchrun or SLURM.
+    for key in ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "SLURM_STEP_ID"):
+        monkeypatch.delenv(key, raising=False)
+
+
 def _python(code, *args, **kwargs):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(
@@ -221,6 +228,26 @@ def test_a_lock_of_another_host_is_refused_with_the_way_out(tmp_path):
     lock_path(store).write_text(json.dumps({"pid": 1, "host": "node-7", "job": None}))
     assert socket.gethostname() != "node-7"
     with pytest.raises(StoreLockedError, match="pid 1 on host 'node-7'.*delete the lock file"):
+        StoreLock.acquire(store)
+
+
+def test_the_same_torchrun_job_takes_its_lock_over_from_another_host(tmp_path, monkeypatch):
+    # An elastic restart or a requeued job (same --rdzv-id) whose rank 0 moved to another
+    # node; torchrun's default id "none" and other ids do not count.
+    store = tmp_path / "maps.zarr"
+    for held, ours in (("job-42", "job-41"), ("none", "none"), ("job-42", "")):
+        lock_path(store).write_text(json.dumps({"pid": 1, "host": "node-7", "run": held}))
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", ours)
+        with pytest.raises(StoreLockedError, match="node-7"):
+            StoreLock.acquire(store)
+    owner = {"pid": 1, "host": "node-7", "job": None, "run": "job-42"}
+    lock_path(store).write_text(json.dumps(owner))
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-42")
+    with StoreLock.acquire(store) as lock:
+        assert lock.took_over == owner and lock.owner["run"] == "job-42"
+    # On this host the pid decides, whatever the run id: a live owner keeps its lock.
+    lock_path(store).write_text(json.dumps({**owner, "host": socket.gethostname(), "pid": 1}))
+    with pytest.raises(StoreLockedError, match="pid 1 on host"):
         StoreLock.acquire(store)
 
 
