@@ -98,6 +98,13 @@ def test_altered_store_changes_the_scores(store, computed, tmp_path):
     assert a[("gradcam", "relevance_mass")] == pytest.approx(b[("gradcam", "relevance_mass")])
 
 
+def test_the_first_n_images_of_a_larger_store(store, computed, tmp_path):
+    assert _evaluate(tmp_path, "--maps", str(store), "--n", "4", "--methods", "gradcam") == 0
+    results = _results(tmp_path)
+    assert results["meta"]["n"] == 4 and list(results["results"]) == ["gradcam"]
+    assert results["meta"]["maps_store"]["images_used"] == 4
+
+
 def test_metrics_that_recompute_maps_say_so(store, tmp_path, capsys):
     code = _evaluate(
         tmp_path, "--maps", str(store), "--metrics", "localisation,sanity", "--sanity-n", "2"
