@@ -29,6 +29,10 @@ How the work is cut, so that a job can die at any moment and be resumed:
   ``stochastic=True`` and a ``seed`` parameter) are called image by image with a seed
   derived from ``--seed`` and the image's index (:func:`image_seed`), so a map depends on
   neither the batch it fell in nor the world size.
+- One job writes a store at a time: rank 0 takes the advisory lock ``STORE.lock``
+  (:class:`~captum_fullgrad.store.StoreLock`, owner pid, host and job id) for the whole
+  job, so the ranks of one job share the store and a second job is refused, naming the
+  owner; the lock of a job killed on this host is taken over by the next run.
 - An image that cannot be read is recorded (id, reason) in the store and the summary; its
   slots keep NaN and ``valid`` is False for it. The job carries on.
 
@@ -67,6 +71,7 @@ __all__ = [
     "image_seed",
     "main",
     "run",
+    "weights_identity",
 ]
 
 #: Images per block: the unit of work, of chunking and of resumption.
@@ -436,8 +441,9 @@ class _Block:
 # --------------------------------------------------------------------------------------
 
 
-def _weights_identity(weights: str) -> str:
-    """The weights as recorded: a file by its absolute path, size and modification time."""
+def weights_identity(weights: str) -> str:
+    """The ``--weights`` value as a store records it: a file by its absolute path, size and
+    modification time (``evaluate --maps`` compares it the same way)."""
     path = Path(weights).expanduser()
     if weights not in ("DEFAULT",) and path.is_file():
         stat = path.stat()
@@ -540,17 +546,22 @@ def run_job(args: argparse.Namespace) -> Dict[str, Any]:
     Returns:
         The summary (identical on every process): ``store``, ``n_images``, ``computed``
         (images computed by this run), ``processes``, ``seconds``, ``bad_images``
-        (``[(id, reason)]``), ``nothing_to_do``.
+        (``[(id, reason)]``), ``nothing_to_do``, ``complete``, ``took_over_lock`` (the
+        dead owner of a lock this run took over, or None).
 
     Raises:
-        CliError: bad input, or a mismatched store without ``--overwrite``, raised on
-            every process alike.
+        CliError: bad input, a mismatched store without ``--overwrite``, or a store
+            another job is writing (its lock), raised on every process alike.
     """
     from .store import AttributionStore
 
     started = time.perf_counter()
     processes = _Processes.from_environment(args.device)
+    lock = None
     try:
+        # One lock per job, taken by rank 0 alone: the ranks of this job share the store,
+        # another job (another torchrun, another node's command) is refused.
+        lock = processes.agree(lambda: _take_lock(args.out) if processes.rank == 0 else None)
         device = processes.agree(lambda: processes.device(args.device))
         source = processes.agree(lambda: open_image_source(args.images, args.data_seed))
         fingerprints = processes.gather(source.fingerprint)
@@ -584,7 +595,7 @@ def run_job(args: argparse.Namespace) -> Dict[str, Any]:
         map_size = (args.map_size, args.map_size) if args.map_size else tuple(loaded.input_size)
         metadata = {
             "model": loaded.name,
-            "weights": _weights_identity(args.weights),
+            "weights": weights_identity(args.weights),
             "methods": [m.name for m in methods],
             "method_parameters": {m.name: m.parameters for m in methods},
             "source": args.images,
@@ -628,10 +639,26 @@ def run_job(args: argparse.Namespace) -> Dict[str, Any]:
             "bad_images": store.bad_images if len(store) else [],
             "nothing_to_do": not pending,
             "complete": store.complete,
+            "took_over_lock": processes.broadcast(lock.took_over if lock else None),
         }
         return summary
     finally:
+        if lock is not None:
+            lock.release()
         processes.close()
+
+
+def _take_lock(out: str) -> Any:
+    """The store's :class:`~captum_fullgrad.store.StoreLock` (bad input if another job holds
+    it)."""
+    from .store import StoreLock, StoreLockedError
+
+    path = Path(out).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return StoreLock.acquire(path)
+    except StoreLockedError as exc:
+        raise CliError(str(exc)) from None
 
 
 def _compute(
@@ -809,6 +836,13 @@ def _compute_batch(
 
 def _report(summary: Dict[str, Any]) -> None:
     bad = summary["bad_images"]
+    stale = summary.get("took_over_lock")
+    if stale:
+        print(
+            f"took over the lock left by pid {stale.get('pid')} on {stale.get('host')}, "
+            "which no longer runs",
+            file=sys.stderr,
+        )
     if summary["nothing_to_do"]:
         print(f"{summary['store']}: complete ({summary['n_images']} images); nothing to do")
         return

@@ -42,10 +42,13 @@ Example::
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import socket
+import time
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -54,8 +57,11 @@ __all__ = [
     "FORMAT_VERSION",
     "RESERVED_NAMES",
     "AttributionStore",
+    "StoreLock",
+    "StoreLockedError",
     "StoreMismatchError",
     "create_store",
+    "lock_path",
     "open_attributions",
     "remove_store",
 ]
@@ -91,6 +97,198 @@ class StoreMismatchError(ValueError):
     def __init__(self, message: str, differences: Sequence[Tuple[str, Any, Any]]) -> None:
         super().__init__(message)
         self.differences = list(differences)
+
+
+class StoreLockedError(RuntimeError):
+    """Another job holds the store's lock (:class:`StoreLock`).
+
+    Attributes:
+        path: the lock file.
+        owner: what the lock file says about its owner (``pid``, ``host``, ``job``,
+            ``started``), or ``{}`` if unreadable.
+    """
+
+    def __init__(self, message: str, path: Path, owner: Mapping[str, Any]) -> None:
+        super().__init__(message)
+        self.path = path
+        self.owner = dict(owner)
+
+
+def lock_path(store: PathLike) -> Path:
+    """The lock file of the store at ``store``: ``<store>.lock``, beside the store (not in it,
+    so that ``--overwrite`` can remove the store while the lock is held)."""
+    path = Path(store).expanduser()
+    return path.with_name(path.name + ".lock")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def _job_id() -> Optional[str]:
+    """The launcher's id of this job: torchrun's run id (``--rdzv-id``; random for
+    ``--standalone``), else SLURM's job and step ids; None when launched by hand."""
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        return f"TORCHELASTIC_RUN_ID={os.environ['TORCHELASTIC_RUN_ID']}"
+    if os.environ.get("SLURM_JOB_ID"):
+        step = os.environ.get("SLURM_STEP_ID", "")
+        return f"SLURM_JOB_ID={os.environ['SLURM_JOB_ID']}" + (f".{step}" if step else "")
+    return None
+
+
+class StoreLock:
+    """An advisory lock that keeps two jobs from writing one store at the same time.
+
+    The lock is the file :func:`lock_path` (``<store>.lock``), created exclusively
+    (``O_CREAT | O_EXCL``) with its owner in JSON: ``pid``, ``host``, ``job`` (torchrun's
+    or SLURM's id) and ``started``. One process per job takes it: ``attribute`` takes it on
+    rank 0 only, so the ranks of one job never lock each other out. :meth:`release`
+    removes it; a job killed with SIGKILL leaves it behind, and it is taken over by
+
+    - a job on the same host, which finds the owner's pid dead;
+    - the same torchrun job restarted on another host (the same run id, ``--rdzv-id``:
+      an elastic restart, or a requeued SLURM job launched with
+      ``--rdzv-id $SLURM_JOB_ID``; not torchrun's default id ``none``), whose rank 0 may
+      now run on another node. On the same host the pid decides, so a live process is
+      never taken over.
+
+    Any other lock left by a process on another host cannot be checked from here: the
+    error says which host, pid and job hold it and that deleting the file releases it.
+    (A SLURM job id alone is recorded but never trusted: two commands of one batch
+    script share it.)
+
+    Use::
+
+        with StoreLock.acquire("maps.zarr"):
+            ...  # create, check and write the store
+    """
+
+    def __init__(
+        self, path: Path, owner: Mapping[str, Any], took_over: Optional[Dict[str, Any]]
+    ) -> None:
+        self.path = path
+        self.owner = dict(owner)
+        #: The dead owner whose lock this one replaced, or None.
+        self.took_over = took_over
+
+    @classmethod
+    def acquire(cls, store: PathLike) -> "StoreLock":
+        """Take the lock of the store at ``store`` (which need not exist yet).
+
+        Raises:
+            StoreLockedError: a live process (or one on another host) holds it.
+            OSError: the lock file cannot be created (e.g. the parent directory is missing).
+        """
+        path = lock_path(store)
+        host = socket.gethostname()
+        owner: Dict[str, Any] = {
+            "pid": os.getpid(),
+            "host": host,
+            "job": _job_id(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        # torchrun's run id; "none" is torchrun's default when --rdzv-id is not given, shared
+        # by unrelated jobs, so it identifies nothing.
+        run = os.environ.get("TORCHELASTIC_RUN_ID") or None
+        run = None if run is None or run.lower() == "none" else run
+        owner["run"] = run
+        took_over: Optional[Dict[str, Any]] = None
+        for _ in range(5):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = cls._read(path)
+                if not cls._stale(holder, host, run):
+                    raise StoreLockedError(
+                        cls._message(store, path, holder), path, holder
+                    ) from None
+                # The owner died on this host: move its file aside (atomic), then race for
+                # a fresh one through O_EXCL as usual (two takers cannot both create it).
+                # If what was moved is not the dead owner's (another taker was quicker and
+                # already holds a fresh lock), put it back.
+                aside = path.with_name(f"{path.name}.stale-{os.getpid()}")
+                try:
+                    os.rename(path, aside)
+                except FileNotFoundError:
+                    continue
+                if cls._read(aside) == holder:
+                    took_over = holder
+                else:
+                    try:
+                        os.link(aside, path)
+                    except FileExistsError:  # pragma: no cover - a third taker won meanwhile
+                        pass
+                os.unlink(aside)
+                continue
+            with os.fdopen(fd, "w") as handle:
+                json.dump(owner, handle)
+            return cls(path, owner, took_over)
+        raise StoreLockedError(  # pragma: no cover - five lost races in a row
+            f"could not take the lock {str(path)!r}: other processes keep taking it", path, {}
+        )
+
+    @staticmethod
+    def _read(path: Path) -> Dict[str, Any]:
+        text = ""
+        for _ in range(20):
+            try:
+                text = path.read_text(encoding="utf-8")
+            except FileNotFoundError:
+                return {}
+            try:
+                value = json.loads(text)
+                return value if isinstance(value, dict) else {}
+            except json.JSONDecodeError:
+                # Created but not yet written by its owner: wait for the JSON.
+                time.sleep(0.05)
+        return {"unreadable": text[:200]}
+
+    @staticmethod
+    def _stale(holder: Mapping[str, Any], host: str, run: Optional[str]) -> bool:
+        """True when ``holder`` is a process of this host that no longer exists, or a
+        process of this same torchrun job (run id ``run``) on another host."""
+        if not holder:
+            return True  # vanished between our create and read: try again
+        pid = holder.get("pid")
+        if holder.get("host") == host:
+            return isinstance(pid, int) and not _pid_alive(pid)
+        return run is not None and holder.get("run") == run
+
+    @staticmethod
+    def _message(store: PathLike, path: Path, holder: Mapping[str, Any]) -> str:
+        if "pid" not in holder:
+            who = "a process that left no readable owner"
+        else:
+            who = f"pid {holder.get('pid')} on host {holder.get('host')!r}"
+            if holder.get("job"):
+                who += f" ({holder['job']})"
+            if holder.get("started"):
+                who += f", since {holder['started']}"
+        return (
+            f"store {str(store)!r} is being written by another job: its lock {str(path)!r} is "
+            f"held by {who}; wait for that job to finish (if it is dead on another host, "
+            "delete the lock file)"
+        )
+
+    def release(self) -> None:
+        """Remove the lock file if it is still ours."""
+        if self._read(self.path) == self.owner:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self) -> "StoreLock":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
 
 
 def _zarr() -> Any:

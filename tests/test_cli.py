@@ -462,6 +462,22 @@ def test_help_imports_neither_torch_nor_the_library():
     assert result.stdout.splitlines()[-1] == "RESULT [0, 0, 0] []"
 
 
+def test_evaluate_help_imports_no_torch():
+    # evaluate's options come from the metric registry: its declarations must read without
+    # torch (issue 11: `evaluate --help` took ~15 s when the evaluation package imported it).
+    result = python(
+        "-c",
+        "import sys\n"
+        "from captum_fullgrad.cli import main\n"
+        "code = main(['evaluate', '--help'])\n"
+        "print('RESULT', code, sorted(m for m in ('torch', 'captum', 'matplotlib', "
+        "'captum_fullgrad.evaluation.run') if m in sys.modules))\n",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--road-n" in result.stdout and "--maps STORE" in result.stdout
+    assert result.stdout.splitlines()[-1] == "RESULT 0 []"
+
+
 def test_python_dash_m_runs_the_same_cli():
     for module in ("captum_fullgrad", "captum_fullgrad.cli"):
         result = python("-m", module, "--version")

@@ -5,6 +5,7 @@ native 64 px."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from captum_fullgrad.dataset_attribution import (  # noqa: E402
 from captum_fullgrad.datasets import synthetic_shapes  # noqa: E402
 from captum_fullgrad.methods import get_method  # noqa: E402
 from captum_fullgrad.models import load_model  # noqa: E402
-from captum_fullgrad.store import open_attributions  # noqa: E402
+from captum_fullgrad.store import lock_path, open_attributions  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 N, SEED = 11, 3  # 11 images in blocks of 4: the last block is short
@@ -286,7 +287,47 @@ def test_sigkill_at_a_random_moment_then_resume(reference, tmp_path):
     assert pending  # killed before the end
     summary = _run(out)
     assert summary["computed"] == sum(min(4, N - 4 * k) for k in pending)
+    # The killed job's lock was left behind; its owner is dead, so the resume took it over.
+    assert summary["took_over_lock"]["pid"] == process.pid
+    assert not lock_path(out).exists()
     _assert_same_store(out, reference)
+
+
+def test_a_store_locked_by_another_job_is_refused(tmp_path):
+    from tests.test_store import hold_lock
+
+    out = tmp_path / "locked.zarr"
+    holder = hold_lock(out)
+    try:
+        with pytest.raises(CliError, match=f"being written by another job.*pid {holder.pid}"):
+            _run(out, "--methods", "gradcam")
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.slow  # fresh processes: torch's import dominates
+def test_two_jobs_started_together_never_both_write(tmp_path):
+    out = tmp_path / "two-jobs.zarr"
+    argv = _argv(out, "--methods", "gradcam", "--images", "synthetic:40")
+    command = [sys.executable, "-m", "captum_fullgrad", "attribute", *argv]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    jobs = [
+        subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    outputs = [job.communicate(timeout=300) for job in jobs]
+    codes = sorted(job.returncode for job in jobs)
+    computed = sum(int(n) for o, _ in outputs for n in re.findall(r"(\d+) images computed", o))
+    refused = [e for _, e in outputs if "is being written by another job" in e]
+    nothing = [o for o, _ in outputs if "nothing to do" in o]
+    # Either the second job found the lock taken, or it started after the first had
+    # finished and found nothing to do; never two writers.
+    assert (codes, len(refused)) == ([0, 2], 1) or (codes, len(nothing)) == ([0, 0], 1), outputs
+    assert computed == 40 and open_attributions(out).complete
 
 
 def test_an_empty_directory_is_taken_as_no_store(tmp_path):

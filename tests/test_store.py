@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,8 +16,11 @@ pytest.importorskip("zarr")
 
 from captum_fullgrad.store import (  # noqa: E402
     FORMAT_NAME,
+    StoreLock,
+    StoreLockedError,
     StoreMismatchError,
     create_store,
+    lock_path,
     open_attributions,
     remove_store,
 )
@@ -149,3 +157,111 @@ def test_refusals(tmp_path):
         open_attributions(tmp_path / "s.zarr")["smoothgrad"]
     remove_store(tmp_path / "s.zarr")
     assert not (tmp_path / "s.zarr").exists()
+
+
+# ---- the lock against two jobs on one store (real processes) ---------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+# A job that takes the lock, says so, and keeps it until killed.
+_HOLD = (
+    "import sys, time\n"
+    "from captum_fullgrad.store import StoreLock\n"
+    "StoreLock.acquire(sys.argv[1])\n"
+    "print('held', flush=True)\n"
+    "time.sleep(120)\n"
+)
+# A job that tries once and says whether it got the lock.
+_TRY = (
+    "import sys\n"
+    "from captum_fullgrad.store import StoreLock, StoreLockedError\n"
+    "sys.stdin.readline()\n"  # start together
+    "try:\n"
+    "    StoreLock.acquire(sys.argv[1])\n"
+    "    print('held', flush=True)\n"
+    "except StoreLockedError:\n"
+    "    print('refused', flush=True)\n"
+    "sys.stdin.readline()\n"  # keep a won lock until every racer has answered
+)
+
+
+@pytest.fixture(autouse=True)
+def _no_launcher_ids(monkeypatch):
+    # The tests' processes are separate jobs even when pytest runs under torchrun or SLURM.
+    for key in ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "SLURM_STEP_ID"):
+        monkeypatch.delenv(key, raising=False)
+
+
+def _python(code, *args, **kwargs):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *map(str, args)], env=env, text=True, **kwargs
+    )
+
+
+def hold_lock(store):
+    """A live process holding ``store``'s lock (kill it to leave a stale lock)."""
+    process = _python(_HOLD, store, stdout=subprocess.PIPE)
+    assert process.stdout.readline().strip() == "held"
+    return process
+
+
+def test_a_lock_held_by_a_live_process_is_refused_and_a_dead_ones_taken_over(tmp_path):
+    store = tmp_path / "maps.zarr"
+    holder = hold_lock(store)
+    try:
+        with pytest.raises(StoreLockedError, match=f"pid {holder.pid} on host") as caught:
+            StoreLock.acquire(store)
+        assert caught.value.path == lock_path(store) == tmp_path / "maps.zarr.lock"
+        assert str(lock_path(store)) in str(caught.value)
+    finally:
+        holder.kill()  # SIGKILL: no clean-up, the lock file stays
+        holder.wait()
+    assert lock_path(store).exists()
+    with StoreLock.acquire(store) as lock:
+        assert lock.took_over["pid"] == holder.pid
+        assert json.loads(lock_path(store).read_text())["pid"] == os.getpid()
+    assert not lock_path(store).exists()
+
+
+def test_a_lock_of_another_host_is_refused_with_the_way_out(tmp_path):
+    store = tmp_path / "maps.zarr"
+    lock_path(store).write_text(json.dumps({"pid": 1, "host": "node-7", "job": None}))
+    assert socket.gethostname() != "node-7"
+    with pytest.raises(StoreLockedError, match="pid 1 on host 'node-7'.*delete the lock file"):
+        StoreLock.acquire(store)
+
+
+def test_the_same_torchrun_job_takes_its_lock_over_from_another_host(tmp_path, monkeypatch):
+    # An elastic restart or a requeued job (same --rdzv-id) whose rank 0 moved to another
+    # node; torchrun's default id "none" and other ids do not count.
+    store = tmp_path / "maps.zarr"
+    for held, ours in (("job-42", "job-41"), ("none", "none"), ("job-42", "")):
+        lock_path(store).write_text(json.dumps({"pid": 1, "host": "node-7", "run": held}))
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", ours)
+        with pytest.raises(StoreLockedError, match="node-7"):
+            StoreLock.acquire(store)
+    owner = {"pid": 1, "host": "node-7", "job": None, "run": "job-42"}
+    lock_path(store).write_text(json.dumps(owner))
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-42")
+    with StoreLock.acquire(store) as lock:
+        assert lock.took_over == owner and lock.owner["run"] == "job-42"
+    # On this host the pid decides, whatever the run id: a live owner keeps its lock.
+    lock_path(store).write_text(json.dumps({**owner, "host": socket.gethostname(), "pid": 1}))
+    with pytest.raises(StoreLockedError, match="pid 1 on host"):
+        StoreLock.acquire(store)
+
+
+def test_of_processes_that_race_for_a_lock_exactly_one_gets_it(tmp_path):
+    store = tmp_path / "maps.zarr"
+    # A stale lock first, so that the racers also race to take it over.
+    dead = _python("pass")
+    dead.wait()
+    lock_path(store).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    racers = [_python(_TRY, store, stdin=subprocess.PIPE, stdout=subprocess.PIPE) for _ in range(4)]
+    for racer in racers:
+        racer.stdin.write("go\n")
+        racer.stdin.flush()
+    answers = sorted(racer.stdout.readline().strip() for racer in racers)
+    for racer in racers:
+        racer.communicate(timeout=60)
+    assert answers == ["held", "refused", "refused", "refused"]

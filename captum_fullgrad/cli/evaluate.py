@@ -30,7 +30,7 @@ import shlex
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from .._argtypes import add_runtime_options
 from .._argtypes import non_negative_int as _non_negative_int
@@ -42,6 +42,8 @@ from ._outputs import output_directory
 
 #: Held-out scenes: the bundled ``shapes`` network was trained on seed 0.
 DEFAULT_DATA_SEED = 10_000
+#: Images evaluated without --n (and without --maps).
+DEFAULT_N = 500
 #: Models with generated object masks.
 MASKED_MODELS = ("shapes",)
 
@@ -55,7 +57,10 @@ DESCRIPTION = (
     "DIR/results.md (rankings, best in bold, where FullGrad wins and loses) and PNG plots "
     "(pixel perturbation, ROAD and sanity-check curves). Costly metrics run on the first "
     "--road-n, --infidelity-n, --sensitivity-n and --sanity-n images (one --KEY-n option per "
-    "such metric of the registry). See docs/evaluation.md."
+    "such metric of the registry). With --maps STORE the maps come from a store written by "
+    "'captum-fullgrad attribute' (computed once, possibly on many GPUs) instead; the metrics "
+    "that call the methods again (listed under --maps) still do, and say so. See "
+    "docs/evaluation.md and docs/scale.md."
 )
 EPILOG = (
     "example: captum-fullgrad evaluate --n 100 --out eval-out "
@@ -72,10 +77,10 @@ def _param(text: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Declare the options of ``captum-fullgrad evaluate`` on ``parser``."""
-    from ..evaluation.suite import EvaluationSettings
+    """Declare the options of ``captum-fullgrad evaluate`` on ``parser``.
 
-    published = EvaluationSettings()
+    torch is not imported: the per-metric options come from the metric registry, whose
+    declarations read without it (so ``evaluate --help`` is quick)."""
     parser.add_argument(
         "--model",
         default="shapes",
@@ -91,8 +96,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--n",
         type=_positive_int,
-        default=500,
-        help="images to generate and evaluate (default: 500)",
+        default=None,
+        help=f"images to generate and evaluate (default: {DEFAULT_N}, or every image of "
+        "--maps STORE)",
+    )
+    parser.add_argument(
+        "--maps",
+        default=None,
+        metavar="STORE",
+        help="read the methods' maps from STORE, an attribution store written by "
+        "'captum-fullgrad attribute --target label' for the same model, weights, scenes "
+        "(--data-seed) and method parameters, instead of computing them; a mismatch is "
+        "refused. Metrics that call the methods again still do: "
+        + (", ".join(_recomputing_metrics()) or "none")
+        + ". The controls are computed. See docs/scale.md",
     )
     parser.add_argument(
         "--out", default="evaluation-out", help="output directory (default: evaluation-out)"
@@ -119,7 +136,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--seed",
         type=int,
         default=0,
-        help="seed of the metrics' randomness and the controls (default: 0)",
+        help="seed of the metrics' randomness and the controls (default: 0); the maps of "
+        "--maps STORE drew their noise from attribute's own --seed, recorded in results.json",
     )
     parser.add_argument(
         "--data-seed",
@@ -133,7 +151,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=50,
         help="images per method call and forward pass (default: 50)",
     )
-    _add_metric_options(parser, published)
+    _add_metric_options(parser)
     parser.add_argument(
         "--fast",
         action="store_true",
@@ -144,9 +162,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_runtime_options(parser)
 
 
-def _add_metric_options(parser: argparse.ArgumentParser, published: Any) -> None:
+def _add_metric_options(parser: argparse.ArgumentParser) -> None:
     """``--metrics`` and one ``--<key>-n`` per registered metric that runs on a prefix of
-    the images, from the metric registry."""
+    the images, from the metric registry (the defaults are the published run's, which
+    the metrics declare: ``EvaluationSettings()`` reads them from there too)."""
     from ..evaluation.metric import registered_metrics
 
     metrics = registered_metrics()
@@ -165,8 +184,15 @@ def _add_metric_options(parser: argparse.ArgumentParser, published: Any) -> None
             type=_non_negative_int,
             default=None,
             help=f"images (the first ones) for {metric.label}{cost}; 0 skips it "
-            f"(default: {published.images(metric.key)}, or a few with --fast; at most --n)",
+            f"(default: {metric.images.default}, or a few with --fast; at most --n)",
         )
+
+
+def _recomputing_metrics() -> List[str]:
+    """Keys of the registered metrics that call the method again (not only read maps)."""
+    from ..evaluation.metric import registered_metrics
+
+    return [m.key for m in registered_metrics() if m.recomputes_maps]
 
 
 def _image_counts(args: argparse.Namespace) -> Dict[str, int]:
@@ -262,9 +288,11 @@ def _command_line(args: argparse.Namespace) -> str:
     parts = [PROG, "evaluate", "--model", args.model]
     if args.weights != "DEFAULT":
         parts += ["--weights", args.weights]
+    if getattr(args, "maps", None):
+        parts += ["--maps", args.maps]
+    if args.n is not None:  # run() sets it before recording the command
+        parts += ["--n", str(args.n)]
     parts += [
-        "--n",
-        str(args.n),
         "--out",
         args.out,
         "--seed",
@@ -355,12 +383,65 @@ def _run_meta(args: argparse.Namespace, loaded: Any) -> Dict[str, Any]:
     }
 
 
+def _stored_maps(
+    args: argparse.Namespace,
+    loaded: Any,
+    methods: Optional[List[str]],
+    settings: Any,
+    image_size: List[int],
+) -> Tuple[Any, List[str]]:
+    """The maps of ``--maps STORE`` (:func:`~captum_fullgrad.evaluation.store_maps.
+    read_store_maps`) for the registered methods evaluated, and those methods' names
+    (``--methods``, or every method of the store); refuses a store of another run."""
+    from ..dataset_attribution import weights_identity
+    from ..evaluation._methods import resolve
+    from ..evaluation.controls import CONTROL_NAMES
+    from ..evaluation.store_maps import read_store_maps
+    from ..store import StoreMismatchError, open_attributions
+
+    try:
+        store = open_attributions(Path(args.maps).expanduser())
+    except (OSError, ValueError) as exc:
+        raise CliError(f"--maps: {exc}") from None
+    names = methods if methods is not None else store.methods
+    registered = [m for m in names if m not in CONTROL_NAMES]
+    missing = [m for m in registered if m not in store.methods]
+    if missing:
+        raise CliError(
+            f"--maps: store {args.maps!r} holds no maps of {', '.join(missing)} (it holds "
+            f"{', '.join(store.methods)}); leave them out of --methods, or write them with "
+            "'captum-fullgrad attribute'"
+        )
+    try:
+        evaluated = resolve(registered, settings.method_params, False, args.seed)
+    except (ValueError, TypeError) as exc:
+        raise CliError(f"--maps: {exc}") from None
+    stochastic = [m.name for m in evaluated if getattr(m.fn, "stochastic", False)]
+    try:
+        stored = read_store_maps(
+            Path(args.maps).expanduser(),
+            n=args.n,
+            model=loaded.name,
+            weights=weights_identity(args.weights),
+            data_seed=args.data_seed,
+            methods={m.name: m.parameters for m in evaluated},
+            image_size=image_size,
+            stochastic=stochastic,
+        )
+    except StoreMismatchError as exc:
+        raise CliError(f"--maps: {exc}") from None
+    if not stored.indices:
+        raise CliError(f"--maps: store {args.maps!r} holds none of the first {args.n} images")
+    return stored, list(names)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``captum-fullgrad evaluate`` with parsed ``args``; return the exit status.
 
     Bad input (a model without generated masks, unknown methods, metrics or parameters,
-    unusable devices, weights or output directories) raises :class:`CliError`, which the
-    CLI's common path reports as one line with exit status 2.
+    unusable devices, weights or output directories, a ``--maps`` store of another run)
+    raises :class:`CliError`, which the CLI's common path reports as one line with exit
+    status 2.
     """
     from ..datasets import synthetic_shapes
     from ..evaluation.suite import evaluate, write_report
@@ -373,7 +454,17 @@ def run(args: argparse.Namespace) -> int:
     metrics = _metrics(getattr(args, "metrics", None))
     device = resolve_device(args.device)
     loaded = load_model(name, args.weights, device)
+    if args.n is None:
+        args.n = _store_size(args.maps) if args.maps else DEFAULT_N
     images, labels, masks = synthetic_shapes(args.n, seed=args.data_seed)
+    meta = _run_meta(args, loaded)
+    given, stored = None, None
+    if args.maps:
+        stored, methods = _stored_maps(args, loaded, methods, settings, list(images.shape[2:]))
+        keep = stored.indices
+        images, labels, masks = images[keep], labels[keep], masks[keep]
+        given = stored.maps
+        meta["maps_store"] = stored.describe()
     report = evaluate(
         loaded.model,
         loaded.transform(images).to(device),
@@ -387,7 +478,8 @@ def run(args: argparse.Namespace) -> int:
         controls=not args.no_controls,
         model_name=name,
         metrics=metrics,
-        meta=_run_meta(args, loaded),
+        meta=meta,
+        maps=given,
     )
     try:
         written = write_report(report, out)
@@ -397,9 +489,40 @@ def run(args: argparse.Namespace) -> int:
     plots = [p.name for p in written if p.suffix == ".png"]
     print(
         f"wrote {out / 'results.json'}, results.md and {len(plots)} plot(s) ({', '.join(plots)}) "
-        f"for {len(report.methods)} methods on {args.n} images in {wall:.1f} s"
+        f"for {len(report.methods)} methods on {len(labels)} images in {wall:.1f} s"
     )
+    if stored is not None:
+        _print_store_use(report, stored)
     return EXIT_OK
+
+
+def _store_size(path: str) -> int:
+    from ..store import open_attributions
+
+    try:
+        return len(open_attributions(Path(path).expanduser()))
+    except (OSError, ValueError) as exc:
+        raise CliError(f"--maps: {exc}") from None
+
+
+def _print_store_use(report: Any, stored: Any) -> None:
+    """Say which maps came from the store, which metrics ran the methods again, and which
+    images the store could not give."""
+    recomputed = report.meta.get("maps_recomputed_by", [])
+    print(
+        f"maps of {', '.join(stored.maps)} read from {stored.path}"
+        + (
+            f"; {', '.join(recomputed)} recomputed maps (they call the methods again)"
+            if recomputed
+            else "; no metric recomputed them"
+        )
+    )
+    if stored.excluded:
+        print(f"{len(stored.excluded)} image(s) excluded (the store has no map of them):")
+        for image_id, reason in stored.excluded[:20]:
+            print(f"  {image_id}: {reason}")
+        if len(stored.excluded) > 20:
+            print(f"  ... and {len(stored.excluded) - 20} more (results.json meta.maps_store)")
 
 
 COMMAND = Command("evaluate", HELP, add_arguments, run, DESCRIPTION, EPILOG)

@@ -32,28 +32,14 @@ command line (:mod:`captum_fullgrad.evaluation.command`); see ``docs/evaluation.
 ``docs/extending.md`` for adding a metric.
 """
 
+from typing import TYPE_CHECKING, Any
+
+# The metric modules import torch on first use, so these imports are cheap (the registry's
+# declarations read without torch: ``captum-fullgrad evaluate --help``).
+from captum_fullgrad.evaluation import metric as _metric
 from captum_fullgrad.evaluation.captum_scores import infidelity_score, sensitivity_score
-from captum_fullgrad.evaluation.controls import (
-    BlurredRandomMap,
-    SobelEdgeMap,
-    UniformRandomMap,
-    blurred_random_map,
-    sobel_edge_map,
-    uniform_random_map,
-)
 from captum_fullgrad.evaluation.localisation import pointing_game, relevance_mass, relevance_rank
-from captum_fullgrad.evaluation.metric import (
-    Images,
-    Metric,
-    MetricContext,
-    MetricOutput,
-    Plot,
-    Score,
-    get_metric,
-    register_metric,
-    registered_metrics,
-    unregister_metric,
-)
+from captum_fullgrad.evaluation.metric import *  # noqa: F403 - the registry's public names
 from captum_fullgrad.evaluation.perturbation import PixelPerturbationResult, pixel_perturbation
 from captum_fullgrad.evaluation.road import RoadResult, noisy_linear_imputation, road
 from captum_fullgrad.evaluation.sanity import (
@@ -64,27 +50,61 @@ from captum_fullgrad.evaluation.sanity import (
     ssim,
 )
 from captum_fullgrad.evaluation.statistics import bootstrap_ci, trapezoid
-from captum_fullgrad.evaluation.suite import (
-    CONTROL_NAMES,
-    EvaluationReport,
-    EvaluationSettings,
-    MetricInfo,
-    MetricValue,
-    evaluate,
-    write_report,
-)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from captum_fullgrad.evaluation.controls import (
+        BlurredRandomMap,
+        SobelEdgeMap,
+        UniformRandomMap,
+        blurred_random_map,
+        sobel_edge_map,
+        uniform_random_map,
+    )
+    from captum_fullgrad.evaluation.suite import (
+        CONTROL_NAMES,
+        EvaluationReport,
+        EvaluationSettings,
+        MetricInfo,
+        MetricValue,
+        evaluate,
+        write_report,
+    )
+
+# Names from modules that need torch when imported (the controls are torch modules, the
+# runner imports the library), imported on first use (PEP 562).
+_LAZY = {
+    "BlurredRandomMap": "controls",
+    "SobelEdgeMap": "controls",
+    "UniformRandomMap": "controls",
+    "blurred_random_map": "controls",
+    "sobel_edge_map": "controls",
+    "uniform_random_map": "controls",
+    "CONTROL_NAMES": "suite",
+    "EvaluationReport": "suite",
+    "EvaluationSettings": "suite",
+    "MetricInfo": "suite",
+    "MetricValue": "suite",
+    "evaluate": "suite",
+    "write_report": "suite",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> Any:
+    return sorted([*globals(), *_LAZY])
+
 
 __all__ = [
-    "Images",
-    "Metric",
-    "MetricContext",
-    "MetricOutput",
-    "Plot",
-    "Score",
-    "get_metric",
-    "register_metric",
-    "registered_metrics",
-    "unregister_metric",
+    *_metric.__all__,  # Images, Metric, ..., register_metric: declared once, in metric.py
     "BlurredRandomMap",
     "CONTROL_NAMES",
     "CascadingRandomisationResult",

@@ -8,11 +8,18 @@ private to the package: users call the metrics, not these.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
-import torch
-from torch import Tensor, nn
+
+from captum_fullgrad.evaluation._lazy import lazy_module, no_grad
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import Tensor, nn
+else:
+    torch = lazy_module("torch")
+    nn = lazy_module("torch.nn")
 
 __all__ = [
     "Explainer",
@@ -30,9 +37,9 @@ __all__ = [
 ]
 
 #: An explanation method: ``explain(model, inputs, target) -> (B, 1, H, W)`` maps.
-Explainer = Callable[[nn.Module, Tensor, Tensor], Tensor]
+Explainer = Callable[["nn.Module", "Tensor", "Tensor"], "Tensor"]
 #: A seed or a generator to draw from.
-SeedLike = Union[int, torch.Generator]
+SeedLike = Union[int, "torch.Generator"]
 
 
 def format_maps(maps: Tensor, name: str = "maps") -> Tensor:
@@ -43,7 +50,7 @@ def format_maps(maps: Tensor, name: str = "maps") -> Tensor:
     pool channels (sum, sum of absolute values, ...) is a property of the attribution
     method and has to be decided by its caller.
     """
-    if not isinstance(maps, Tensor):
+    if not isinstance(maps, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(maps).__name__}")
     if maps.dim() == 4:
         if maps.shape[1] != 1:
@@ -64,7 +71,7 @@ def format_maps(maps: Tensor, name: str = "maps") -> Tensor:
 
 
 def format_inputs(inputs: Tensor) -> Tensor:
-    if not isinstance(inputs, Tensor) or inputs.dim() != 4:
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() != 4:
         raise ValueError(
             f"inputs must be a (B, C, H, W) tensor, got {getattr(inputs, 'shape', type(inputs))}"
         )
@@ -96,7 +103,7 @@ def maps_for(maps: Tensor, inputs: Tensor) -> Tensor:
     return maps
 
 
-@torch.no_grad()
+@no_grad
 def forward_logits(model: nn.Module, inputs: Tensor, batch_size: Optional[int] = None) -> Tensor:
     r"""Logits ``(N, K)`` of ``model`` on ``inputs``, in chunks of ``batch_size`` examples."""
     n = inputs.shape[0]
@@ -177,7 +184,7 @@ def jsonable(value: Any) -> Any:
         return int(value)
     if isinstance(value, (float, np.floating)):
         return float(value) if math.isfinite(value) else None
-    if isinstance(value, Tensor) and value.numel() == 1:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
         return jsonable(value.item())
     if isinstance(value, nn.Module):
         return type(value).__name__

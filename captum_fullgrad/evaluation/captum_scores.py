@@ -21,11 +21,16 @@ metric registry).
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Tuple, Union
 
-import torch
-from captum.metrics import infidelity, sensitivity_max
-from torch import Tensor, nn
+from captum_fullgrad.evaluation._lazy import lazy_module
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import Tensor, nn
+else:
+    torch = lazy_module("torch")
+    nn = lazy_module("torch.nn")
 
 from captum_fullgrad.evaluation._common import Explainer, format_inputs, format_maps, format_target
 from captum_fullgrad.evaluation.metric import (
@@ -116,6 +121,8 @@ def infidelity_score(
         noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device) * noise_std
         return noise, x - noise
 
+    from captum.metrics import infidelity
+
     with torch.no_grad():
         scores = infidelity(
             model,
@@ -190,6 +197,8 @@ def sensitivity_score(
     def explanation_func(x: Union[Tensor, Tuple[Tensor, ...]], target: Tensor) -> Tuple[Tensor]:
         x0 = x[0] if isinstance(x, tuple) else x
         return (_explain_maps(explain, model, x0, target),)
+
+    from captum.metrics import sensitivity_max
 
     scores = sensitivity_max(
         explanation_func,

@@ -17,11 +17,17 @@ read the maps, so they run on whatever device the maps live on.
 
 from __future__ import annotations
 
-from typing import Any, Tuple
+from typing import TYPE_CHECKING, Any, Tuple
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor
+from captum_fullgrad.evaluation._lazy import lazy_module
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    import torch.nn.functional as F
+    from torch import Tensor
+else:
+    torch = lazy_module("torch")
+    F = lazy_module("torch.nn.functional")
 
 from captum_fullgrad.evaluation._common import format_maps
 from captum_fullgrad.evaluation.metric import (

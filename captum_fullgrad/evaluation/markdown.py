@@ -237,6 +237,32 @@ def _methods_table(report: EvaluationReport) -> List[str]:
     return lines + [""]
 
 
+def _given_maps(report: EvaluationReport) -> List[str]:
+    """Where the maps came from when they were not computed by the run (``--maps STORE``)."""
+    meta = report.meta
+    given = meta.get("maps_given")
+    if not given:
+        return []
+    store = meta.get("maps_store", {})
+    origin = f" from the attribution store `{store['path']}`" if store.get("path") else ""
+    line = f"Maps of {', '.join(f'`{m}`' for m in given)} were read{origin}, not computed"
+    recomputed = meta.get("maps_recomputed_by", [])
+    line += (
+        "; these metrics called the methods again (they need fresh maps): "
+        + ", ".join(recomputed)
+        + "."
+        if recomputed
+        else "; no metric called the methods again."
+    )
+    lines = [line, ""]
+    excluded = store.get("excluded", [])
+    if excluded:
+        shown = ", ".join(f"`{e['id']}` ({e['reason']})" for e in excluded[:10])
+        more = f" and {len(excluded) - 10} more" if len(excluded) > 10 else ""
+        lines += [f"Images excluded, the store has no map of them: {shown}{more}.", ""]
+    return lines
+
+
 def _settings(report: EvaluationReport) -> List[str]:
     meta = report.meta
     subsets = meta.get("subsets", {})
@@ -247,6 +273,7 @@ def _settings(report: EvaluationReport) -> List[str]:
     shown = {k: v for k, v in settings.items() if k != "method_params" and not k.startswith("n_")}
     lines += ["Metric settings: " + ", ".join(f"`{k}` = {v}" for k, v in shown.items()) + "."]
     lines += [""]
+    lines += _given_maps(report)
     for metric in registered_metrics():
         note = metric.note(report) if metric.note else None
         if note:

@@ -15,13 +15,18 @@ declares the localisation metrics, ``road.py`` ROAD, ...), and registered with
 A metric yields one or more *scores* (per-image values summarised as a mean with a
 bootstrap interval): the localisation metric yields ``pointing_game``,
 ``relevance_mass``, ... Adding a metric is one file that declares and registers a
-:class:`Metric` (any module of ``captum_fullgrad.evaluation`` is imported when the
-registry is first read), plus its test; see ``docs/extending.md``.
+:class:`Metric` (every module of ``captum_fullgrad.evaluation`` whose source calls
+``register_metric(`` is imported when the registry is first read), plus its test; see
+``docs/extending.md``. Such a module should import torch through
+:mod:`~captum_fullgrad.evaluation._lazy`, as the built-in ones do: ``captum-fullgrad
+evaluate --help`` reads the registry and stays quick only if that loads no torch (a test
+of ``tests/test_cli.py`` checks it).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import pkgutil
 from dataclasses import dataclass, field
 from typing import (
@@ -37,10 +42,9 @@ from typing import (
     Union,
 )
 
-import torch
-from torch import Tensor, nn
-
 if TYPE_CHECKING:  # pragma: no cover
+    from torch import Tensor, nn
+
     from captum_fullgrad.evaluation.report import EvaluationReport
     from captum_fullgrad.evaluation.settings import EvaluationSettings
 
@@ -171,7 +175,7 @@ class MetricOutput:
 #: ``compute(context, method_name, explain, maps) -> MetricOutput`` for one method:
 #: ``explain(model, inputs, target)`` recomputes maps, ``maps`` are the method's maps of
 #: all images ``(N, 1, H, W)``.
-ComputeFn = Callable[[MetricContext, str, Callable[..., Tensor], Tensor], MetricOutput]
+ComputeFn = Callable[[MetricContext, str, Callable[..., "Tensor"], "Tensor"], MetricOutput]
 
 
 @dataclass(frozen=True)
@@ -269,9 +273,27 @@ def unregister_metric(key: str) -> Metric:
         raise KeyError(f"no metric {key!r}; registered: {', '.join(_REGISTRY)}") from None
 
 
+def _declares_metrics(module: str) -> bool:
+    """Whether ``module``'s source calls :func:`register_metric` (True when the source
+    cannot be read, e.g. a compiled module: it is imported to be sure)."""
+    spec = importlib.util.find_spec(module)
+    origin = getattr(spec, "origin", None)
+    if not origin or not origin.endswith(".py"):
+        return True
+    try:
+        with open(origin, encoding="utf-8") as handle:
+            return "register_metric(" in handle.read()
+    except OSError:
+        return True
+
+
 def _discover() -> None:
-    """Import every public module of the evaluation package once, so that a metric
-    declared in a new file registers itself without being imported anywhere else."""
+    """Import once every public module of the evaluation package that declares a metric
+    (its source calls :func:`register_metric`), so that a metric declared in a new file
+    registers itself without being imported anywhere else. The other modules (the
+    runner, the report, the controls) are left alone: reading the registry imports
+    neither them nor torch, which the metric modules import on first use
+    (:mod:`~captum_fullgrad.evaluation._lazy`), so ``evaluate --help`` stays quick."""
     global _discovered
     if _discovered:
         return
@@ -279,8 +301,9 @@ def _discover() -> None:
     import captum_fullgrad.evaluation as package
 
     for info in pkgutil.iter_modules(package.__path__):
-        if not info.name.startswith("_"):
-            importlib.import_module(f"{package.__name__}.{info.name}")
+        name = f"{package.__name__}.{info.name}"
+        if not info.name.startswith("_") and _declares_metrics(name):
+            importlib.import_module(name)
 
 
 def registered_metrics() -> List[Metric]:
@@ -300,4 +323,6 @@ def get_metric(key: str) -> Metric:
 
 def per_image(values: Tensor) -> Tensor:
     """Per-image values as a float64 vector (what the report summarises)."""
+    import torch
+
     return values.detach().to(torch.float64).reshape(-1)

@@ -16,10 +16,16 @@ suite (the metric registry).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Union
 
-import torch
-from torch import Tensor, nn
+from captum_fullgrad.evaluation._lazy import lazy_module, no_grad
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import Tensor, nn
+else:
+    torch = lazy_module("torch")
+    nn = lazy_module("torch.nn")
 
 from captum_fullgrad.evaluation._common import (
     SeedLike,
@@ -91,7 +97,7 @@ class PixelPerturbationResult:
     output: str
 
 
-@torch.no_grad()
+@no_grad
 def pixel_perturbation(
     model: nn.Module,
     inputs: Tensor,

@@ -22,11 +22,18 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Tuple, Union
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from captum_fullgrad.evaluation._lazy import lazy_module, no_grad
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    import torch.nn.functional as F
+    from torch import Tensor, nn
+else:
+    torch = lazy_module("torch")
+    F = lazy_module("torch.nn.functional")
+    nn = lazy_module("torch.nn")
 
 from captum_fullgrad.evaluation._common import (
     SeedLike,
@@ -148,7 +155,7 @@ def _solve_imputation(
     return torch.where(removed, x, images), converged, iterations
 
 
-@torch.no_grad()
+@no_grad
 def noisy_linear_imputation(
     inputs: Tensor,
     removed: Tensor,
@@ -266,7 +273,7 @@ class RoadResult:
     order: str
 
 
-@torch.no_grad()
+@no_grad
 def road(
     model: nn.Module,
     inputs: Tensor,

@@ -297,6 +297,17 @@ def _check_given(maps: Mapping[str, Tensor], methods: Sequence[EvaluatedMethod])
         raise ValueError(f"maps given for methods not evaluated: {', '.join(unknown)}")
 
 
+def _given_meta(maps: Mapping[str, Tensor], ran: Sequence[Metric]) -> Dict[str, Any]:
+    """``meta.maps_given`` (methods whose maps the caller gave) and ``meta.maps_recomputed_by``
+    (the metrics that ran which call the methods again), when maps were given."""
+    if not maps:
+        return {}
+    return {
+        "maps_given": list(maps),
+        "maps_recomputed_by": [m.key for m in ran if m.recomputes_maps],
+    }
+
+
 def _method_meta(methods: Sequence[EvaluatedMethod]) -> Dict[str, Any]:
     """``meta.methods``: label, kind and parameters of every evaluated method."""
     return {
@@ -444,6 +455,7 @@ def evaluate(
         "subsets": subsets,
         "settings": settings.to_dict(),
         "methods": _method_meta(resolved),
+        **_given_meta(maps or {}, ran),
         **recorded.meta,
     }
     metadata.update(dict(meta or {}))

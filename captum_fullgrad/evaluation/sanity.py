@@ -17,10 +17,16 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-import torch
-from torch import Tensor, nn
+from captum_fullgrad.evaluation._lazy import lazy_module, no_grad
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import Tensor, nn
+else:
+    torch = lazy_module("torch")
+    nn = lazy_module("torch.nn")
 
 from captum_fullgrad.evaluation._common import Explainer, format_inputs, format_maps, format_target
 from captum_fullgrad.evaluation.metric import (
@@ -41,12 +47,15 @@ __all__ = [
     "ssim",
 ]
 
-_NORMS = (
-    nn.modules.batchnorm._BatchNorm,
-    nn.GroupNorm,
-    nn.LayerNorm,
-    nn.modules.instancenorm._InstanceNorm,
-)
+
+def _norms() -> Tuple[type, ...]:
+    """The normalisation layers, whose scales and shifts are randomised around 1 and 0."""
+    return (
+        nn.modules.batchnorm._BatchNorm,
+        nn.GroupNorm,
+        nn.LayerNorm,
+        nn.modules.instancenorm._InstanceNorm,
+    )
 
 
 # --------------------------------------------------------------------------- similarity
@@ -157,13 +166,13 @@ def _parametrised_layers(model: nn.Module) -> List[str]:
     names = []
     for name, module in model.named_modules():
         own = any(True for _ in module.parameters(recurse=False))
-        stats = isinstance(module, _NORMS) and getattr(module, "running_mean", None) is not None
+        stats = isinstance(module, _norms()) and getattr(module, "running_mean", None) is not None
         if own or stats:
             names.append(name)
     return names
 
 
-@torch.no_grad()
+@no_grad
 def randomise_layer_(module: nn.Module, seed: int, bias_std: float = 0.1) -> nn.Module:
     r"""Replace the parameters (not those of submodules) of ``module`` by random ones, in place.
 
@@ -194,16 +203,17 @@ def randomise_layer_(module: nn.Module, seed: int, bias_std: float = 0.1) -> nn.
         draw = torch.rand(t.shape, generator=generator, dtype=torch.float64)
         return (low + (high - low) * draw).to(t)
 
-    if isinstance(module, _NORMS):
-        for name, low_or_std, kind in (
-            ("weight", None, "scale"),
-            ("bias", bias_std, "normal"),
-            ("running_mean", bias_std, "normal"),
-            ("running_var", None, "scale"),
+    if isinstance(module, _norms()):
+        # Scales drawn around 1, shifts around 0; the order fixes the draws of the generator.
+        for name, kind in (
+            ("weight", "scale"),
+            ("bias", "normal"),
+            ("running_mean", "normal"),
+            ("running_var", "scale"),
         ):
             t = getattr(module, name, None)
-            if isinstance(t, Tensor):
-                t.copy_(uniform(t, 0.5, 1.5) if kind == "scale" else normal(t, low_or_std))
+            if isinstance(t, torch.Tensor):
+                t.copy_(uniform(t, 0.5, 1.5) if kind == "scale" else normal(t, bias_std))
         return module
 
     own: Dict[str, nn.Parameter] = dict(module.named_parameters(recurse=False))
@@ -213,7 +223,9 @@ def randomise_layer_(module: nn.Module, seed: int, bias_std: float = 0.1) -> nn.
         state = torch.get_rng_state()
         try:
             torch.random.default_generator.manual_seed(seed)
-            clone.reset_parameters()
+            # The clone's own reset (``reset`` above is bound to the original module).
+            reset_clone: Callable[[], Any] = getattr(clone, "reset_parameters", reset)
+            reset_clone()
         finally:
             torch.set_rng_state(state)
         fresh = dict(clone.named_parameters(recurse=False))

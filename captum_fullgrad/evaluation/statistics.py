@@ -11,13 +11,19 @@ r"""Statistical helpers shared by the evaluation metrics.
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Sequence, Tuple, Union
 
 import numpy as np
-import torch
-from torch import Tensor
 
-ArrayLike = Union[Tensor, np.ndarray, Sequence[float]]
+from captum_fullgrad.evaluation._lazy import lazy_module
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import Tensor
+else:
+    torch = lazy_module("torch")
+
+ArrayLike = Union["Tensor", np.ndarray, Sequence[float]]
 
 # Bootstrap resampling draws an (R, N) index matrix. Above this many entries it is drawn
 # in chunks of resamples so that memory stays bounded (~64 MiB of int64) for large N.
