@@ -20,11 +20,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/captum-fullgrad demo --out demo-out
 
-# The linter and formatter check the code first (configured in pyproject.toml). mypy is
-# configured there too but not run here yet: older errors remain (issue 11).
+# The linter, the formatter and the type checker check the code first (all configured in
+# pyproject.toml), then the tests run.
 test: $(STAMP)
 	$(VENV)/bin/ruff check captum_fullgrad tests benchmarks
 	$(VENV)/bin/ruff format --check captum_fullgrad tests benchmarks
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q
 
 clean:

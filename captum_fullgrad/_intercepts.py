@@ -681,7 +681,7 @@ def _generic(
     return OpResult(value, intercepts, layout=layout)
 
 
-def _math_attention():
+def _math_attention() -> Any:
     """Fused attention kernels (flash, memory-efficient) have no forward-mode derivative;
     the math kernel computes the same function from differentiable parts."""
     try:

@@ -113,7 +113,7 @@ class BenchmarkResult:
             )
         return "\n".join(lines) + "\n"
 
-    def plot(self):
+    def plot(self) -> Any:
         """Throughput per method and batch size, log scale (a matplotlib Figure)."""
         from matplotlib.figure import Figure
 

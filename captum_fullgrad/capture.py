@@ -337,7 +337,13 @@ class _Mode(TorchFunctionMode, _intercepts.Context):
     def is_graph(self, value: Any) -> bool:
         return isinstance(value, Tensor) and self.capture.tracker.contains(value)
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: D105
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: Sequence[Any] = (),
+        kwargs: Optional[Dict[str, Any]] = None,
+    ) -> Any:
         kwargs = kwargs or {}
         graph_inputs = self._graph_inputs(args, kwargs)
         if not graph_inputs:
