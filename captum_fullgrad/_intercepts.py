@@ -60,7 +60,12 @@ class Intercept:
     # A replayed element-wise activation whose intercept is never formed: during the one
     # gradient call of its source, ``(y, J^T df/dy, a)`` from its own autograd node, and
     # <df/dy, c> = <df/dy, y> - <J^T df/dy, a> element by element (docs/math.md).
-    backward_pair: Optional[Tuple[Tensor, Tensor, Tensor]] = None
+    # ``a`` is ``None`` for a gated activation (hardtanh/ReLU6: the gradient passes unchanged
+    # where y = a and not at all elsewhere), whose term is then (df/dy - J^T df/dy) * y.
+    backward_pair: Optional[Tuple[Tensor, Tensor, Optional[Tensor]]] = None
+    # A replayed product of two graph tensors (degree 2, c = -y): during the one gradient
+    # call of its source, ``y``; <df/dy, c> is then -<df/dy, y>, negated after the sums.
+    negated_output: Optional[Tensor] = None
 
 
 @dataclass
@@ -522,6 +527,9 @@ class _Activation:
     # ``_saved_self`` (the original input, also in place): the replay then takes the
     # intercept term from the backward pass instead of forming ``c`` in the forward pass.
     backward_node: Optional[str] = None
+    # Where its gradient passes unchanged the op is the identity (y = a), elsewhere it passes
+    # none (hardtanh): J^T df/dy * a = J^T df/dy * y, so the replay's term needs no ``a``.
+    gated: bool = False
     call_parameters: Callable[[Sequence[Any], Dict[str, Any], Callable], Tuple[Any, ...]] = (
         lambda args, kwargs, func: ()
     )
@@ -572,6 +580,12 @@ def activation_backward_node(settings: Tuple[Any, ...]) -> Optional[str]:
     """The autograd node type of an activation whose term the replay may take from the
     backward pass (see :func:`register_activation`); ``None`` if it may not."""
     return _ACTIVATIONS[settings[0]].backward_node
+
+
+def activation_is_gated(settings: Tuple[Any, ...]) -> bool:
+    """Whether the activation passes its gradient unchanged where it is the identity and
+    none elsewhere (see :func:`register_activation`'s ``gated``)."""
+    return _ACTIVATIONS[settings[0]].gated
 
 
 def activation_linear_part(
@@ -876,6 +890,7 @@ def register_activation(
     call_parameters: Optional[Callable[..., Tuple[Any, ...]]] = None,
     module_parameters: Optional[Callable[[Any], Tuple[Any, ...]]] = None,
     backward_node: Optional[str] = None,
+    gated: bool = False,
 ) -> Registration:
     """Give the element-wise activation ``name`` a closed-form intercept in the trace and
     in the replay: ``c = g(a) - g'(a) a`` with ``g'(a) a = linear_part(a, y, *parameters)``.
@@ -901,6 +916,10 @@ def register_activation(
             ``_saved_self``, in place too. A replayed module's term then comes from the
             backward pass, ``<df/dy, y> - <J^T df/dy, a>``, with no intercept tensor
             formed or kept (check the op with tests/test_replay.py's identity test).
+        gated: the op's backward passes ``df/dy`` unchanged exactly where ``y = a`` and
+            zero elsewhere (hardtanh, ReLU6). Then ``(J^T df/dy) * a = (J^T df/dy) * y``
+            in floating point too, and the term is ``(df/dy - J^T df/dy) * y``: one pass
+            fewer, and the node's saved input is not read.
     """
     if reads not in ("input", "output", "both"):
         raise ValueError(f"reads must be 'input', 'output' or 'both', got {reads!r}.")
@@ -910,6 +929,7 @@ def register_activation(
         call_parameters=call_parameters or (lambda args, kwargs, func: ()),
         module_parameters=module_parameters or (lambda module: ()),
         backward_node=backward_node,
+        gated=gated,
     )
     registration = register_rule(list(functions) or [name, f"{name}_"], _elementwise)
     registration._set(_ACTIVATIONS, name, activation)
@@ -989,6 +1009,7 @@ register_activation(
     call_parameters=_hardtanh_call,
     module_parameters=lambda module: (float(module.min_val), float(module.max_val)),
     backward_node="HardtanhBackward0",
+    gated=True,
 )
 register_activation(
     "relu6",

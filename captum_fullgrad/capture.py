@@ -144,17 +144,26 @@ class BiasSource:
             view = [1] * len(self.shape)
             view[intercept.channel_dim] = -1
             return intercept.channel_vector.reshape(view)
+        if intercept.negated_output is not None:
+            return -intercept.negated_output
         if intercept.dense is None:
             raise RuntimeError(f"captum_fullgrad: the source `{self.name}` has no intercept")
         return intercept.dense
 
     def bias_jacobian(self, grad: Tensor) -> Tensor:
         """``df/dy_g * c_g``, shaped like the output (seed eq. 1)."""
+        negated = self.intercept.negated_output
+        if negated is not None:
+            return torch.mul(grad, negated.to(grad.dtype)).neg_()  # c = -y
         pair = self.intercept.backward_pair
         if pair is not None:
             # An element-wise op (diagonal J): g * (y - J a) = g * y - (J^T g) * a.
             y, input_grad, a = pair
             dtype = grad.dtype
+            if a is None:
+                # Gated (hardtanh): J^T g is g or 0 exactly, and y = a where it is g, so
+                # g * y - (J^T g) * a = (g - J^T g) * y, bit for bit, in two passes.
+                return torch.sub(grad, input_grad.to(dtype)).mul_(y.to(dtype))
             # One full-size temporary: on the CPU each fresh one costs page faults.
             product = grad * y.to(dtype)
             return product.addcmul_(input_grad.to(dtype), a.to(dtype), value=-1)
@@ -212,6 +221,10 @@ class BiasSource:
                     return moved @ vector
             # Contract the channel axis without materialising grad * bias.
             return torch.matmul(vector, grad.flatten(2)).view(grad.shape[0], *grad.shape[2:])
+        negated = self.intercept.negated_output
+        if negated is not None:
+            # -sum_c g*y: the sign on the summed map, not on a full-size tensor (exact).
+            return torch.mul(grad, negated.to(grad.dtype)).sum(self.channel_dim).neg_()
         return self.bias_jacobian(grad).sum(self.channel_dim)
 
 

@@ -57,6 +57,7 @@ from torch import Tensor, nn
 from ._intercepts import (
     Intercept,
     activation_backward_node,
+    activation_is_gated,
     activation_linear_part,
     activation_reads_input_first,
     activation_settings,
@@ -525,7 +526,16 @@ class Replay:
         if backward_identity:
             assert node is not None
             self._hooks.append(
-                node.register_hook(_identity_hook(on_gradient, source, node, output, module))
+                node.register_hook(
+                    _identity_hook(
+                        on_gradient,
+                        source,
+                        node,
+                        output,
+                        module,
+                        gated=activation_is_gated(step.activation),
+                    )
+                )
             )
             return
         if step.product_node is not None:
@@ -563,24 +573,30 @@ def _identity_hook(
     node: Any,
     output: Tensor,
     module: nn.Module,
+    gated: bool = False,
 ) -> Callable[[Any, Any], None]:
     """A post-hook on an element-wise activation's node that hands the collector ``df/dy``
     with the intercept given as ``(y, J^T df/dy, a)``: ``a`` is what the node saved (the
     original input, also in place), ``y`` the output, unless something overwrote it since
-    (then it is recomputed from ``a``)."""
+    (then it is recomputed from ``a``). A ``gated`` activation's term needs no ``a``
+    (``activation_is_gated``): ``(y, J^T df/dy, None)``."""
     version = output._version
 
     def hook(grad_inputs: Any, grad_outputs: Any) -> None:
         grad = grad_outputs[0]
         if grad is None:
             return
-        a = node._saved_self
         y = output
+        a: Optional[Tensor] = None if gated else node._saved_self
         if y._version != version:  # overwritten in place after the activation
             with torch.no_grad():
-                y = module.forward(a.detach().clone())
+                y = module.forward(node._saved_self.detach().clone())
         input_grad = grad_inputs[0] if grad_inputs[0] is not None else torch.zeros_like(grad)
-        source.intercept.backward_pair = (y.detach(), input_grad, a.detach())
+        source.intercept.backward_pair = (
+            y.detach(),
+            input_grad,
+            None if a is None else a.detach(),
+        )
         try:
             on_gradient(source, grad)
         finally:
@@ -606,11 +622,12 @@ def _product_hook(
                 y = output.detach()
             else:
                 y = node._saved_self * node._saved_other  # type: ignore[union-attr]
-            source.intercept.dense = -y
+        # c = -y is never formed: the collector negates after its sums (one pass fewer).
+        source.intercept.negated_output = y
         try:
             on_gradient(source, grad)
         finally:
-            source.intercept.dense = None
+            source.intercept.negated_output = None
 
     return hook
 

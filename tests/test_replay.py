@@ -715,3 +715,59 @@ def test_a_returned_product_overwritten_later_is_recomputed(recorders):
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
     _replay_matches_trace(model, x * 2, lambda: None)
     assert recorders.kinds == REPLAYED
+
+
+def test_a_gated_activation_term_is_the_general_identity_bit_for_bit():
+    """Hardtanh/ReLU6 pass df/dy unchanged where y = a and nothing elsewhere, so the replay's
+    ``(df/dy - J^T df/dy) * y`` (no saved input read) is ``df/dy * y - (J^T df/dy) * a``
+    exactly, saturated elements on both sides included."""
+    from captum_fullgrad._intercepts import Intercept
+
+    generator = torch.Generator().manual_seed(11)
+    a = torch.randn(2, 5, 4, 4, dtype=torch.float64, generator=generator) * 5
+    a[0, 0, 0, :2] = torch.tensor([0.0, 6.0], dtype=torch.float64)  # the kinks themselves
+    grad = torch.randn(a.shape, dtype=torch.float64, generator=generator)
+    y = torch.nn.functional.relu6(a)
+    input_grad = torch.ops.aten.hardtanh_backward(grad, a, 0.0, 6.0)
+    source = capture_module.BiasSource(
+        name="act",
+        module="act",
+        op="hardtanh",
+        index=0,
+        shape=a.shape,
+        channel_dim=1,
+        spatial=True,
+        block="act",
+        intercept=Intercept(None, backward_pair=(y, input_grad, None)),
+    )
+    gated = source.bias_jacobian(grad)
+    source.intercept.backward_pair = (y, input_grad, a)
+    general = source.bias_jacobian(grad)
+    closed = grad * (y - torch.ops.aten.hardtanh_backward(y, y, 0.0, 6.0))
+    assert torch.equal(gated, closed)
+    torch.testing.assert_close(gated, general, rtol=0, atol=1e-15)
+    assert (gated != 0).any() and (gated == 0).any()
+
+
+def test_replayed_relu6_reads_no_saved_input(recorders, monkeypatch):
+    """The gated form is what a replayed ReLU6 uses: its backward pair carries no input."""
+    model = _activation_network([nn.ReLU6(inplace=True), nn.ReLU6()])
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    fullgrad = FullGradient(model)
+    _attribute(fullgrad, x * 3, target=0)
+    pairs = []
+    original = capture_module.BiasSource.bias_jacobian
+
+    def spy(self, grad):
+        pairs.append(self.intercept.backward_pair)
+        return original(self, grad)
+
+    monkeypatch.setattr(capture_module.BiasSource, "bias_jacobian", spy)
+    replayed, delta = _attribute(fullgrad, x * 3, target=0)
+    monkeypatch.undo()
+    assert recorders.kinds == ["Capture", "Replay"]
+    gated = [p for p in pairs if p is not None]
+    assert len(gated) == 2 and all(p[2] is None for p in gated)
+    traced, traced_delta = _attribute(FullGradient(model, reuse_capture=False), x * 3, target=0)
+    torch.testing.assert_close(replayed, traced, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(delta, traced_delta, rtol=0, atol=1e-12)
