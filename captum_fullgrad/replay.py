@@ -455,7 +455,7 @@ class Replay:
         if not isinstance(output, Tensor) or output.shape != step.shape or not output.requires_grad:
             self.matched = False
             return
-        backward_identity = False
+        backward_identity = gated = False
         if step.activation is not None:
             if (
                 activation_settings(module) != step.activation
@@ -473,6 +473,7 @@ class Replay:
             ):
                 # No intercept tensor: the backward pass hands over df/dy and J^T df/dy.
                 backward_identity = True
+                gated = activation_is_gated(step.activation)
                 source = _with_intercept(step.template, Intercept(None))
             else:
                 if activation_reads_input_first(step.activation):
@@ -533,7 +534,7 @@ class Replay:
                         node,
                         output,
                         module,
-                        gated=activation_is_gated(step.activation),
+                        gated=gated,
                     )
                 )
             )
