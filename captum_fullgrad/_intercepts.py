@@ -66,6 +66,11 @@ class Intercept:
     # A replayed product of two graph tensors (degree 2, c = -y): during the one gradient
     # call of its source, ``y``; <df/dy, c> is then -<df/dy, y>, negated after the sums.
     negated_output: Optional[Tensor] = None
+    # A replayed normalisation (c = y - (y - beta) s, s = eps / (var + eps)): during the one
+    # gradient call of its source, ``normalisation_parts``' ``(y, beta, s)``; c is formed
+    # only then, or not at all when s is constant along the channels (a channel sum is
+    # then (1 - s) sum_c g y + s sum_c g beta).
+    shrunk_output: Optional[Tuple[Tensor, Optional[Tensor], Tensor]] = None
 
 
 @dataclass
@@ -338,6 +343,29 @@ def normalisation_intercept(
 ) -> Tensor:
     """``c = y - (y - beta) eps / (var + eps)`` for ``y = gamma (a - mu) / sqrt(var + eps) + beta``.
 
+    :func:`normalisation_parts` gives ``(y, beta, eps / (var + eps))``; this forms ``c``
+    from them (see :func:`shrunk_intercept`).
+    """
+    return shrunk_intercept(*normalisation_parts(settings, a, y, bias, differentiable))
+
+
+def shrunk_intercept(y: Tensor, beta: Optional[Tensor], shrink: Tensor) -> Tensor:
+    """A normalisation's intercept from :func:`normalisation_parts`: ``y - (y - beta) shrink``."""
+    normalised_part = y if beta is None else y - beta
+    return y - normalised_part * shrink
+
+
+def normalisation_parts(
+    settings: Tuple[Any, ...],
+    a: Tensor,
+    y: Tensor,
+    bias: Optional[Tensor],
+    differentiable: bool = False,
+) -> Tuple[Tensor, Optional[Tensor], Tensor]:
+    """``(y, beta, eps / (var + eps))`` of a normalisation, each broadcastable to ``y``
+    (``beta`` ``None`` without a bias), in ``y``'s dtype; the intercept is
+    ``y - (y - beta) eps / (var + eps)`` (:func:`shrunk_intercept`).
+
     Along ``a -> (1 + t) a`` only ``eps`` keeps the normalised part from being invariant:
     ``J a = (y - beta) eps / (var + eps)``. ``settings`` is ``(kind, axes, eps)``; the
     statistics (biased variance; RMS: the mean square, no ``mu`` and no ``beta``) run over:
@@ -375,13 +403,11 @@ def normalisation_intercept(
         # Differentiable: a copy, since the product below saves its operand for double
         # backpropagation and the model may overwrite ``y`` in place (an in-place ReLU).
         y = y.clone() if differentiable else y.detach()
-        normalised_part = y
+        beta = None
         if bias is not None:
             shape = [-1] + [1] * (y.dim() - 2) if kind in _PER_CHANNEL_NORMS else list(bias.shape)
-            normalised_part = y - (bias if differentiable else bias.detach()).reshape(shape).to(
-                y.dtype
-            )
-        return y - normalised_part * shrink.to(y.dtype)
+            beta = (bias if differentiable else bias.detach()).reshape(shape).to(y.dtype)
+        return y, beta, shrink.to(y.dtype)
 
 
 _INSTANCE_NORMS = (torch.nn.InstanceNorm1d, torch.nn.InstanceNorm2d, torch.nn.InstanceNorm3d)

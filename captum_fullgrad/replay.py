@@ -61,8 +61,8 @@ from ._intercepts import (
     activation_linear_part,
     activation_reads_input_first,
     activation_settings,
-    normalisation_intercept,
     normalisation_op,
+    normalisation_parts,
     normalisation_settings,
 )
 from .capture import (
@@ -456,6 +456,7 @@ class Replay:
             self.matched = False
             return
         backward_identity = gated = False
+        shrunk: Optional[Tuple[Tensor, Optional[Tensor], Tensor]] = None
         if step.activation is not None:
             if (
                 activation_settings(module) != step.activation
@@ -497,10 +498,11 @@ class Replay:
             if bias is not None and not isinstance(bias, Tensor):
                 self.matched = False  # a bias that is not a tensor: not the planned module
                 return
-            intercept = Intercept(
-                None, dense=normalisation_intercept(step.normalisation, args[0], output, bias)
-            )
-            source = _with_intercept(step.template, intercept)
+            # The statistics now (s = eps / (var + eps), small); the intercept is formed
+            # only when the backward pass reaches the output, or not at all.
+            _, beta, shrink = normalisation_parts(step.normalisation, args[0], output, bias)
+            shrunk = (args[0], beta, shrink)
+            source = _with_intercept(step.template, Intercept(None))
         elif step.product_node is not None:
             node = output.grad_fn
             if type(node) is not step.product_node or not _both_factors_computed(node):
@@ -522,8 +524,10 @@ class Replay:
         intercept.output = None
         if step.folded_into is not None:
             return  # reduced with the BatchNorm that reads it
-        on_gradient = self.collector.on_gradient
+        on_gradient: Callable[[BiasSource, Tensor], None] = self.collector.on_gradient
         node = output.grad_fn
+        if shrunk is not None:
+            on_gradient = _shrunk_delivery(on_gradient, output, module, *shrunk)
         if backward_identity:
             assert node is not None
             self._hooks.append(
@@ -604,6 +608,33 @@ def _identity_hook(
             source.intercept.backward_pair = None
 
     return hook
+
+
+def _shrunk_delivery(
+    on_gradient: Callable[[BiasSource, Tensor], None],
+    output: Tensor,
+    module: nn.Module,
+    a: Tensor,
+    beta: Optional[Tensor],
+    shrink: Tensor,
+) -> Callable[[BiasSource, Tensor], None]:
+    """Hand a normalisation's gradient to the collector with ``(y, beta, s)``: ``y`` the
+    output, or recomputed from the input (which the node keeps intact, or its backward
+    would fail) when something overwrote the output in place since."""
+    version = output._version
+
+    def deliver(source: BiasSource, grad: Tensor) -> None:
+        y = output
+        if y._version != version:
+            with torch.no_grad():
+                y = module.forward(a.detach())
+        source.intercept.shrunk_output = (y.detach(), beta, shrink)
+        try:
+            on_gradient(source, grad)
+        finally:
+            source.intercept.shrunk_output = None
+
+    return deliver
 
 
 def _product_hook(

@@ -771,3 +771,39 @@ def test_replayed_relu6_reads_no_saved_input(recorders, monkeypatch):
     traced, traced_delta = _attribute(FullGradient(model, reuse_capture=False), x * 3, target=0)
     torch.testing.assert_close(replayed, traced, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(delta, traced_delta, rtol=0, atol=1e-12)
+
+
+class _OverwrittenNorm(nn.Module):
+    """A normalisation's output overwritten in place by its caller (``y += z``), where its
+    gradient is not zero (an in-place ReLU would only clear where the gradient is)."""
+
+    def __init__(self, channels_last: bool) -> None:
+        super().__init__()
+        from torchvision.models.convnext import LayerNorm2d
+
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.channels_last = channels_last
+        self.norm = nn.LayerNorm(4) if channels_last else LayerNorm2d(4)
+        self.skip = nn.Conv2d(3, 4, 1)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        z = self.conv(x)
+        if self.channels_last:
+            y = self.norm(z.permute(0, 2, 3, 1))
+            y += self.skip(x).permute(0, 2, 3, 1)
+            return self.head(y.mean((1, 2)))
+        y = self.norm(z)
+        y += self.skip(x)
+        return self.head(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_a_normalisation_output_overwritten_later_is_recomputed(recorders, channels_last):
+    """The replay forms a normalisation's intercept only in the backward pass, from the
+    output; overwritten since, the output is recomputed from the input (float64, against
+    the trace's closed form, which is formed in the forward pass)."""
+    model = randomize_parameters_(_OverwrittenNorm(channels_last).double(), 0).eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    _replay_matches_trace(model, x * 2, lambda: None)
+    assert recorders.kinds == REPLAYED
