@@ -807,3 +807,55 @@ def test_a_normalisation_output_overwritten_later_is_recomputed(recorders, chann
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
     _replay_matches_trace(model, x * 2, lambda: None)
     assert recorders.kinds == REPLAYED
+
+
+@pytest.mark.parametrize(
+    "settings, channel_dim, layout",
+    [
+        (("layer_norm", 1, 0.1), 3, "last"),  # ConvNeXt's block LayerNorm, channels last
+        (("channel_layer_norm", 1, 0.1), 1, "first"),  # LayerNorm2d
+        (("rms_norm", 3, 0.1), 1, "first"),  # over channels and positions: s per example
+        (("group_norm", 2, 0.1), 1, "first"),  # s varies with the channel: no factored form
+    ],
+)
+def test_a_normalisations_channel_sum_equals_its_closed_form(settings, channel_dim, layout):
+    """The replay's channel sum of a normalisation's term, ``(1 - s) sum_c g y + s g.beta``
+    where ``s`` is constant along the channels, against ``sum_c g * c`` with the closed form
+    ``c = y - (y - beta) s`` (float64)."""
+    from captum_fullgrad._intercepts import Intercept, normalisation_intercept, normalisation_parts
+
+    generator = torch.Generator().manual_seed(13)
+    shape = (2, 4, 5, 3) if layout == "first" else (2, 5, 3, 4)
+    a = torch.randn(shape, dtype=torch.float64, generator=generator) * 0.3 + 0.2
+    grad = torch.randn(shape, dtype=torch.float64, generator=generator)
+    channels = shape[channel_dim]
+    weight = torch.randn(channels, dtype=torch.float64, generator=generator)
+    bias = None if settings[0] == "rms_norm" else torch.randn(channels, dtype=torch.float64)
+    if settings[0] == "layer_norm":
+        y = torch.nn.functional.layer_norm(a, (channels,), weight, bias, settings[2])
+    elif settings[0] == "channel_layer_norm":
+        y = torch.nn.functional.layer_norm(
+            a.permute(0, 2, 3, 1), (channels,), weight, bias, settings[2]
+        ).permute(0, 3, 1, 2)
+    elif settings[0] == "rms_norm":
+        y = torch.nn.functional.rms_norm(a, shape[1:], None, settings[2])
+    else:
+        y = torch.nn.functional.group_norm(a, settings[1], weight, bias, settings[2])
+    closed = (grad * normalisation_intercept(settings, a, y, bias)).sum(channel_dim)
+    source = capture_module.BiasSource(
+        name="norm",
+        module="norm",
+        op=settings[0],
+        index=0,
+        shape=a.shape,
+        channel_dim=channel_dim,
+        spatial=True,
+        block="norm",
+        intercept=Intercept(None, shrunk_output=normalisation_parts(settings, a, y, bias)),
+    )
+    factored = capture_module._shrunk_channel_sum(grad, source.intercept.shrunk_output, channel_dim)
+    assert (factored is None) == (settings[0] == "group_norm")
+    torch.testing.assert_close(source.channel_summed(grad), closed, rtol=1e-13, atol=1e-14)
+    torch.testing.assert_close(
+        source.per_example_sum(grad), closed.flatten(1).sum(1), rtol=1e-13, atol=1e-14
+    )
