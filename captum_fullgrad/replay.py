@@ -38,8 +38,12 @@ delta that :class:`~captum_fullgrad.FullGradient` returns would show it, and
 An activation step whose autograd node saves the op's input (``register_activation``'s
 ``backward_node``) forms no intercept in the forward pass: a post-hook on that node hands
 the collector ``df/dy`` with ``(y, J^T df/dy, a)``, and ``df/dy * c = df/dy * y -
-(J^T df/dy) * a`` element by element (docs/math.md). A returned product's ``c = -y`` is
-likewise formed when the backward pass reaches it.
+(J^T df/dy) * a`` element by element (docs/math.md); a gated one (hardtanh, ReLU6) hands
+``(df/dy - J^T df/dy) * y``'s factors without its input. A returned product's ``c = -y`` is
+never formed (the channel-summed ``df/dy * y`` is negated), and a normalisation keeps only
+``s = eps / (var + eps)`` from the forward pass: its closed form ``y - (y - beta) s`` is
+formed when the backward pass reaches the output, or, where ``s`` is constant along the
+channels, replaced by ``(1 - s) sum_c df/dy y + s (df/dy . beta)`` in eq. 4's channel sum.
 """
 
 from __future__ import annotations
