@@ -60,7 +60,17 @@ class Intercept:
     # A replayed element-wise activation whose intercept is never formed: during the one
     # gradient call of its source, ``(y, J^T df/dy, a)`` from its own autograd node, and
     # <df/dy, c> = <df/dy, y> - <J^T df/dy, a> element by element (docs/math.md).
-    backward_pair: Optional[Tuple[Tensor, Tensor, Tensor]] = None
+    # ``a`` is ``None`` for a gated activation (hardtanh/ReLU6: the gradient passes unchanged
+    # where y = a and not at all elsewhere), whose term is then (df/dy - J^T df/dy) * y.
+    backward_pair: Optional[Tuple[Tensor, Tensor, Optional[Tensor]]] = None
+    # A replayed product of two graph tensors (degree 2, c = -y): during the one gradient
+    # call of its source, ``y``; <df/dy, c> is then -<df/dy, y>, negated after the sums.
+    negated_output: Optional[Tensor] = None
+    # A replayed normalisation (c = y - (y - beta) s, s = eps / (var + eps)): during the one
+    # gradient call of its source, ``normalisation_parts``' ``(y, beta, s)``; c is formed
+    # only then, or not at all when s is constant along the channels (a channel sum is
+    # then (1 - s) sum_c g y + s sum_c g beta).
+    shrunk_output: Optional[Tuple[Tensor, Optional[Tensor], Tensor]] = None
 
 
 @dataclass
@@ -333,6 +343,29 @@ def normalisation_intercept(
 ) -> Tensor:
     """``c = y - (y - beta) eps / (var + eps)`` for ``y = gamma (a - mu) / sqrt(var + eps) + beta``.
 
+    :func:`normalisation_parts` gives ``(y, beta, eps / (var + eps))``; this forms ``c``
+    from them (see :func:`shrunk_intercept`).
+    """
+    return shrunk_intercept(*normalisation_parts(settings, a, y, bias, differentiable))
+
+
+def shrunk_intercept(y: Tensor, beta: Optional[Tensor], shrink: Tensor) -> Tensor:
+    """A normalisation's intercept from :func:`normalisation_parts`: ``y - (y - beta) shrink``."""
+    normalised_part = y if beta is None else y - beta
+    return y - normalised_part * shrink
+
+
+def normalisation_parts(
+    settings: Tuple[Any, ...],
+    a: Tensor,
+    y: Tensor,
+    bias: Optional[Tensor],
+    differentiable: bool = False,
+) -> Tuple[Tensor, Optional[Tensor], Tensor]:
+    """``(y, beta, eps / (var + eps))`` of a normalisation, each broadcastable to ``y``
+    (``beta`` ``None`` without a bias), in ``y``'s dtype; the intercept is
+    ``y - (y - beta) eps / (var + eps)`` (:func:`shrunk_intercept`).
+
     Along ``a -> (1 + t) a`` only ``eps`` keeps the normalised part from being invariant:
     ``J a = (y - beta) eps / (var + eps)``. ``settings`` is ``(kind, axes, eps)``; the
     statistics (biased variance; RMS: the mean square, no ``mu`` and no ``beta``) run over:
@@ -370,13 +403,11 @@ def normalisation_intercept(
         # Differentiable: a copy, since the product below saves its operand for double
         # backpropagation and the model may overwrite ``y`` in place (an in-place ReLU).
         y = y.clone() if differentiable else y.detach()
-        normalised_part = y
+        beta = None
         if bias is not None:
             shape = [-1] + [1] * (y.dim() - 2) if kind in _PER_CHANNEL_NORMS else list(bias.shape)
-            normalised_part = y - (bias if differentiable else bias.detach()).reshape(shape).to(
-                y.dtype
-            )
-        return y - normalised_part * shrink.to(y.dtype)
+            beta = (bias if differentiable else bias.detach()).reshape(shape).to(y.dtype)
+        return y, beta, shrink.to(y.dtype)
 
 
 _INSTANCE_NORMS = (torch.nn.InstanceNorm1d, torch.nn.InstanceNorm2d, torch.nn.InstanceNorm3d)
@@ -522,6 +553,9 @@ class _Activation:
     # ``_saved_self`` (the original input, also in place): the replay then takes the
     # intercept term from the backward pass instead of forming ``c`` in the forward pass.
     backward_node: Optional[str] = None
+    # Where its gradient passes unchanged the op is the identity (y = a), elsewhere it passes
+    # none (hardtanh): J^T df/dy * a = J^T df/dy * y, so the replay's term needs no ``a``.
+    gated: bool = False
     call_parameters: Callable[[Sequence[Any], Dict[str, Any], Callable], Tuple[Any, ...]] = (
         lambda args, kwargs, func: ()
     )
@@ -572,6 +606,12 @@ def activation_backward_node(settings: Tuple[Any, ...]) -> Optional[str]:
     """The autograd node type of an activation whose term the replay may take from the
     backward pass (see :func:`register_activation`); ``None`` if it may not."""
     return _ACTIVATIONS[settings[0]].backward_node
+
+
+def activation_is_gated(settings: Tuple[Any, ...]) -> bool:
+    """Whether the activation passes its gradient unchanged where it is the identity and
+    none elsewhere (see :func:`register_activation`'s ``gated``)."""
+    return _ACTIVATIONS[settings[0]].gated
 
 
 def activation_linear_part(
@@ -876,6 +916,7 @@ def register_activation(
     call_parameters: Optional[Callable[..., Tuple[Any, ...]]] = None,
     module_parameters: Optional[Callable[[Any], Tuple[Any, ...]]] = None,
     backward_node: Optional[str] = None,
+    gated: bool = False,
 ) -> Registration:
     """Give the element-wise activation ``name`` a closed-form intercept in the trace and
     in the replay: ``c = g(a) - g'(a) a`` with ``g'(a) a = linear_part(a, y, *parameters)``.
@@ -901,6 +942,10 @@ def register_activation(
             ``_saved_self``, in place too. A replayed module's term then comes from the
             backward pass, ``<df/dy, y> - <J^T df/dy, a>``, with no intercept tensor
             formed or kept (check the op with tests/test_replay.py's identity test).
+        gated: the op's backward passes ``df/dy`` unchanged exactly where ``y = a`` and
+            zero elsewhere (hardtanh, ReLU6). Then ``(J^T df/dy) * a = (J^T df/dy) * y``
+            in floating point too, and the term is ``(df/dy - J^T df/dy) * y``: one pass
+            fewer, and the node's saved input is not read.
     """
     if reads not in ("input", "output", "both"):
         raise ValueError(f"reads must be 'input', 'output' or 'both', got {reads!r}.")
@@ -910,6 +955,7 @@ def register_activation(
         call_parameters=call_parameters or (lambda args, kwargs, func: ()),
         module_parameters=module_parameters or (lambda module: ()),
         backward_node=backward_node,
+        gated=gated,
     )
     registration = register_rule(list(functions) or [name, f"{name}_"], _elementwise)
     registration._set(_ACTIVATIONS, name, activation)
@@ -989,6 +1035,7 @@ register_activation(
     call_parameters=_hardtanh_call,
     module_parameters=lambda module: (float(module.min_val), float(module.max_val)),
     backward_node="HardtanhBackward0",
+    gated=True,
 )
 register_activation(
     "relu6",

@@ -144,17 +144,31 @@ class BiasSource:
             view = [1] * len(self.shape)
             view[intercept.channel_dim] = -1
             return intercept.channel_vector.reshape(view)
+        if intercept.negated_output is not None:
+            return -intercept.negated_output
+        if intercept.shrunk_output is not None:
+            return _intercepts.shrunk_intercept(*intercept.shrunk_output)
         if intercept.dense is None:
             raise RuntimeError(f"captum_fullgrad: the source `{self.name}` has no intercept")
         return intercept.dense
 
     def bias_jacobian(self, grad: Tensor) -> Tensor:
         """``df/dy_g * c_g``, shaped like the output (seed eq. 1)."""
+        negated = self.intercept.negated_output
+        if negated is not None:
+            return torch.mul(grad, negated.to(grad.dtype)).neg_()  # c = -y
+        shrunk = self.intercept.shrunk_output
+        if shrunk is not None:
+            return grad * _intercepts.shrunk_intercept(*shrunk).to(grad.dtype)
         pair = self.intercept.backward_pair
         if pair is not None:
             # An element-wise op (diagonal J): g * (y - J a) = g * y - (J^T g) * a.
             y, input_grad, a = pair
             dtype = grad.dtype
+            if a is None:
+                # Gated (hardtanh): J^T g is g or 0 exactly, and y = a where it is g, so
+                # g * y - (J^T g) * a = (g - J^T g) * y, bit for bit, in two passes.
+                return torch.sub(grad, input_grad.to(dtype)).mul_(y.to(dtype))
             # One full-size temporary: on the CPU each fresh one costs page faults.
             product = grad * y.to(dtype)
             return product.addcmul_(input_grad.to(dtype), a.to(dtype), value=-1)
@@ -212,7 +226,45 @@ class BiasSource:
                     return moved @ vector
             # Contract the channel axis without materialising grad * bias.
             return torch.matmul(vector, grad.flatten(2)).view(grad.shape[0], *grad.shape[2:])
+        negated = self.intercept.negated_output
+        if negated is not None:
+            # -sum_c g*y: the sign on the summed map, not on a full-size tensor (exact).
+            return torch.mul(grad, negated.to(grad.dtype)).sum(self.channel_dim).neg_()
+        shrunk = self.intercept.shrunk_output
+        if shrunk is not None:
+            summed = _shrunk_channel_sum(grad, shrunk, self.channel_dim)
+            if summed is not None:
+                return summed
         return self.bias_jacobian(grad).sum(self.channel_dim)
+
+
+def _shrunk_channel_sum(
+    grad: Tensor, shrunk: Tuple[Tensor, Optional[Tensor], Tensor], channel_dim: int
+) -> Optional[Tensor]:
+    """``sum_c g (y - (y - beta) s)`` as ``(1 - s) sum_c g y + s sum_c g beta`` when ``s`` is
+    constant along the channels (LayerNorm over channels, RMSNorm, LayerNorm2d) and ``beta``
+    a channel vector: no full-size intercept, one product pass and a matrix-vector product.
+    ``None`` otherwise (GroupNorm, InstanceNorm: ``s`` varies with the channel)."""
+    y, beta, shrink = shrunk
+    rank = grad.dim()
+    channel_dim = channel_dim % rank
+    if shrink.dim() != rank or shrink.shape[channel_dim] != 1:
+        return None
+    if beta is not None:
+        padded = [1] * (rank - beta.dim()) + list(beta.shape)
+        if len(padded) != rank or any(n != 1 for d, n in enumerate(padded) if d != channel_dim):
+            return None  # a bias along other axes (LayerNorm over several)
+    dtype = grad.dtype
+    s = shrink.to(dtype).squeeze(channel_dim)
+    total = torch.mul(grad, y.to(dtype)).sum(channel_dim).mul_(1 - s)
+    if beta is not None:
+        vector = beta.reshape(-1).to(dtype)
+        if channel_dim == rank - 1:
+            with_beta = grad @ vector
+        else:
+            with_beta = torch.matmul(grad.movedim(channel_dim, -1), vector)
+        total.addcmul_(with_beta, s)
+    return total
 
 
 def register_gradient_hook(output: Tensor, inplace: bool, hook: Callable[[Tensor], None]) -> Any:

@@ -38,8 +38,12 @@ delta that :class:`~captum_fullgrad.FullGradient` returns would show it, and
 An activation step whose autograd node saves the op's input (``register_activation``'s
 ``backward_node``) forms no intercept in the forward pass: a post-hook on that node hands
 the collector ``df/dy`` with ``(y, J^T df/dy, a)``, and ``df/dy * c = df/dy * y -
-(J^T df/dy) * a`` element by element (docs/math.md). A returned product's ``c = -y`` is
-likewise formed when the backward pass reaches it.
+(J^T df/dy) * a`` element by element (docs/math.md); a gated one (hardtanh, ReLU6) hands
+``(df/dy - J^T df/dy) * y``'s factors without its input. A returned product's ``c = -y`` is
+never formed (the channel-summed ``df/dy * y`` is negated), and a normalisation keeps only
+``s = eps / (var + eps)`` from the forward pass: its closed form ``y - (y - beta) s`` is
+formed when the backward pass reaches the output, or, where ``s`` is constant along the
+channels, replaced by ``(1 - s) sum_c df/dy y + s (df/dy . beta)`` in eq. 4's channel sum.
 """
 
 from __future__ import annotations
@@ -57,11 +61,12 @@ from torch import Tensor, nn
 from ._intercepts import (
     Intercept,
     activation_backward_node,
+    activation_is_gated,
     activation_linear_part,
     activation_reads_input_first,
     activation_settings,
-    normalisation_intercept,
     normalisation_op,
+    normalisation_parts,
     normalisation_settings,
 )
 from .capture import (
@@ -454,7 +459,8 @@ class Replay:
         if not isinstance(output, Tensor) or output.shape != step.shape or not output.requires_grad:
             self.matched = False
             return
-        backward_identity = False
+        backward_identity = gated = False
+        shrunk: Optional[Tuple[Tensor, Optional[Tensor], Tensor]] = None
         if step.activation is not None:
             if (
                 activation_settings(module) != step.activation
@@ -472,6 +478,7 @@ class Replay:
             ):
                 # No intercept tensor: the backward pass hands over df/dy and J^T df/dy.
                 backward_identity = True
+                gated = activation_is_gated(step.activation)
                 source = _with_intercept(step.template, Intercept(None))
             else:
                 if activation_reads_input_first(step.activation):
@@ -495,10 +502,11 @@ class Replay:
             if bias is not None and not isinstance(bias, Tensor):
                 self.matched = False  # a bias that is not a tensor: not the planned module
                 return
-            intercept = Intercept(
-                None, dense=normalisation_intercept(step.normalisation, args[0], output, bias)
-            )
-            source = _with_intercept(step.template, intercept)
+            # The statistics now (s = eps / (var + eps), small); the intercept is formed
+            # only when the backward pass reaches the output, or not at all.
+            _, beta, shrink = normalisation_parts(step.normalisation, args[0], output, bias)
+            shrunk = (args[0], beta, shrink)
+            source = _with_intercept(step.template, Intercept(None))
         elif step.product_node is not None:
             node = output.grad_fn
             if type(node) is not step.product_node or not _both_factors_computed(node):
@@ -520,12 +528,23 @@ class Replay:
         intercept.output = None
         if step.folded_into is not None:
             return  # reduced with the BatchNorm that reads it
-        on_gradient = self.collector.on_gradient
+        on_gradient: Callable[[BiasSource, Tensor], None] = self.collector.on_gradient
         node = output.grad_fn
+        if shrunk is not None:
+            on_gradient = _shrunk_delivery(on_gradient, output, module, *shrunk)
         if backward_identity:
             assert node is not None
             self._hooks.append(
-                node.register_hook(_identity_hook(on_gradient, source, node, output, module))
+                node.register_hook(
+                    _identity_hook(
+                        on_gradient,
+                        source,
+                        node,
+                        output,
+                        module,
+                        gated=gated,
+                    )
+                )
             )
             return
         if step.product_node is not None:
@@ -563,30 +582,63 @@ def _identity_hook(
     node: Any,
     output: Tensor,
     module: nn.Module,
+    gated: bool = False,
 ) -> Callable[[Any, Any], None]:
     """A post-hook on an element-wise activation's node that hands the collector ``df/dy``
     with the intercept given as ``(y, J^T df/dy, a)``: ``a`` is what the node saved (the
     original input, also in place), ``y`` the output, unless something overwrote it since
-    (then it is recomputed from ``a``)."""
+    (then it is recomputed from ``a``). A ``gated`` activation's term needs no ``a``
+    (``activation_is_gated``): ``(y, J^T df/dy, None)``."""
     version = output._version
 
     def hook(grad_inputs: Any, grad_outputs: Any) -> None:
         grad = grad_outputs[0]
         if grad is None:
             return
-        a = node._saved_self
         y = output
+        a: Optional[Tensor] = None if gated else node._saved_self
         if y._version != version:  # overwritten in place after the activation
             with torch.no_grad():
-                y = module.forward(a.detach().clone())
+                y = module.forward(node._saved_self.detach().clone())
         input_grad = grad_inputs[0] if grad_inputs[0] is not None else torch.zeros_like(grad)
-        source.intercept.backward_pair = (y.detach(), input_grad, a.detach())
+        source.intercept.backward_pair = (
+            y.detach(),
+            input_grad,
+            None if a is None else a.detach(),
+        )
         try:
             on_gradient(source, grad)
         finally:
             source.intercept.backward_pair = None
 
     return hook
+
+
+def _shrunk_delivery(
+    on_gradient: Callable[[BiasSource, Tensor], None],
+    output: Tensor,
+    module: nn.Module,
+    a: Tensor,
+    beta: Optional[Tensor],
+    shrink: Tensor,
+) -> Callable[[BiasSource, Tensor], None]:
+    """Hand a normalisation's gradient to the collector with ``(y, beta, s)``: ``y`` the
+    output, or recomputed from the input (which the node keeps intact, or its backward
+    would fail) when something overwrote the output in place since."""
+    version = output._version
+
+    def deliver(source: BiasSource, grad: Tensor) -> None:
+        y = output
+        if y._version != version:
+            with torch.no_grad():
+                y = module.forward(a.detach())
+        source.intercept.shrunk_output = (y.detach(), beta, shrink)
+        try:
+            on_gradient(source, grad)
+        finally:
+            source.intercept.shrunk_output = None
+
+    return deliver
 
 
 def _product_hook(
@@ -606,11 +658,12 @@ def _product_hook(
                 y = output.detach()
             else:
                 y = node._saved_self * node._saved_other  # type: ignore[union-attr]
-            source.intercept.dense = -y
+        # c = -y is never formed: the collector negates after its sums (one pass fewer).
+        source.intercept.negated_output = y
         try:
             on_gradient(source, grad)
         finally:
-            source.intercept.dense = None
+            source.intercept.negated_output = None
 
     return hook
 

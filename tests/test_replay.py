@@ -715,3 +715,147 @@ def test_a_returned_product_overwritten_later_is_recomputed(recorders):
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
     _replay_matches_trace(model, x * 2, lambda: None)
     assert recorders.kinds == REPLAYED
+
+
+def test_a_gated_activation_term_is_the_general_identity_bit_for_bit():
+    """Hardtanh/ReLU6 pass df/dy unchanged where y = a and nothing elsewhere, so the replay's
+    ``(df/dy - J^T df/dy) * y`` (no saved input read) is ``df/dy * y - (J^T df/dy) * a``
+    exactly, saturated elements on both sides included."""
+    from captum_fullgrad._intercepts import Intercept
+
+    generator = torch.Generator().manual_seed(11)
+    a = torch.randn(2, 5, 4, 4, dtype=torch.float64, generator=generator) * 5
+    a[0, 0, 0, :2] = torch.tensor([0.0, 6.0], dtype=torch.float64)  # the kinks themselves
+    grad = torch.randn(a.shape, dtype=torch.float64, generator=generator)
+    y = torch.nn.functional.relu6(a)
+    input_grad = torch.ops.aten.hardtanh_backward(grad, a, 0.0, 6.0)
+    source = capture_module.BiasSource(
+        name="act",
+        module="act",
+        op="hardtanh",
+        index=0,
+        shape=a.shape,
+        channel_dim=1,
+        spatial=True,
+        block="act",
+        intercept=Intercept(None, backward_pair=(y, input_grad, None)),
+    )
+    gated = source.bias_jacobian(grad)
+    source.intercept.backward_pair = (y, input_grad, a)
+    general = source.bias_jacobian(grad)
+    closed = grad * (y - torch.ops.aten.hardtanh_backward(y, y, 0.0, 6.0))
+    assert torch.equal(gated, closed)
+    torch.testing.assert_close(gated, general, rtol=0, atol=1e-15)
+    assert (gated != 0).any() and (gated == 0).any()
+
+
+def test_replayed_relu6_reads_no_saved_input(recorders, monkeypatch):
+    """The gated form is what a replayed ReLU6 uses: its backward pair carries no input."""
+    model = _activation_network([nn.ReLU6(inplace=True), nn.ReLU6()])
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    fullgrad = FullGradient(model)
+    _attribute(fullgrad, x * 3, target=0)
+    pairs = []
+    original = capture_module.BiasSource.bias_jacobian
+
+    def spy(self, grad):
+        pairs.append(self.intercept.backward_pair)
+        return original(self, grad)
+
+    monkeypatch.setattr(capture_module.BiasSource, "bias_jacobian", spy)
+    replayed, delta = _attribute(fullgrad, x * 3, target=0)
+    monkeypatch.undo()
+    assert recorders.kinds == ["Capture", "Replay"]
+    gated = [p for p in pairs if p is not None]
+    assert len(gated) == 2 and all(p[2] is None for p in gated)
+    traced, traced_delta = _attribute(FullGradient(model, reuse_capture=False), x * 3, target=0)
+    torch.testing.assert_close(replayed, traced, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(delta, traced_delta, rtol=0, atol=1e-12)
+
+
+class _OverwrittenNorm(nn.Module):
+    """A normalisation's output overwritten in place by its caller (``y += z``), where its
+    gradient is not zero (an in-place ReLU would only clear where the gradient is)."""
+
+    def __init__(self, channels_last: bool) -> None:
+        super().__init__()
+        from torchvision.models.convnext import LayerNorm2d
+
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.channels_last = channels_last
+        self.norm = nn.LayerNorm(4) if channels_last else LayerNorm2d(4)
+        self.skip = nn.Conv2d(3, 4, 1)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        z = self.conv(x)
+        if self.channels_last:
+            y = self.norm(z.permute(0, 2, 3, 1))
+            y += self.skip(x).permute(0, 2, 3, 1)
+            return self.head(y.mean((1, 2)))
+        y = self.norm(z)
+        y += self.skip(x)
+        return self.head(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_a_normalisation_output_overwritten_later_is_recomputed(recorders, channels_last):
+    """The replay forms a normalisation's intercept only in the backward pass, from the
+    output; overwritten since, the output is recomputed from the input (float64, against
+    the trace's closed form, which is formed in the forward pass)."""
+    model = randomize_parameters_(_OverwrittenNorm(channels_last).double(), 0).eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    _replay_matches_trace(model, x * 2, lambda: None)
+    assert recorders.kinds == REPLAYED
+
+
+@pytest.mark.parametrize(
+    "settings, channel_dim, layout",
+    [
+        (("layer_norm", 1, 0.1), 3, "last"),  # ConvNeXt's block LayerNorm, channels last
+        (("channel_layer_norm", 1, 0.1), 1, "first"),  # LayerNorm2d
+        (("rms_norm", 3, 0.1), 1, "first"),  # over channels and positions: s per example
+        (("group_norm", 2, 0.1), 1, "first"),  # s varies with the channel: no factored form
+    ],
+)
+def test_a_normalisations_channel_sum_equals_its_closed_form(settings, channel_dim, layout):
+    """The replay's channel sum of a normalisation's term, ``(1 - s) sum_c g y + s g.beta``
+    where ``s`` is constant along the channels, against ``sum_c g * c`` with the closed form
+    ``c = y - (y - beta) s`` (float64)."""
+    from captum_fullgrad._intercepts import Intercept, normalisation_intercept, normalisation_parts
+
+    generator = torch.Generator().manual_seed(13)
+    shape = (2, 4, 5, 3) if layout == "first" else (2, 5, 3, 4)
+    a = torch.randn(shape, dtype=torch.float64, generator=generator) * 0.3 + 0.2
+    grad = torch.randn(shape, dtype=torch.float64, generator=generator)
+    channels = shape[channel_dim]
+    weight = torch.randn(channels, dtype=torch.float64, generator=generator)
+    bias = None if settings[0] == "rms_norm" else torch.randn(channels, dtype=torch.float64)
+    if settings[0] == "layer_norm":
+        y = torch.nn.functional.layer_norm(a, (channels,), weight, bias, settings[2])
+    elif settings[0] == "channel_layer_norm":
+        y = torch.nn.functional.layer_norm(
+            a.permute(0, 2, 3, 1), (channels,), weight, bias, settings[2]
+        ).permute(0, 3, 1, 2)
+    elif settings[0] == "rms_norm":
+        y = torch.nn.functional.rms_norm(a, shape[1:], None, settings[2])
+    else:
+        y = torch.nn.functional.group_norm(a, settings[1], weight, bias, settings[2])
+    closed = (grad * normalisation_intercept(settings, a, y, bias)).sum(channel_dim)
+    source = capture_module.BiasSource(
+        name="norm",
+        module="norm",
+        op=settings[0],
+        index=0,
+        shape=a.shape,
+        channel_dim=channel_dim,
+        spatial=True,
+        block="norm",
+        intercept=Intercept(None, shrunk_output=normalisation_parts(settings, a, y, bias)),
+    )
+    factored = capture_module._shrunk_channel_sum(grad, source.intercept.shrunk_output, channel_dim)
+    assert (factored is None) == (settings[0] == "group_norm")
+    torch.testing.assert_close(source.channel_summed(grad), closed, rtol=1e-13, atol=1e-14)
+    torch.testing.assert_close(
+        source.per_example_sum(grad), closed.flatten(1).sum(1), rtol=1e-13, atol=1e-14
+    )
