@@ -38,6 +38,16 @@ def device_spec(text: str) -> str:
     return text.strip().lower()
 
 
+def method_parameter(text: str) -> str:
+    """``METHOD.PARAMETER=VALUE`` (``--param``), checked for its shape only: the method
+    registry checks the method, the parameter and the value."""
+    if re.fullmatch(r"[A-Za-z][\w-]*\.\w+=.*", text.strip()) is None:
+        raise argparse.ArgumentTypeError(
+            f"expected METHOD.PARAMETER=VALUE, e.g. integrated_gradients.n_steps=20, got {text!r}"
+        )
+    return text.strip()
+
+
 def add_runtime_options(parser: argparse.ArgumentParser) -> None:
     """``--device``, ``--no-progress`` and ``--threads``, the same for every subcommand."""
     parser.add_argument(

@@ -58,7 +58,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._argtypes import add_runtime_options, non_negative_int, positive_int, resolve_device
+from ._argtypes import (
+    add_runtime_options,
+    method_parameter,
+    non_negative_int,
+    positive_int,
+    resolve_device,
+)
 from .cli._common import CliError, Parser, fail, run_command
 from .image_sources import BadImageError, ImageSource, open_image_source
 
@@ -115,14 +121,6 @@ def _target_spec(text: str) -> str:
     raise argparse.ArgumentTypeError(f"expected pred, label or a class index, got {text!r}")
 
 
-def _param(text: str) -> str:
-    if re.fullmatch(r"[A-Za-z][\w-]*\.\w+=.*", text.strip()) is None:
-        raise argparse.ArgumentTypeError(
-            f"expected METHOD.PARAMETER=VALUE, e.g. smoothgrad.nt_samples=20, got {text!r}"
-        )
-    return text.strip()
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Declare the options of ``captum-fullgrad attribute`` on ``parser``."""
     parser.add_argument(
@@ -149,7 +147,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--param",
         action="append",
-        type=_param,
+        type=method_parameter,
         default=[],
         metavar="METHOD.NAME=VALUE",
         help="set a method parameter, e.g. smoothgrad.nt_samples=20 (repeatable)",

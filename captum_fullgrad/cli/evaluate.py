@@ -25,14 +25,13 @@ from __future__ import annotations
 import argparse
 import ast
 import os
-import re
 import shlex
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from .._argtypes import add_runtime_options
+from .._argtypes import add_runtime_options, method_parameter
 from .._argtypes import non_negative_int as _non_negative_int
 from .._argtypes import positive_int as _positive_int
 from ._common import EXIT_OK, PROG, CliError, Command
@@ -66,14 +65,6 @@ EPILOG = (
     "example: captum-fullgrad evaluate --n 100 --out eval-out "
     "--methods fullgrad,gradcam,smoothgrad --fast"
 )
-
-
-def _param(text: str) -> str:
-    if re.fullmatch(r"[A-Za-z][\w-]*\.\w+=.*", text.strip()) is None:
-        raise argparse.ArgumentTypeError(
-            f"expected METHOD.PARAMETER=VALUE, e.g. integrated_gradients.n_steps=20, got {text!r}"
-        )
-    return text.strip()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -126,7 +117,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--param",
         action="append",
-        type=_param,
+        type=method_parameter,
         default=[],
         metavar="METHOD.NAME=VALUE",
         help="set a method parameter, e.g. integrated_gradients.n_steps=20 (repeatable; "

@@ -12,14 +12,10 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence, Un
 
 import numpy as np
 
-from captum_fullgrad.evaluation._lazy import lazy_module, no_grad
+from captum_fullgrad.evaluation._lazy import nn, no_grad, torch
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
-    from torch import Tensor, nn
-else:
-    torch = lazy_module("torch")
-    nn = lazy_module("torch.nn")
+    from torch import Tensor
 
 __all__ = [
     "Explainer",

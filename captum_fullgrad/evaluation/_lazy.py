@@ -1,14 +1,11 @@
 """torch, imported on first use, so that the metric declarations read without it.
 
 ``captum-fullgrad evaluate --help`` lists one option per registered metric, so it imports
-the modules that declare metrics; torch's import alone takes seconds. Those modules bind
-``torch`` (and ``F``, ``nn``) to :func:`lazy_module` proxies at run time and to the real
+the modules that declare metrics; torch's import alone takes seconds. Those modules take
+``torch`` (and ``F``, ``nn``) from here: :func:`lazy_module` proxies at run time, the real
 modules for the type checker::
 
-    if TYPE_CHECKING:
-        import torch
-    else:
-        torch = lazy_module("torch")
+    from captum_fullgrad.evaluation._lazy import F, nn, no_grad, torch
 
 A proxy imports its module on the first attribute read and from then on holds the
 module's attributes itself, so a hot loop pays nothing. Decorators that would touch torch
@@ -20,9 +17,9 @@ from __future__ import annotations
 import functools
 import importlib
 import types
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
-__all__ = ["lazy_module", "no_grad"]
+__all__ = ["F", "lazy_module", "nn", "no_grad", "torch"]
 
 _Fn = TypeVar("_Fn", bound=Callable[..., Any])
 
@@ -58,3 +55,15 @@ def no_grad(fn: _Fn) -> _Fn:
             return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+# The names the metric modules import (``from ._lazy import torch``): one place, so that
+# each module's import stays one line, real modules for the type checker.
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+else:
+    torch = lazy_module("torch")
+    nn = lazy_module("torch.nn")
+    F = lazy_module("torch.nn.functional")

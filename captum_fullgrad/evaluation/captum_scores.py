@@ -23,14 +23,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Optional, Sequence, Tuple, Union
 
-from captum_fullgrad.evaluation._lazy import lazy_module
+from captum_fullgrad.evaluation._lazy import nn, torch
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
-    from torch import Tensor, nn
-else:
-    torch = lazy_module("torch")
-    nn = lazy_module("torch.nn")
+    from torch import Tensor
 
 from captum_fullgrad.evaluation._common import Explainer, format_inputs, format_maps, format_target
 from captum_fullgrad.evaluation.metric import (

@@ -19,15 +19,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Tuple
 
-from captum_fullgrad.evaluation._lazy import lazy_module
+from captum_fullgrad.evaluation._lazy import F, torch
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
-    import torch.nn.functional as F
     from torch import Tensor
-else:
-    torch = lazy_module("torch")
-    F = lazy_module("torch.nn.functional")
 
 from captum_fullgrad.evaluation._common import format_maps
 from captum_fullgrad.evaluation.metric import (

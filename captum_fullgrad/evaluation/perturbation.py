@@ -18,14 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Union
 
-from captum_fullgrad.evaluation._lazy import lazy_module, no_grad
+from captum_fullgrad.evaluation._lazy import nn, no_grad, torch
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
-    from torch import Tensor, nn
-else:
-    torch = lazy_module("torch")
-    nn = lazy_module("torch.nn")
+    from torch import Tensor
 
 from captum_fullgrad.evaluation._common import (
     SeedLike,

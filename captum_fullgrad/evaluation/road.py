@@ -24,16 +24,10 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Sequence, Tuple, Union
 
-from captum_fullgrad.evaluation._lazy import lazy_module, no_grad
+from captum_fullgrad.evaluation._lazy import F, nn, no_grad, torch
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
-    import torch.nn.functional as F
-    from torch import Tensor, nn
-else:
-    torch = lazy_module("torch")
-    F = lazy_module("torch.nn.functional")
-    nn = lazy_module("torch.nn")
+    from torch import Tensor
 
 from captum_fullgrad.evaluation._common import (
     SeedLike,

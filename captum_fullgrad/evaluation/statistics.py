@@ -15,13 +15,10 @@ from typing import TYPE_CHECKING, Sequence, Tuple, Union
 
 import numpy as np
 
-from captum_fullgrad.evaluation._lazy import lazy_module
+from captum_fullgrad.evaluation._lazy import torch
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
     from torch import Tensor
-else:
-    torch = lazy_module("torch")
 
 ArrayLike = Union["Tensor", np.ndarray, Sequence[float]]
 
