@@ -37,14 +37,16 @@ from ._intercepts import CHANNELS_FIRST, CHANNELS_LAST, Intercept, op_name
 
 _PERMUTATIONS = ("permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "t")
 _RESHAPES = ("view", "reshape", "view_as", "reshape_as", "flatten", "unflatten")
-_CONV_NAMES = {
-    "conv1d",
-    "conv2d",
-    "conv3d",
-    "conv_transpose1d",
-    "conv_transpose2d",
-    "conv_transpose3d",
-}
+_CONV_NAMES = frozenset(
+    {
+        "conv1d",
+        "conv2d",
+        "conv3d",
+        "conv_transpose1d",
+        "conv_transpose2d",
+        "conv_transpose3d",
+    }
+)
 
 
 # Ids of the global module hooks this package has installed (its captures and replays).

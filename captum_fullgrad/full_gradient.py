@@ -288,33 +288,30 @@ class FullGradient(GradientAttribution):
             else None
         )
         inputs: Any = xs if several else x
-        plan = self._plans.get(signature) if signature is not None else None
-        if plan is not None:
-            try:
-                run = forward_backward(
-                    self.forward_func,
-                    inputs,
-                    select,
-                    extra,
-                    collector,
-                    plan=plan,
-                    reference=bias_input,
-                    layout=self._capture_layout,
-                )
-            except ReplayMismatch:
-                self._plans.mismatched(signature)
-                plan = None
-                collector = MapCollector(postprocess, self._layer_filter())
-        if plan is None:
-            run = forward_backward(
+
+        def one_pass(collector: MapCollector, plan: Optional[CapturePlan]) -> Any:
+            # A replay when ``plan`` is given, a trace otherwise.
+            return forward_backward(
                 self.forward_func,
                 inputs,
                 select,
                 extra,
                 collector,
+                plan=plan,
                 reference=bias_input,
                 layout=self._capture_layout,
             )
+
+        plan = self._plans.get(signature) if signature is not None else None
+        if plan is not None:
+            try:
+                run = one_pass(collector, plan)
+            except ReplayMismatch:
+                self._plans.mismatched(signature)
+                plan = None
+                collector = MapCollector(postprocess, self._layer_filter())
+        if plan is None:
+            run = one_pass(collector, None)
             if signature is not None:
                 self._plans.put(signature, CapturePlan.record(run.recorder))
         self._check_layers_matched(run.sources)

@@ -53,7 +53,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple
+from typing import AbstractSet, Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -70,6 +70,7 @@ from ._intercepts import (
     normalisation_settings,
 )
 from .capture import (
+    _CONV_NAMES,
     _OWN_GLOBAL_HOOKS,
     BiasSource,
     Capture,
@@ -91,20 +92,12 @@ _CONVOLUTIONS = (
     nn.ConvTranspose3d,
 )
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_OPS: Dict[type, Tuple[str, ...]] = {
-    **{
-        t: (
-            "conv1d",
-            "conv2d",
-            "conv3d",
-            "conv_transpose1d",
-            "conv_transpose2d",
-            "conv_transpose3d",
-        )
-        for t in _CONVOLUTIONS
-    },
-    nn.Linear: ("linear",),
-    **{t: ("batch_norm",) for t in _BATCH_NORMS},
+# The traced ops a planned module's source may come from (any convolution op for any
+# convolution module, as the trace names them).
+_OPS: Dict[type, AbstractSet[str]] = {
+    **{t: _CONV_NAMES for t in _CONVOLUTIONS},
+    nn.Linear: frozenset({"linear"}),
+    **{t: frozenset({"batch_norm"}) for t in _BATCH_NORMS},
 }
 
 
