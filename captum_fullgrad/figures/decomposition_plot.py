@@ -27,12 +27,10 @@ from ._common import (
     clean_axes,
     font_scale,
     format_probability,
-    mark_all_zero,
     short,
-    signed_scale,
     to_display,
 )
-from .overlay import overlay
+from .overlay import show_map
 
 
 @dataclass
@@ -153,26 +151,17 @@ def _signed_panel(
     from matplotlib.colors import Normalize
     from matplotlib.ticker import FormatStrFormatter
 
-    limit = signed_scale(values, percentile)
-    zero = limit == 0.0
-    limit = limit or 1.0
-    if picture is None:
-        ax.imshow(
-            values.float().numpy(),
-            extent=extent,
-            cmap=cmap,
-            vmin=-limit,
-            vmax=limit,
-            interpolation="nearest",
-        )
-    else:
-        blended = overlay(
-            picture, values, alpha=alpha, cmap=cmap, percentile=percentile, signed=True
-        )
-        ax.imshow(blended, extent=extent, interpolation="nearest")
-    clean_axes(ax)
-    if zero:
-        mark_all_zero(ax, fontsize)
+    limit = show_map(
+        ax,
+        values,
+        extent,
+        cmap,
+        picture=picture,
+        alpha=alpha,
+        percentile=percentile,
+        signed=True,
+        fontsize=fontsize,
+    )
     mappable = ScalarMappable(norm=Normalize(-limit, limit), cmap=cmap)
     bar = ax.figure.colorbar(mappable, ax=ax, fraction=0.07, pad=0.03, aspect=15)
     bar.set_ticks([-limit, 0.0, limit])

@@ -26,12 +26,11 @@ from ._common import (
     font_scale,
     format_probability,
     labelled,
-    mark_all_zero,
     short,
     to_display,
 )
-from .maps import AttributionMaps, MethodSpec, attribution_maps, normalize_maps
-from .overlay import overlay
+from .maps import AttributionMaps, MethodSpec, attribution_maps
+from .overlay import show_map
 
 # Inches of the row-label column and of the margins around the panels of the grid.
 _ROW_LABEL_IN = 1.35
@@ -130,7 +129,17 @@ def comparison_grid(
         for column, name in enumerate(names, start=1):
             ax = figure.add_subplot(grid[row, column])
             picture = pictures[row] if overlay_maps else None
-            _map_cell(ax, result.maps[name][row], extent, cmap, picture, alpha, percentile, layout)
+            show_map(
+                ax,
+                result.maps[name][row],
+                extent,
+                cmap,
+                picture=picture,
+                alpha=alpha,
+                percentile=percentile,
+                signed=False,
+                fontsize=layout.small,
+            )
             if row == 0:
                 label = result.labels.get(name, name)
                 ax.set_title(_column_title(label, name, layout), fontsize=layout.medium)
@@ -256,31 +265,6 @@ def _image_cell(
     ax.set_ylabel("\n".join(lines), fontsize=layout.small, rotation=0, ha="right", va="center")
     if row == 0:
         ax.set_title("Image", fontsize=layout.medium)
-
-
-def _map_cell(
-    ax: Any,
-    values: Tensor,
-    extent: Tuple[float, ...],
-    cmap: str,
-    picture: Optional[np.ndarray],
-    alpha: float,
-    percentile: float,
-    layout: _GridLayout,
-) -> None:
-    """One map: normalised (:func:`normalize_maps`), or blended over ``picture`` when given;
-    marked "all zero" when it is."""
-    if picture is not None:
-        shown = overlay(
-            picture, values, alpha=alpha, cmap=cmap, percentile=percentile, signed=False
-        )
-        ax.imshow(shown, extent=extent, interpolation="nearest")
-    else:
-        shown = normalize_maps(values, percentile)[0].numpy()
-        ax.imshow(shown, extent=extent, cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
-    clean_axes(ax)
-    if not bool((values > 0).any()):
-        mark_all_zero(ax, layout.small)
 
 
 def _column_title(label: str, name: str, layout: _GridLayout) -> str:

@@ -8,7 +8,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._common import SALIENCY_CMAP, SIGNED_CMAP, check_alpha, check_percentile, map_2d, signed_scale
+from ._common import (
+    SALIENCY_CMAP,
+    SIGNED_CMAP,
+    check_alpha,
+    check_percentile,
+    clean_axes,
+    map_2d,
+    mark_all_zero,
+    signed_scale,
+)
 from .maps import normalize_maps
 
 
@@ -107,3 +116,48 @@ def overlay(
         colour_map = colormaps[cmap or SALIENCY_CMAP]
     colours = colour_map(index.numpy())[..., :3].astype(np.float32)
     return np.clip((1.0 - alpha) * array + alpha * colours, 0.0, 1.0).astype(np.float32)
+
+
+def show_map(
+    ax: Any,
+    values: Tensor,
+    extent: Any,
+    cmap: str,
+    *,
+    picture: Optional[np.ndarray],
+    alpha: float,
+    percentile: float,
+    signed: bool,
+    fontsize: float,
+) -> float:
+    """Draw one map cell of a figure: blended over ``picture`` when given (:func:`overlay`),
+    else on its own (signed: centred at 0 within the symmetric ``percentile`` limit;
+    unsigned: :func:`normalize_maps`); marked "all zero" when it is. Returns the signed
+    colour limit (1.0 for an unsigned or all-zero map), for a colour bar."""
+    if signed:
+        limit = signed_scale(values, percentile)
+        zero = limit == 0.0
+        limit = limit or 1.0
+    else:
+        limit, zero = 1.0, not bool((values > 0).any())
+    if picture is not None:
+        shown = overlay(
+            picture, values, alpha=alpha, cmap=cmap, percentile=percentile, signed=signed
+        )
+        ax.imshow(shown, extent=extent, interpolation="nearest")
+    elif signed:
+        ax.imshow(
+            values.float().numpy(),
+            extent=extent,
+            cmap=cmap,
+            vmin=-limit,
+            vmax=limit,
+            interpolation="nearest",
+        )
+    else:
+        shown = normalize_maps(values, percentile)[0].numpy()
+        ax.imshow(shown, extent=extent, cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
+    clean_axes(ax)
+    if zero:
+        mark_all_zero(ax, fontsize)
+    return limit
