@@ -24,7 +24,8 @@ ReLU6, SiLU, GELU...; an in-place one's input is read in a pre-hook) or a normal
 module (``LayerNorm``, ``GroupNorm``, ``RMSNorm``, ``InstanceNorm*``, torchvision's
 ``LayerNorm2d``), subclasses excluded (they may override ``forward``); or was a product
 of two graph tensors that a module returned (squeeze-and-excitation's ``scale * x``,
-intercept ``-y``); and no operation failed. The replay checks, call by call, that the same
+intercept ``-y``); or lies in a *region* (below); and no operation failed. The replay
+checks, call by call, that the same
 modules run in the same order with the planned output shapes and the same forward hooks,
 that the global module hooks are the same and that no planned layer gained or lost a
 bias; BatchNorm vectors are recomputed every call (training steps change the running
@@ -34,6 +35,12 @@ caller traces the call instead. What the guard cannot see is a functional operat
 an intercept that a ``forward`` performs only for some input values; the completeness
 delta that :class:`~captum_fullgrad.FullGradient` returns would show it, and
 ``FullGradient(..., reuse_capture=False)`` traces every call.
+
+Sources that no module hook can reach (attention's operations, ViT's class token and
+position embedding, a module of another type) lie in *regions*: module calls whose sources
+add up to ``<df/dy, y> - <J^T df/dy, a>`` (eq. 1 on the call), read from copies of the
+call's arguments and output that the replay makes at its boundary (see ``_Regions``). A
+region's term goes to eq. 1's sum only, so every source in it must be non-spatial.
 
 An activation step whose autograd node saves the op's input (``register_activation``'s
 ``backward_node``) forms no intercept in the forward pass: a post-hook on that node hands

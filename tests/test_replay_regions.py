@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from captum_fullgrad import FullGradient
@@ -232,3 +234,78 @@ def test_no_hook_left_after_a_region_replay():
     assert not module_file._global_forward_hooks and not module_file._global_forward_pre_hooks
     for module in model.modules():
         assert not module._forward_hooks and not module._forward_pre_hooks
+
+
+# ----------------------------------------------------------------- random token networks
+
+
+class _RandomBlock(nn.Module):
+    def __init__(self, width: int, spec: dict) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width) if spec["norm"] else nn.Identity()
+        self.attn = _Attention(width)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width)
+        )
+        self.residual, self.gate = spec["residual"], spec["gate"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.attn(self.norm(x))
+        if self.gate:
+            y = y * torch.sigmoid(y)  # an element-wise gate written in the block's forward
+        x = x + y if self.residual else y
+        return x + self.mlp(x) if self.residual else self.mlp(x)
+
+
+class _RandomTokenNet(nn.Module):
+    """Patch embedding (a convolution), optional class token and position embedding added
+    in this forward, then blocks of attention written in a forward."""
+
+    def __init__(self, specs, width: int, class_token: bool, position: bool) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, width, 2, stride=2)
+        self.class_token = nn.Parameter(torch.randn(1, 1, width)) if class_token else None
+        self.position = nn.Parameter(torch.randn(1, 16 + class_token, width)) if position else None
+        self.blocks = nn.Sequential(*(_RandomBlock(width, spec) for spec in specs))
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch(x).flatten(2).transpose(1, 2)  # (B, 16, width)
+        if self.class_token is not None:
+            tokens = torch.cat([self.class_token.expand(len(x), -1, -1), tokens], 1)
+        if self.position is not None:
+            tokens = tokens + self.position
+        return self.head(self.blocks(tokens)[:, 0])
+
+
+@st.composite
+def random_token_networks(draw):
+    spec = st.fixed_dictionaries(
+        {"norm": st.booleans(), "residual": st.booleans(), "gate": st.booleans()}
+    )
+    specs = draw(st.lists(spec, min_size=1, max_size=3))
+    width = draw(st.sampled_from([4, 6]))
+    class_token, position = draw(st.booleans()), draw(st.booleans())
+    seed, batch = draw(st.integers(0, 2**16)), draw(st.integers(1, 3))
+    torch.manual_seed(seed)
+    model = _RandomTokenNet(specs, width, class_token, position)
+    model = randomize_parameters_(model, seed).double().eval()
+    return model, torch.randn(batch, 3, 8, 8, dtype=torch.float64), seed % 3
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=random_token_networks())
+def test_regions_replay_the_trace_for_random_token_networks(case):
+    """Eq. 1 on a module call holds for every network: the replay's region terms (opaque
+    attention, frames around class tokens, position embeddings and gates) give the traced
+    map and delta."""
+    model, x, target = case
+    traced, traced_delta = FullGradient(model, reuse_capture=False).attribute(
+        x, target=target, return_convergence_delta=True
+    )
+    fullgrad = FullGradient(model)
+    fullgrad.attribute(x * 2, target=target)  # records the plan
+    assert _plan(fullgrad).boundary_starts
+    replayed, delta = fullgrad.attribute(x, target=target, return_convergence_delta=True)
+    torch.testing.assert_close(replayed, traced, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(delta, traced_delta, rtol=0, atol=1e-10)
