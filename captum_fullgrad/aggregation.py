@@ -95,6 +95,11 @@ class MapCollector:
     def on_source(self, source: BiasSource) -> None:
         pass
 
+    def on_term(self, per_example: Tensor) -> None:
+        """Add terms of eq. 1 that belong to no map, ``(B,)`` (a replay's regions: see
+        :class:`captum_fullgrad.replay.CapturePlan`)."""
+        self._other_sum = per_example if self._other_sum is None else self._other_sum + per_example
+
     def on_gradient(self, source: BiasSource, grad: Tensor) -> None:
         if _autocast_enabled(grad.device.type):
             with torch.autocast(grad.device.type, enabled=False):

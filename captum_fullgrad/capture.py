@@ -67,16 +67,20 @@ def install_global_module_hooks(
     handles = []
     if pre_hook is not None:
 
-        def own_pre_hook(module: nn.Module, args: Any) -> None:
+        def own_pre_hook(module: nn.Module, args: Any) -> Any:
+            # A returned value replaces the call's arguments (a replay's region boundaries).
             if threading.get_ident() == owner:
-                pre_hook(module, args)
+                return pre_hook(module, args)
+            return None
 
         handles.append(nn.modules.module.register_module_forward_pre_hook(own_pre_hook))
     if post_hook is not None:
 
-        def own_post_hook(module: nn.Module, args: Any, output: Any) -> None:
+        def own_post_hook(module: nn.Module, args: Any, output: Any) -> Any:
+            # A returned value replaces the call's output.
             if threading.get_ident() == owner:
-                post_hook(module, args, output)
+                return post_hook(module, args, output)
+            return None
 
         handles.append(
             nn.modules.module.register_module_forward_hook(own_post_hook, always_call=always_call)
@@ -462,6 +466,14 @@ class Capture:
         # ``scale * x``): their intercept, ``-y``, is a function of the module's output.
         self._product_outputs: Dict[int, Tuple[weakref.ref, BiasSource]] = {}
         self._output_origins: Dict[BiasSource, Tuple[nn.Module, int, type]] = {}
+        # For a plan's regions (operations written in a forward, replayed as one term per
+        # module call): the innermost module call of every source, the call that made each
+        # call, and whether every graph tensor a call received and returned has its
+        # examples along axis 0 (the per-example sums of a region's term need it). Calls
+        # are keyed by the order in which they started.
+        self._frames: Dict[BiasSource, Optional[int]] = {}
+        self.call_parents: Dict[int, Optional[int]] = {}
+        self.call_batch_first: Dict[int, bool] = {}
         self._handles: List[Any] = []
         self._conv_outputs: Dict[int, Tuple[weakref.ref, int, str, BiasSource]] = {}
         self._hooks: Dict[BiasSource, Any] = {}
@@ -513,13 +525,19 @@ class Capture:
         products = self._product_outputs
         output_origins = self._output_origins
         origins = self._origins
+        parents = self.call_parents
+        batch_first = self.call_batch_first
         started = [0]
 
         def pre_hook(module: nn.Module, _args: Any) -> None:
+            # Every call counts (a replay counts calls the same way), named or not.
+            start = started[0]
+            started[0] += 1
             entry = names.get(id(module))
             if entry is not None:
-                stack.append((entry[0], entry[1], [0], id(module), module, started[0]))
-                started[0] += 1
+                parents[start] = stack[-1][5] if stack else None
+                batch_first[start] = self._batch_first(_args)
+                stack.append((entry[0], entry[1], [0], id(module), module, start))
 
         def post_hook(module: nn.Module, _args: Any, _output: Any) -> None:
             calls.append(module)
@@ -530,6 +548,8 @@ class Capture:
                 popped = stack.pop()
                 if popped[3] == id(module):
                     positions[popped[5]] = len(calls) - 1
+                    if not self._batch_first(_output):
+                        batch_first[popped[5]] = False
                     if products and isinstance(_output, Tensor):
                         entry = products.get(id(_output))
                         source = entry[1] if entry is not None and entry[0]() is _output else None
@@ -547,6 +567,20 @@ class Capture:
     def _remove_module_hooks(self) -> None:
         remove_global_module_hooks(self._handles)
         self._module_stack.clear()
+
+    def _batch_first(self, value: Any) -> bool:
+        """Whether every graph tensor in ``value`` (a tensor, or a tuple or list of them)
+        has its examples along axis 0, each owning a whole number of rows."""
+        items = value if isinstance(value, (tuple, list)) else (value,)
+        for item in items:
+            if isinstance(item, Tensor) and self.tracker.contains(item):
+                if (
+                    self.tracker.batch_dim(item) != 0
+                    or item.dim() == 0
+                    or item.shape[0] % self._batch_size
+                ):
+                    return False
+        return True
 
     def _base_name(self, op: str) -> Tuple[str, str, Optional[Tuple[nn.Module, int]]]:
         if not self._module_stack:
@@ -807,6 +841,7 @@ class Capture:
             )
             source.block = f"@{index}"
         self.sources.append(source)
+        self._frames[source] = self._module_stack[-1][5] if self._module_stack else None
         if origin is not None:
             self._origins[source] = origin
         elif op == "mul" and intercept.dense is not None:
@@ -847,6 +882,16 @@ class Capture:
         if entry is None or entry[1] not in self._call_positions:
             return None
         return entry[0], self._call_positions[entry[1]], entry[2]
+
+    def frame(self, source: BiasSource) -> Optional[int]:
+        """The innermost module call running the operation that made ``source`` (keyed by
+        the order calls started; ``None`` outside any module of the model)."""
+        return self._frames.get(source)
+
+    def call_position(self, start: int) -> Optional[int]:
+        """The position in :attr:`module_calls` of the call that was the ``start``-th to
+        begin (``None`` when it did not return)."""
+        return self._call_positions.get(start)
 
     def folded_pairs(self) -> List[Tuple[BiasSource, BiasSource]]:
         """The (convolution, BatchNorm) pairs reduced as one at the end of the forward pass."""

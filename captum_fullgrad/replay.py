@@ -24,7 +24,8 @@ ReLU6, SiLU, GELU...; an in-place one's input is read in a pre-hook) or a normal
 module (``LayerNorm``, ``GroupNorm``, ``RMSNorm``, ``InstanceNorm*``, torchvision's
 ``LayerNorm2d``), subclasses excluded (they may override ``forward``); or was a product
 of two graph tensors that a module returned (squeeze-and-excitation's ``scale * x``,
-intercept ``-y``); and no operation failed. The replay checks, call by call, that the same
+intercept ``-y``); or lies in a *region* (below); and no operation failed. The replay
+checks, call by call, that the same
 modules run in the same order with the planned output shapes and the same forward hooks,
 that the global module hooks are the same and that no planned layer gained or lost a
 bias; BatchNorm vectors are recomputed every call (training steps change the running
@@ -34,6 +35,12 @@ caller traces the call instead. What the guard cannot see is a functional operat
 an intercept that a ``forward`` performs only for some input values; the completeness
 delta that :class:`~captum_fullgrad.FullGradient` returns would show it, and
 ``FullGradient(..., reuse_capture=False)`` traces every call.
+
+Sources that no module hook can reach (attention's operations, ViT's class token and
+position embedding, a module of another type) lie in *regions*: module calls whose sources
+add up to ``<df/dy, y> - <J^T df/dy, a>`` (eq. 1 on the call), read from copies of the
+call's arguments and output that the replay makes at its boundary (see ``_Regions``). A
+region's term goes to eq. 1's sum only, so every source in it must be non-spatial.
 
 An activation step whose autograd node saves the op's input (``register_activation``'s
 ``backward_node``) forms no intercept in the forward pass: a post-hook on that node hands
@@ -134,9 +141,19 @@ class CapturePlan:
     """
 
     def __init__(
-        self, steps: Sequence[_Step], calls: Sequence[nn.Module], step_at: Sequence[Optional[int]]
+        self,
+        steps: Sequence[_Step],
+        calls: Sequence[nn.Module],
+        step_at: Sequence[Optional[int]],
+        boundaries: Optional[Dict[int, Tuple[int, int]]] = None,
     ) -> None:
         self.steps: Tuple[_Step, ...] = tuple(steps)
+        # Region boundaries (see ``_Regions``): by the order calls start, the position of
+        # the call in ``calls`` and its weight; and by that position, the weight.
+        self.boundary_starts: Dict[int, Tuple[int, int]] = dict(boundaries or {})
+        self.boundary_returns: Dict[int, Tuple[int, int]] = {
+            returned: (start, weight) for start, (returned, weight) in self.boundary_starts.items()
+        }
         # Every module call of the traced forward pass, in the order the calls returned,
         # and the step (if any) that each call produces: the replay's guard. Weak
         # references: plans are cached per model and must not keep it alive.
@@ -261,37 +278,20 @@ class CapturePlan:
             # A global forward hook runs before the replay's and may replace a module's
             # output, which the replay would then take for the operation's.
             return None
+        kinds = {id(source): _step_kind(capture, source) for source in capture.sources}
+        regions = _Regions.plan(capture, kinds)
+        if regions is None:
+            return None
         steps: List[_Step] = []
         position: Dict[int, int] = {}
         step_at: List[Optional[int]] = [None] * len(capture.module_calls)
         for source in capture.sources:
-            activation = product_node = normalisation = None
-            origin = capture.origin(source)
-            if origin is not None:
-                module, call = origin
-                activation = activation_settings(module)
-                normalisation = normalisation_settings(module)
-                if activation is not None:
-                    if source.op != activation[0] or source.intercept.dense is None:
-                        return None
-                elif normalisation is not None:
-                    if (
-                        source.op != normalisation_op(normalisation)
-                        or source.intercept.dense is None
-                    ):
-                        return None
-                elif (
-                    source.op not in _OPS.get(type(module), ())
-                    or source.intercept.channel_vector is None
-                ):
-                    return None  # an unfamiliar module
-                elif isinstance(module, _BATCH_NORMS) and source.intercept.input_scale is None:
-                    return None  # batch statistics: the intercept needs forward-mode AD
-            else:
-                returned = capture.output_origin(source)
-                if returned is None:
-                    return None  # an operation written in a forward, not what it returns
-                module, call, product_node = returned
+            if id(source) in regions.absorbed:
+                continue  # its term is its region's
+            kind = kinds[id(source)]
+            if isinstance(kind, str):
+                return None
+            module, call, activation, product_node, normalisation = kind
             if step_at[call] is not None:
                 return None  # a second source in one call
             if (
@@ -324,14 +324,152 @@ class CapturePlan:
                 )
             )
         for conv, batch_norm in capture.folded_pairs():
+            if id(conv) not in position or id(batch_norm) not in position:
+                return None  # a pair split by a region: traced
             i, j = position[id(conv)], position[id(batch_norm)]
             steps[i] = dataclasses.replace(steps[i], folded_into=j)
             steps[j] = dataclasses.replace(steps[j], absorbs=i)
-        return cls(steps, capture.module_calls, step_at)
+        return cls(steps, capture.module_calls, step_at, regions.boundaries)
 
     def replay(self, inputs: Tensor, collector: Collector) -> "Replay":
         """A context manager that finds this plan's sources in the forward pass it wraps."""
         return Replay(self, inputs, collector)
+
+
+# Why a source has no step of its own: it may be covered by a region (see ``_Regions``), or
+# it may not (a BatchNorm on batch statistics mixes the examples, so no per-example term).
+_IN_FORWARD = "an operation written in a forward"
+_UNFAMILIAR = "an unfamiliar module"
+_NOT_PLANNED = "a source the plan cannot reproduce"
+_NEVER = "a BatchNorm on batch statistics"
+_StepKind = Tuple[nn.Module, int, Any, Optional[type], Any]
+
+
+def _step_kind(capture: Capture, source: BiasSource) -> "_StepKind | str":
+    """``(module, call, activation, product node, normalisation)`` for a source a module
+    hook can reproduce, else the reason it cannot."""
+    activation = product_node = normalisation = None
+    origin = capture.origin(source)
+    if origin is not None:
+        module, call = origin
+        activation = activation_settings(module)
+        normalisation = normalisation_settings(module)
+        if activation is not None:
+            if source.op != activation[0] or source.intercept.dense is None:
+                return _NOT_PLANNED
+        elif normalisation is not None:
+            if source.op != normalisation_op(normalisation) or source.intercept.dense is None:
+                return _NOT_PLANNED
+        elif source.op not in _OPS.get(type(module), ()) or source.intercept.channel_vector is None:
+            return _UNFAMILIAR
+        elif isinstance(module, _BATCH_NORMS) and source.intercept.input_scale is None:
+            return _NEVER  # batch statistics: the intercept needs forward-mode AD
+    else:
+        returned = capture.output_origin(source)
+        if returned is None:
+            return _IN_FORWARD
+        module, call, product_node = returned
+    return module, call, activation, product_node, normalisation
+
+
+@dataclass
+class _Regions:
+    """Module calls replayed as one term each, for sources no module hook can reach.
+
+    For any module call ``M`` that maps its graph inputs ``a`` to its output ``y``, the
+    intercept terms of every operation inside it add up to
+
+        <df/dy, y> - <J_M^T df/dy, a>                                   (eq. 1 on ``M``)
+
+    and both gradients are what the backward pass carries across the call's boundary
+    (docs/math.md). A *region* is a call whose sources are all left to that identity:
+
+    - an **opaque** region is the innermost call running an operation written in a
+      ``forward`` (attention's matmuls, softmax, ``scaled_dot_product_attention``) or an
+      unfamiliar module, when nothing inside it is a spatial map and every source inside
+      it is its own or a leaf module's: its whole inside is one term (the outermost such
+      call, if they nest);
+    - a **frame** is such a call that holds spatial sources or sources deeper down (a
+      transformer's encoder adding the position embedding), or the model itself (ViT's
+      class token): its term is its identity minus those of its *holes*, the calls it
+      makes directly that contain sources, which keep their own steps.
+
+    ``boundaries`` gives each call's weight in ``sum_c w_c (<df/dy_c, y_c> - <J^T, a_c>)``:
+    ``+1`` for a region, ``-1`` for a hole, ``0`` (no boundary) for both. A region's term
+    goes to eq. 1's sum only, never to eq. 4's map: every source it covers must be
+    non-spatial, as the trace found. The delta still checks every step outside the
+    regions (a hole's identity is independent of its steps' closed forms).
+    """
+
+    absorbed: AbstractSet[int]  # ids of the sources a region covers
+    # By the order in which the call started: its position in the call sequence (the
+    # order calls returned) and its weight.
+    boundaries: Dict[int, Tuple[int, int]]
+
+    @classmethod
+    def plan(cls, capture: Capture, kinds: Dict[int, "_StepKind | str"]) -> Optional["_Regions"]:
+        candidates = [s for s in capture.sources if kinds[id(s)] in (_IN_FORWARD, _UNFAMILIAR)]
+        if not candidates:
+            return cls(frozenset(), {})
+        collector = capture.collector
+        if (
+            capture.other_inputs
+            or getattr(collector, "selected", None) is not None
+            or not callable(getattr(collector, "on_term", None))
+        ):
+            return None  # several inputs, a layer filter, or a collector without region terms
+        parents = capture.call_parents
+        frames = {id(s): capture.frame(s) for s in capture.sources}
+
+        def ancestors(call: Optional[int]) -> List[int]:
+            chain: List[int] = []
+            while call is not None:
+                chain.append(call)
+                call = parents.get(call)
+            return chain
+
+        chains = {id(s): ancestors(frames[id(s)]) for s in capture.sources}
+        spatial_under = {c for s in capture.sources if s.spatial for c in chains[id(s)]}
+        # Calls with a source two or more calls down (a transformer's encoder, a block):
+        # frames, so that the steps of their layers stay checked by the delta.
+        deep_under = {c for s in capture.sources for c in chains[id(s)][2:]}
+        opaque, framing = set(), set()
+        for source in candidates:
+            call = frames[id(source)]
+            if call is None:
+                return None  # outside every module of the model
+            if call in spatial_under or call in deep_under or parents.get(call) is None:
+                framing.add(call)
+            else:
+                opaque.add(call)
+        # The outermost of nested opaque calls; nothing inside an opaque call is a frame.
+        opaque = {c for c in opaque if not any(a in opaque for a in ancestors(c)[1:])}
+        framing = {c for c in framing if not any(a in opaque for a in ancestors(c))}
+        if framing & opaque:
+            return None
+        holes = set()
+        for source in capture.sources:
+            chain = chains[id(source)]
+            for child, parent in zip(chain, chain[1:]):
+                if parent in framing:
+                    holes.add(child)
+        absorbed = set()
+        for source in capture.sources:
+            chain = chains[id(source)]
+            if any(c in opaque for c in chain) or (chain and chain[0] in framing):
+                absorbed.add(id(source))
+        for source in capture.sources:
+            if id(source) in absorbed and (source.spatial or kinds[id(source)] == _NEVER):
+                return None  # a region's term has no map, or no per-example split
+        boundaries: Dict[int, Tuple[int, int]] = {}
+        for call in opaque | framing | holes:
+            weight = int(call in opaque or call in framing) - int(call in holes)
+            if weight:
+                returned = capture.call_position(call)
+                if returned is None or not capture.call_batch_first.get(call, False):
+                    return None  # no boundary, or its examples are not along axis 0
+                boundaries[call] = (returned, weight)
+        return cls(frozenset(absorbed), boundaries)
 
 
 def _with_intercept(template: BiasSource, intercept: Intercept) -> BiasSource:
@@ -380,7 +518,14 @@ class Replay:
         self._handles: List[Any] = []
         self._hooks: List[Any] = []
         self._next = 0
+        self._started = 0
         self._linear_parts: Dict[int, Tensor] = {}
+        # Region boundaries of this pass: per open call (by start), the autograd nodes of
+        # its input copies; per finished call, those and its outputs' nodes (the guard's
+        # walk); and every tensor a boundary term reads, with its version then.
+        self._open: Dict[int, List[Any]] = {}
+        self._closed: List[Tuple[List[Any], List[Any]]] = []
+        self._read: List[Tuple[Tensor, int]] = []
 
     def __enter__(self) -> "Replay":
         if _global_hook_key() != self.plan.global_hooks:
@@ -396,7 +541,8 @@ class Replay:
         # less than registering and removing a handle per module.
         self._handles.extend(
             install_global_module_hooks(
-                self._on_input if self.plan.read_first else None, self._on_output
+                self._on_input if self.plan.read_first or self.plan.boundary_starts else None,
+                self._on_output,
             )
         )
         return self
@@ -409,18 +555,108 @@ class Replay:
                 f"the forward pass made {self._next} module calls, the plan {len(self.plan.calls)}"
                 + ("" if self.matched else "; they differ in order, module or output shape")
             )
+        if exc[0] is None and self.plan.boundary_starts:
+            problem = self._boundary_problem()
+            if problem is not None:
+                self.remove_gradient_hooks()
+                raise ReplayMismatch(problem)
+
+    def _boundary_problem(self) -> Optional[str]:
+        """Why a region's identity would not hold for this pass, or ``None``.
+
+        A term ``<df/dy, y> - <J^T df/dy, a>`` needs every graph tensor the call reads to
+        be among the arguments the boundary copied (not a keyword argument, an attribute
+        or a closure) and every value it reads unchanged until the backward pass.
+        """
+        if self._open:
+            return "a region's module call did not return"
+        for tensor, version in self._read:
+            if tensor._version != version:
+                return "a tensor at a region's boundary was changed in place"
+        for outputs, inputs in self._closed:
+            stops = set(inputs)
+            seen: set = set()
+            pending = [n for n in outputs if n is not None]
+            while pending:
+                node = pending.pop()
+                if node in seen or node in stops:
+                    continue
+                seen.add(node)
+                if getattr(node, "variable", None) is self.inputs:
+                    return (
+                        "a region's module call reads the network input other than through "
+                        "its positional arguments"
+                    )
+                pending.extend(fn for fn, _ in node.next_functions if fn is not None)
+        return None
 
     def _remove_module_hooks(self) -> None:
         remove_global_module_hooks(self._handles)
         self._linear_parts.clear()
 
-    def _on_input(self, module: nn.Module, args: Any) -> None:
+    def _on_input(self, module: nn.Module, args: Any) -> Any:
+        start = self._started
+        self._started = start + 1
         settings = self.plan.read_first.get(id(module))
         if settings is not None and args and isinstance(args[0], Tensor):
-            if args[0]._base is None and activation_backward_node(settings) is not None:
-                return  # its node saves the input: the term comes from the backward pass
-            # An in-place activation is about to overwrite its input: g'(a) a now.
-            self._linear_parts[id(module)] = activation_linear_part(settings, args[0])
+            if args[0]._base is not None or activation_backward_node(settings) is None:
+                # An in-place activation is about to overwrite its input: g'(a) a now.
+                # (Otherwise its node saves the input: the term comes from the backward pass.)
+                self._linear_parts[id(module)] = activation_linear_part(settings, args[0])
+        boundary = self.plan.boundary_starts.get(start)
+        if boundary is None or not self.matched:
+            return None
+        returned, weight = boundary
+        if self.plan.calls[returned]() is not module:
+            self.matched = False
+            return None
+        nodes: List[Any] = []
+        self._open[start] = nodes
+        # The call reads copies of its graph arguments; what flows back into them is
+        # J^T df/dy (the call's own term enters with the opposite sign).
+        return self._cross(args, -weight, nodes)
+
+    def _cross(self, values: Any, weight: int, nodes: List[Any]) -> Any:
+        """``values`` (a tensor, or a tuple or list of them) with every graph tensor ``t``
+        replaced by a copy whose gradient ``g`` adds ``weight * <g, t>`` per example to the
+        collector; one copy per distinct tensor (``attention(x, x, x)`` keeps its aliasing)."""
+        copies: Dict[int, Tensor] = {}
+
+        def cross(value: Any) -> Any:
+            if not isinstance(value, Tensor) or not value.requires_grad:
+                return value
+            if value.grad_fn is None and value is not self.inputs:
+                return value  # a parameter or another constant: part of the intercept
+            copy = copies.get(id(value))
+            if copy is None:
+                copy = copies[id(value)] = value.clone()
+                node = copy.grad_fn
+                assert node is not None  # a copy of a tensor that requires grad
+                nodes.append(node)
+                self._read.append((value, value._version))
+                self._hooks.append(node.register_prehook(self._term_hook(value, weight)))
+            return copy
+
+        if isinstance(values, (tuple, list)):
+            return type(values)(cross(v) for v in values)
+        return cross(values)
+
+    def _term_hook(self, tensor: Tensor, weight: int) -> Callable[[Any], None]:
+        batch = self.inputs.shape[0]
+        collector: Any = self.collector
+
+        def hook(grads: Any) -> None:
+            grad = grads[0]
+            if grad is None:
+                return
+            with torch.no_grad():
+                dtype = torch.promote_types(grad.dtype, torch.float32)
+                term = torch.linalg.vecdot(
+                    grad.reshape(batch, -1).to(dtype), tensor.detach().reshape(batch, -1).to(dtype)
+                )
+                collector.on_term(term if weight == 1 else term.mul_(weight))
+
+        return hook
 
     def remove_gradient_hooks(self) -> None:
         """Detach every gradient hook this replay registered."""
@@ -428,11 +664,34 @@ class Replay:
             handle.remove()
         self._hooks.clear()
 
-    def _on_output(self, module: nn.Module, args: Any, output: Any) -> None:
+    def _on_output(self, module: nn.Module, args: Any, output: Any) -> Any:
         k = self._next
         self._next = k + 1
         if not self.matched:
-            return
+            return None
+        self._observe(k, module, args, output)
+        boundary = self.plan.boundary_returns.get(k)
+        if boundary is None or not self.matched:
+            return None
+        start, weight = boundary
+        inputs = self._open.pop(start, None)
+        if inputs is None or not (
+            isinstance(output, Tensor)
+            or (
+                isinstance(output, (tuple, list))
+                and all(o is None or isinstance(o, Tensor) for o in output)
+            )
+        ):
+            self.matched = False  # not the call that started, or an output with no boundary
+            return None
+        raw = output if isinstance(output, (tuple, list)) else (output,)
+        self._closed.append(
+            ([o.grad_fn for o in raw if isinstance(o, Tensor) and o.requires_grad], inputs)
+        )
+        return self._cross(output, weight, [])
+
+    def _observe(self, k: int, module: nn.Module, args: Any, output: Any) -> None:
+        """Check call ``k`` against the plan and hook its step's source, if it has one."""
         plan = self.plan
         if k >= len(plan.calls) or plan.calls[k]() is not module:
             self.matched = False

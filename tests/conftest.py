@@ -46,6 +46,21 @@ def build_zoo_model(
     return model.to(dtype).eval()
 
 
+def tiny_swin(seed: int = 0) -> torch.nn.Module:
+    """torchvision's Swin at 16 channels, two stages of two blocks, 4 x 4 windows; float64."""
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    model = SwinTransformer(
+        patch_size=[4, 4],
+        embed_dim=16,
+        depths=[2, 2],
+        num_heads=[2, 2],
+        window_size=[4, 4],
+        num_classes=5,
+    )
+    return randomize_parameters_(model, seed).double().eval()
+
+
 def vgg_features_small_head(seed: int = 0) -> torch.nn.Module:
     """VGG-11-BN's 8 conv-BN blocks with a small head: the 25088x4096 float64 classifier
     would dominate the test time without testing anything the zoo does not."""

@@ -10,7 +10,7 @@ from torch import nn
 from captum_fullgrad import FullGradient, full_jacobian
 from captum_fullgrad.testing import randomize_parameters_
 
-from .conftest import ZOO, ZOO_INPUT_SIZE, UnseenSquare, build_zoo_model
+from .conftest import ZOO, ZOO_INPUT_SIZE, UnseenSquare, build_zoo_model, tiny_swin
 
 
 def relative_gap(fj) -> torch.Tensor:
@@ -257,26 +257,12 @@ def test_batched_equals_per_example():
             )
 
 
-def _tiny_swin() -> nn.Module:
-    from torchvision.models.swin_transformer import SwinTransformer
-
-    model = SwinTransformer(
-        patch_size=[4, 4],
-        embed_dim=16,
-        depths=[2, 2],
-        num_heads=[2, 2],
-        window_size=[4, 4],
-        num_classes=5,
-    )
-    return randomize_parameters_(model, 0).double().eval()
-
-
 @pytest.mark.parametrize("batch", [1, 3])
 def test_windowed_attention_is_complete_per_example(batch):
     """Swin folds windows into the batch axis, ``(B * windows, tokens, C)``, and splits
     ``q, k, v = qkv[0], qkv[1], qkv[2]``: every term must still be split per example (a
     single example once had its terms summed per window, several had them dropped)."""
-    model = _tiny_swin()
+    model = tiny_swin()
     x = torch.rand(
         batch, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
     )

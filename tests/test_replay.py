@@ -30,8 +30,8 @@ REPLAYABLE = [
     "regnet_y_400mf",
     "convnext_tiny",
 ]
-# Intercepts in operations written in a forward: attention, class token, position embedding.
-TRACED = ["vit"]
+# Transformers (intercepts in operations written in a forward) replay region terms:
+# tests/test_replay_regions.py, which also checks that a spatial one is still traced.
 
 
 class Recorders:
@@ -74,17 +74,6 @@ def test_replay_equals_the_trace_on_the_zoo(name, recorders):
     torch.testing.assert_close(second, traced, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(second_delta, traced_delta, rtol=0, atol=1e-10)
     assert not torch.equal(first, second)  # a different input, not a cached answer
-
-
-@pytest.mark.parametrize("name", TRACED)
-def test_no_plan_when_an_operation_outside_the_bias_modules_has_an_intercept(name, recorders):
-    model = build_zoo_model(name)
-    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
-    fullgrad = FullGradient(model)
-    _attribute(fullgrad, x)
-    _attribute(fullgrad, x)
-    assert recorders.kinds == ["Capture", "Capture"]
-    assert len(fullgrad._plans) == 0
 
 
 def test_single_channel_layers_and_neurips_modes_replay_exactly(recorders):
