@@ -361,6 +361,7 @@ def normalisation_parts(
     y: Tensor,
     bias: Optional[Tensor],
     differentiable: bool = False,
+    rstd: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Optional[Tensor], Tensor]:
     """``(y, beta, eps / (var + eps))`` of a normalisation, each broadcastable to ``y``
     (``beta`` ``None`` without a bias), in ``y``'s dtype; the intercept is
@@ -374,8 +375,19 @@ def normalisation_parts(
     (torchvision's ``LayerNorm2d``); ``instance_norm``: each channel's positions;
     ``batch_norm``: every axis but the channels (training mode). ``differentiable`` keeps
     the graph to ``a``, ``y`` and ``beta`` (the training uses differentiate through it).
+    ``rstd``, the ``1 / sqrt(var + eps)`` the kernel computed (see
+    :func:`saved_layer_norm_rstd`), replaces a second pass over ``a`` for the variance:
+    ``eps / (var + eps) = eps * rstd**2``.
     """
     kind, axes, eps = settings
+    if rstd is not None and not differentiable:
+        y = y.detach()
+        shrink = (rstd.detach() * rstd.detach()).mul_(float(eps))
+        beta = None
+        if bias is not None:
+            shape = [-1] + [1] * (y.dim() - 2) if kind in _PER_CHANNEL_NORMS else list(bias.shape)
+            beta = bias.detach().reshape(shape).to(y.dtype)
+        return y, beta, shrink.to(y.dtype)
     with contextlib.nullcontext() if differentiable else torch.no_grad():
         values = a if differentiable else a.detach()
         if values.dtype in (torch.float16, torch.bfloat16):
@@ -408,6 +420,32 @@ def normalisation_parts(
             shape = [-1] + [1] * (y.dim() - 2) if kind in _PER_CHANNEL_NORMS else list(bias.shape)
             beta = (bias if differentiable else bias.detach()).reshape(shape).to(y.dtype)
         return y, beta, shrink.to(y.dtype)
+
+
+def saved_layer_norm_rstd(settings: Tuple[Any, ...], y: Tensor) -> Optional[Tensor]:
+    """The ``1 / sqrt(var + eps)`` that ``native_layer_norm`` saved for its backward pass,
+    shaped like the statistics :func:`normalisation_parts` would compute from the input
+    (``(N, 1, *spatial)`` for torchvision's ``LayerNorm2d``, whose output ``y`` is a
+    permuted view); ``None`` for another kind or when the output did not come from it.
+
+    Reading it saves a full pass over the input per layer (the variance), and it is the
+    statistic the kernel used, so ``eps * rstd**2`` is the ``J a`` of the op's own arithmetic.
+    """
+    kind = settings[0]
+    if kind not in ("layer_norm", "channel_layer_norm"):
+        return None
+    made = y._base if y._base is not None else y
+    node = made.grad_fn
+    if node is None or type(node).__name__ != "NativeLayerNormBackward0":
+        return None
+    rstd = getattr(node, "_saved_result2", None)
+    if not isinstance(rstd, Tensor) or rstd.dim() != made.dim():
+        return None
+    if kind == "channel_layer_norm":
+        if made.dim() < 2 or y.dim() != made.dim():
+            return None
+        rstd = rstd.movedim(-1, 1)  # the kernel ran channels-last, between the permutes
+    return rstd
 
 
 _INSTANCE_NORMS = (torch.nn.InstanceNorm1d, torch.nn.InstanceNorm2d, torch.nn.InstanceNorm3d)

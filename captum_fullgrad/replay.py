@@ -75,6 +75,7 @@ from ._intercepts import (
     normalisation_op,
     normalisation_parts,
     normalisation_settings,
+    saved_layer_norm_rstd,
 )
 from .capture import (
     _CONV_NAMES,
@@ -756,7 +757,13 @@ class Replay:
                 return
             # The statistics now (s = eps / (var + eps), small); the intercept is formed
             # only when the backward pass reaches the output, or not at all.
-            _, beta, shrink = normalisation_parts(step.normalisation, args[0], output, bias)
+            _, beta, shrink = normalisation_parts(
+                step.normalisation,
+                args[0],
+                output,
+                bias,
+                rstd=saved_layer_norm_rstd(step.normalisation, output),
+            )
             shrunk = (args[0], beta, shrink)
             source = _with_intercept(step.template, Intercept(None))
         elif step.product_node is not None:

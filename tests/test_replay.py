@@ -848,3 +848,53 @@ def test_a_normalisations_channel_sum_equals_its_closed_form(settings, channel_d
     torch.testing.assert_close(
         source.per_example_sum(grad), closed.flatten(1).sum(1), rtol=1e-13, atol=1e-14
     )
+
+
+@pytest.mark.parametrize("layer_norm_2d", [False, True])
+def test_layer_norm_statistics_come_from_the_kernel(recorders, monkeypatch, layer_norm_2d):
+    """A replayed LayerNorm (and ConvNeXt's LayerNorm2d) reads ``1 / sqrt(var + eps)`` from
+    its autograd node instead of a second pass over the input for the variance; the map and
+    the delta are the trace's (which computes the variance) to rounding."""
+    from torchvision.models.convnext import LayerNorm2d
+
+    from captum_fullgrad import _intercepts
+
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = nn.LayerNorm(4, eps=0.1)
+
+        def forward(self, x):
+            return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    model = _activation_network([LayerNorm2d(4, eps=0.1) if layer_norm_2d else Tokens()])
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    traced, traced_delta = _attribute(FullGradient(model, reuse_capture=False), x, target=1)
+    fullgrad = FullGradient(model)
+    _attribute(fullgrad, x, target=1)
+    with monkeypatch.context() as patch:
+
+        def no_variance(*args, **kwargs):
+            raise AssertionError("the replay recomputed a variance")
+
+        patch.setattr(torch.Tensor, "var", no_variance)
+        replayed, delta = _attribute(fullgrad, x, target=1)
+    assert recorders.kinds == ["Capture", "Capture", "Replay"]
+    torch.testing.assert_close(replayed, traced, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(delta, traced_delta, rtol=0, atol=1e-12)
+    # The kernel's statistic against the closed form's, directly.
+    norm = model[1] if layer_norm_2d else model[1].norm
+    a = torch.randn(2, 4, 8, 8, dtype=torch.float64).requires_grad_()
+    settings = _intercepts.normalisation_settings(norm)
+    if layer_norm_2d:
+        y = norm(a)
+        rstd = _intercepts.saved_layer_norm_rstd(settings, y)
+        reference = _intercepts.normalisation_parts(settings, a, y, norm.bias)
+    else:
+        tokens = a.permute(0, 2, 3, 1)
+        y = norm(tokens)
+        rstd = _intercepts.saved_layer_norm_rstd(settings, y)
+        reference = _intercepts.normalisation_parts(settings, tokens, y, norm.bias)
+    assert rstd is not None
+    shrink = _intercepts.normalisation_parts(settings, a, y, norm.bias, rstd=rstd)[2]
+    torch.testing.assert_close(shrink, reference[2], rtol=1e-14, atol=0)
