@@ -92,6 +92,9 @@ class MapCollector:
         self._groups: Optional[List[Tensor]] = None
         self.mapped_sources: List[BiasSource] = []
 
+    # The replay need not call on_source per step: this collector reads nothing there.
+    wants_sources = False
+
     def on_source(self, source: BiasSource) -> None:
         pass
 

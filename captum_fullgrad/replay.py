@@ -179,6 +179,18 @@ class CapturePlan:
         # removed later may add or remove an operation, so the plan would not fit.
         self.hooks_at: Tuple[Any, ...] = tuple(_hook_key(m) for m in calls)
         self.global_hooks = _global_hook_key()
+        # What the replay's forward hook reads for call ``k``, in one tuple (it runs for
+        # every module call, so its host time counts): the module, its hooks, its step, its
+        # bias flag and its region boundary.
+        self.entries: Tuple[Tuple[Any, Any, Optional[int], Optional[bool], Any], ...] = tuple(
+            zip(
+                self.calls,
+                self.hooks_at,
+                self.step_at,
+                self.had_bias,
+                (self.boundary_returns.get(k) for k in range(len(self.calls))),
+            )
+        )
         # Each Conv/Linear step's source as last built: its intercept is the bias parameter
         # itself, so in-place changes are seen through it.
         self._sources: List[Optional[BiasSource]] = [None] * len(self.steps)
@@ -520,6 +532,8 @@ class Replay:
         self._hooks: List[Any] = []
         self._next = 0
         self._started = 0
+        # A collector that ignores on_source (the eq. 4 collector) is not called per step.
+        self._sources_wanted = getattr(collector, "wants_sources", True)
         self._linear_parts: Dict[int, Tensor] = {}
         # Region boundaries of this pass: per open call (by start), the autograd nodes of
         # its input copies; per finished call, those and its outputs' nodes (the guard's
@@ -670,8 +684,23 @@ class Replay:
         self._next = k + 1
         if not self.matched:
             return None
-        self._observe(k, module, args, output)
-        boundary = self.plan.boundary_returns.get(k)
+        entries = self.plan.entries
+        if k >= len(entries):
+            self.matched = False
+            return None
+        call, hooks_at, index, had_bias, boundary = entries[k]
+        if call() is not module:
+            self.matched = False
+            return None
+        if (
+            module._forward_hooks or module._forward_pre_hooks or hooks_at is not None
+        ) and _hook_key(module) != hooks_at:
+            self.matched = False  # a user hook added or removed: it may add an operation
+            return None
+        if index is not None:
+            self._observe(index, module, args, output)
+        elif had_bias is not None and (getattr(module, "bias", None) is not None) != had_bias:
+            self.matched = False  # a bias added to (or removed from) a planned layer
         if boundary is None or not self.matched:
             return None
         start, weight = boundary
@@ -691,23 +720,9 @@ class Replay:
         )
         return self._cross(output, weight, [])
 
-    def _observe(self, k: int, module: nn.Module, args: Any, output: Any) -> None:
-        """Check call ``k`` against the plan and hook its step's source, if it has one."""
+    def _observe(self, index: int, module: nn.Module, args: Any, output: Any) -> None:
+        """Check the output of the call that makes step ``index`` and hook its source."""
         plan = self.plan
-        if k >= len(plan.calls) or plan.calls[k]() is not module:
-            self.matched = False
-            return
-        if (
-            module._forward_hooks or module._forward_pre_hooks or plan.hooks_at[k] is not None
-        ) and _hook_key(module) != plan.hooks_at[k]:
-            self.matched = False  # a user hook added or removed: it may add an operation
-            return
-        index = plan.step_at[k]
-        if index is None:
-            had_bias = plan.had_bias[k]
-            if had_bias is not None and (getattr(module, "bias", None) is not None) != had_bias:
-                self.matched = False  # a bias added to (or removed from) a planned layer
-            return
         step = plan.steps[index]
         if not isinstance(output, Tensor) or output.shape != step.shape or not output.requires_grad:
             self.matched = False
@@ -781,10 +796,11 @@ class Replay:
                 return
             source = planned_source
         self.sources.append(source)
-        intercept = source.intercept
-        intercept.output = output
-        self.collector.on_source(source)
-        intercept.output = None
+        if self._sources_wanted:
+            intercept = source.intercept
+            intercept.output = output
+            self.collector.on_source(source)
+            intercept.output = None
         if step.folded_into is not None:
             return  # reduced with the BatchNorm that reads it
         on_gradient: Callable[[BiasSource, Tensor], None] = self.collector.on_gradient
