@@ -191,6 +191,13 @@ class BiasSource:
             reduce_dims = [d for d in range(grad.dim()) if d not in (0, channel_dim)]
             per_channel = grad.sum(reduce_dims) if reduce_dims else grad
             return per_channel @ self.intercept.channel_vector.to(grad.dtype)
+        shrunk = self.intercept.shrunk_output
+        if shrunk is not None and grad.dim() > 1:
+            # A normalisation over the last axis (a transformer's LayerNorm on tokens, which
+            # is not a spatial map): its channel sums without forming the dense intercept.
+            summed = _shrunk_channel_sum(grad, shrunk, grad.dim() - 1)
+            if summed is not None:
+                return summed.reshape(grad.shape[0], -1).sum(1)
         return self.bias_jacobian(grad).flatten(1).sum(1)
 
     def per_example_total(self, bias_jacobian: Tensor) -> Tensor:
