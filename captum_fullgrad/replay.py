@@ -203,48 +203,69 @@ class CapturePlan:
 
         Recomputed on every call from the modules' current statistics and parameters (a
         training-mode forward pass and writes through ``.data`` change them without a
-        version bump), in a few multi-tensor kernels rather than five per layer. ``None``
-        when a module is gone, training, or without running statistics or a folded bias.
+        version bump). The layers' vectors are concatenated into flat tensors, computed in
+        a handful of kernels and split into per-layer views: on the CPU a multi-tensor
+        kernel still dispatches once per tensor, so this costs about 15 dispatches instead
+        of 90. ``None`` when a module is gone, training, or without running statistics or
+        a folded bias.
         """
         steps = self._batch_norm_steps
         if not steps:
             return {}
         # Any: BatchNorm attributes read as tensors, not as Tensor | Module.
-        modules: List[Any] = [self.calls[self.step_call[i]]() for i in steps]
+        modules: List[Any] = []
         convs: List[Any] = []
-        for step, bn in zip(steps, modules):
-            if bn is None or bn.training or bn.running_mean is None or bn.running_var is None:
+        # The flat path's inputs, per layer: (running_var, running_mean, weight, bias, eps)
+        # and the folded convolutions' biases; ``flat`` while every layer is affine and
+        # every vector has the first one's dtype.
+        columns: List[List[Any]] = [[], [], [], [], []]
+        conv_biases: List[Tensor] = []
+        dtype = None
+        flat = True
+        calls, step_call, planned = self.calls, self.step_call, self.steps
+        for step in steps:
+            bn = calls[step_call[step]]()
+            if bn is None or bn.training:
                 return None
-            absorbs = self.steps[step].absorbs
-            conv = None if absorbs is None else self.calls[self.step_call[absorbs]]()
-            if absorbs is not None and (conv is None or conv.bias is None):
+            buffers, parameters = bn._buffers, bn._parameters
+            var, mean = buffers.get("running_var"), buffers.get("running_mean")
+            if var is None or mean is None:
                 return None
+            absorbs = planned[step].absorbs
+            conv = None
+            if absorbs is not None:
+                conv = calls[step_call[absorbs]]()
+                conv_bias = None if conv is None else conv._parameters.get("bias")
+                if conv_bias is None:
+                    return None
+                conv_biases.append(conv_bias)
+                flat = flat and conv_bias.dtype is var.dtype
+            modules.append(bn)
             convs.append(conv)
+            if flat:
+                weight, bias = parameters.get("weight"), parameters.get("bias")
+                if dtype is None:
+                    dtype = var.dtype
+                flat = (
+                    weight is not None
+                    and bias is not None
+                    and var.dtype is dtype
+                    and mean.dtype is dtype
+                    and weight.dtype is dtype
+                    and bias.dtype is dtype
+                )
+                for column, value in zip(columns, (var, mean, weight, bias, bn.eps)):
+                    column.append(value)
         with torch.no_grad():
-            # scale = gamma / sqrt(var + eps); effective bias = beta - mean * scale (seed 3.2)
-            scales = list(
-                torch._foreach_add(
-                    [bn.running_var for bn in modules], [float(bn.eps) for bn in modules]
-                )
-            )
-            torch._foreach_rsqrt_(scales)
-            _foreach_pairs(torch._foreach_mul_, scales, [bn.weight for bn in modules])
-            effective = list(torch._foreach_mul([bn.running_mean for bn in modules], scales))
-            torch._foreach_neg_(effective)
-            _foreach_pairs(torch._foreach_add_, effective, [bn.bias for bn in modules])
-            folded: List[Optional[Tensor]] = [None] * len(steps)
-            blocks: List[Optional[Tensor]] = [None] * len(steps)
-            with_conv = [i for i, conv in enumerate(convs) if conv is not None]
-            if with_conv:
-                products = torch._foreach_mul(
-                    [convs[i].bias for i in with_conv], [scales[i] for i in with_conv]
-                )
-                sums = torch._foreach_add([effective[i] for i in with_conv], products)
-                for i, product, total in zip(with_conv, products, sums):
-                    folded[i], blocks[i] = product, total
-        return {
-            step: (scales[i], effective[i], folded[i], blocks[i]) for i, step in enumerate(steps)
-        }
+            vectors = None
+            if flat:
+                try:
+                    vectors = _flat_batch_norm_vectors(columns, conv_biases, convs)
+                except RuntimeError:  # vectors on several devices: per-layer kernels
+                    vectors = None
+            if vectors is None:
+                vectors = _foreach_batch_norm_vectors(modules, convs)
+        return dict(zip(steps, vectors))
 
     @classmethod
     def record(cls, capture: Optional[Recorder]) -> Optional["CapturePlan"]:
@@ -349,6 +370,65 @@ def _foreach_pairs(
     pairs = [(t, o) for t, o in zip(tensors, others) if o is not None]
     if pairs:
         op([t for t, _ in pairs], [o for _, o in pairs])
+
+
+def _flat_batch_norm_vectors(
+    columns: List[List[Any]], conv_biases: List[Tensor], convs: List[Any]
+) -> List[Tuple[Optional[Tensor], ...]]:
+    """:meth:`CapturePlan.batch_norm_vectors` on concatenated vectors (one dtype, affine)."""
+    running_var, running_mean, weights, biases, eps = columns
+    sizes = [t.shape[0] for t in running_var]
+    # scale = gamma / sqrt(var + eps); effective bias = beta - mean * scale (seed 3.2)
+    scale = torch.cat(running_var)
+    if eps.count(eps[0]) == len(eps):
+        scale.add_(float(eps[0]))
+    else:
+        per_layer = torch.tensor([float(e) for e in eps], dtype=scale.dtype, device=scale.device)
+        scale.add_(per_layer.repeat_interleave(torch.tensor(sizes, device=scale.device)))
+    scale.rsqrt_().mul_(torch.cat(weights))
+    effective = torch.cat(biases).addcmul_(torch.cat(running_mean), scale, value=-1)
+    scales = torch.split_with_sizes(scale, sizes)
+    effectives = torch.split_with_sizes(effective, sizes)
+    folded: Sequence[Optional[Tensor]] = [None] * len(sizes)
+    blocks: Sequence[Optional[Tensor]] = [None] * len(sizes)
+    if len(conv_biases) == len(sizes):
+        product = torch.cat(conv_biases).mul_(scale)
+        folded = torch.split_with_sizes(product, sizes)
+        blocks = torch.split_with_sizes(product.add(effective), sizes)
+    elif conv_biases:
+        with_conv = [i for i, conv in enumerate(convs) if conv is not None]
+        products = torch._foreach_mul(conv_biases, [scales[i] for i in with_conv])
+        sums = torch._foreach_add([effectives[i] for i in with_conv], products)
+        folded, blocks = list(folded), list(blocks)
+        for i, product_i, total in zip(with_conv, products, sums):
+            folded[i], blocks[i] = product_i, total
+    return list(zip(scales, effectives, folded, blocks))
+
+
+def _foreach_batch_norm_vectors(
+    modules: List[Any], convs: List[Any]
+) -> List[Tuple[Optional[Tensor], ...]]:
+    """The same vectors in multi-tensor kernels, one list entry per layer (non-affine layers,
+    mixed dtypes or devices)."""
+    scales = list(
+        torch._foreach_add([bn.running_var for bn in modules], [float(bn.eps) for bn in modules])
+    )
+    torch._foreach_rsqrt_(scales)
+    _foreach_pairs(torch._foreach_mul_, scales, [bn.weight for bn in modules])
+    effective = list(torch._foreach_mul([bn.running_mean for bn in modules], scales))
+    torch._foreach_neg_(effective)
+    _foreach_pairs(torch._foreach_add_, effective, [bn.bias for bn in modules])
+    folded: List[Optional[Tensor]] = [None] * len(modules)
+    blocks: List[Optional[Tensor]] = [None] * len(modules)
+    with_conv = [i for i, conv in enumerate(convs) if conv is not None]
+    if with_conv:
+        products = torch._foreach_mul(
+            [convs[i].bias for i in with_conv], [scales[i] for i in with_conv]
+        )
+        sums = torch._foreach_add([effective[i] for i in with_conv], products)
+        for i, product, total in zip(with_conv, products, sums):
+            folded[i], blocks[i] = product, total
+    return list(zip(scales, effective, folded, blocks))
 
 
 def _hook_key(module: nn.Module) -> Any:
