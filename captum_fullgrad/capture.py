@@ -186,7 +186,9 @@ class BiasSource:
             channel_dim = self.intercept.channel_dim
             reduce_dims = [d for d in range(grad.dim()) if d not in (0, channel_dim)]
             per_channel = grad.sum(reduce_dims) if reduce_dims else grad
-            return per_channel @ self.intercept.channel_vector.to(grad.dtype)
+            vector = self.intercept.channel_vector
+            # ``Tensor.to`` costs a dispatch even when the dtype is the same.
+            return per_channel @ (vector if vector.dtype == grad.dtype else vector.to(grad.dtype))
         return self.bias_jacobian(grad).flatten(1).sum(1)
 
     def per_example_total(self, bias_jacobian: Tensor) -> Tensor:
@@ -201,12 +203,13 @@ class BiasSource:
 
         ``include_folded`` adds a folded convolution's share (see :attr:`folded_vector`).
         """
-        assert self.channel_dim is not None
-        if (
-            self.intercept.channel_vector is not None
-            and self.intercept.channel_dim == self.channel_dim
-        ):
-            vector = self.intercept.channel_vector
+        channel_dim = self.channel_dim
+        assert channel_dim is not None
+        intercept = self.intercept
+        vector = intercept.channel_vector
+        if vector is not None and intercept.channel_dim == channel_dim:
+            # The common case (every conv, linear and BatchNorm layer, once per layer and
+            # call): its host time matters at small batches, so checks come cheapest first.
             if include_folded and self.folded_vector is not None:
                 vector = (
                     self.block_vector
@@ -218,16 +221,29 @@ class BiasSource:
             # the reduction itself.
             if vector.dtype != grad.dtype:
                 vector = vector.to(grad.dtype)
-            if self.channel_dim == grad.dim() - 1:
+            shape = grad.shape
+            rank = len(shape)
+            if channel_dim == rank - 1:
                 return grad @ vector
+            if channel_dim == 1 and grad.is_contiguous():
+                if shape[0] == 1:
+                    # One example: a matrix-vector product on the (positions, C) view
+                    # dispatches less than matmul's batched broadcast (host time is what
+                    # counts at batch 1).
+                    positions = grad.numel() // shape[1]
+                    rows = grad.as_strided((positions, shape[1]), (1, positions))
+                    return torch.mv(rows, vector).view(1, *shape[2:])
+                # Contract the channel axis without materialising grad * bias.
+                return torch.matmul(vector, grad.view(shape[0], shape[1], -1)).view(
+                    shape[0], *shape[2:]
+                )
             if not grad.is_contiguous():
                 # Channels-last memory (a model in torch.channels_last): contract the
                 # channel axis where it is stored last, instead of copying to NCHW.
-                moved = grad.movedim(self.channel_dim, -1)
+                moved = grad.movedim(channel_dim, -1)
                 if moved.is_contiguous():
                     return moved @ vector
-            # Contract the channel axis without materialising grad * bias.
-            return torch.matmul(vector, grad.flatten(2)).view(grad.shape[0], *grad.shape[2:])
+            return torch.matmul(vector, grad.flatten(2)).view(shape[0], *shape[2:])
         negated = self.intercept.negated_output
         if negated is not None:
             # -sum_c g*y: the sign on the summed map, not on a full-size tensor (exact).
