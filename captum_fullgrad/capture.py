@@ -164,16 +164,7 @@ class BiasSource:
             return grad * _intercepts.shrunk_intercept(*shrunk).to(grad.dtype)
         pair = self.intercept.backward_pair
         if pair is not None:
-            # An element-wise op (diagonal J): g * (y - J a) = g * y - (J^T g) * a.
-            y, input_grad, a = pair
-            dtype = grad.dtype
-            if a is None:
-                # Gated (hardtanh): J^T g is g or 0 exactly, and y = a where it is g, so
-                # g * y - (J^T g) * a = (g - J^T g) * y, bit for bit, in two passes.
-                return torch.sub(grad, input_grad.to(dtype)).mul_(y.to(dtype))
-            # One full-size temporary: on the CPU each fresh one costs page faults.
-            product = grad * y.to(dtype)
-            return product.addcmul_(input_grad.to(dtype), a.to(dtype), value=-1)
+            return _pair_term(grad, *pair)
         return grad * self.broadcast_intercept().to(grad.dtype)
 
     def per_example_sum(self, grad: Tensor) -> Tensor:
@@ -244,16 +235,69 @@ class BiasSource:
                 if moved.is_contiguous():
                     return moved @ vector
             return torch.matmul(vector, grad.flatten(2)).view(shape[0], *shape[2:])
-        negated = self.intercept.negated_output
+        negated = intercept.negated_output
         if negated is not None:
             # -sum_c g*y: the sign on the summed map, not on a full-size tensor (exact).
-            return torch.mul(grad, negated.to(grad.dtype)).sum(self.channel_dim).neg_()
-        shrunk = self.intercept.shrunk_output
+            return _sliced_channel_sum(_product, (grad, negated), channel_dim).neg_()
+        pair = intercept.backward_pair
+        if pair is not None:
+            return _sliced_channel_sum(_pair_term, (grad, *pair), channel_dim)
+        shrunk = intercept.shrunk_output
         if shrunk is not None:
-            summed = _shrunk_channel_sum(grad, shrunk, self.channel_dim)
+            summed = _shrunk_channel_sum(grad, shrunk, channel_dim)
             if summed is not None:
                 return summed
-        return self.bias_jacobian(grad).sum(self.channel_dim)
+        return self.bias_jacobian(grad).sum(channel_dim)
+
+
+def _pair_term(grad: Tensor, y: Tensor, input_grad: Tensor, a: Optional[Tensor]) -> Tensor:
+    """An element-wise op's bias-Jacobian from its backward pass (diagonal J):
+    ``g * (y - J a) = g * y - (J^T g) * a``."""
+    dtype = grad.dtype
+    if a is None:
+        # Gated (hardtanh): J^T g is g or 0 exactly, and y = a where it is g, so
+        # g * y - (J^T g) * a = (g - J^T g) * y, bit for bit, in two passes.
+        return torch.sub(grad, input_grad.to(dtype)).mul_(y.to(dtype))
+    # One full-size temporary: on the CPU each fresh one costs page faults.
+    product = grad * y.to(dtype)
+    return product.addcmul_(input_grad.to(dtype), a.to(dtype), value=-1)
+
+
+def _product(grad: Tensor, y: Tensor) -> Tensor:
+    return torch.mul(grad, y.to(grad.dtype))
+
+
+# Above this many elements an element-wise term is formed and channel-summed a few
+# examples at a time (8 MB of float32 per slice): its full-size temporary would otherwise
+# add an activation-sized block to the backward pass's peak memory.
+_SLICE_ELEMENTS = 1 << 21
+
+
+def _sliced_channel_sum(
+    term: Callable[..., Tensor], operands: Tuple[Optional[Tensor], ...], channel_dim: int
+) -> Tensor:
+    """``term(*operands).sum(channel_dim)``, formed over slices of the leading axis when the
+    operands are large and all shaped like the gradient ``operands[0]`` (each position's
+    channel sum is the same either way: the slices only split the other axes)."""
+    grad = operands[0]
+    assert grad is not None
+    count = grad.shape[0] if grad.dim() > 1 else 0
+    total = grad.numel()
+    if (
+        total <= _SLICE_ELEMENTS
+        or count < 2
+        or channel_dim % grad.dim() == 0
+        or any(t is not None and t.shape != grad.shape for t in operands)
+    ):
+        return term(*operands).sum(channel_dim)
+    step = max(1, _SLICE_ELEMENTS // (total // count))
+    if step >= count:
+        return term(*operands).sum(channel_dim)
+    parts = [
+        term(*(None if t is None else t[start : start + step] for t in operands)).sum(channel_dim)
+        for start in range(0, count, step)
+    ]
+    return torch.cat(parts)
 
 
 def _shrunk_channel_sum(
