@@ -238,10 +238,15 @@ class BiasSource:
         negated = intercept.negated_output
         if negated is not None:
             # -sum_c g*y: the sign on the summed map, not on a full-size tensor (exact).
-            return _sliced_channel_sum(_product, (grad, negated), channel_dim).neg_()
+            step = _slice_step(grad, (negated,), channel_dim)
+            if step is None:
+                return torch.mul(grad, negated.to(grad.dtype)).sum(channel_dim).neg_()
+            return _sliced_channel_sum(_product, (grad, negated), channel_dim, step).neg_()
         pair = intercept.backward_pair
         if pair is not None:
-            return _sliced_channel_sum(_pair_term, (grad, *pair), channel_dim)
+            step = _slice_step(grad, pair, channel_dim)
+            if step is not None:
+                return _sliced_channel_sum(_pair_term, (grad, *pair), channel_dim, step)
         shrunk = intercept.shrunk_output
         if shrunk is not None:
             summed = _shrunk_channel_sum(grad, shrunk, channel_dim)
@@ -273,26 +278,37 @@ def _product(grad: Tensor, y: Tensor) -> Tensor:
 _SLICE_ELEMENTS = 1 << 21
 
 
-def _sliced_channel_sum(
-    term: Callable[..., Tensor], operands: Tuple[Optional[Tensor], ...], channel_dim: int
-) -> Tensor:
-    """``term(*operands).sum(channel_dim)``, formed over slices of the leading axis when the
-    operands are large and all shaped like the gradient ``operands[0]`` (each position's
-    channel sum is the same either way: the slices only split the other axes)."""
-    grad = operands[0]
-    assert grad is not None
+def _slice_step(
+    grad: Tensor, others: Tuple[Optional[Tensor], ...], channel_dim: int
+) -> Optional[int]:
+    """How many entries of the leading axis an element-wise term of ``grad`` and ``others``
+    is formed for at a time, or ``None`` for all at once: a small term, a single entry, or
+    operands not all shaped like ``grad``."""
     count = grad.shape[0] if grad.dim() > 1 else 0
     total = grad.numel()
     if (
         total <= _SLICE_ELEMENTS
         or count < 2
         or channel_dim % grad.dim() == 0
-        or any(t is not None and t.shape != grad.shape for t in operands)
+        or any(t is not None and t.shape != grad.shape for t in others)
     ):
-        return term(*operands).sum(channel_dim)
+        return None
     step = max(1, _SLICE_ELEMENTS // (total // count))
-    if step >= count:
-        return term(*operands).sum(channel_dim)
+    return step if step < count else None
+
+
+def _sliced_channel_sum(
+    term: Callable[..., Tensor],
+    operands: Tuple[Optional[Tensor], ...],
+    channel_dim: int,
+    step: int,
+) -> Tensor:
+    """``term(*operands).sum(channel_dim)`` formed ``step`` entries of the leading axis at a
+    time (each position's channel sum is the same either way: the slices only split the
+    other axes)."""
+    first = operands[0]
+    assert first is not None
+    count = first.shape[0]
     parts = [
         term(*(None if t is None else t[start : start + step] for t in operands)).sum(channel_dim)
         for start in range(0, count, step)
