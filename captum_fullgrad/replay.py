@@ -206,13 +206,13 @@ class CapturePlan:
     def batch_norm_vectors(self) -> Optional[Dict[int, Tuple[Optional[Tensor], ...]]]:
         """Every BatchNorm step's (scale, effective bias, folded conv bias, block vector).
 
-        Recomputed on every call from the modules' current statistics and parameters (a
+        The modules' current statistics and parameters are read on every call (a
         training-mode forward pass and writes through ``.data`` change them without a
-        version bump). The layers' vectors are concatenated into flat tensors, computed in
-        a handful of kernels and split into per-layer views: on the CPU a multi-tensor
-        kernel still dispatches once per tensor, so this costs about 15 dispatches instead
-        of 90. ``None`` when a module is gone, training, or without running statistics or
-        a folded bias.
+        version bump), concatenated into one flat tensor; equal to the last call's, they
+        give the last call's vectors, otherwise the vectors are computed from it in a
+        handful of kernels and split into per-layer views (on the CPU a multi-tensor
+        kernel still dispatches once per tensor: 90 dispatches for 13 layers). ``None``
+        when a module is gone, training, or without running statistics or a folded bias.
         """
         steps = self._batch_norm_steps
         if not steps:
