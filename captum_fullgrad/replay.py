@@ -274,12 +274,15 @@ class CapturePlan:
             # The current values, all of them, in one tensor: when they equal the last
             # call's exactly (the usual case between training steps), so do the vectors.
             # Comparing values, not versions, sees every change (a training forward pass
-            # and ``.data`` writes bump no version).
+            # and ``.data`` writes bump no version). Only on the CPU: on an accelerator the
+            # comparison's answer would wait for the device (a synchronisation per call),
+            # and the kernels are launched without waiting.
             sizes = tuple(t.shape[0] for t in columns[0])
             key = (sizes, tuple(columns[4]), tuple(conv is not None for conv in convs))
             last = self._last_batch_norm_vectors
             if (
                 last is not None
+                and inputs.device.type == "cpu"
                 and last[0] == key
                 and last[1].dtype == inputs.dtype
                 and last[1].device == inputs.device
