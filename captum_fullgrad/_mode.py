@@ -114,11 +114,18 @@ def check_mode(model: Any, *, method: str) -> None:
 
 def _any_training(root: nn.Module) -> bool:
     # An explicit walk over ``_modules``: ``Module.modules()`` builds a memo set and nested
-    # generators, a measurable share of a small model's attribution time.
-    stack = [root]
+    # generators, a measurable share of a small model's attribution time. It runs on every
+    # call (a flag or a submodule may change between calls), so it stays lean: children
+    # are pushed in one ``extend`` and a registered ``None`` child is skipped when popped.
+    stack: List[Optional[nn.Module]] = [root]
+    pop, extend = stack.pop, stack.extend
     while stack:
-        module = stack.pop()
+        module = pop()
+        if module is None:
+            continue
         if module.training:
             return True
-        stack.extend(m for m in module._modules.values() if m is not None)
+        children = module._modules
+        if children:
+            extend(children.values())
     return False

@@ -50,11 +50,6 @@ _EPS = 1e-6
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    # Half-precision gradients (autocast) are reduced in float32.
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 def minmax_rescale(t: Tensor) -> Tensor:
     """The authors' per-example rescale ``(t - min) / (max(t - min) + 1e-6)`` (all but dim 0)."""
     flat = t.flatten(1)
@@ -104,12 +99,13 @@ class MapCollector:
         self._other_sum = per_example if self._other_sum is None else self._other_sum + per_example
 
     def on_gradient(self, source: BiasSource, grad: Tensor) -> None:
-        if _autocast_enabled(grad.device.type):
+        # Entering an autocast context costs more host time than the reduction of a small
+        # layer, and asking whether one is active for the gradient's device costs several
+        # microseconds per layer: ask first whether any is (one call into C).
+        if _any_autocast_enabled() and _autocast_enabled(grad.device.type):
             with torch.autocast(grad.device.type, enabled=False):
                 self._reduce(source, grad)
         else:
-            # Entering an autocast context costs more host time than the reduction of a
-            # small layer; only do it when a caller's autocast is active.
             self._reduce(source, grad)
 
     def _reduce(self, source: BiasSource, grad: Tensor) -> None:
@@ -121,22 +117,23 @@ class MapCollector:
             if summed.dtype in _HALF:
                 summed = summed.float()
             key = source.block
-            self.block_maps[key] = (
-                self.block_maps[key] + summed if key in self.block_maps else summed
-            )
+            block_maps = self.block_maps
+            previous = block_maps.get(key)
+            block_maps[key] = summed if previous is None else previous + summed
             self._groups = None
-        else:
-            grad = grad.to(_accumulation_dtype(grad.dtype))
-            contribution = source.per_example_sum(grad)
-            self._other_sum = (
-                contribution if self._other_sum is None else self._other_sum + contribution
-            )
-            if in_map:
-                bias_jacobian = source.bias_jacobian(grad)
-                rescaled = minmax_rescale(bias_jacobian.abs()).sum(source.channel_dim)
-                # Authors' code: one map per source, no conv-BN grouping.
-                self.block_maps[source.name] = rescaled
+            self.mapped_sources.append(source)
+            return
+        if grad.dtype in _HALF:
+            grad = grad.float()  # half-precision gradients (autocast) reduced in float32
+        contribution = source.per_example_sum(grad)
+        self._other_sum = (
+            contribution if self._other_sum is None else self._other_sum + contribution
+        )
         if in_map:
+            bias_jacobian = source.bias_jacobian(grad)
+            rescaled = minmax_rescale(bias_jacobian.abs()).sum(source.channel_dim)
+            # Authors' code: one map per source, no conv-BN grouping.
+            self.block_maps[source.name] = rescaled
             self.mapped_sources.append(source)
 
     def _grouped(self) -> List[Tensor]:
@@ -181,12 +178,19 @@ class MapCollector:
             align_corners = None
         total: Optional[Tensor] = None
         for stacked in self._grouped():
-            summed = stacked.abs().sum(1, keepdim=True)
+            # A resolution of one block needs no sum over blocks.
+            summed = stacked.abs() if stacked.shape[1] == 1 else stacked.abs().sum(1, keepdim=True)
             if tuple(summed.shape[2:]) != size:
                 summed = F.interpolate(summed, size=size, mode=mode, align_corners=align_corners)
-            total = summed if total is None else total + summed
+            # ``total`` is a fresh tensor of this call (an absolute value or a resize).
+            total = summed if total is None else total.add_(summed)
         assert total is not None
         return total[:, 0]
+
+
+_any_autocast_enabled: Callable[[], bool] = getattr(
+    torch._C, "_is_any_autocast_enabled", lambda: True
+)
 
 
 def _autocast_enabled(device_type: str) -> bool:

@@ -168,16 +168,7 @@ class BiasSource:
             return grad * _intercepts.shrunk_intercept(*shrunk).to(grad.dtype)
         pair = self.intercept.backward_pair
         if pair is not None:
-            # An element-wise op (diagonal J): g * (y - J a) = g * y - (J^T g) * a.
-            y, input_grad, a = pair
-            dtype = grad.dtype
-            if a is None:
-                # Gated (hardtanh): J^T g is g or 0 exactly, and y = a where it is g, so
-                # g * y - (J^T g) * a = (g - J^T g) * y, bit for bit, in two passes.
-                return torch.sub(grad, input_grad.to(dtype)).mul_(y.to(dtype))
-            # One full-size temporary: on the CPU each fresh one costs page faults.
-            product = grad * y.to(dtype)
-            return product.addcmul_(input_grad.to(dtype), a.to(dtype), value=-1)
+            return _pair_term(grad, *pair)
         return grad * self.broadcast_intercept().to(grad.dtype)
 
     def per_example_sum(self, grad: Tensor) -> Tensor:
@@ -190,7 +181,9 @@ class BiasSource:
             channel_dim = self.intercept.channel_dim
             reduce_dims = [d for d in range(grad.dim()) if d not in (0, channel_dim)]
             per_channel = grad.sum(reduce_dims) if reduce_dims else grad
-            return per_channel @ self.intercept.channel_vector.to(grad.dtype)
+            vector = self.intercept.channel_vector
+            # ``Tensor.to`` costs a dispatch even when the dtype is the same.
+            return per_channel @ (vector if vector.dtype == grad.dtype else vector.to(grad.dtype))
         shrunk = self.intercept.shrunk_output
         if shrunk is not None and grad.dim() > 1:
             # A normalisation over the last axis (a transformer's LayerNorm on tokens, which
@@ -212,12 +205,13 @@ class BiasSource:
 
         ``include_folded`` adds a folded convolution's share (see :attr:`folded_vector`).
         """
-        assert self.channel_dim is not None
-        if (
-            self.intercept.channel_vector is not None
-            and self.intercept.channel_dim == self.channel_dim
-        ):
-            vector = self.intercept.channel_vector
+        channel_dim = self.channel_dim
+        assert channel_dim is not None
+        intercept = self.intercept
+        vector = intercept.channel_vector
+        if vector is not None and intercept.channel_dim == channel_dim:
+            # The common case (every conv, linear and BatchNorm layer, once per layer and
+            # call): its host time matters at small batches, so checks come cheapest first.
             if include_folded and self.folded_vector is not None:
                 vector = (
                     self.block_vector
@@ -229,26 +223,108 @@ class BiasSource:
             # the reduction itself.
             if vector.dtype != grad.dtype:
                 vector = vector.to(grad.dtype)
-            if self.channel_dim == grad.dim() - 1:
+            shape = grad.shape
+            rank = len(shape)
+            if channel_dim == rank - 1:
                 return grad @ vector
+            if channel_dim == 1 and grad.is_contiguous():
+                if shape[0] == 1:
+                    # One example: a matrix-vector product on the (positions, C) view
+                    # dispatches less than matmul's batched broadcast (host time is what
+                    # counts at batch 1).
+                    positions = grad.numel() // shape[1]
+                    rows = grad.as_strided((positions, shape[1]), (1, positions))
+                    return torch.mv(rows, vector).view(1, *shape[2:])
+                # Contract the channel axis without materialising grad * bias.
+                return torch.matmul(vector, grad.view(shape[0], shape[1], -1)).view(
+                    shape[0], *shape[2:]
+                )
             if not grad.is_contiguous():
                 # Channels-last memory (a model in torch.channels_last): contract the
                 # channel axis where it is stored last, instead of copying to NCHW.
-                moved = grad.movedim(self.channel_dim, -1)
+                moved = grad.movedim(channel_dim, -1)
                 if moved.is_contiguous():
                     return moved @ vector
-            # Contract the channel axis without materialising grad * bias.
-            return torch.matmul(vector, grad.flatten(2)).view(grad.shape[0], *grad.shape[2:])
-        negated = self.intercept.negated_output
+            return torch.matmul(vector, grad.flatten(2)).view(shape[0], *shape[2:])
+        negated = intercept.negated_output
         if negated is not None:
             # -sum_c g*y: the sign on the summed map, not on a full-size tensor (exact).
-            return torch.mul(grad, negated.to(grad.dtype)).sum(self.channel_dim).neg_()
-        shrunk = self.intercept.shrunk_output
+            step = _slice_step(grad, (negated,), channel_dim)
+            if step is None:
+                return torch.mul(grad, negated.to(grad.dtype)).sum(channel_dim).neg_()
+            return _sliced_channel_sum(_product, (grad, negated), channel_dim, step).neg_()
+        pair = intercept.backward_pair
+        if pair is not None:
+            step = _slice_step(grad, pair, channel_dim)
+            if step is not None:
+                return _sliced_channel_sum(_pair_term, (grad, *pair), channel_dim, step)
+        shrunk = intercept.shrunk_output
         if shrunk is not None:
-            summed = _shrunk_channel_sum(grad, shrunk, self.channel_dim)
+            summed = _shrunk_channel_sum(grad, shrunk, channel_dim)
             if summed is not None:
                 return summed
-        return self.bias_jacobian(grad).sum(self.channel_dim)
+        return self.bias_jacobian(grad).sum(channel_dim)
+
+
+def _pair_term(grad: Tensor, y: Tensor, input_grad: Tensor, a: Optional[Tensor]) -> Tensor:
+    """An element-wise op's bias-Jacobian from its backward pass (diagonal J):
+    ``g * (y - J a) = g * y - (J^T g) * a``."""
+    dtype = grad.dtype
+    if a is None:
+        # Gated (hardtanh): J^T g is g or 0 exactly, and y = a where it is g, so
+        # g * y - (J^T g) * a = (g - J^T g) * y, bit for bit, in two passes.
+        return torch.sub(grad, input_grad.to(dtype)).mul_(y.to(dtype))
+    # One full-size temporary: on the CPU each fresh one costs page faults.
+    product = grad * y.to(dtype)
+    return product.addcmul_(input_grad.to(dtype), a.to(dtype), value=-1)
+
+
+def _product(grad: Tensor, y: Tensor) -> Tensor:
+    return torch.mul(grad, y.to(grad.dtype))
+
+
+# Above this many elements an element-wise term is formed and channel-summed a few
+# examples at a time (8 MB of float32 per slice): its full-size temporary would otherwise
+# add an activation-sized block to the backward pass's peak memory.
+_SLICE_ELEMENTS = 1 << 21
+
+
+def _slice_step(
+    grad: Tensor, others: Tuple[Optional[Tensor], ...], channel_dim: int
+) -> Optional[int]:
+    """How many entries of the leading axis an element-wise term of ``grad`` and ``others``
+    is formed for at a time, or ``None`` for all at once: a small term, a single entry, or
+    operands not all shaped like ``grad``."""
+    count = grad.shape[0] if grad.dim() > 1 else 0
+    total = grad.numel()
+    if (
+        total <= _SLICE_ELEMENTS
+        or count < 2
+        or channel_dim % grad.dim() == 0
+        or any(t is not None and t.shape != grad.shape for t in others)
+    ):
+        return None
+    step = max(1, _SLICE_ELEMENTS // (total // count))
+    return step if step < count else None
+
+
+def _sliced_channel_sum(
+    term: Callable[..., Tensor],
+    operands: Tuple[Optional[Tensor], ...],
+    channel_dim: int,
+    step: int,
+) -> Tensor:
+    """``term(*operands).sum(channel_dim)`` formed ``step`` entries of the leading axis at a
+    time (each position's channel sum is the same either way: the slices only split the
+    other axes)."""
+    first = operands[0]
+    assert first is not None
+    count = first.shape[0]
+    parts = [
+        term(*(None if t is None else t[start : start + step] for t in operands)).sum(channel_dim)
+        for start in range(0, count, step)
+    ]
+    return torch.cat(parts)
 
 
 def _shrunk_channel_sum(

@@ -17,10 +17,9 @@ from .aggregation import (
     POSTPROCESS_MODES,
     SIGNED,
     MapCollector,
-    input_term_map,
     interpolation_mode,
+    minmax_rescale,
     signed_bias_attribution,
-    signed_input_term,
 )
 from .capture import BiasSource, forward_backward
 from .replay import CapturePlan, ReplayMismatch, call_signature, plans_for
@@ -320,13 +319,20 @@ class FullGradient(GradientAttribution):
         channel_dim = _validation.channel_axis(self.layout, x.dim())
 
         attributions = []
+        input_term: Optional[Tensor] = None
         for i, (gradient, copy) in enumerate(zip(gradients, copies)):
+            # grad_x f * x, once: the input part of eq. 4 and of eq. 1's sum (the delta).
+            product = gradient * copy
+            summed = product.flatten(1).sum(1)
+            input_term = summed if input_term is None else input_term + summed
             if not include_input_gradient:
                 part = torch.zeros_like(copy)
             elif postprocess == SIGNED:
-                part = signed_input_term(gradient, copy)
+                part = product
+            elif postprocess == NEURIPS2019:
+                part = minmax_rescale(product.abs())
             else:
-                part = input_term_map(gradient, copy, postprocess)
+                part = product.abs_()  # no longer needed signed: the delta's sum is taken
             if i == bias_input:
                 part = self._add_bias_part(
                     part,
@@ -342,11 +348,13 @@ class FullGradient(GradientAttribution):
 
         # Eq. 1's gap over every source, Captum's sign; in float32 at least (under
         # autocast the output is bf16/fp16, whose rounding would hide real gaps).
-        input_term = sum((g * c).flatten(1).sum(1) for g, c in zip(gradients, copies))
+        assert input_term is not None
         dtype = torch.promote_types(run.output.dtype, torch.float32)
+        claimed = _as_dtype(input_term, dtype)
         bias_sum = collector.bias_sum
-        claimed = input_term.to(dtype) + (bias_sum.to(dtype) if bias_sum is not None else 0)
-        delta = claimed - run.output.to(dtype)
+        if bias_sum is not None:
+            claimed = claimed + _as_dtype(bias_sum, dtype)
+        delta = claimed - _as_dtype(run.output, dtype)
         return attributions, delta.detach()
 
     def _add_bias_part(
@@ -369,7 +377,11 @@ class FullGradient(GradientAttribution):
         if bias_map is None:
             return part
         spread = (bias_map / part.shape[channel_dim]).unsqueeze(channel_dim)
-        return part + spread.to(part.dtype)
+        if spread.dtype != part.dtype:
+            spread = spread.to(part.dtype)
+        # ``part`` is this call's own fresh tensor (the input term's absolute value, its
+        # rescale, or zeros): add in place, one allocation fewer.
+        return part.add_(spread)
 
     def _layer_filter(self) -> Optional[Callable[[BiasSource], bool]]:
         if self.layers is None:
@@ -399,6 +411,11 @@ def _matches(source: BiasSource, layer: str) -> bool:
         or source.module == layer
         or source.module.startswith(layer + ".")
     )
+
+
+def _as_dtype(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    # ``Tensor.to`` costs a dispatch even when nothing changes.
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def _nonzero(point: Any) -> bool:

@@ -141,3 +141,19 @@ def test_every_registry_method_follows_the_policy(name):
     assert free.training
     if not method.stochastic:
         torch.testing.assert_close(in_training, method(free.eval(), x, target=1))
+
+
+def test_a_registered_none_child_is_walked_past():
+    """The per-call walk skips a ``None`` child (``register_module(name, None)``) and still
+    finds a training dropout behind it, deeper in the tree."""
+    from captum_fullgrad._mode import check_mode
+
+    inner = nn.Sequential(nn.Conv2d(3, 3, 1), nn.Dropout(0.5))
+    inner.register_module("absent", None)
+    model = nn.Sequential(inner, nn.ReLU())
+    model.register_module("also_absent", None)
+    model.eval()
+    check_mode(model, method="FullGradient")  # nothing training: no error
+    inner[1].train()
+    with pytest.raises(ValueError, match=r"0\.1 \(dropout with p=0.5\)"):
+        check_mode(model, method="FullGradient")

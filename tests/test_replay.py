@@ -898,3 +898,83 @@ def test_layer_norm_statistics_come_from_the_kernel(recorders, monkeypatch, laye
     assert rstd is not None
     shrink = _intercepts.normalisation_parts(settings, a, y, norm.bias, rstd=rstd)[2]
     torch.testing.assert_close(shrink, reference[2], rtol=1e-14, atol=0)
+
+
+# ------------------------------------------------- BatchNorm vectors on flat tensors
+
+
+def _mixed_batch_norms(kind: str) -> nn.Module:
+    """BatchNorms of different widths and eps, two folded into a convolution, one reading a
+    bias-free convolution, one reading a ReLU (the flat path's split and eps placement);
+    ``"all_folded"`` keeps the first two only, ``"non_affine"`` makes the last non-affine."""
+    affine_last = kind != "non_affine"
+    layers = [
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4, eps=1e-3),
+        nn.ReLU(),
+        nn.Conv2d(4, 6, 3, padding=1),
+        nn.BatchNorm2d(6, eps=0.1),
+        nn.ReLU(),
+        nn.Conv2d(6, 5, 3, padding=1, bias=False),
+        nn.BatchNorm2d(5),
+        nn.ReLU(),
+        nn.BatchNorm2d(5, eps=0.05, affine=affine_last),
+    ]
+    if kind == "all_folded":
+        layers = layers[:6]
+    width = [m for m in layers if isinstance(m, nn.BatchNorm2d)][-1].num_features
+    model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * width, 3))
+    return randomize_parameters_(model.double(), 0).eval()
+
+
+@pytest.mark.parametrize("kind", ["affine", "non_affine", "all_folded"])
+def test_flat_batch_norm_vectors_match_each_layers_formula(kind):
+    from captum_fullgrad.replay import _foreach_batch_norm_vectors
+
+    model = _mixed_batch_norms(kind)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    fullgrad = FullGradient(model)
+    _attribute(fullgrad, x, target=1)
+    plan = next(p for p in fullgrad._plans._plans.values() if p is not None)
+    vectors = plan.batch_norm_vectors()
+    assert vectors is not None and len(vectors) == (2 if kind == "all_folded" else 4)
+    steps = sorted(vectors)
+    modules = [plan.calls[plan.step_call[s]]() for s in steps]
+    convs = [
+        None
+        if plan.steps[s].absorbs is None
+        else plan.calls[plan.step_call[plan.steps[s].absorbs]]()
+        for s in steps
+    ]
+    assert [c is not None for c in convs] == [True, True, False, False][: len(steps)]
+    with torch.no_grad():
+        expected = _foreach_batch_norm_vectors(modules, convs)
+        for bn, conv, got, want in zip(modules, convs, (vectors[s] for s in steps), expected):
+            scale = (bn.running_var + bn.eps).rsqrt()
+            if bn.weight is not None:
+                scale = scale * bn.weight
+            effective = -bn.running_mean * scale
+            if bn.bias is not None:
+                effective = effective + bn.bias
+            assert [v is None for v in got] == [v is None for v in want]
+            torch.testing.assert_close(got[0], scale, rtol=1e-15, atol=0)
+            torch.testing.assert_close(got[1], effective, rtol=1e-15, atol=1e-16)
+            if conv is not None:
+                torch.testing.assert_close(got[2], conv.bias * scale, rtol=1e-15, atol=0)
+                torch.testing.assert_close(
+                    got[3], effective + conv.bias * scale, rtol=1e-14, atol=1e-16
+                )
+
+
+@pytest.mark.parametrize("kind", ["affine", "non_affine", "all_folded"])
+def test_mixed_batch_norms_replay_the_trace_after_a_training_step(kind):
+    model = _mixed_batch_norms(kind)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+
+    def train_step():
+        model.train()
+        model(torch.randn(4, 3, 8, 8, dtype=torch.float64) * 2 + 1)
+        model.eval()
+        model[4].weight.data.mul_(-1.5)  # a flat view's layer, written without a version bump
+
+    _replay_matches_trace(model, x, train_step)

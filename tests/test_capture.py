@@ -1,0 +1,110 @@
+"""BiasSource reductions: each fast path against the closed form ``sum_c df/dy * c`` (float64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from captum_fullgrad._intercepts import Intercept
+from captum_fullgrad.capture import BiasSource
+
+
+def _channel_source(shape, channel_dim, vector, folded=None, block=None) -> BiasSource:
+    source = BiasSource(
+        name="layer",
+        module="layer",
+        op="batch_norm",
+        index=0,
+        shape=torch.Size(shape),
+        channel_dim=channel_dim,
+        spatial=True,
+        block="layer",
+        intercept=Intercept(None, channel_vector=vector, channel_dim=channel_dim),
+    )
+    source.folded_vector, source.block_vector = folded, block
+    return source
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("memory", ["contiguous", "channels_last", "strided", "tokens"])
+def test_channel_summed_of_a_channel_vector_is_the_closed_form(batch, memory):
+    generator = torch.Generator().manual_seed(batch)
+    channels = 5
+    if memory == "tokens":  # (B, L, E): channels last, a plain product
+        grad = torch.randn(batch, 7, channels, dtype=torch.float64, generator=generator)
+        channel_dim = 2
+    else:
+        grad = torch.randn(batch, channels, 6, 4, dtype=torch.float64, generator=generator)
+        channel_dim = 1
+        if memory == "channels_last":
+            grad = grad.contiguous(memory_format=torch.channels_last)
+        elif memory == "strided":  # neither layout: every other column of a wider tensor
+            wide = torch.randn(batch, channels, 6, 8, dtype=torch.float64, generator=generator)
+            grad = wide[..., ::2]
+    vector = torch.randn(channels, dtype=torch.float64, generator=generator)
+    folded = torch.randn(channels, dtype=torch.float64, generator=generator)
+    view = [1] * grad.dim()
+    view[channel_dim] = channels
+    expected = (grad * vector.view(view)).sum(channel_dim)
+    source = _channel_source(grad.shape, channel_dim, vector)
+    summed = source.channel_summed(grad)
+    assert summed.shape == expected.shape
+    torch.testing.assert_close(summed, expected, rtol=1e-13, atol=1e-14)
+    # A folded convolution's share, from the block vector or (without one) the sum.
+    with_conv = (grad * (vector + folded).view(view)).sum(channel_dim)
+    for block in (vector + folded, None):
+        source = _channel_source(grad.shape, channel_dim, vector, folded, block)
+        torch.testing.assert_close(
+            source.channel_summed(grad, include_folded=True), with_conv, rtol=1e-13, atol=1e-14
+        )
+        torch.testing.assert_close(source.channel_summed(grad), expected, rtol=1e-13, atol=1e-14)
+
+
+def _element_wise_source(shape, channel_dim, **parts) -> BiasSource:
+    return BiasSource(
+        name="act",
+        module="act",
+        op="silu",
+        index=0,
+        shape=torch.Size(shape),
+        channel_dim=channel_dim,
+        spatial=True,
+        block="act",
+        intercept=Intercept(None, **parts),
+    )
+
+
+@pytest.mark.parametrize("kind", ["identity", "gated", "product"])
+@pytest.mark.parametrize("layout", ["first", "last"])
+def test_large_element_wise_terms_are_channel_summed_in_slices_exactly(kind, layout, monkeypatch):
+    """Above ``_SLICE_ELEMENTS`` an activation's or a product's term is formed a few examples
+    at a time; every example's channel-summed map is the closed form's (float64)."""
+    from captum_fullgrad import capture as capture_module
+
+    generator = torch.Generator().manual_seed(7)
+    shape = (5, 3, 4, 6) if layout == "first" else (5, 4, 6, 3)
+    channel_dim = 1 if layout == "first" else 3
+    a = torch.randn(shape, dtype=torch.float64, generator=generator)
+    grad = torch.randn(shape, dtype=torch.float64, generator=generator)
+    if kind == "gated":  # ReLU6: the gradient passes where 0 < a < 6
+        y = a.clamp(0, 6)
+        input_grad = grad * ((a > 0) & (a < 6))
+        closed = grad * (y - a * ((a > 0) & (a < 6)))
+        source = _element_wise_source(shape, channel_dim, backward_pair=(y, input_grad, None))
+    elif kind == "identity":  # SiLU: c = y - silu'(a) a
+        y = torch.nn.functional.silu(a)
+        slope = torch.sigmoid(a) * (1 + a * (1 - torch.sigmoid(a)))
+        input_grad = grad * slope
+        closed = grad * (y - slope * a)
+        source = _element_wise_source(shape, channel_dim, backward_pair=(y, input_grad, a))
+    else:  # a product of two activations: c = -y
+        y = a * torch.randn(shape, dtype=torch.float64, generator=generator)
+        closed = -grad * y
+        source = _element_wise_source(shape, channel_dim, negated_output=y)
+    expected = closed.sum(channel_dim)
+    whole = source.channel_summed(grad)
+    monkeypatch.setattr(capture_module, "_SLICE_ELEMENTS", 2 * grad[0].numel())  # 3 slices
+    sliced = source.channel_summed(grad)
+    assert sliced.shape == expected.shape
+    torch.testing.assert_close(sliced, expected, rtol=1e-13, atol=1e-14)
+    torch.testing.assert_close(sliced, whole, rtol=1e-15, atol=1e-15)
