@@ -299,23 +299,26 @@ def test_a_returned_product_replays_and_its_guard_sees_a_change(recorders):
     assert changed_delta.abs().max() < 1e-10
 
 
+class _TokenLayerNorm(nn.Module):
+    """A LayerNorm over the channels of a channels-last view (a transformer's tokens)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(4, eps=0.1)
+
+    def forward(self, x):
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
 def test_normalisation_modules_replay_exactly(recorders):
     """LayerNorm, GroupNorm, RMSNorm and ConvNeXt's LayerNorm2d (whose layer_norm runs on a
     channels-last tensor between two permutes) replay their closed-form intercepts."""
     from torchvision.models.convnext import LayerNorm2d
 
-    class Tokens(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.norm = nn.LayerNorm(4, eps=0.1)
-
-        def forward(self, x):
-            return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
     norms = [
         LayerNorm2d(4, eps=0.1),
         nn.GroupNorm(2, 4, eps=0.1),
-        Tokens(),
+        _TokenLayerNorm(),
         nn.InstanceNorm2d(4, eps=0.1, affine=True),
     ]
     if hasattr(nn, "RMSNorm"):
@@ -859,15 +862,7 @@ def test_layer_norm_statistics_come_from_the_kernel(recorders, monkeypatch, laye
 
     from captum_fullgrad import _intercepts
 
-    class Tokens(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.norm = nn.LayerNorm(4, eps=0.1)
-
-        def forward(self, x):
-            return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
-    model = _activation_network([LayerNorm2d(4, eps=0.1) if layer_norm_2d else Tokens()])
+    model = _activation_network([LayerNorm2d(4, eps=0.1) if layer_norm_2d else _TokenLayerNorm()])
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     traced, traced_delta = _attribute(FullGradient(model, reuse_capture=False), x, target=1)
     fullgrad = FullGradient(model)
