@@ -453,9 +453,22 @@ _INSTANCE_NORMS = (torch.nn.InstanceNorm1d, torch.nn.InstanceNorm2d, torch.nn.In
 
 def _is_layer_norm_2d(module: torch.nn.Module) -> bool:
     """torchvision's ConvNeXt ``LayerNorm2d`` (permute, layer_norm over channels, permute
-    back), recognised without importing torchvision."""
+    back), recognised without importing torchvision, or timm's (the same operations)."""
     kind = type(module)
-    return kind.__name__ == "LayerNorm2d" and kind.__module__ == "torchvision.models.convnext"
+    return (
+        kind.__name__ == "LayerNorm2d" and kind.__module__ == "torchvision.models.convnext"
+    ) or _is_plain_timm_norm(module, "LayerNorm2d")
+
+
+def _is_plain_timm_norm(module: torch.nn.Module, name: str) -> bool:
+    """timm's ``LayerNorm`` / ``LayerNorm2d`` with its fused path off: their ``forward`` is
+    then ``F.layer_norm`` (between two permutes for ``LayerNorm2d``), as torch's and
+    torchvision's. A version without the flag is not recognised."""
+    kind = type(module)
+    if kind.__name__ != name or kind.__module__ != "timm.layers.norm":
+        return False
+    flags = [getattr(module, a) for a in ("_fast_norm", "fast_norm") if hasattr(module, a)]
+    return bool(flags) and not any(flags)
 
 
 def normalisation_settings(module: torch.nn.Module) -> Optional[Tuple[Any, ...]]:
@@ -463,7 +476,7 @@ def normalisation_settings(module: torch.nn.Module) -> Optional[Tuple[Any, ...]]
     :func:`normalisation_intercept`); ``None`` for any other module."""
     kind = type(module)
     norm: Any = module  # read as the matched type, not as Tensor | Module
-    if kind is torch.nn.LayerNorm:
+    if kind is torch.nn.LayerNorm or _is_plain_timm_norm(module, "LayerNorm"):
         return ("layer_norm", len(norm.normalized_shape), float(norm.eps))
     if kind is torch.nn.GroupNorm:
         return ("group_norm", int(norm.num_groups), float(norm.eps))
@@ -618,15 +631,26 @@ _ACTIVATIONS: Dict[str, _Activation] = {}
 # Leaf activation modules whose ``forward`` is exactly their functional op: a capture plan
 # (captum_fullgrad.replay) finds their intercepts with a forward hook instead of a trace.
 _ACTIVATION_MODULES: Dict[type, str] = {}
+# The same for modules of other libraries, by (module path, class name), so that the library
+# need not be imported: timm's GELU and GELUTanh are ``F.gelu`` (their ``inplace`` is a
+# dummy argument, ignored).
+_LIBRARY_ACTIVATIONS: Dict[Tuple[str, str], Tuple[str, Tuple[Any, ...]]] = {
+    ("timm.layers.activations", "GELU"): ("gelu", ("none",)),
+    ("timm.layers.activations", "GELUTanh"): ("gelu", ("tanh",)),
+}
 
 
 def activation_settings(module: torch.nn.Module) -> Optional[Tuple[Any, ...]]:
     """What the intercept of an activation module depends on besides its input and output:
     ``(op name, inplace, *parameters)``; ``None`` for any other module (or an in-place
     one whose kernel needs both its input and its output)."""
-    name = _ACTIVATION_MODULES.get(type(module))
+    kind = type(module)
+    name = _ACTIVATION_MODULES.get(kind)
     if name is None:
-        return None
+        known = _LIBRARY_ACTIVATIONS.get((kind.__module__, kind.__name__))
+        if known is None:
+            return None
+        return (known[0], False, *known[1])
     activation = _ACTIVATIONS[name]
     inplace = bool(getattr(module, "inplace", False))
     if inplace and activation.reads == "both":

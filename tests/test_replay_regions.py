@@ -309,3 +309,34 @@ def test_regions_replay_the_trace_for_random_token_networks(case):
     replayed, delta = fullgrad.attribute(x, target=target, return_convergence_delta=True)
     torch.testing.assert_close(replayed, traced, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(delta, traced_delta, rtol=0, atol=1e-10)
+
+
+def test_timm_norms_and_gelu_are_steps(recorders):
+    """timm's LayerNorm, LayerNorm2d and GELU run ``F.layer_norm`` / ``F.gelu`` (with the
+    fused norm off): they are normalisation and activation steps, so a timm ConvNeXt gets a
+    plan (no region: its norms are spatial) and a timm ViT's norms are not regions."""
+    from captum_fullgrad import _intercepts
+
+    model = _timm("convnext_atto")
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    fullgrad = FullGradient(model)
+    _attribute(fullgrad, x, [0, 2])
+    replayed, delta = _attribute(fullgrad, x * 0.5, [0, 2])
+    traced, traced_delta = _attribute(FullGradient(model, reuse_capture=False), x * 0.5, [0, 2])
+    assert recorders.kinds == ["Capture", "Replay", "Capture"]
+    assert not _plan(fullgrad).boundary_starts
+    torch.testing.assert_close(replayed, traced, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(delta, traced_delta, rtol=0, atol=1e-12)
+    norm = model.stem[1]
+    assert _intercepts.normalisation_settings(norm)[0] == "channel_layer_norm"
+    norm._fast_norm = True  # its fused kernel: not F.layer_norm, so not recognised
+    assert _intercepts.normalisation_settings(norm) is None
+    vit = TRANSFORMERS["timm_vit"]()
+    fullgrad = FullGradient(vit)
+    _attribute(fullgrad, torch.randn(1, 3, 32, 32, dtype=torch.float64))
+    names = {id(module): name for name, module in vit.named_modules()}
+    plan = _plan(fullgrad)
+    regions = {
+        names[id(plan.calls[k]())] for k, weight in plan.boundary_starts.values() if weight == 1
+    }
+    assert regions and not any("norm" in name for name in regions)  # holes may be norms
