@@ -9,18 +9,24 @@ from captum_fullgrad._intercepts import Intercept
 from captum_fullgrad.capture import BiasSource
 
 
-def _channel_source(shape, channel_dim, vector, folded=None, block=None) -> BiasSource:
-    source = BiasSource(
-        name="layer",
-        module="layer",
-        op="batch_norm",
+def _source(op, shape, channel_dim, intercept) -> BiasSource:
+    """A spatial source of ``op`` with ``intercept``."""
+    return BiasSource(
+        name=op,
+        module=op,
+        op=op,
         index=0,
         shape=torch.Size(shape),
         channel_dim=channel_dim,
         spatial=True,
-        block="layer",
-        intercept=Intercept(None, channel_vector=vector, channel_dim=channel_dim),
+        block=op,
+        intercept=intercept,
     )
+
+
+def _channel_source(shape, channel_dim, vector, folded=None, block=None) -> BiasSource:
+    intercept = Intercept(None, channel_vector=vector, channel_dim=channel_dim)
+    source = _source("batch_norm", shape, channel_dim, intercept)
     source.folded_vector, source.block_vector = folded, block
     return source
 
@@ -61,17 +67,7 @@ def test_channel_summed_of_a_channel_vector_is_the_closed_form(batch, memory):
 
 
 def _element_wise_source(shape, channel_dim, **parts) -> BiasSource:
-    return BiasSource(
-        name="act",
-        module="act",
-        op="silu",
-        index=0,
-        shape=torch.Size(shape),
-        channel_dim=channel_dim,
-        spatial=True,
-        block="act",
-        intercept=Intercept(None, **parts),
-    )
+    return _source("silu", shape, channel_dim, Intercept(None, **parts))
 
 
 @pytest.mark.parametrize("kind", ["identity", "gated", "product"])

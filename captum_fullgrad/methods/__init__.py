@@ -45,6 +45,7 @@ Example::
     >>> resolve_methods("fullgrad,edges", params={"edges": {"power": 2.0}})
 """
 
+from . import registry
 from .builtin import find_last_conv, smoothing_noise
 from .registry import (  # noqa: F401 (_REGISTRY, _check_*: read by tests and dataset_attribution)
     _REGISTRY,
@@ -68,22 +69,5 @@ from .registry import (  # noqa: F401 (_REGISTRY, _check_*: read by tests and da
     unregister_method,
 )
 
-__all__ = [
-    "AttributionMethod",
-    "DEFAULT_TABLE5_METHODS",
-    "MapFunction",
-    "MethodTraits",
-    "ParameterCheck",
-    "available_methods",
-    "find_last_conv",
-    "get_method",
-    "is_int_or_none",
-    "is_non_negative",
-    "is_one_of",
-    "is_optional",
-    "is_positive_int",
-    "register_method",
-    "resolve_methods",
-    "smoothing_noise",
-    "unregister_method",
-]
+# The registry's public names, and the two helpers of the built-in methods.
+__all__ = [*registry.__all__, "find_last_conv", "smoothing_noise"]

@@ -572,17 +572,8 @@ def _configured(
         )
     if method.validator is not None:
         method.validator(changed, {**method.defaults, **params})
-    return AttributionMethod(
-        name=method.name,
-        label=method.label,
-        fn=method.fn,
-        description=method.description,
-        reference=method.reference,
-        defaults=method.defaults,
-        params=dict(params),
-        traits=method.traits,
-        validator=method.validator,
-    )
+    # The registered method with these parameters: every other field is the registry's.
+    return replace(method, params=dict(params))
 
 
 def resolve_methods(
