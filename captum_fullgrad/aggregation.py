@@ -22,7 +22,7 @@ channel sum, resize with ``align_corners=True``; the input term gets the same re
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +85,8 @@ class MapCollector:
         self.block_maps: "OrderedDict[str, Tensor]" = OrderedDict()
         self._other_sum: Optional[Tensor] = None  # terms of sources outside the eq4 maps
         self._groups: Optional[List[Tensor]] = None
+        # Maps that on_gradients reduced already stacked, with the views block_maps holds.
+        self._stacks: List[Tuple[Tensor, List[Tensor]]] = []
         self.mapped_sources: List[BiasSource] = []
 
     # The replay need not call on_source per step: this collector reads nothing there.
@@ -107,6 +109,67 @@ class MapCollector:
                 self._reduce(source, grad)
         else:
             self._reduce(source, grad)
+
+    def on_gradients(self, pairs: Sequence[Tuple[BiasSource, Tensor]]) -> None:
+        """Several sources' gradients at once (the small layers a replay captured).
+
+        The eq. 4 maps of layers whose channel sum contracts the gradient with a channel
+        vector (convolutions, BatchNorms) and that share a resolution are reduced in one
+        matrix product (:func:`_segment_channel_sums`); every other source as by
+        :meth:`on_gradient`. The result is the same as one ``on_gradient`` per pair.
+        """
+        if _any_autocast_enabled() and pairs and _autocast_enabled(pairs[0][1].device.type):
+            with torch.autocast(pairs[0][1].device.type, enabled=False):
+                self._reduce_many(pairs)
+        else:
+            self._reduce_many(pairs)
+
+    def _reduce_many(self, pairs: Sequence[Tuple[BiasSource, Tensor]]) -> None:
+        # Host time is what this saves, so the per-pair work is kept to attribute reads.
+        groups: Dict[Tuple[Any, ...], List[Tuple[BiasSource, Tensor]]] = {}
+        batched = self.postprocess == EQ4 and self.selected is None
+        for pair in pairs:
+            source, grad = pair
+            intercept = source.intercept
+            if (
+                batched
+                and source.spatial
+                and source.channel_dim == 1
+                and intercept.channel_dim == 1
+                and intercept.channel_vector is not None
+                and grad.is_contiguous()
+            ):
+                shape = grad.shape
+                key = (shape[0], shape[2:], grad.dtype, grad.device)
+                members = groups.get(key)
+                if members is None:
+                    groups[key] = [pair]
+                else:
+                    members.append(pair)
+            else:
+                self._reduce(source, grad)
+        if not groups:
+            return
+        block_maps = self.block_maps
+        for members in groups.values():
+            if len(members) == 1:
+                self._reduce(*members[0])
+                continue
+            blocks = list(dict.fromkeys(source.block for source, _ in members))
+            stacked = _segment_channel_sums(members, blocks)
+            if stacked.dtype in _HALF:
+                stacked = stacked.float()
+            views = []
+            for j, block in enumerate(blocks):
+                view = stacked[:, j]
+                previous = block_maps.get(block)
+                block_maps[block] = view if previous is None else previous + view
+                views.append(view)
+            # These maps are stacked already: _grouped reuses the stack while it holds
+            # every map of its resolution as it is (nothing added before or since).
+            self._stacks.append((stacked, views))
+            self.mapped_sources.extend(source for source, _ in members)
+        self._groups = None
 
     def _reduce(self, source: BiasSource, grad: Tensor) -> None:
         in_map = source.spatial and (self.selected is None or self.selected(source))
@@ -142,9 +205,18 @@ class MapCollector:
             by_size: Dict[Tuple[int, ...], List[Tensor]] = OrderedDict()
             for m in self.block_maps.values():
                 by_size.setdefault(tuple(m.shape[1:]), []).append(m)
-            self._groups = [
-                torch.stack(g, 1) if len(g) > 1 else g[0].unsqueeze(1) for g in by_size.values()
-            ]
+            reusable = {
+                tuple(stacked.shape[2:]): (stacked, views) for stacked, views in self._stacks
+            }
+            groups = []
+            for size, maps in by_size.items():
+                stacked, views = reusable.get(size, (None, ()))
+                if stacked is not None and len(views) == len(maps):
+                    if all(a is b for a, b in zip(views, maps)):
+                        groups.append(stacked)
+                        continue
+                groups.append(torch.stack(maps, 1) if len(maps) > 1 else maps[0].unsqueeze(1))
+            self._groups = groups
         return self._groups
 
     @property
@@ -186,6 +258,65 @@ class MapCollector:
             total = summed if total is None else total.add_(summed)
         assert total is not None
         return total[:, 0]
+
+
+def _segment_channel_sums(
+    members: Sequence[Tuple[BiasSource, Tensor]], blocks: Sequence[str]
+) -> Tensor:
+    """Each block's channel-summed bias-Jacobian, ``sum_c grad_c * b_c``, for layers of one
+    resolution in one matrix product: ``(B, n_blocks, *spatial)``.
+
+    The gradients ``(B, C_i, *spatial)`` are concatenated along the channels, and a
+    ``(n_blocks, sum C_i)`` matrix holds each layer's channel vector in its block's row
+    (a layer's own columns, zeros elsewhere), so the product sums the channels of each
+    layer, and of layers that share a block.
+    """
+    first = members[0][1]
+    batch, spatial = first.shape[0], first.shape[2:]
+    dtype, device = first.dtype, first.device
+    vectors = []
+    for source, _ in members:
+        vector = source.intercept.channel_vector
+        assert vector is not None
+        vectors.append(source.folded_channel_vector(vector))
+    counts = tuple(g.shape[1] for _, g in members)
+    row_of = {block: row for row, block in enumerate(blocks)}
+    rows = tuple(row_of[source.block] for source, _ in members)
+    mask = _segment_mask(counts, rows, len(blocks), dtype, device)
+    vector = torch.cat(vectors)
+    weights = mask * (vector if vector.dtype == dtype else vector.to(dtype))
+    gradients = torch.cat([g for _, g in members], 1)
+    if batch == 1:
+        summed = torch.mm(weights, gradients.view(sum(counts), -1))
+    else:
+        summed = torch.matmul(weights, gradients.view(batch, sum(counts), -1))
+    return summed.view(batch, len(blocks), *spatial)
+
+
+# Segment masks by layout (channel counts, block rows, dtype, device): a replay asks for
+# the same few on every call.
+_SEGMENT_MASKS: Dict[Tuple[Any, ...], Tensor] = {}
+
+
+def _segment_mask(
+    counts: Tuple[int, ...],
+    rows: Tuple[int, ...],
+    n_rows: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Tensor:
+    key = (counts, rows, n_rows, dtype, device)
+    mask = _SEGMENT_MASKS.get(key)
+    if mask is None:
+        mask = torch.zeros(n_rows, sum(counts), dtype=dtype, device=device)
+        start = 0
+        for count, row in zip(counts, rows):
+            mask[row, start : start + count] = 1
+            start += count
+        if len(_SEGMENT_MASKS) > 256:
+            _SEGMENT_MASKS.clear()
+        _SEGMENT_MASKS[key] = mask
+    return mask
 
 
 _any_autocast_enabled: Callable[[], bool] = getattr(

@@ -200,6 +200,12 @@ class BiasSource:
         along_batch = bias_jacobian.movedim(self.batch_dim, 0)
         return along_batch.reshape(self.batch_size or along_batch.shape[0], -1).sum(1)
 
+    def folded_channel_vector(self, vector: Tensor) -> Tensor:
+        """``vector`` (this source's channel vector) plus a folded convolution's share."""
+        if self.folded_vector is None:
+            return vector
+        return self.block_vector if self.block_vector is not None else vector + self.folded_vector
+
     def channel_summed(self, grad: Tensor, include_folded: bool = False) -> Tensor:
         """``sum_c f^b_{l,c}``: the bias-Jacobian summed over channels, ``(B, *spatial)``.
 
@@ -213,11 +219,7 @@ class BiasSource:
             # The common case (every conv, linear and BatchNorm layer, once per layer and
             # call): its host time matters at small batches, so checks come cheapest first.
             if include_folded and self.folded_vector is not None:
-                vector = (
-                    self.block_vector
-                    if self.block_vector is not None
-                    else vector + self.folded_vector
-                )
+                vector = self.folded_channel_vector(vector)
             # The vector goes to the gradient's dtype (bf16 under autocast) rather than the
             # gradient to float32: a full-size conversion per layer would cost more than
             # the reduction itself.
@@ -418,10 +420,17 @@ class Recorder(Protocol):
     gradient during the backward pass, and ``failed_ops`` names every operation whose
     intercept is missing. :meth:`remove_gradient_hooks` detaches those hooks once the
     backward pass is done (or abandoned).
+
+    Sources may instead be listed in ``gradient_edges`` (autograd edges, one per source):
+    the backward pass then computes their gradients as it computes the input's, and
+    :meth:`deliver_gradients` hands them to the collector.
     """
 
     sources: List[BiasSource]
     failed_ops: List[str]
+    gradient_edges: Sequence[Any]
+
+    def deliver_gradients(self, gradients: Sequence[Optional[Tensor]]) -> None: ...
 
     def __enter__(self) -> "Recorder": ...
 
@@ -433,7 +442,9 @@ class Recorder(Protocol):
 class Plan(Protocol):
     """What replays a traced call (:class:`~captum_fullgrad.replay.CapturePlan`)."""
 
-    def replay(self, inputs: Tensor, collector: Collector) -> Recorder: ...
+    def replay(
+        self, inputs: Tensor, collector: Collector, *, capture_gradients: bool = False
+    ) -> Recorder: ...
 
 
 class _GraphTracker:
@@ -986,6 +997,13 @@ class Capture:
             handle.remove()
         self._hooks.clear()
 
+    # The trace hooks every source: it captures no gradient (see Recorder).
+    gradient_edges: Sequence[Any] = ()
+
+    def deliver_gradients(self, gradients: Sequence[Optional[Tensor]]) -> None:
+        if gradients:
+            raise ValueError("a traced capture captures no gradients")
+
     def _hook_for(self, source: BiasSource) -> Callable[[Tensor], None]:
         collector = self.collector
         return lambda grad: collector.on_gradient(source, grad)
@@ -1138,7 +1156,10 @@ def forward_backward(
         recorder: Recorder = (
             Capture(forward_func, x, collector, layout=layout, other_inputs=others)
             if plan is None
-            else plan.replay(x, collector)
+            # A replay may have the backward pass capture small layers' gradients rather
+            # than hook them (see Replay.gradient_edges); not for a differentiable
+            # backward pass, whose collectors keep graphs.
+            else plan.replay(x, collector, capture_gradients=not create_graph)
         )
         with recorder as capture:
             output = forward_func(*copies, *additional_forward_args)
@@ -1146,11 +1167,16 @@ def forward_backward(
             selected = select(output)
             gradients: List[Optional[Tensor]] = [None] * len(copies)
             if selected.requires_grad:
-                gradients = list(
-                    torch.autograd.grad(
-                        selected.sum(), copies, create_graph=create_graph, allow_unused=True
-                    )
+                edges = capture.gradient_edges
+                everything = torch.autograd.grad(
+                    selected.sum(),
+                    [*copies, *edges],
+                    create_graph=create_graph,
+                    allow_unused=True,
                 )
+                gradients = list(everything[: len(copies)])
+                if edges:
+                    capture.deliver_gradients(everything[len(copies) :])
         finally:
             capture.remove_gradient_hooks()
     filled = [torch.zeros_like(c) if g is None else g for c, g in zip(copies, gradients)]

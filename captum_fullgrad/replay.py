@@ -51,6 +51,14 @@ never formed (the channel-summed ``df/dy * y`` is negated), and a normalisation 
 ``s = eps / (var + eps)`` from the forward pass: its closed form ``y - (y - beta) s`` is
 formed when the backward pass reaches the output, or, where ``s`` is constant along the
 channels, replaced by ``(1 - s) sum_c df/dy y + s (df/dy . beta)`` in eq. 4's channel sum.
+
+Small layers (an output of at most ``_CAPTURED_ELEMENTS`` elements) whose term is a
+channel vector get no hook: the backward pass that computes the input gradient also
+returns the gradient at each such layer's autograd edge (``torch.autograd.grad`` with
+``GradientEdge`` inputs, torch >= 2.4), and the collector reduces the layers of one
+resolution in one matrix product afterwards. What a Python hook and a kernel per layer
+cost there is host time, not arithmetic; a larger layer keeps its hook, which reduces
+its gradient while it is in cache and lets it go.
 """
 
 from __future__ import annotations
@@ -393,9 +401,16 @@ class CapturePlan:
             steps[j] = dataclasses.replace(steps[j], absorbs=i)
         return cls(steps, capture.module_calls, step_at, regions.boundaries)
 
-    def replay(self, inputs: Tensor, collector: Collector) -> "Replay":
-        """A context manager that finds this plan's sources in the forward pass it wraps."""
-        return Replay(self, inputs, collector)
+    def replay(
+        self, inputs: Tensor, collector: Collector, *, capture_gradients: bool = False
+    ) -> "Replay":
+        """A context manager that finds this plan's sources in the forward pass it wraps.
+
+        ``capture_gradients``: small layers' gradients are not handed over by hooks during
+        the backward pass but captured by it (see :attr:`Replay.gradient_edges`); the
+        caller then passes :meth:`Replay.deliver_gradients` what it captured.
+        """
+        return Replay(self, inputs, collector, capture_gradients=capture_gradients)
 
 
 # Why a source has no step of its own: it may be covered by a region (see ``_Regions``), or
@@ -634,7 +649,14 @@ def _global_hook_key() -> Any:
 class Replay:
     """The plan's module hooks around one forward pass (the surface of ``Capture``)."""
 
-    def __init__(self, plan: CapturePlan, inputs: Tensor, collector: Collector) -> None:
+    def __init__(
+        self,
+        plan: CapturePlan,
+        inputs: Tensor,
+        collector: Collector,
+        *,
+        capture_gradients: bool = False,
+    ) -> None:
         self.plan = plan
         self.inputs = inputs
         self.collector = collector
@@ -654,6 +676,11 @@ class Replay:
         self._open: Dict[int, List[Any]] = {}
         self._closed: List[Tuple[List[Any], List[Any]]] = []
         self._read: List[Tuple[Tensor, int]] = []
+        # Small layers whose gradient the backward pass captures instead of a hook: their
+        # sources and autograd edges, in the order of the forward pass.
+        self._capture = capture_gradients and gradient_edges_supported()
+        self._captured: List[BiasSource] = []
+        self.gradient_edges: List[Any] = []
 
     def __enter__(self) -> "Replay":
         if _global_hook_key() != self.plan.global_hooks:
@@ -787,10 +814,32 @@ class Replay:
         return hook
 
     def remove_gradient_hooks(self) -> None:
-        """Detach every gradient hook this replay registered."""
+        """Detach every gradient hook this replay registered (and forget captured edges)."""
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
+        self._captured = []
+        self.gradient_edges = []
+
+    def deliver_gradients(self, gradients: Sequence[Optional[Tensor]]) -> None:
+        """Hand the collector the gradients that the backward pass captured at
+        :attr:`gradient_edges` (in their order; ``None`` where none reached an edge).
+
+        A collector with ``on_gradients`` receives them in one call, so that it can reduce
+        layers of one resolution together (host time: one kernel per resolution instead
+        of one Python hook and one kernel per layer); otherwise one ``on_gradient`` each.
+        """
+        if len(gradients) != len(self._captured):
+            raise ValueError(
+                f"expected {len(self._captured)} captured gradients, got {len(gradients)}"
+            )
+        pairs = [(s, g) for s, g in zip(self._captured, gradients) if g is not None]
+        batch = getattr(self.collector, "on_gradients", None)
+        if batch is not None:
+            batch(pairs)
+        else:
+            for source, grad in pairs:
+                self.collector.on_gradient(source, grad)
 
     def _on_output(self, module: nn.Module, args: Any, output: Any) -> Any:
         k = self._next
@@ -951,10 +1000,16 @@ class Replay:
             )
         )
         if node is not None and not through_base:
+            nr = output.output_nr
+            if self._capture and shrunk is None and output.numel() <= _CAPTURED_ELEMENTS:
+                # The gradient the node receives (the sum over every reader of the output,
+                # as a pre-hook sees it), captured by the backward pass itself.
+                self._captured.append(source)
+                self.gradient_edges.append(_GradientEdge(node, nr))
+                return
             # A pre-hook on the node that made the output sees df/dy before any later
             # in-place operation's gradient, like a tensor hook registered now, at a third
             # of the cost.
-            nr = output.output_nr
             self._hooks.append(
                 node.register_prehook(lambda grads: _deliver(on_gradient, source, grads[nr]))
             )
@@ -962,6 +1017,38 @@ class Replay:
             self._hooks.append(
                 register_gradient_hook(output, through_base, lambda grad: on_gradient(source, grad))
             )
+
+
+# Layers whose output has at most this many elements are captured rather than hooked when
+# the caller asks for it (Replay's ``capture_gradients``): host time dominates their
+# reduction, and a captured gradient of this size costs at most 256 KB (float32) kept
+# until the backward pass ends. A larger gradient is reduced by its hook while it is in
+# cache, and freed.
+_CAPTURED_ELEMENTS = 1 << 16
+
+_GradientEdge: Any = getattr(torch.autograd.graph, "GradientEdge", None)
+_EDGES_SUPPORTED: Optional[bool] = None
+
+
+def gradient_edges_supported() -> bool:
+    """Whether ``torch.autograd.grad`` takes autograd edges as ``inputs`` (torch >= 2.4),
+    checked once on a two-operation graph."""
+    global _EDGES_SUPPORTED
+    if _EDGES_SUPPORTED is None:
+        supported = False
+        if _GradientEdge is not None:
+            try:
+                with torch.enable_grad():
+                    leaf = torch.ones(2, requires_grad=True)
+                    middle = leaf * 2
+                    out = (middle * 3).sum()
+                    assert middle.grad_fn is not None
+                    (grad,) = torch.autograd.grad(out, [_GradientEdge(middle.grad_fn, 0)])
+                supported = bool(torch.equal(grad, torch.full((2,), 3.0)))
+            except (TypeError, RuntimeError, AttributeError):
+                supported = False
+        _EDGES_SUPPORTED = supported
+    return _EDGES_SUPPORTED
 
 
 def _identity_hook(

@@ -973,3 +973,118 @@ def test_mixed_batch_norms_replay_the_trace_after_a_training_step(kind):
         model[4].weight.data.mul_(-1.5)  # a flat view's layer, written without a version bump
 
     _replay_matches_trace(model, x, train_step)
+
+
+# ------------------------------------------------- gradients captured by the backward pass
+
+
+class _Resolutions(nn.Module):
+    """Layers of several resolutions and kinds: conv-BN blocks (folded), a BatchNorm after
+    an in-place ReLU-free path, a convolution without a BatchNorm, one of two readers of a
+    layer's output, a branch that does not reach the output, and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(True))
+        self.same = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())
+        self.plain = nn.Conv2d(6, 5, 1)
+        self.down = nn.Sequential(
+            nn.Conv2d(5, 7, 3, stride=2, padding=1), nn.BatchNorm2d(7), nn.ReLU(True)
+        )
+        self.unused = nn.Conv2d(7, 2, 1)
+        self.head = nn.Linear(7, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        y = self.same(x)
+        z = self.plain(y)
+        z = z + z.relu()  # two readers of the convolution's output
+        z = self.down(z)
+        self.unused(z)  # reaches nothing the target depends on: no gradient
+        return self.head(z.mean((2, 3)))
+
+
+def _captured_network() -> nn.Module:
+    return randomize_parameters_(_Resolutions().double(), 0).eval()
+
+
+def test_captured_gradients_give_the_hooked_and_traced_result(recorders, monkeypatch):
+    """Small layers' gradients captured by the backward pass (and reduced a resolution at
+    a time) give what per-layer hooks and the trace give, maps and delta."""
+    from captum_fullgrad import aggregation, replay
+
+    batches = []
+    original = aggregation._segment_channel_sums
+
+    def spy(members, blocks):
+        batches.append(len(members))
+        return original(members, blocks)
+
+    monkeypatch.setattr(aggregation, "_segment_channel_sums", spy)
+    model = _captured_network()
+    x = torch.randn(3, 3, 12, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    traced = _attribute(FullGradient(model, reuse_capture=False), x)
+    fullgrad = FullGradient(model)
+    _attribute(fullgrad, x * 2)
+    captured = _attribute(fullgrad, x)
+    assert batches and max(batches) >= 2  # layers of one resolution were reduced together
+    monkeypatch.setattr(replay, "_CAPTURED_ELEMENTS", 0)
+    hooked = _attribute(fullgrad, x)
+    assert recorders.kinds == ["Capture", "Capture", "Replay", "Replay"]
+    for result in (captured, hooked):
+        torch.testing.assert_close(result[0], traced[0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(result[1], traced[1], rtol=0, atol=1e-10)
+    assert traced[1].abs().max() < 1e-10
+
+
+def test_captured_gradients_with_other_postprocessing_and_autocast(recorders):
+    """The NeurIPS and signed modes, ``layers=``, one channel and autocast take the same
+    captured gradients one by one: equal to the trace."""
+    model = _captured_network()
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    for kwargs in ({"postprocess": "neurips2019"}, {"postprocess": "signed"}, {}):
+        for layers in (None, ["same.1"]):
+            if layers is not None and kwargs.get("postprocess") == "signed":
+                continue
+            fullgrad = FullGradient(model, layers=layers)
+            _attribute(fullgrad, x * 2, **kwargs)
+            replayed = _attribute(fullgrad, x, **kwargs)
+            traced = _attribute(FullGradient(model, layers=layers, reuse_capture=False), x, **kwargs)
+            torch.testing.assert_close(replayed[0], traced[0], rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(replayed[1], traced[1], rtol=0, atol=1e-10)
+    assert "Replay" in recorders.kinds
+    float_model = randomize_parameters_(_Resolutions(), 0).eval()
+    xf = x.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fullgrad = FullGradient(float_model)
+        _attribute(fullgrad, xf)
+        replayed = _attribute(fullgrad, xf)
+        traced = _attribute(FullGradient(float_model, reuse_capture=False), xf)
+    torch.testing.assert_close(replayed[0], traced[0])
+    torch.testing.assert_close(replayed[1], traced[1])
+
+
+def test_without_gradient_edges_the_replay_hooks_every_layer(recorders, monkeypatch):
+    """On a torch whose ``autograd.grad`` takes no autograd edges, nothing is captured and
+    the result is unchanged."""
+    from captum_fullgrad import replay
+
+    assert replay.gradient_edges_supported()  # this torch: the captured path is tested
+    model = _captured_network()
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    fullgrad = FullGradient(model)
+    _attribute(fullgrad, x)
+    expected = _attribute(fullgrad, x)
+    monkeypatch.setattr(replay, "_EDGES_SUPPORTED", False)
+    edges = []
+    original = replay.Replay.deliver_gradients
+
+    def spy(self, gradients):
+        edges.append(len(gradients))
+        return original(self, gradients)
+
+    monkeypatch.setattr(replay.Replay, "deliver_gradients", spy)
+    result = _attribute(fullgrad, x)
+    assert edges == [] and recorders.kinds[-1] == "Replay"
+    torch.testing.assert_close(result[0], expected[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(result[1], expected[1], rtol=0, atol=1e-12)

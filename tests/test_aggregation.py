@@ -1,0 +1,126 @@
+"""Aggregation: eq. 4's block maps and eq. 1's sums, one source at a time or several."""
+
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import pytest
+import torch
+
+from captum_fullgrad._intercepts import Intercept
+from captum_fullgrad.aggregation import MapCollector
+from captum_fullgrad.capture import BiasSource
+
+Pair = Tuple[BiasSource, torch.Tensor]
+
+
+def _channel_source(name: str, block: str, shape, spatial: bool = True) -> BiasSource:
+    generator = torch.Generator().manual_seed(sum(map(ord, name)))
+    vector = torch.randn(shape[1], dtype=torch.float64, generator=generator)
+    return BiasSource(
+        name=name,
+        module=name,
+        op="conv2d",
+        index=0,
+        shape=torch.Size(shape),
+        channel_dim=1,
+        spatial=spatial,
+        block=block,
+        intercept=Intercept(None, channel_vector=vector, channel_dim=1),
+    )
+
+
+def _pairs(batch: int) -> List[Pair]:
+    """Layers at two resolutions; ``b`` has two sources (a conv and a BatchNorm that were
+    not folded), ``f`` a folded convolution's share, ``head`` is not spatial."""
+    generator = torch.Generator().manual_seed(batch)
+    layout = [
+        ("a", "a", (batch, 3, 6, 6)),
+        ("b_conv", "b", (batch, 4, 6, 6)),
+        ("b_norm", "b", (batch, 4, 6, 6)),
+        ("c", "c", (batch, 5, 3, 3)),
+        ("f", "f", (batch, 2, 3, 3)),
+        ("d", "d", (batch, 6, 6, 6)),
+    ]
+    pairs = []
+    for name, block, shape in layout:
+        source = _channel_source(name, block, shape)
+        if name == "f":
+            source.folded_vector = torch.randn(2, dtype=torch.float64, generator=generator)
+        pairs.append((source, torch.randn(shape, dtype=torch.float64, generator=generator)))
+    head = _channel_source("head", "head", (batch, 7), spatial=False)
+    pairs.append((head, torch.randn(batch, 7, dtype=torch.float64, generator=generator)))
+    return pairs
+
+
+def _one_by_one(pairs: List[Pair]) -> MapCollector:
+    collector = MapCollector()
+    for source, grad in pairs:
+        collector.on_gradient(source, grad)
+    return collector
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_several_gradients_at_once_equal_one_at_a_time(batch):
+    pairs = _pairs(batch)
+    expected = _one_by_one(pairs)
+    collector = MapCollector()
+    collector.on_gradients(pairs)
+    # Blocks come grouped by resolution: the same maps, in another order.
+    assert sorted(collector.block_maps) == sorted(expected.block_maps)
+    for block, expected_map in expected.block_maps.items():
+        torch.testing.assert_close(collector.block_maps[block], expected_map, rtol=1e-13, atol=0)
+    torch.testing.assert_close(collector.bias_sum, expected.bias_sum, rtol=1e-13, atol=0)
+    torch.testing.assert_close(
+        collector.bias_map((12, 12), "bilinear", False),
+        expected.bias_map((12, 12), "bilinear", False),
+        rtol=1e-13,
+        atol=0,
+    )
+    assert sorted(s.name for s in collector.mapped_sources) == sorted(
+        s.name for s in expected.mapped_sources
+    )
+
+
+@pytest.mark.parametrize("late", ["new_block", "same_block", "before"])
+def test_maps_added_around_a_batch_are_not_lost(late):
+    """A stack kept from a batch is reused only while it holds every map of its resolution
+    as they are: a later block of that resolution, or more added to one of its blocks,
+    enters the map, and so does a block that had a map before the batch."""
+    pairs = _pairs(2)
+    name, block = {"new_block": ("e", "e"), "same_block": ("a2", "a"), "before": ("a0", "a")}[late]
+    other = _channel_source(name, block, (2, 3, 6, 6))
+    other_pair = (other, torch.randn(other.shape, dtype=torch.float64))
+    expected = _one_by_one(pairs + [other_pair])
+    collector = MapCollector()
+    if late == "before":
+        collector.on_gradient(*other_pair)
+    collector.on_gradients(pairs)
+    if late != "before":
+        collector.on_gradient(*other_pair)
+    torch.testing.assert_close(
+        collector.bias_map((6, 6), "bilinear", False),
+        expected.bias_map((6, 6), "bilinear", False),
+        rtol=1e-13,
+        atol=0,
+    )
+    torch.testing.assert_close(collector.bias_sum, expected.bias_sum, rtol=1e-13, atol=0)
+
+
+def test_half_precision_and_strided_gradients_take_the_one_by_one_path():
+    """A channels-last gradient is reduced alone; half-precision maps come out in float32."""
+    pairs = [(s, g.float()) for s, g in _pairs(2)]
+    strided = [(s, g.to(memory_format=torch.channels_last)) if g.dim() == 4 else (s, g)
+               for s, g in pairs]
+    halves = [(s, g.to(torch.bfloat16)) for s, g in pairs]
+    exact = _one_by_one(_pairs(2)).block_maps
+    for variant, ulps in ((strided, 1e-6), (halves, 2**-7)):
+        collector = MapCollector()
+        collector.on_gradients(variant)
+        for block, exact_map in exact.items():
+            assert collector.block_maps[block].dtype == torch.float32
+            # bfloat16 keeps 8 bits: within a unit or two of the largest value's last place.
+            tolerance = ulps * float(exact_map.abs().max())
+            torch.testing.assert_close(
+                collector.block_maps[block].double(), exact_map, rtol=0, atol=tolerance
+            )
