@@ -428,7 +428,9 @@ class Recorder(Protocol):
 
     sources: List[BiasSource]
     failed_ops: List[str]
-    gradient_edges: Sequence[Any]
+
+    @property
+    def gradient_edges(self) -> Sequence[Any]: ...
 
     def deliver_gradients(self, gradients: Sequence[Optional[Tensor]]) -> None: ...
 

@@ -110,8 +110,9 @@ def test_maps_added_around_a_batch_are_not_lost(late):
 def test_half_precision_and_strided_gradients_take_the_one_by_one_path():
     """A channels-last gradient is reduced alone; half-precision maps come out in float32."""
     pairs = [(s, g.float()) for s, g in _pairs(2)]
-    strided = [(s, g.to(memory_format=torch.channels_last)) if g.dim() == 4 else (s, g)
-               for s, g in pairs]
+    strided = [
+        (s, g.to(memory_format=torch.channels_last)) if g.dim() == 4 else (s, g) for s, g in pairs
+    ]
     halves = [(s, g.to(torch.bfloat16)) for s, g in pairs]
     exact = _one_by_one(_pairs(2)).block_maps
     for variant, ulps in ((strided, 1e-6), (halves, 2**-7)):

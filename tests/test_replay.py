@@ -1049,7 +1049,9 @@ def test_captured_gradients_with_other_postprocessing_and_autocast(recorders):
             fullgrad = FullGradient(model, layers=layers)
             _attribute(fullgrad, x * 2, **kwargs)
             replayed = _attribute(fullgrad, x, **kwargs)
-            traced = _attribute(FullGradient(model, layers=layers, reuse_capture=False), x, **kwargs)
+            traced = _attribute(
+                FullGradient(model, layers=layers, reuse_capture=False), x, **kwargs
+            )
             torch.testing.assert_close(replayed[0], traced[0], rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(replayed[1], traced[1], rtol=0, atol=1e-10)
     assert "Replay" in recorders.kinds
