@@ -18,7 +18,8 @@ weights, biases or BatchNorm statistics are picked up).
 
 A plan is made only when every source of the traced call came from the first operation of
 a leaf module of one of the exact types ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``,
-``nn.Linear``, ``nn.BatchNorm1d/2d/3d`` in eval mode, an activation module whose
+``nn.Linear``, ``nn.BatchNorm1d/2d/3d`` in eval mode (or timm's ``BatchNormAct2d``,
+whose BatchNorm node is found under its activation), an activation module whose
 intercept follows from the call's input and output (``_intercepts.activation_settings``:
 ReLU6, SiLU, GELU...; an in-place one's input is read in a pre-hook) or a normalisation
 module (``LayerNorm``, ``GroupNorm``, ``RMSNorm``, ``InstanceNorm*``, torchvision's
@@ -140,6 +141,9 @@ class _Step:
     product_node: Optional[type] = None
     # A normalisation module's ``(kind, axes, eps)`` (see ``normalisation_settings``).
     normalisation: Optional[Tuple[Any, ...]] = None
+    # A BatchNorm whose module runs more after it (timm's BatchNormAct2d): the source is
+    # the output of the BatchNorm's autograd node, found under the module's output.
+    batch_norm_inside: bool = False
 
 
 class CapturePlan:
@@ -391,6 +395,7 @@ class CapturePlan:
                     activation=activation,
                     product_node=product_node,
                     normalisation=normalisation,
+                    batch_norm_inside=_is_timm_batch_norm_act(module),
                 )
             )
         for conv, batch_norm in capture.folded_pairs():
@@ -444,9 +449,74 @@ def _step_kind(capture: Capture, source: BiasSource) -> "_StepKind | str":
     else:
         returned = capture.output_origin(source)
         if returned is None:
-            return _IN_FORWARD
+            inside = _batch_norm_act_call(capture, source)
+            if inside is None:
+                return _IN_FORWARD
+            module, call = inside
+            return module, call, activation, product_node, normalisation
         module, call, product_node = returned
     return module, call, activation, product_node, normalisation
+
+
+def _is_timm_batch_norm_act(module: nn.Module) -> bool:
+    """timm's ``BatchNormAct2d`` without a drop layer: ``F.batch_norm`` on the module's
+    own parameters and statistics, then its ``act`` child (recognised without importing
+    timm; a subclass may override ``forward``)."""
+    kind = type(module)
+    return (
+        kind.__name__ == "BatchNormAct2d"
+        and kind.__module__ == "timm.layers.norm_act"
+        and isinstance(module, nn.BatchNorm2d)
+        and type(getattr(module, "drop", None)) is nn.Identity
+        and isinstance(getattr(module, "act", None), nn.Module)
+    )
+
+
+def _batch_norm_act_call(capture: Capture, source: BiasSource) -> Optional[Tuple[nn.Module, int]]:
+    """The call of a timm ``BatchNormAct2d`` in eval mode whose own forward made ``source``
+    (its BatchNorm), or ``None``."""
+    start = capture.frame(source)
+    position = None if start is None else capture.call_position(start)
+    if position is None or source.op != "batch_norm":
+        return None
+    module = capture.module_calls[position]
+    if (
+        not _is_timm_batch_norm_act(module)
+        or source.intercept.channel_vector is None
+        or source.intercept.input_scale is None  # batch statistics
+    ):
+        return None
+    return module, position
+
+
+# The autograd nodes of a BatchNorm in eval mode, by device and backend.
+_BATCH_NORM_NODES = frozenset(
+    {
+        "NativeBatchNormBackward0",
+        "CudnnBatchNormBackward0",
+        "MiopenBatchNormBackward0",
+        "NativeBatchNormLegitNoTrainingBackward0",
+    }
+)
+
+
+def _batch_norm_node(output: Tensor, module: Any) -> Any:
+    """The autograd node of ``module``'s BatchNorm under its output: the output's own node
+    or one to three nodes down the first input (the ``act`` child's); the node must have
+    read this module's running mean. ``None`` when there is no such node."""
+    node = output.grad_fn
+    mean = module.running_mean
+    for _ in range(4):
+        if node is None:
+            return None
+        if type(node).__name__ in _BATCH_NORM_NODES:
+            saved = getattr(node, "_saved_running_mean", None)
+            if not isinstance(saved, Tensor) or mean is None or saved.data_ptr() != mean.data_ptr():
+                return None
+            return node
+        edges = node.next_functions
+        node = edges[0][0] if edges else None
+    return None
 
 
 @dataclass
@@ -960,13 +1030,20 @@ class Replay:
         self.sources.append(source)
         if self._sources_wanted:
             intercept = source.intercept
-            intercept.output = output
+            # A BatchNorm inside a module: its own output is not at hand (the module's is
+            # after its activation).
+            intercept.output = None if step.batch_norm_inside else output
             self.collector.on_source(source)
             intercept.output = None
         if step.folded_into is not None:
             return  # reduced with the BatchNorm that reads it
         on_gradient: Callable[[BiasSource, Tensor], None] = self.collector.on_gradient
         node = output.grad_fn
+        if step.batch_norm_inside:
+            node = _batch_norm_node(output, module)
+            if node is None:
+                self.matched = False  # no BatchNorm of this module under its output
+                return
         if shrunk is not None:
             on_gradient = _shrunk_delivery(on_gradient, output, module, *shrunk)
         if backward_identity:
@@ -1000,7 +1077,7 @@ class Replay:
             )
         )
         if node is not None and not through_base:
-            nr = output.output_nr
+            nr = 0 if step.batch_norm_inside else output.output_nr
             if self._capture and shrunk is None and output.numel() <= _CAPTURED_ELEMENTS:
                 # The gradient the node receives (the sum over every reader of the output,
                 # as a pre-hook sees it), captured by the backward pass itself.

@@ -340,3 +340,58 @@ def test_timm_norms_and_gelu_are_steps(recorders):
         names[id(plan.calls[k]())] for k, weight in plan.boundary_starts.values() if weight == 1
     }
     assert regions and not any("norm" in name for name in regions)  # holes may be norms
+
+
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("efficientnet_b0", {}),
+        ("mobilenetv3_small_100", {}),
+        ("regnety_002", {}),
+        ("resnet10t", {}),
+    ],
+)
+def test_timm_batch_norm_act_is_a_step(recorders, name, kwargs):
+    """timm's BatchNormAct2d runs F.batch_norm and then its ``act`` child: its BatchNorm is
+    a step whose gradient is taken at the BatchNorm's own autograd node, under the
+    activation, so timm's EfficientNet, MobileNet-V3 and RegNet replay a plan."""
+    model = _timm(name, **kwargs)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    fullgrad = FullGradient(model)
+    _attribute(fullgrad, x, [0, 3])
+    replayed, delta = _attribute(fullgrad, x * 0.5, [0, 3])
+    traced, traced_delta = _attribute(FullGradient(model, reuse_capture=False), x * 0.5, [0, 3])
+    assert recorders.kinds == ["Capture", "Replay", "Capture"]
+    plan = _plan(fullgrad)
+    inside = [s for s in plan.steps if s.batch_norm_inside]
+    assert inside or name == "resnet10t"
+    torch.testing.assert_close(replayed, traced, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(delta, traced_delta, rtol=0, atol=1e-12)
+    assert traced_delta.abs().max() < 1e-10
+
+
+def test_a_batch_norm_act_that_skips_its_batch_norm_is_traced(recorders):
+    """The BatchNorm node found under a BatchNormAct2d's output must be its own: when its
+    forward no longer normalises (here replaced on the instance), the node under its
+    activation is the previous layer's, whose statistics are another module's."""
+    timm = pytest.importorskip("timm")
+    norm_act = timm.layers.BatchNormAct2d
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        norm_act(4, act_layer=nn.Identity),
+        norm_act(4, act_layer=nn.ReLU),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    )
+    model = randomize_parameters_(model, 0).double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    fullgrad = FullGradient(model)
+    _attribute(fullgrad, x)
+    skipping = model[2]
+    skipping.forward = lambda t: skipping.act(skipping.drop(t))  # no batch_norm
+    replayed, delta = _attribute(fullgrad, x)
+    traced, traced_delta = _attribute(FullGradient(model, reuse_capture=False), x)
+    assert recorders.kinds == ["Capture", "Capture", "Capture"]  # the replay was refused
+    torch.testing.assert_close(replayed, traced, rtol=1e-12, atol=1e-12)
+    assert delta.abs().max() < 1e-10
