@@ -282,9 +282,9 @@ def _segment_channel_sums(
     counts = tuple(g.shape[1] for _, g in members)
     row_of = {block: row for row, block in enumerate(blocks)}
     rows = tuple(row_of[source.block] for source, _ in members)
-    mask = _segment_mask(counts, rows, len(blocks), dtype, device)
-    vector = torch.cat(vectors)
-    weights = mask * (vector if vector.dtype == dtype else vector.to(dtype))
+    layout = _segment_layout(counts, rows, len(blocks), dtype, device)
+    derived = all(source.intercept.input_scale is not None for source, _ in members)
+    weights = layout.weights(vectors, derived)
     gradients = torch.cat([g for _, g in members], 1)
     if batch == 1:
         summed = torch.mm(weights, gradients.view(sum(counts), -1))
@@ -293,30 +293,58 @@ def _segment_channel_sums(
     return summed.view(batch, len(blocks), *spatial)
 
 
-# Segment masks by layout (channel counts, block rows, dtype, device): a replay asks for
-# the same few on every call.
-_SEGMENT_MASKS: Dict[Tuple[Any, ...], Tensor] = {}
+class _SegmentLayout:
+    """The ``(n_blocks, sum C_i)`` mask of one layout of layers, and the last weights made
+    from it. Vectors ``derived`` from BatchNorms (computed anew whenever a statistic or
+    parameter changes: a replay serves the same tensors while none does) that are the same
+    objects as last time give the same weights. Other vectors are a layer's own bias
+    parameter, which may have been written in place (even through ``.data``, without a
+    version bump): they are read every time."""
+
+    def __init__(self, mask: Tensor) -> None:
+        self.mask = mask
+        self._last: Optional[Tuple[Tuple[Tensor, ...], Tensor]] = None
+
+    def weights(self, vectors: Sequence[Tensor], derived: bool) -> Tensor:
+        last = self._last
+        if (
+            last is not None
+            and len(last[0]) == len(vectors)
+            and all(a is b for a, b in zip(last[0], vectors))
+        ):
+            return last[1]
+        mask = self.mask
+        vector = torch.cat(vectors)
+        weights = mask * (vector if vector.dtype == mask.dtype else vector.to(mask.dtype))
+        if derived:
+            self._last = (tuple(vectors), weights)
+        return weights
 
 
-def _segment_mask(
+# Segment layouts by (channel counts, block rows, dtype, device): a replay asks for the
+# same few on every call.
+_SEGMENT_LAYOUTS: Dict[Tuple[Any, ...], _SegmentLayout] = {}
+
+
+def _segment_layout(
     counts: Tuple[int, ...],
     rows: Tuple[int, ...],
     n_rows: int,
     dtype: torch.dtype,
     device: torch.device,
-) -> Tensor:
+) -> _SegmentLayout:
     key = (counts, rows, n_rows, dtype, device)
-    mask = _SEGMENT_MASKS.get(key)
-    if mask is None:
+    layout = _SEGMENT_LAYOUTS.get(key)
+    if layout is None:
         mask = torch.zeros(n_rows, sum(counts), dtype=dtype, device=device)
         start = 0
         for count, row in zip(counts, rows):
             mask[row, start : start + count] = 1
             start += count
-        if len(_SEGMENT_MASKS) > 256:
-            _SEGMENT_MASKS.clear()
-        _SEGMENT_MASKS[key] = mask
-    return mask
+        if len(_SEGMENT_LAYOUTS) > 256:
+            _SEGMENT_LAYOUTS.clear()
+        layout = _SEGMENT_LAYOUTS[key] = _SegmentLayout(mask)
+    return layout
 
 
 _any_autocast_enabled: Callable[[], bool] = getattr(

@@ -1090,3 +1090,24 @@ def test_without_gradient_edges_the_replay_hooks_every_layer(recorders, monkeypa
     assert edges == [] and recorders.kinds[-1] == "Replay"
     torch.testing.assert_close(result[0], expected[0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(result[1], expected[1], rtol=0, atol=1e-12)
+
+
+def test_captured_layers_read_a_bias_written_through_data(recorders):
+    """A convolution's bias written through ``.data`` (no version bump) between two
+    replays: the layers reduced together with it use the new bias, not the last call's
+    weights; BatchNorm statistics written the same way give new vectors too."""
+    model = _captured_network()
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    fullgrad = FullGradient(model)
+    _attribute(fullgrad, x)
+    _attribute(fullgrad, x)
+    for write in (
+        lambda: model.plain.bias.data.add_(0.5),
+        lambda: model.same[1].running_var.data.mul_(3.0),
+    ):
+        write()
+        replayed = _attribute(fullgrad, x)
+        traced = _attribute(FullGradient(model, reuse_capture=False), x)
+        torch.testing.assert_close(replayed[0], traced[0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(replayed[1], traced[1], rtol=0, atol=1e-10)
+    assert recorders.kinds.count("Replay") == 3
