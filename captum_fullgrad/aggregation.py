@@ -314,7 +314,7 @@ class _SegmentLayout:
         ):
             return last[1]
         mask = self.mask
-        vector = torch.cat(vectors)
+        vector = torch.cat(list(vectors))
         weights = mask * (vector if vector.dtype == mask.dtype else vector.to(mask.dtype))
         if derived:
             self._last = (tuple(vectors), weights)
