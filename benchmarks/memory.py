@@ -24,11 +24,13 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 # fullgrad_closed_form: the replay before activation terms came from the backward pass
 # (each activation's intercept formed in the forward pass and kept until the backward).
-METHODS = ("saliency", "fullgrad", "fullgrad_closed_form")
+# fullgrad_hooked: every layer's gradient handed over by a hook, none captured by the
+# backward pass (see replay._CAPTURED_ELEMENTS).
+METHODS = ("saliency", "fullgrad", "fullgrad_closed_form", "fullgrad_hooked")
 
 
 def _rss_bytes() -> int:
@@ -44,8 +46,38 @@ def _trim() -> None:
         pass
 
 
-def measure(model_name: str, method: str, size: int, batch: int, device: str) -> Dict[str, object]:
-    """One (model, method) in this process: bytes above the loaded model during one call."""
+def _allocated_peak(call: Callable[[], object]) -> int:
+    """The largest total of live tensor bytes during one call, from the allocation and
+    free events that ``torch.profiler`` records (its memory timeline, a private API of
+    torch >= 2.1): what the method holds, without the allocator's retained or fragmented
+    pages that resident memory also counts."""
+    from torch.profiler import _memory_profiler as memory_profiler
+    from torch.profiler import profile
+
+    with profile(profile_memory=True, record_shapes=True) as recorded:
+        call()
+    assert recorded.profiler is not None
+    timeline = memory_profiler.MemoryProfile(recorded.profiler.kineto_results).timeline
+    live = peak = 0
+    for _, action, _, size in timeline:
+        if action == memory_profiler.Action.CREATE:
+            live += size
+        elif action == memory_profiler.Action.DESTROY:
+            live -= size
+        peak = max(peak, live)
+    return peak
+
+
+def measure(
+    model_name: str,
+    method: str,
+    size: int,
+    batch: int,
+    device: str,
+    measure_allocated: bool = False,
+) -> Dict[str, object]:
+    """One (model, method) in this process: bytes above the loaded model during one call
+    (resident memory on the CPU, or with ``measure_allocated`` the peak of live tensors)."""
     import torch
     from captum.attr import Saliency
 
@@ -65,6 +97,10 @@ def measure(model_name: str, method: str, size: int, batch: int, device: str) ->
             from captum_fullgrad import replay
 
             replay.activation_backward_node = lambda settings: None  # type: ignore[assignment]
+        if method == "fullgrad_hooked":
+            from captum_fullgrad import replay
+
+            replay._CAPTURED_ELEMENTS = 0
         fullgrad = FullGradient(model)
 
         def call() -> object:
@@ -79,6 +115,9 @@ def measure(model_name: str, method: str, size: int, batch: int, device: str) ->
         result = call()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - before
+    elif measure_allocated:
+        result = None
+        peak = _allocated_peak(call)
     else:
         before = _rss_bytes()
         samples = [before]
@@ -110,13 +149,20 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--name", default="memory")
+    parser.add_argument(
+        "--allocated",
+        action="store_true",
+        help="measure the peak of live tensor bytes (profiler timeline) instead of resident memory",
+    )
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         import torch
 
         torch.set_num_threads(args.threads)
-        record = measure(args.one[0], args.one[1], args.input_size, args.batch_size, args.device)
+        record = measure(
+            args.one[0], args.one[1], args.input_size, args.batch_size, args.device, args.allocated
+        )
         print(json.dumps(record))
         return
     rows: List[Dict[str, object]] = []
@@ -126,6 +172,7 @@ def main() -> None:
             command = [sys.executable, __file__, "--one", model_name, method]
             command += ["--input-size", str(args.input_size), "--batch-size", str(args.batch_size)]
             command += ["--threads", str(args.threads), "--device", args.device]
+            command += ["--allocated"] if args.allocated else []
             output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
             record = json.loads(output.strip().splitlines()[-1])
             peaks[method] = int(record["peak_bytes_above_model"])
@@ -134,6 +181,7 @@ def main() -> None:
             "input_size": args.input_size,
             "batch_size": args.batch_size,
             "device": args.device,
+            "measure": "allocated" if args.allocated else "resident",
             "peak_mb_above_model": {m: round(p / 2**20, 1) for m, p in peaks.items()},
         }
         if "saliency" in peaks and peaks["saliency"] > 0:
