@@ -1114,6 +1114,15 @@ class Pass:
     recorder: Optional[Recorder] = None
 
 
+# What torch.utils.checkpoint raises when a recomputation saves other tensors than the
+# forward pass did (torch >= 2.1).
+_CHECKPOINT_ERRORS: Tuple[type, ...] = tuple(
+    e
+    for e in (getattr(getattr(torch.utils, "checkpoint", None), "CheckpointError", None),)
+    if isinstance(e, type)
+)
+
+
 def forward_backward(
     forward_func: Callable[..., Any],
     inputs: Any,
@@ -1170,12 +1179,21 @@ def forward_backward(
             gradients: List[Optional[Tensor]] = [None] * len(copies)
             if selected.requires_grad:
                 edges = capture.gradient_edges
-                everything = torch.autograd.grad(
-                    selected.sum(),
-                    [*copies, *edges],
-                    create_graph=create_graph,
-                    allow_unused=True,
-                )
+                try:
+                    everything = torch.autograd.grad(
+                        selected.sum(),
+                        [*copies, *edges],
+                        create_graph=create_graph,
+                        allow_unused=True,
+                    )
+                except _CHECKPOINT_ERRORS as error:
+                    raise RuntimeError(
+                        "captum_fullgrad: the model recomputes part of its forward pass in "
+                        "the backward pass (activation checkpointing, torch.utils.checkpoint), "
+                        "and the traced capture's intercepts are not recomputed with it. "
+                        "Turn checkpointing off for attribution (timm: "
+                        "model.set_grad_checkpointing(False))."
+                    ) from error
                 gradients = list(everything[: len(copies)])
                 if edges:
                     capture.deliver_gradients(everything[len(copies) :])

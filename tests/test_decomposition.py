@@ -468,3 +468,32 @@ def test_hooks_do_not_fire_again_in_a_later_backward_pass():
     run.input_gradient.pow(2).sum().backward()
     assert len(calls) == first
     assert model[0].bias.grad is not None  # the double backward itself went through
+
+
+class _Checkpointed(nn.Module):
+    """Blocks under non-reentrant activation checkpointing (recomputed in the backward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.block = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.SiLU())
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        x = self.stem(x)
+        x = x + checkpoint(self.block, x, use_reentrant=False)
+        return self.head(x.mean((2, 3)))
+
+
+def test_activation_checkpointing_is_named_and_leaves_no_hook():
+    """The trace's intercepts are not recomputed with a checkpointed block: the error says
+    so and how to avoid it, instead of torch's count of saved tensors, and no hook stays."""
+    model = randomize_parameters_(_Checkpointed().double(), 0).eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    global_hooks = dict(torch.nn.modules.module._global_forward_hooks)
+    with pytest.raises(RuntimeError, match="activation checkpointing"):
+        FullGradient(model).attribute(x, target=1)
+    assert dict(torch.nn.modules.module._global_forward_hooks) == global_hooks
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
