@@ -1116,10 +1116,10 @@ class Pass:
 
 # What torch.utils.checkpoint raises when a recomputation saves other tensors than the
 # forward pass did (torch >= 2.1).
-_CHECKPOINT_ERRORS: Tuple[type, ...] = tuple(
+_CHECKPOINT_ERRORS: Tuple[type[BaseException], ...] = tuple(
     e
     for e in (getattr(getattr(torch.utils, "checkpoint", None), "CheckpointError", None),)
-    if isinstance(e, type)
+    if isinstance(e, type) and issubclass(e, BaseException)
 )
 
 
