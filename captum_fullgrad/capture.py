@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tupl
 import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
+from torch.utils import checkpoint as torch_checkpoint
 
 from . import _intercepts
 from ._intercepts import CHANNELS_FIRST, CHANNELS_LAST, Intercept, op_name
@@ -1118,7 +1119,7 @@ class Pass:
 # forward pass did (torch >= 2.1).
 _CHECKPOINT_ERRORS: Tuple[type[BaseException], ...] = tuple(
     e
-    for e in (getattr(getattr(torch.utils, "checkpoint", None), "CheckpointError", None),)
+    for e in (getattr(torch_checkpoint, "CheckpointError", None),)
     if isinstance(e, type) and issubclass(e, BaseException)
 )
 
