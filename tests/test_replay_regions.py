@@ -14,7 +14,7 @@ from captum_fullgrad import replay as replay_module
 from captum_fullgrad.testing import randomize_parameters_
 
 from .conftest import build_zoo_model, tiny_swin
-from .test_replay import Recorders
+from .test_replay import Recorders, replay_equals_trace
 
 
 @pytest.fixture
@@ -59,19 +59,8 @@ def _plan(fullgrad: FullGradient) -> replay_module.CapturePlan:
 def test_transformers_replay_a_plan_equal_to_the_trace(name, recorders):
     model = TRANSFORMERS[name]()
     x = torch.randn(3, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    target = [0, 3, 4]
-    fullgrad = FullGradient(model)
-    first, _ = _attribute(fullgrad, x, target)
-    second, second_delta = _attribute(fullgrad, x * 0.5, target)
-    traced, traced_delta = _attribute(FullGradient(model, reuse_capture=False), x * 0.5, target)
-    assert recorders.kinds == ["Capture", "Replay", "Capture"]
+    fullgrad = replay_equals_trace(recorders, model, x, [0, 3, 4])
     assert _plan(fullgrad).boundary_starts  # attention is replayed as region terms
-    torch.testing.assert_close(second, traced, rtol=1e-12, atol=1e-12)
-    # Eq. 1 closes on the replay as on the trace: the region terms are exact, and the
-    # steps outside them are still checked (a wrong region sign shows here).
-    torch.testing.assert_close(second_delta, traced_delta, rtol=0, atol=1e-12)
-    assert second_delta.abs().max() < 1e-12
-    assert not torch.equal(first, second)
 
 
 def test_region_weights_on_a_vit():
@@ -319,14 +308,8 @@ def test_timm_norms_and_gelu_are_steps(recorders):
 
     model = _timm("convnext_atto")
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
-    fullgrad = FullGradient(model)
-    _attribute(fullgrad, x, [0, 2])
-    replayed, delta = _attribute(fullgrad, x * 0.5, [0, 2])
-    traced, traced_delta = _attribute(FullGradient(model, reuse_capture=False), x * 0.5, [0, 2])
-    assert recorders.kinds == ["Capture", "Replay", "Capture"]
+    fullgrad = replay_equals_trace(recorders, model, x, [0, 2])
     assert not _plan(fullgrad).boundary_starts
-    torch.testing.assert_close(replayed, traced, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(delta, traced_delta, rtol=0, atol=1e-12)
     norm = model.stem[1]
     assert _intercepts.normalisation_settings(norm)[0] == "channel_layer_norm"
     norm._fast_norm = True  # its fused kernel: not F.layer_norm, so not recognised
@@ -357,17 +340,9 @@ def test_timm_batch_norm_act_is_a_step(recorders, name, kwargs):
     activation, so timm's EfficientNet, MobileNet-V3 and RegNet replay a plan."""
     model = _timm(name, **kwargs)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
-    fullgrad = FullGradient(model)
-    _attribute(fullgrad, x, [0, 3])
-    replayed, delta = _attribute(fullgrad, x * 0.5, [0, 3])
-    traced, traced_delta = _attribute(FullGradient(model, reuse_capture=False), x * 0.5, [0, 3])
-    assert recorders.kinds == ["Capture", "Replay", "Capture"]
-    plan = _plan(fullgrad)
-    inside = [s for s in plan.steps if s.batch_norm_inside]
+    fullgrad = replay_equals_trace(recorders, model, x, [0, 3])
+    inside = [s for s in _plan(fullgrad).steps if s.batch_norm_inside]
     assert inside or name == "resnet10t"
-    torch.testing.assert_close(replayed, traced, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(delta, traced_delta, rtol=0, atol=1e-12)
-    assert traced_delta.abs().max() < 1e-10
 
 
 def test_a_batch_norm_act_that_skips_its_batch_norm_is_traced(recorders):
