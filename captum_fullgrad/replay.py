@@ -206,6 +206,8 @@ class CapturePlan:
         # Each Conv/Linear step's source as last built: its intercept is the bias parameter
         # itself, so in-place changes are seen through it.
         self._sources: List[Optional[BiasSource]] = [None] * len(self.steps)
+        # Each BatchNorm step's source with the vectors it was built from.
+        self._batch_norm_sources: List[Optional[Tuple[Any, BiasSource]]] = [None] * len(self.steps)
 
     def source_for(
         self,
@@ -220,6 +222,11 @@ class CapturePlan:
             vectors = batch_norm.get(step)
             if vectors is None:
                 return None
+            last = self._batch_norm_sources[step]
+            if last is not None and last[0] is vectors:
+                # batch_norm_vectors served the last call's vectors (every value read
+                # unchanged): the source built from them is the same.
+                return last[1]
             scale, effective_bias, folded, block = vectors
             source = _with_intercept(
                 planned.template,
@@ -228,6 +235,7 @@ class CapturePlan:
                 ),
             )
             source.folded_vector, source.block_vector = folded, block
+            self._batch_norm_sources[step] = (vectors, source)
             return source
         bias = module.bias
         if not isinstance(bias, Tensor):
