@@ -160,8 +160,7 @@ class MapCollector:
             if stacked.dtype in _HALF:
                 stacked = stacked.float()
             views = []
-            for j, block in enumerate(blocks):
-                view = stacked[:, j]
+            for block, view in zip(blocks, stacked.unbind(1)):
                 previous = block_maps.get(block)
                 block_maps[block] = view if previous is None else previous + view
                 views.append(view)
@@ -273,23 +272,27 @@ def _segment_channel_sums(
     """
     first = members[0][1]
     batch, spatial = first.shape[0], first.shape[2:]
-    dtype, device = first.dtype, first.device
-    vectors = []
-    for source, _ in members:
-        vector = source.intercept.channel_vector
+    row_of = {block: row for row, block in enumerate(blocks)}
+    # One pass over the layers (host time is what this function is for).
+    vectors, grads, counts, rows = [], [], [], []
+    derived = True
+    for source, grad in members:
+        intercept = source.intercept
+        vector = intercept.channel_vector
         assert vector is not None
         vectors.append(source.folded_channel_vector(vector))
-    counts = tuple(g.shape[1] for _, g in members)
-    row_of = {block: row for row, block in enumerate(blocks)}
-    rows = tuple(row_of[source.block] for source, _ in members)
-    layout = _segment_layout(counts, rows, len(blocks), dtype, device)
-    derived = all(source.intercept.input_scale is not None for source, _ in members)
+        derived = derived and intercept.input_scale is not None
+        grads.append(grad)
+        counts.append(grad.shape[1])
+        rows.append(row_of[source.block])
+    layout = _segment_layout(tuple(counts), tuple(rows), len(blocks), first.dtype, first.device)
     weights = layout.weights(vectors, derived)
-    gradients = torch.cat([g for _, g in members], 1)
+    channels = layout.mask.shape[1]
+    gradients = torch.cat(grads, 1)
     if batch == 1:
-        summed = torch.mm(weights, gradients.view(sum(counts), -1))
+        summed = torch.mm(weights, gradients.view(channels, -1))
     else:
-        summed = torch.matmul(weights, gradients.view(batch, sum(counts), -1))
+        summed = torch.matmul(weights, gradients.view(batch, channels, -1))
     return summed.view(batch, len(blocks), *spatial)
 
 
