@@ -425,6 +425,10 @@ class Recorder(Protocol):
     Sources may instead be listed in ``gradient_edges`` (autograd edges, one per source):
     the backward pass then computes their gradients as it computes the input's, and
     :meth:`deliver_gradients` hands them to the collector.
+
+    :meth:`prepare_backward` receives the selected output before the backward pass; a
+    replay that finds its sources in the autograd graph fills ``sources`` there (and may
+    raise :class:`~captum_fullgrad.replay.ReplayMismatch`).
     """
 
     sources: List[BiasSource]
@@ -434,6 +438,8 @@ class Recorder(Protocol):
     def gradient_edges(self) -> Sequence[Any]: ...
 
     def deliver_gradients(self, gradients: Sequence[Optional[Tensor]]) -> None: ...
+
+    def prepare_backward(self, output: Tensor) -> None: ...
 
     def __enter__(self) -> "Recorder": ...
 
@@ -1007,6 +1013,9 @@ class Capture:
         if gradients:
             raise ValueError("a traced capture captures no gradients")
 
+    def prepare_backward(self, output: Tensor) -> None:
+        """Nothing to do: the trace hooked every source during the forward pass."""
+
     def _hook_for(self, source: BiasSource) -> Callable[[Tensor], None]:
         collector = self.collector
         return lambda grad: collector.on_gradient(source, grad)
@@ -1177,6 +1186,9 @@ def forward_backward(
             output = forward_func(*copies, *additional_forward_args)
         try:
             selected = select(output)
+            # A replay may find its sources in the graph now (raising ReplayMismatch
+            # before any backward pass when the graph is not the plan's).
+            capture.prepare_backward(selected)
             gradients: List[Optional[Tensor]] = [None] * len(copies)
             if selected.requires_grad:
                 edges = capture.gradient_edges

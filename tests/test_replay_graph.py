@@ -1,0 +1,271 @@
+"""The graph replay: a ReLU network's steps found in the autograd graph, not by module hooks.
+
+Each guard test first brings the plan to a graph replay (trace, hooked replay, graph
+replay), then changes the model so that the graph replay, were it not to check, would
+return a silent wrong result; the call must be traced again and equal a fresh trace.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+import pytest
+import torch
+from torch import nn
+
+from captum_fullgrad import FullGradient, replay
+from captum_fullgrad import capture as capture_module
+from captum_fullgrad.testing import randomize_parameters_
+
+from .conftest import build_zoo_model
+
+
+@pytest.fixture
+def modes(monkeypatch) -> List[str]:
+    """How each forward pass was recorded: ``trace``, or a replay's ``hooks`` or ``graph``
+    (``graph refused``: a graph replay that raised ReplayMismatch)."""
+    seen: List[str] = []
+    original = capture_module.forward_backward
+    enter = replay.Replay.__enter__
+    last: List[str] = []
+
+    def spy_enter(self):
+        last[:] = [self.mode]
+        return enter(self)
+
+    def spy(*args, **kwargs):
+        last.clear()
+        try:
+            run = original(*args, **kwargs)
+        except replay.ReplayMismatch:
+            seen.append(f"{last[0]} refused")
+            raise
+        seen.append(getattr(run.recorder, "mode", "trace"))
+        return run
+
+    monkeypatch.setattr(replay.Replay, "__enter__", spy_enter)
+    monkeypatch.setattr("captum_fullgrad.full_gradient.forward_backward", spy)
+    return seen
+
+
+def _attribute(fullgrad: FullGradient, x: torch.Tensor, target: int = 1):
+    return fullgrad.attribute(x, target=target, return_convergence_delta=True)
+
+
+def _assert_traced_result(model: nn.Module, x: torch.Tensor, result, target: int = 1) -> None:
+    traced, traced_delta = _attribute(FullGradient(model, reuse_capture=False), x, target)
+    torch.testing.assert_close(result[0], traced, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(result[1], traced_delta, rtol=0, atol=1e-12)
+    assert traced_delta.abs().max() < 1e-10
+
+
+class _Branches(nn.Module):
+    """Conv-BN pairs (folded), a convolution without a bias, two resolutions, a residual
+    (an output read twice), a Linear head, and a step whose output never reaches the
+    selected output (an auxiliary head computed and dropped)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.stem_bn = nn.BatchNorm2d(6)
+        self.body = nn.Conv2d(6, 6, 3, padding=1, bias=False)
+        self.body_bn = nn.BatchNorm2d(6)
+        self.down = nn.Conv2d(6, 8, 3, stride=2, padding=1)
+        self.aux = nn.Conv2d(8, 2, 1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        y = torch.relu(self.stem_bn(self.stem(x)))
+        y = torch.relu(self.body_bn(self.body(y)) + y)
+        y = torch.relu(self.down(y))
+        self.aux(y)  # computed, never used
+        return self.head(y.mean((2, 3)))
+
+
+def _branches() -> nn.Module:
+    return randomize_parameters_(_Branches().double(), 0).eval()
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen"])
+@pytest.mark.parametrize("captured", [True, False], ids=["captured", "hooked"])
+def test_a_relu_network_replays_from_its_graph_as_the_trace(modes, monkeypatch, captured, frozen):
+    if not captured:
+        monkeypatch.setattr(replay, "_CAPTURED_ELEMENTS", 0)  # every step's node hooked
+    # Frozen parameters have no AccumulateGrad nodes: another graph, the same steps.
+    model = _branches().requires_grad_(not frozen)
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    fullgrad = FullGradient(model)
+    _attribute(fullgrad, x * 2)
+    hooked = _attribute(fullgrad, x)
+    graph = _attribute(fullgrad, x)
+    assert modes == ["trace", "hooks", "graph"]
+    (plan,) = [p for p in fullgrad._plans._plans.values() if p is not None]
+    assert plan.graph is not None and None in plan.graph.step_positions  # the dropped head
+    for result in (hooked, graph):
+        _assert_traced_result(model, x, result)
+    for module in model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks
+
+
+def test_the_zoo_replays_from_its_graph(modes):
+    model = build_zoo_model("resnet18")
+    x = torch.randn(2, 3, 48, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    fullgrad = FullGradient(model)
+    _attribute(fullgrad, x * 2, target=3)
+    _attribute(fullgrad, x * 2, target=3)
+    result = _attribute(fullgrad, x, target=3)
+    assert modes == ["trace", "hooks", "graph"]
+    _assert_traced_result(model, x, result, target=3)
+
+
+def test_networks_with_activation_terms_keep_the_hooked_replay(modes):
+    """Steps whose terms need the module's input or output (ReLU6's identity here) are
+    not found in the graph: the plan never learns one."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU6(inplace=True),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 2),
+    )
+    model = randomize_parameters_(model.double(), 0).eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    fullgrad = FullGradient(model)
+    for _ in range(3):
+        _attribute(fullgrad, x)
+    assert modes == ["trace", "hooks", "hooks"]
+    (plan,) = [p for p in fullgrad._plans._plans.values() if p is not None]
+    assert not plan.graph_eligible and plan.graph is None
+
+
+def _to_graph_replay(model: nn.Module, x: torch.Tensor, modes: List[str]) -> FullGradient:
+    fullgrad = FullGradient(model)
+    for _ in range(3):
+        _attribute(fullgrad, x)
+    assert modes[-1] == "graph"
+    modes.clear()
+    return fullgrad
+
+
+class _RoutedNorm(nn.Module):
+    """``bn_a`` or ``bn_b`` by a flag; they share their affine parameters (one weight, one
+    bias) and differ only in their running statistics."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn_a = nn.BatchNorm2d(4)
+        self.bn_b = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 2)
+        self.route = "a"
+
+    def forward(self, x):
+        bn = self.bn_a if self.route == "a" else self.bn_b
+        return self.head(torch.relu(bn(self.conv(x))).mean((2, 3)))
+
+
+def test_a_batch_norm_routed_to_other_statistics_is_traced(modes):
+    model = randomize_parameters_(_RoutedNorm().double(), 0).eval()
+    model.bn_b.weight, model.bn_b.bias = model.bn_a.weight, model.bn_a.bias
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    fullgrad = _to_graph_replay(model, x, modes)
+    model.route = "b"
+    result = _attribute(fullgrad, x)
+    assert modes == ["graph refused", "trace"]  # and the call was traced
+    _assert_traced_result(model, x, result)
+
+
+class _RoutedLayers(nn.Module):
+    """A convolution and a Linear head, each one of two of the same shape by a flag."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_a = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv_b = nn.Conv2d(3, 4, 3, padding=1)
+        self.head_a = nn.Linear(4, 2)
+        self.head_b = nn.Linear(4, 2)
+        self.conv_route = self.head_route = "a"
+
+    def forward(self, x):
+        conv = self.conv_a if self.conv_route == "a" else self.conv_b
+        head = self.head_a if self.head_route == "a" else self.head_b
+        return head(torch.relu(conv(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("routed", ["conv_route", "head_route"])
+def test_a_layer_routed_to_another_of_the_same_shape_is_traced(modes, routed):
+    model = randomize_parameters_(_RoutedLayers().double(), 0).eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    fullgrad = _to_graph_replay(model, x, modes)
+    setattr(model, routed, "b")
+    result = _attribute(fullgrad, x)
+    assert modes == ["graph refused", "trace"]
+    _assert_traced_result(model, x, result)
+
+
+class _Optional(nn.Module):
+    """An operation with an intercept (``+ 0.5``) that a flag adds between two layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(4, 2)
+        self.shift = False
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        if self.shift:
+            y = y + 0.5
+        return self.head(y.mean((2, 3)))
+
+
+def test_an_operation_added_to_the_forward_is_traced(modes):
+    model = randomize_parameters_(_Optional().double(), 0).eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    fullgrad = _to_graph_replay(model, x, modes)
+    model.shift = True
+    result = _attribute(fullgrad, x)
+    assert modes == ["graph refused", "trace"]
+    _assert_traced_result(model, x, result)
+
+
+def test_a_bias_given_to_a_convolution_without_one_is_traced(modes):
+    # Frozen, as models often are for attribution: a new bias that requires no gradient
+    # adds no node (a trainable one would add its AccumulateGrad).
+    model = _branches().requires_grad_(False)
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    fullgrad = _to_graph_replay(model, x, modes)
+    # ``body`` had no bias (not a step): the same operations, one more source.
+    model.body.bias = nn.Parameter(torch.randn(6, dtype=torch.float64), requires_grad=False)
+    result = _attribute(fullgrad, x)
+    assert modes == ["graph refused", "trace"]
+    _assert_traced_result(model, x, result)
+
+
+def test_a_module_hook_added_after_the_plan_is_traced(modes):
+    """The graph replay checks every planned module's hooks as the hooked replay does:
+    a hook may change what a module computes in ways its operations do not show."""
+    model = _branches()
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    fullgrad = _to_graph_replay(model, x, modes)
+    handle = model.down.register_forward_hook(lambda module, args, output: None)
+    try:
+        result = _attribute(fullgrad, x)
+    finally:
+        handle.remove()
+    assert modes == ["graph refused", "trace"]
+    _assert_traced_result(model, x, result)
+
+
+def test_parameters_changed_between_graph_replays_are_read(modes):
+    model = _branches()
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    fullgrad = _to_graph_replay(model, x, modes)
+    with torch.no_grad():
+        model.stem.bias.add_(0.3)  # folded into stem_bn
+        model.down.bias.data.mul_(-2)  # captured, written through .data
+        model.head.bias = nn.Parameter(model.head.bias.detach() + 1)  # replaced
+        model.body_bn.running_var.mul_(2)
+    result = _attribute(fullgrad, x)
+    assert modes == ["graph"]
+    _assert_traced_result(model, x, result)
