@@ -22,7 +22,7 @@ channel sum, resize with ``align_corners=True``; the input term gets the same re
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -85,8 +85,6 @@ class MapCollector:
         self.block_maps: "OrderedDict[str, Tensor]" = OrderedDict()
         self._other_sum: Optional[Tensor] = None  # terms of sources outside the eq4 maps
         self._groups: Optional[List[Tensor]] = None
-        # Maps that on_gradients reduced already stacked, with the views block_maps holds.
-        self._stacks: List[Tuple[Tensor, List[Tensor]]] = []
         self.mapped_sources: List[BiasSource] = []
 
     # The replay need not call on_source per step: this collector reads nothing there.
@@ -111,64 +109,23 @@ class MapCollector:
             self._reduce(source, grad)
 
     def on_gradients(self, pairs: Sequence[Tuple[BiasSource, Tensor]]) -> None:
-        """Several sources' gradients at once (the small layers a replay captured).
+        """Several sources' gradients at once (the small layers a replay captured): the same
+        as one :meth:`on_gradient` per pair, with the autocast check made once.
 
-        The eq. 4 maps of layers whose channel sum contracts the gradient with a channel
-        vector (convolutions, BatchNorms) and that share a resolution are reduced in one
-        matrix product (:func:`_segment_channel_sums`); every other source as by
-        :meth:`on_gradient`. The result is the same as one ``on_gradient`` per pair.
+        One matrix product per resolution over the concatenated gradients was tried here
+        and measured slower than a matrix-vector product per layer, at batch 1 on one
+        thread (host time) as at batch 4 (the concatenation copies every gradient once
+        more): see docs/benchmarks.md.
         """
-        if _any_autocast_enabled() and pairs and _autocast_enabled(pairs[0][1].device.type):
-            with torch.autocast(pairs[0][1].device.type, enabled=False):
-                self._reduce_many(pairs)
-        else:
-            self._reduce_many(pairs)
-
-    def _reduce_many(self, pairs: Sequence[Tuple[BiasSource, Tensor]]) -> None:
-        # Host time is what this saves, so the per-pair work is kept to attribute reads.
-        groups: Dict[Tuple[Any, ...], List[Tuple[BiasSource, Tensor]]] = {}
-        batched = self.postprocess == EQ4 and self.selected is None
-        for pair in pairs:
-            source, grad = pair
-            intercept = source.intercept
-            if (
-                batched
-                and source.spatial
-                and source.channel_dim == 1
-                and intercept.channel_dim == 1
-                and intercept.channel_vector is not None
-                and grad.is_contiguous()
-            ):
-                shape = grad.shape
-                key = (shape[0], shape[2:], grad.dtype, grad.device)
-                members = groups.get(key)
-                if members is None:
-                    groups[key] = [pair]
-                else:
-                    members.append(pair)
-            else:
-                self._reduce(source, grad)
-        if not groups:
+        if not pairs:
             return
-        block_maps = self.block_maps
-        for members in groups.values():
-            if len(members) == 1:
-                self._reduce(*members[0])
-                continue
-            blocks = list(dict.fromkeys(source.block for source, _ in members))
-            stacked = _segment_channel_sums(members, blocks)
-            if stacked.dtype in _HALF:
-                stacked = stacked.float()
-            views = []
-            for block, view in zip(blocks, stacked.unbind(1)):
-                previous = block_maps.get(block)
-                block_maps[block] = view if previous is None else previous + view
-                views.append(view)
-            # These maps are stacked already: _grouped reuses the stack while it holds
-            # every map of its resolution as it is (nothing added before or since).
-            self._stacks.append((stacked, views))
-            self.mapped_sources.extend(source for source, _ in members)
-        self._groups = None
+        if _any_autocast_enabled() and _autocast_enabled(pairs[0][1].device.type):
+            with torch.autocast(pairs[0][1].device.type, enabled=False):
+                for source, grad in pairs:
+                    self._reduce(source, grad)
+        else:
+            for source, grad in pairs:
+                self._reduce(source, grad)
 
     def _reduce(self, source: BiasSource, grad: Tensor) -> None:
         in_map = source.spatial and (self.selected is None or self.selected(source))
@@ -204,16 +161,8 @@ class MapCollector:
             by_size: Dict[Tuple[int, ...], List[Tensor]] = OrderedDict()
             for m in self.block_maps.values():
                 by_size.setdefault(tuple(m.shape[1:]), []).append(m)
-            reusable = {
-                tuple(stacked.shape[2:]): (stacked, views) for stacked, views in self._stacks
-            }
             groups = []
-            for size, maps in by_size.items():
-                stacked, views = reusable.get(size, (None, ()))
-                if stacked is not None and len(views) == len(maps):
-                    if all(a is b for a, b in zip(views, maps)):
-                        groups.append(stacked)
-                        continue
+            for maps in by_size.values():
                 groups.append(torch.stack(maps, 1) if len(maps) > 1 else maps[0].unsqueeze(1))
             self._groups = groups
         return self._groups
@@ -257,97 +206,6 @@ class MapCollector:
             total = summed if total is None else total.add_(summed)
         assert total is not None
         return total[:, 0]
-
-
-def _segment_channel_sums(
-    members: Sequence[Tuple[BiasSource, Tensor]], blocks: Sequence[str]
-) -> Tensor:
-    """Each block's channel-summed bias-Jacobian, ``sum_c grad_c * b_c``, for layers of one
-    resolution in one matrix product: ``(B, n_blocks, *spatial)``.
-
-    The gradients ``(B, C_i, *spatial)`` are concatenated along the channels, and a
-    ``(n_blocks, sum C_i)`` matrix holds each layer's channel vector in its block's row
-    (a layer's own columns, zeros elsewhere), so the product sums the channels of each
-    layer, and of layers that share a block.
-    """
-    first = members[0][1]
-    batch, spatial = first.shape[0], first.shape[2:]
-    row_of = {block: row for row, block in enumerate(blocks)}
-    # One pass over the layers (host time is what this function is for).
-    vectors, grads, counts, rows = [], [], [], []
-    derived = True
-    for source, grad in members:
-        intercept = source.intercept
-        vector = intercept.channel_vector
-        assert vector is not None
-        vectors.append(source.folded_channel_vector(vector))
-        derived = derived and intercept.input_scale is not None
-        grads.append(grad)
-        counts.append(grad.shape[1])
-        rows.append(row_of[source.block])
-    layout = _segment_layout(tuple(counts), tuple(rows), len(blocks), first.dtype, first.device)
-    weights = layout.weights(vectors, derived)
-    channels = layout.mask.shape[1]
-    gradients = torch.cat(grads, 1)
-    if batch == 1:
-        summed = torch.mm(weights, gradients.view(channels, -1))
-    else:
-        summed = torch.matmul(weights, gradients.view(batch, channels, -1))
-    return summed.view(batch, len(blocks), *spatial)
-
-
-class _SegmentLayout:
-    """The ``(n_blocks, sum C_i)`` mask of one layout of layers, and the last weights made
-    from it. Vectors ``derived`` from BatchNorms (computed anew whenever a statistic or
-    parameter changes: a replay serves the same tensors while none does) that are the same
-    objects as last time give the same weights. Other vectors are a layer's own bias
-    parameter, which may have been written in place (even through ``.data``, without a
-    version bump): they are read every time."""
-
-    def __init__(self, mask: Tensor) -> None:
-        self.mask = mask
-        self._last: Optional[Tuple[Tuple[Tensor, ...], Tensor]] = None
-
-    def weights(self, vectors: Sequence[Tensor], derived: bool) -> Tensor:
-        last = self._last
-        if (
-            last is not None
-            and len(last[0]) == len(vectors)
-            and all(a is b for a, b in zip(last[0], vectors))
-        ):
-            return last[1]
-        mask = self.mask
-        vector = torch.cat(list(vectors))
-        weights = mask * (vector if vector.dtype == mask.dtype else vector.to(mask.dtype))
-        if derived:
-            self._last = (tuple(vectors), weights)
-        return weights
-
-
-# Segment layouts by (channel counts, block rows, dtype, device): a replay asks for the
-# same few on every call.
-_SEGMENT_LAYOUTS: Dict[Tuple[Any, ...], _SegmentLayout] = {}
-
-
-def _segment_layout(
-    counts: Tuple[int, ...],
-    rows: Tuple[int, ...],
-    n_rows: int,
-    dtype: torch.dtype,
-    device: torch.device,
-) -> _SegmentLayout:
-    key = (counts, rows, n_rows, dtype, device)
-    layout = _SEGMENT_LAYOUTS.get(key)
-    if layout is None:
-        mask = torch.zeros(n_rows, sum(counts), dtype=dtype, device=device)
-        start = 0
-        for count, row in zip(counts, rows):
-            mask[row, start : start + count] = 1
-            start += count
-        if len(_SEGMENT_LAYOUTS) > 256:
-            _SEGMENT_LAYOUTS.clear()
-        layout = _SEGMENT_LAYOUTS[key] = _SegmentLayout(mask)
-    return layout
 
 
 _any_autocast_enabled: Callable[[], bool] = getattr(

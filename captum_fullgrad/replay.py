@@ -56,10 +56,14 @@ channels, replaced by ``(1 - s) sum_c df/dy y + s (df/dy . beta)`` in eq. 4's ch
 Small layers (an output of at most ``_CAPTURED_ELEMENTS`` elements) whose term is a
 channel vector get no hook: the backward pass that computes the input gradient also
 returns the gradient at each such layer's autograd edge (``torch.autograd.grad`` with
-``GradientEdge`` inputs, torch >= 2.4), and the collector reduces the layers of one
-resolution in one matrix product afterwards. What a Python hook and a kernel per layer
-cost there is host time, not arithmetic; a larger layer keeps its hook, which reduces
-its gradient while it is in cache and lets it go.
+``GradientEdge`` inputs, torch >= 2.4), and the collector reduces them one by one
+afterwards. What a Python hook costs there is host time, not arithmetic; a larger layer
+keeps its hook, which reduces its gradient while it is in cache and lets it go.
+
+A plan whose steps are all Conv, Linear and BatchNorm layers (a ReLU network) goes one
+step further once a hooked replay has fitted it: the forward pass runs with no module hook
+at all, and the steps are found in the autograd graph before the backward pass, by one
+walk that also checks the graph against the one the hooked replay saw (``_Graph``).
 """
 
 from __future__ import annotations

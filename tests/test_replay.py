@@ -1019,25 +1019,25 @@ def _captured_network() -> nn.Module:
 
 
 def test_captured_gradients_give_the_hooked_and_traced_result(recorders, monkeypatch):
-    """Small layers' gradients captured by the backward pass (and reduced a resolution at
-    a time) give what per-layer hooks and the trace give, maps and delta."""
+    """Small layers' gradients captured by the backward pass (and handed over together
+    after it) give what per-layer hooks and the trace give, maps and delta."""
     from captum_fullgrad import aggregation, replay
 
     batches = []
-    original = aggregation._segment_channel_sums
+    original = aggregation.MapCollector.on_gradients
 
-    def spy(members, blocks):
-        batches.append(len(members))
-        return original(members, blocks)
+    def spy(self, pairs):
+        batches.append(len(pairs))
+        return original(self, pairs)
 
-    monkeypatch.setattr(aggregation, "_segment_channel_sums", spy)
+    monkeypatch.setattr(aggregation.MapCollector, "on_gradients", spy)
     model = _captured_network()
     x = torch.randn(3, 3, 12, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     traced = _attribute(FullGradient(model, reuse_capture=False), x)
     fullgrad = FullGradient(model)
     _attribute(fullgrad, x * 2)
     captured = _attribute(fullgrad, x)
-    assert batches and max(batches) >= 2  # layers of one resolution were reduced together
+    assert batches and max(batches) >= 2  # several layers were captured
     monkeypatch.setattr(replay, "_CAPTURED_ELEMENTS", 0)
     hooked = _attribute(fullgrad, x)
     assert recorders.kinds == ["Capture", "Capture", "Replay", "Replay"]
