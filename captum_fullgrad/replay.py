@@ -60,10 +60,11 @@ returns the gradient at each such layer's autograd edge (``torch.autograd.grad``
 afterwards. What a Python hook costs there is host time, not arithmetic; a larger layer
 keeps its hook, which reduces its gradient while it is in cache and lets it go.
 
-A plan whose steps are all Conv, Linear and BatchNorm layers (a ReLU network) goes one
-step further once a hooked replay has fitted it: the forward pass runs with no module hook
-at all, and the steps are found in the autograd graph before the backward pass, by one
-walk that also checks the graph against the one the hooked replay saw (``_Graph``).
+A plan without regions goes one step further once a hooked replay has fitted it: the
+forward pass runs without the global hook. Conv, Linear and BatchNorm steps are found in
+the autograd graph before the backward pass, by one walk that also checks the graph
+against the one the hooked replay saw; only the modules of the other steps get a forward
+hook of their own (``_Graph``).
 """
 
 from __future__ import annotations
@@ -207,19 +208,39 @@ class CapturePlan:
                 (self.boundary_returns.get(k) for k in range(len(self.calls))),
             )
         )
-        # Whether a replay may find the steps in the autograd graph instead of with module
-        # hooks (see ``_Graph``): no regions, no input read before a call, and only
-        # Conv/Linear/BatchNorm steps, whose nodes say which parameters they read.
-        self.graph_eligible = (
-            not self.boundary_starts
-            and not self.read_first
-            and all(
-                s.activation is None
-                and s.normalisation is None
-                and s.product_node is None
-                and not s.batch_norm_inside
-                for s in self.steps
+        # Steps whose terms need their module's call (its input or output): an activation,
+        # a normalisation, a returned product, timm's BatchNormAct2d. A graph replay hooks
+        # these modules only (``module_hooks``); the other steps are found in the graph.
+        self.module_steps = frozenset(
+            i
+            for i, s in enumerate(self.steps)
+            if s.activation is not None
+            or s.normalisation is not None
+            or s.product_node is not None
+            or s.batch_norm_inside
+        )
+        hooked: Dict[int, nn.Module] = {}
+        for module, step in zip(calls, step_at):
+            if step is not None and step in self.module_steps:
+                hooked.setdefault(id(module), module)
+        # Per hooked module: the step (or None) of each of its calls in order, and whether
+        # its input must be read before the call.
+        self.module_hooks: Tuple[
+            Tuple["weakref.ref[nn.Module]", Tuple[Optional[int], ...], bool], ...
+        ] = tuple(
+            (
+                weakref.ref(module),
+                tuple(step for m, step in zip(calls, step_at) if m is module),
+                key in self.read_first,
             )
+            for key, module in hooked.items()
+        )
+        # Whether a replay may find the steps in the autograd graph rather than with a
+        # global module hook (see ``_Graph``): no regions (their boundaries copy tensors in
+        # the forward pass), and no user hook on a module that the graph replay hooks (a
+        # module's own hooks run after the user's; the global hook runs before them).
+        self.graph_eligible = not self.boundary_starts and all(
+            key is None for module, key in zip(calls, self.hooks_at) if id(module) in hooked
         )
         # Learned by the first hooked replay that fits (see ``Replay.prepare_backward``).
         self.graph: Optional[_Graph] = None
@@ -400,7 +421,7 @@ class CapturePlan:
             if (
                 activation is not None
                 and activation_reads_input_first(activation)
-                and module._forward_pre_hooks
+                and (_hook_key(module) or ((), ()))[1]
             ):
                 return None  # its own pre-hooks run after the replay's, and may change the input
             position[id(source)] = len(steps)
@@ -742,10 +763,17 @@ def _foreach_batch_norm_vectors(
     return list(zip(scales, effective, folded, blocks))
 
 
+# Ids of the per-module hooks that graph replays hold at this moment (any thread's): not
+# the user's, so no plan's hook check may count them.
+_OWN_MODULE_HOOKS: set = set()
+
+
 def _hook_key(module: nn.Module) -> Any:
     if not (module._forward_hooks or module._forward_pre_hooks):
         return None
-    return (tuple(module._forward_hooks), tuple(module._forward_pre_hooks))
+    forward = tuple(k for k in module._forward_hooks if k not in _OWN_MODULE_HOOKS)
+    pre = tuple(k for k in module._forward_pre_hooks if k not in _OWN_MODULE_HOOKS)
+    return (forward, pre) if forward or pre else None
 
 
 def _global_hook_key() -> Any:
@@ -762,20 +790,25 @@ def _global_hook_key() -> Any:
 class _Graph:
     """A plan's autograd graph, as a hooked replay that fitted the plan found it.
 
-    A replay of a network whose steps are all Conv, Linear and BatchNorm layers (a ReLU
-    network: VGG, ResNet, DenseNet) can find its steps in the graph after the forward pass
-    instead of in module hooks during it: it then runs the forward pass as Saliency does,
-    without the module slow path that a global hook forces on every call, and reads the
-    graph once (about 0.5 us per node). Its guard is the graph itself:
+    A replay of a plan without regions finds its Conv, Linear and BatchNorm steps in the
+    graph after the forward pass instead of in a global module hook during it. Only the
+    modules of the other steps (activations, normalisations, returned products, timm's
+    BatchNormAct2d: the plan's ``module_steps``) get a forward hook of their own, which
+    handles their calls as the hooked replay does. Every other module call then takes
+    torch's fast path, as under Saliency (a global hook puts every call on the slow
+    path), and the graph is read once (about 2 us per node). Its guard is the graph:
 
     - every node, in one deterministic walk from the output (``_graph_nodes``), has the
       type it had: any operation added, removed or reordered shows, wherever it is (an
       operation with an intercept would be a source the plan does not have);
     - every convolution node has a bias exactly where it had one (a bias added to a
       layer is a source; a Linear's shows as ``AddmmBackward0`` for ``MmBackward0``);
-    - each step's node read its own module's parameters (``_step_node_matches``: a
+    - each layer step's node read its own module's parameters (``_step_node_matches``: a
       forward routed to another module of the same type and shape reads other
       parameters or statistics);
+    - each module step's module was called as often as planned, each call fitted its step
+      as in the hooked replay (attributes, shapes, node types), and its output's node is
+      where it was in the walk (a module used at another place shows);
     - as for the hooked replay, every planned module still has its forward hooks and the
       global hooks are the same.
 
@@ -784,8 +817,9 @@ class _Graph:
     """
 
     types: Tuple[type, ...]  # the type of each node, in the walk's order
-    # Where each step's node is in the walk; ``None`` for a step whose output does not
-    # reach the selected output (its gradient is zero: it has a source but no term).
+    # Where each step's node (the autograd node of its module call's output) is in the
+    # walk; ``None`` for a step whose output does not reach the selected output (its
+    # gradient is zero: it has a source but no term).
     step_positions: Tuple[Optional[int], ...]
     # (position, has a bias) for every convolution node.
     convolution_biases: Tuple[Tuple[int, bool], ...]
@@ -901,6 +935,11 @@ class Replay:
             {} if by_graph and plan.graph is None and plan.graph_eligible else None
         )
         self.mode = "graph" if self._graph is not None else "hooks"
+        # A graph replay's hooks on the modules of its module steps, and the sources those
+        # steps made, by step.
+        self._module_handles: List[Any] = []
+        self._observed: Dict[int, BiasSource] = {}
+        self._anchors: Dict[int, Any] = {}  # the module steps' output nodes, by step
 
     def __enter__(self) -> "Replay":
         if _global_hook_key() != self.plan.global_hooks:
@@ -914,7 +953,9 @@ class Replay:
         if self._graph is not None:
             if not self.plan.hooks_unchanged():
                 raise ReplayMismatch("a planned module is gone or its forward hooks changed")
-            return self  # the steps are found in the graph (prepare_backward)
+            # The other steps are found in the graph (prepare_backward).
+            self._install_module_step_hooks()
+            return self
         # One global forward hook rather than one per module: it sees every module call,
         # so the guard compares the whole call sequence with the trace's, and it costs
         # less than registering and removing a handle per module.
@@ -926,9 +967,62 @@ class Replay:
         )
         return self
 
+    def _install_module_step_hooks(self) -> None:
+        """Hooks on the modules of the plan's module steps only, each calling ``_observe``
+        for the step its call makes (a module may be called several times)."""
+        owner = threading.get_ident()
+        try:
+            for reference, steps, reads_first in self.plan.module_hooks:
+                module = reference()
+                if module is None:
+                    raise ReplayMismatch("a planned module is gone")
+                counter = [0]
+
+                def on_output(
+                    module: nn.Module,
+                    args: Any,
+                    output: Any,
+                    steps: Tuple[Optional[int], ...] = steps,
+                    counter: List[int] = counter,
+                ) -> None:
+                    if threading.get_ident() != owner:
+                        return  # another thread's forward pass through the same model
+                    k = counter[0]
+                    counter[0] = k + 1
+                    if k >= len(steps):
+                        self.matched = False
+                        return
+                    index = steps[k]
+                    if index is not None and self.matched:
+                        self._observe(index, module, args, output)
+
+                handle = module.register_forward_hook(on_output)
+                _OWN_MODULE_HOOKS.add(handle.id)
+                self._module_handles.append(handle)
+                if reads_first:
+
+                    def on_input(module: nn.Module, args: Any) -> None:
+                        if threading.get_ident() == owner:
+                            self._read_first(module, args)
+
+                    handle = module.register_forward_pre_hook(on_input)
+                    _OWN_MODULE_HOOKS.add(handle.id)
+                    self._module_handles.append(handle)
+        except BaseException:
+            self._remove_module_hooks()
+            raise
+
     def __exit__(self, *exc: Any) -> None:
         self._remove_module_hooks()
         if self._graph is not None:
+            # A call more than planned, or one that did not fit its step, shows here; a call
+            # fewer leaves its step unmade (prepare_backward) or changes the graph's nodes.
+            if exc[0] is None and not self.matched:
+                self.remove_gradient_hooks()
+                raise ReplayMismatch(
+                    "a module of a planned activation, normalisation or product was called "
+                    "more often than planned, or a call did not fit its step"
+                )
             return
         if exc[0] is None and (not self.matched or self._next != len(self.plan.calls)):
             self.remove_gradient_hooks()
@@ -965,10 +1059,11 @@ class Replay:
         for index in range(len(plan.steps)):
             node = learned[index]
             at = position.get(node)
-            module = plan.calls[plan.step_call[index]]()
-            if at is not None and (module is None or not _step_node_matches(node, module)):
-                plan.graph_eligible = False  # a step whose node does not show its module
-                return
+            if at is not None and index not in plan.module_steps:
+                module = plan.calls[plan.step_call[index]]()
+                if module is None or not _step_node_matches(node, module):
+                    plan.graph_eligible = False  # a layer's node does not show its module
+                    return
             positions.append(at)
         plan.graph = _Graph(
             types=tuple(map(type, nodes)),
@@ -995,7 +1090,22 @@ class Replay:
         collector = self.collector
         captured = self._capture
         limit = _CAPTURED_ELEMENTS
+        found: Dict[int, BiasSource] = {}
+        module_steps = plan.module_steps
+        walked: Optional[set] = None
         for index, at in enumerate(graph.step_positions):
+            if index in module_steps:
+                # Made by its module's hook during the forward pass; its output's node must
+                # be where it was (the same module call at the same place in the graph).
+                anchor = self._anchors.get(index)
+                if at is None:
+                    walked = set(nodes) if walked is None else walked
+                    fits = anchor is not None and anchor not in walked
+                else:
+                    fits = nodes[at] is anchor
+                if not fits:
+                    raise ReplayMismatch("a planned module call made another node of the graph")
+                continue
             module = plan.calls[plan.step_call[index]]()
             node = None if at is None else nodes[at]
             if module is None or (node is not None and not _step_node_matches(node, module)):
@@ -1003,7 +1113,7 @@ class Replay:
             source = plan.source_for(index, module, self._batch_norm)
             if source is None:
                 raise ReplayMismatch("a planned layer lost its bias or statistics")
-            self.sources.append(source)
+            found[index] = source
             if node is None or plan.steps[index].folded_into is not None:
                 continue
             if captured and plan._step_elements[index] <= limit:
@@ -1017,6 +1127,12 @@ class Replay:
                         )
                     )
                 )
+        # Every step's source in the plan's order (the forward pass's), as a hooked replay
+        # lists them: the module steps' came from their hooks during the forward pass.
+        found.update(self._observed)
+        if len(found) != len(plan.steps):
+            raise ReplayMismatch("a planned step was not made")
+        self.sources = [found[index] for index in range(len(plan.steps))]
 
     def _boundary_problem(self) -> Optional[str]:
         """Why a region's identity would not hold for this pass, or ``None``.
@@ -1049,17 +1165,24 @@ class Replay:
 
     def _remove_module_hooks(self) -> None:
         remove_global_module_hooks(self._handles)
+        for handle in self._module_handles:
+            handle.remove()
+            _OWN_MODULE_HOOKS.discard(handle.id)
+        self._module_handles.clear()
         self._linear_parts.clear()
 
-    def _on_input(self, module: nn.Module, args: Any) -> Any:
-        start = self._started
-        self._started = start + 1
+    def _read_first(self, module: nn.Module, args: Any) -> None:
         settings = self.plan.read_first.get(id(module))
         if settings is not None and args and isinstance(args[0], Tensor):
             if args[0]._base is not None or activation_backward_node(settings) is None:
                 # An in-place activation is about to overwrite its input: g'(a) a now.
                 # (Otherwise its node saves the input: the term comes from the backward pass.)
                 self._linear_parts[id(module)] = activation_linear_part(settings, args[0])
+
+    def _on_input(self, module: nn.Module, args: Any) -> Any:
+        start = self._started
+        self._started = start + 1
+        self._read_first(module, args)
         boundary = self.plan.boundary_starts.get(start)
         if boundary is None or not self.matched:
             return None
@@ -1259,7 +1382,11 @@ class Replay:
                 self.matched = False
                 return
             source = planned_source
-        self.sources.append(source)
+        if self._graph is not None:
+            self._observed[index] = source  # listed in order by prepare_backward
+            self._anchors[index] = output.grad_fn
+        else:
+            self.sources.append(source)
         if self._sources_wanted:
             intercept = source.intercept
             # A BatchNorm inside a module: its own output is not at hand (the module's is

@@ -118,24 +118,54 @@ def test_the_zoo_replays_from_its_graph(modes):
     _assert_traced_result(model, x, result, target=3)
 
 
-def test_networks_with_activation_terms_keep_the_hooked_replay(modes):
-    """Steps whose terms need the module's input or output (ReLU6's identity here) are
-    not found in the graph: the plan never learns one."""
-    model = nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1),
-        nn.ReLU6(inplace=True),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(4, 2),
-    )
-    model = randomize_parameters_(model.double(), 0).eval()
-    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+def _module_step_networks():
+    from torchvision.models.convnext import LayerNorm2d
+
+    from .test_replay import ACTIVATION_MODULES, Gate, _activation_network
+
+    gated = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), Gate(), nn.Flatten(), nn.Linear(144, 2))
+    norms = [LayerNorm2d(4, eps=0.1), nn.GroupNorm(2, 4, eps=0.1)]
+    shared = nn.SiLU()  # one module, two steps
+    return {
+        "activations": _activation_network(ACTIVATION_MODULES),
+        "in_place": _activation_network(
+            [nn.SiLU(inplace=True), nn.Hardswish(inplace=True), nn.ReLU6(inplace=True)]
+        ),
+        "product": randomize_parameters_(gated.double(), 0).eval(),
+        "normalisations": _activation_network(norms),
+        "shared_module": _activation_network([shared, nn.ReLU(), shared]),
+    }
+
+
+@pytest.mark.parametrize("name", list(_module_step_networks()))
+def test_module_steps_replay_from_the_graph_as_the_trace(modes, name):
+    """Activations, normalisations and returned products keep a hook on their own module
+    (their terms need its call); every other layer is found in the graph."""
+    model = _module_step_networks()[name]
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    fullgrad = FullGradient(model)
+    _attribute(fullgrad, x * 2)
+    hooked = _attribute(fullgrad, x)
+    graph = _attribute(fullgrad, x)
+    assert modes == ["trace", "hooks", "graph"]
+    for result in (hooked, graph):
+        _assert_traced_result(model, x, result)
+    for module in model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks
+
+
+def test_regions_keep_the_hooked_replay(modes):
+    """A region's boundary copies tensors in the forward pass: no graph replay."""
+    from .test_replay_regions import _token_net
+
+    model = _token_net()
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
     fullgrad = FullGradient(model)
     for _ in range(3):
         _attribute(fullgrad, x)
     assert modes == ["trace", "hooks", "hooks"]
     (plan,) = [p for p in fullgrad._plans._plans.values() if p is not None]
-    assert not plan.graph_eligible and plan.graph is None
+    assert plan.boundary_starts and not plan.graph_eligible and plan.graph is None
 
 
 def _to_graph_replay(model: nn.Module, x: torch.Tensor, modes: List[str]) -> FullGradient:
@@ -253,6 +283,53 @@ def test_a_module_hook_added_after_the_plan_is_traced(modes):
         result = _attribute(fullgrad, x)
     finally:
         handle.remove()
+    assert modes == ["graph refused", "trace"]
+    _assert_traced_result(model, x, result)
+
+
+class _TwoActivations(nn.Module):
+    """Two activation modules; a flag swaps the places where they are used."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_a = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv_b = nn.Conv2d(4, 4, 3, padding=1)
+        self.act_a = nn.GELU()
+        self.act_b = nn.GELU(approximate="tanh")
+        self.head = nn.Linear(4, 2)
+        self.swapped = False
+
+    def forward(self, x):
+        first, second = (self.act_b, self.act_a) if self.swapped else (self.act_a, self.act_b)
+        y = second(self.conv_b(first(self.conv_a(x))))
+        return self.head(y.mean((2, 3)))
+
+
+def test_activation_modules_used_at_other_places_are_traced(modes):
+    model = randomize_parameters_(_TwoActivations().double(), 0).eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+    fullgrad = _to_graph_replay(model, x, modes)
+    model.swapped = True
+    result = _attribute(fullgrad, x)
+    assert modes == ["graph refused", "trace"]
+    _assert_traced_result(model, x, result)
+
+
+@pytest.mark.parametrize("change", ["attribute", "extra_call", "missing_call"])
+def test_a_module_step_that_leaves_its_plan_is_traced(modes, change):
+    from .test_replay import _activation_network
+
+    shared = nn.SiLU()
+    model = _activation_network([nn.GELU(), shared, shared])
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+    fullgrad = _to_graph_replay(model, x, modes)
+    if change == "attribute":
+        model[1].approximate = "tanh"  # the same node type, another intercept
+    elif change == "extra_call":
+        model[1] = shared  # the shared SiLU called three times, the GELU never
+    else:
+        model[5] = nn.SiLU()  # the shared SiLU called once
+    result = _attribute(fullgrad, x)
     assert modes == ["graph refused", "trace"]
     _assert_traced_result(model, x, result)
 
