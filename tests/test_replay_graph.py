@@ -346,3 +346,48 @@ def test_parameters_changed_between_graph_replays_are_read(modes):
     result = _attribute(fullgrad, x)
     assert modes == ["graph"]
     _assert_traced_result(model, x, result)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"postprocess": "neurips2019"},
+        {"postprocess": "signed"},
+        {"layers": ["stem_bn", "down"]},
+        {"single_channel": True},
+        {"channels_last": True},
+    ],
+    ids=lambda options: "-".join(f"{k}={v}" for k, v in options.items()),
+)
+def test_graph_replays_in_every_mode_equal_the_trace(modes, options):
+    options = dict(options)
+    layers = options.pop("layers", None)
+    model = _branches()
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    if options.pop("channels_last", False):
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    fullgrad = FullGradient(model, layers=layers)
+    for scale in (2, 1, 1):
+        result = fullgrad.attribute(x * scale, target=1, return_convergence_delta=True, **options)
+    assert modes == ["trace", "hooks", "graph"]
+    traced = FullGradient(model, layers=layers, reuse_capture=False).attribute(
+        x, target=1, return_convergence_delta=True, **options
+    )
+    torch.testing.assert_close(result[0], traced[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(result[1], traced[1], rtol=0, atol=1e-12)
+
+
+def test_autocast_keeps_the_hooked_replay(modes):
+    """Under autocast a layer's node saved a cast copy of its weight, not the module's:
+    the graph cannot show which module ran, so the plan keeps the hooked replay."""
+    model = randomize_parameters_(_Branches(), 0).eval()
+    x = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(13))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fullgrad = FullGradient(model)
+        for scale in (2, 1, 1):
+            result = _attribute(fullgrad, x * scale)
+        traced = _attribute(FullGradient(model, reuse_capture=False), x)
+    assert modes[:3] == ["trace", "hooks", "hooks"]
+    torch.testing.assert_close(result[0], traced[0])
+    torch.testing.assert_close(result[1], traced[1])
