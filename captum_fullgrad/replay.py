@@ -926,9 +926,10 @@ class Replay:
         self._capture = capture_gradients and gradient_edges_supported()
         self._captured: List[BiasSource] = []
         self.gradient_edges: List[Any] = []
-        # The graph replay serves the eq. 4 collector's captured path only: a collector
-        # that reads each source's output, or hooks for every layer, need the module hooks.
-        by_graph = self._capture and not self._sources_wanted
+        # The graph replay serves collectors that read nothing at the forward pass (the
+        # eq. 4 collector), without a differentiable backward pass (training's collectors
+        # read each source's output and keep graphs: they keep the module hooks).
+        by_graph = capture_gradients and not self._sources_wanted
         self._graph = plan.graph if by_graph else None
         # Each step's autograd node, while a hooked replay learns the plan's graph.
         self._learning: Optional[Dict[int, Any]] = (
@@ -1065,14 +1066,19 @@ class Replay:
                     plan.graph_eligible = False  # a layer's node does not show its module
                     return
             positions.append(at)
-        plan.graph = _Graph(
-            types=tuple(map(type, nodes)),
-            step_positions=tuple(positions),
-            convolution_biases=tuple(
+        try:
+            biases = tuple(
                 (i, _convolution_has_bias(node))
                 for i, node in enumerate(nodes)
                 if _is_convolution_node(node)
-            ),
+            )
+        except (AttributeError, RuntimeError):  # a torch whose nodes do not show the bias
+            plan.graph_eligible = False
+            return
+        plan.graph = _Graph(
+            types=tuple(map(type, nodes)),
+            step_positions=tuple(positions),
+            convolution_biases=biases,
         )
 
     def _replay_graph(self, output: Tensor) -> None:
