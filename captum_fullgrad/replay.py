@@ -1136,6 +1136,7 @@ class Replay:
         # Every step's source in the plan's order (the forward pass's), as a hooked replay
         # lists them: the module steps' came from their hooks during the forward pass.
         found.update(self._observed)
+        self._anchors.clear()  # nodes of this graph: not kept past the backward pass
         if len(found) != len(plan.steps):
             raise ReplayMismatch("a planned step was not made")
         self.sources = [found[index] for index in range(len(plan.steps))]
@@ -1251,6 +1252,7 @@ class Replay:
         self._hooks.clear()
         self._captured = []
         self.gradient_edges = []
+        self._anchors.clear()
 
     def deliver_gradients(self, gradients: Sequence[Optional[Tensor]]) -> None:
         """Hand the collector the gradients that the backward pass captured at
