@@ -86,6 +86,21 @@ def _branches() -> nn.Module:
     return randomize_parameters_(_Branches().double(), 0).eval()
 
 
+def _hooked_then_graph(model: nn.Module, x: torch.Tensor, modes: List[str]) -> FullGradient:
+    """Trace, hooked replay, graph replay: both replays equal the trace, and no hook is
+    left on the model; returns the FullGradient (its plan)."""
+    fullgrad = FullGradient(model)
+    _attribute(fullgrad, x * 2)
+    hooked = _attribute(fullgrad, x)
+    graph = _attribute(fullgrad, x)
+    assert modes == ["trace", "hooks", "graph"]
+    for result in (hooked, graph):
+        _assert_traced_result(model, x, result)
+    for module in model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks
+    return fullgrad
+
+
 @pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen"])
 @pytest.mark.parametrize("captured", [True, False], ids=["captured", "hooked"])
 def test_a_relu_network_replays_from_its_graph_as_the_trace(modes, monkeypatch, captured, frozen):
@@ -94,17 +109,9 @@ def test_a_relu_network_replays_from_its_graph_as_the_trace(modes, monkeypatch, 
     # Frozen parameters have no AccumulateGrad nodes: another graph, the same steps.
     model = _branches().requires_grad_(not frozen)
     x = torch.randn(2, 3, 12, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    fullgrad = FullGradient(model)
-    _attribute(fullgrad, x * 2)
-    hooked = _attribute(fullgrad, x)
-    graph = _attribute(fullgrad, x)
-    assert modes == ["trace", "hooks", "graph"]
+    fullgrad = _hooked_then_graph(model, x, modes)
     (plan,) = [p for p in fullgrad._plans._plans.values() if p is not None]
     assert plan.graph is not None and None in plan.graph.step_positions  # the dropped head
-    for result in (hooked, graph):
-        _assert_traced_result(model, x, result)
-    for module in model.modules():
-        assert not module._forward_hooks and not module._forward_pre_hooks
 
 
 def test_the_zoo_replays_from_its_graph(modes):
@@ -143,15 +150,7 @@ def test_module_steps_replay_from_the_graph_as_the_trace(modes, name):
     (their terms need its call); every other layer is found in the graph."""
     model = _module_step_networks()[name]
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
-    fullgrad = FullGradient(model)
-    _attribute(fullgrad, x * 2)
-    hooked = _attribute(fullgrad, x)
-    graph = _attribute(fullgrad, x)
-    assert modes == ["trace", "hooks", "graph"]
-    for result in (hooked, graph):
-        _assert_traced_result(model, x, result)
-    for module in model.modules():
-        assert not module._forward_hooks and not module._forward_pre_hooks
+    _hooked_then_graph(model, x, modes)
 
 
 def test_regions_keep_the_hooked_replay(modes):
@@ -177,32 +176,24 @@ def _to_graph_replay(model: nn.Module, x: torch.Tensor, modes: List[str]) -> Ful
     return fullgrad
 
 
-class _RoutedNorm(nn.Module):
-    """``bn_a`` or ``bn_b`` by a flag; they share their affine parameters (one weight, one
-    bias) and differ only in their running statistics."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
-        self.bn_a = nn.BatchNorm2d(4)
-        self.bn_b = nn.BatchNorm2d(4)
-        self.head = nn.Linear(4, 2)
-        self.route = "a"
-
-    def forward(self, x):
-        bn = self.bn_a if self.route == "a" else self.bn_b
-        return self.head(torch.relu(bn(self.conv(x))).mean((2, 3)))
+def _refused_after(model: nn.Module, x: torch.Tensor, modes: List[str], change) -> None:
+    """Bring the plan to a graph replay, ``change()`` the model: the graph replay must
+    refuse (and the call be traced), with the fresh trace's result."""
+    fullgrad = _to_graph_replay(model, x, modes)
+    change()
+    result = _attribute(fullgrad, x)
+    assert modes == ["graph refused", "trace"]
+    _assert_traced_result(model, x, result)
 
 
 def test_a_batch_norm_routed_to_other_statistics_is_traced(modes):
-    model = randomize_parameters_(_RoutedNorm().double(), 0).eval()
+    from .test_replay import Routed
+
+    model = randomize_parameters_(Routed().double(), 0).eval()
+    # The two BatchNorms share their affine parameters: only the statistics differ.
     model.bn_b.weight, model.bn_b.bias = model.bn_a.weight, model.bn_a.bias
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    fullgrad = _to_graph_replay(model, x, modes)
-    model.route = "b"
-    result = _attribute(fullgrad, x)
-    assert modes == ["graph refused", "trace"]  # and the call was traced
-    _assert_traced_result(model, x, result)
+    _refused_after(model, x, modes, lambda: setattr(model, "route", "b"))
 
 
 class _RoutedLayers(nn.Module):
@@ -226,11 +217,7 @@ class _RoutedLayers(nn.Module):
 def test_a_layer_routed_to_another_of_the_same_shape_is_traced(modes, routed):
     model = randomize_parameters_(_RoutedLayers().double(), 0).eval()
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
-    fullgrad = _to_graph_replay(model, x, modes)
-    setattr(model, routed, "b")
-    result = _attribute(fullgrad, x)
-    assert modes == ["graph refused", "trace"]
-    _assert_traced_result(model, x, result)
+    _refused_after(model, x, modes, lambda: setattr(model, routed, "b"))
 
 
 class _Optional(nn.Module):
@@ -252,11 +239,7 @@ class _Optional(nn.Module):
 def test_an_operation_added_to_the_forward_is_traced(modes):
     model = randomize_parameters_(_Optional().double(), 0).eval()
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    fullgrad = _to_graph_replay(model, x, modes)
-    model.shift = True
-    result = _attribute(fullgrad, x)
-    assert modes == ["graph refused", "trace"]
-    _assert_traced_result(model, x, result)
+    _refused_after(model, x, modes, lambda: setattr(model, "shift", True))
 
 
 def test_a_bias_given_to_a_convolution_without_one_is_traced(modes):
@@ -264,12 +247,9 @@ def test_a_bias_given_to_a_convolution_without_one_is_traced(modes):
     # adds no node (a trainable one would add its AccumulateGrad).
     model = _branches().requires_grad_(False)
     x = torch.randn(2, 3, 12, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
-    fullgrad = _to_graph_replay(model, x, modes)
     # ``body`` had no bias (not a step): the same operations, one more source.
-    model.body.bias = nn.Parameter(torch.randn(6, dtype=torch.float64), requires_grad=False)
-    result = _attribute(fullgrad, x)
-    assert modes == ["graph refused", "trace"]
-    _assert_traced_result(model, x, result)
+    bias = nn.Parameter(torch.randn(6, dtype=torch.float64), requires_grad=False)
+    _refused_after(model, x, modes, lambda: setattr(model.body, "bias", bias))
 
 
 def test_a_module_hook_added_after_the_plan_is_traced(modes):
@@ -277,14 +257,17 @@ def test_a_module_hook_added_after_the_plan_is_traced(modes):
     a hook may change what a module computes in ways its operations do not show."""
     model = _branches()
     x = torch.randn(2, 3, 12, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
-    fullgrad = _to_graph_replay(model, x, modes)
-    handle = model.down.register_forward_hook(lambda module, args, output: None)
+    handles = []
     try:
-        result = _attribute(fullgrad, x)
+        _refused_after(
+            model,
+            x,
+            modes,
+            lambda: handles.append(model.down.register_forward_hook(lambda m, a, o: None)),
+        )
     finally:
-        handle.remove()
-    assert modes == ["graph refused", "trace"]
-    _assert_traced_result(model, x, result)
+        for handle in handles:
+            handle.remove()
 
 
 class _TwoActivations(nn.Module):
@@ -308,11 +291,7 @@ class _TwoActivations(nn.Module):
 def test_activation_modules_used_at_other_places_are_traced(modes):
     model = randomize_parameters_(_TwoActivations().double(), 0).eval()
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
-    fullgrad = _to_graph_replay(model, x, modes)
-    model.swapped = True
-    result = _attribute(fullgrad, x)
-    assert modes == ["graph refused", "trace"]
-    _assert_traced_result(model, x, result)
+    _refused_after(model, x, modes, lambda: setattr(model, "swapped", True))
 
 
 @pytest.mark.parametrize("change", ["attribute", "extra_call", "missing_call"])
@@ -322,16 +301,12 @@ def test_a_module_step_that_leaves_its_plan_is_traced(modes, change):
     shared = nn.SiLU()
     model = _activation_network([nn.GELU(), shared, shared])
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
-    fullgrad = _to_graph_replay(model, x, modes)
-    if change == "attribute":
-        model[1].approximate = "tanh"  # the same node type, another intercept
-    elif change == "extra_call":
-        model[1] = shared  # the shared SiLU called three times, the GELU never
-    else:
-        model[5] = nn.SiLU()  # the shared SiLU called once
-    result = _attribute(fullgrad, x)
-    assert modes == ["graph refused", "trace"]
-    _assert_traced_result(model, x, result)
+    changes = {
+        "attribute": lambda: setattr(model[1], "approximate", "tanh"),  # same node, other c
+        "extra_call": lambda: model.__setitem__(1, shared),  # the shared SiLU thrice, no GELU
+        "missing_call": lambda: model.__setitem__(5, nn.SiLU()),  # the shared SiLU once
+    }
+    _refused_after(model, x, modes, changes[change])
 
 
 def test_parameters_changed_between_graph_replays_are_read(modes):
