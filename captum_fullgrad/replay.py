@@ -771,8 +771,13 @@ _OWN_MODULE_HOOKS: set = set()
 def _hook_key(module: nn.Module) -> Any:
     if not (module._forward_hooks or module._forward_pre_hooks):
         return None
-    forward = tuple(k for k in module._forward_hooks if k not in _OWN_MODULE_HOOKS)
-    pre = tuple(k for k in module._forward_pre_hooks if k not in _OWN_MODULE_HOOKS)
+    # tuple(dict) copies the keys in one C call: another thread's replay may add or remove
+    # its hooks on the same module meanwhile, which a Python loop over the dict would not
+    # survive.
+    forward, pre = tuple(module._forward_hooks), tuple(module._forward_pre_hooks)
+    if _OWN_MODULE_HOOKS:
+        forward = tuple(k for k in forward if k not in _OWN_MODULE_HOOKS)
+        pre = tuple(k for k in pre if k not in _OWN_MODULE_HOOKS)
     return (forward, pre) if forward or pre else None
 
 
@@ -781,8 +786,12 @@ def _global_hook_key() -> Any:
 
     # This package's own hooks (another thread's capture or replay) are not the user's.
     return (
-        tuple(k for k in module_file._global_forward_hooks if k not in _OWN_GLOBAL_HOOKS),
-        tuple(k for k in module_file._global_forward_pre_hooks if k not in _OWN_GLOBAL_HOOKS),
+        # Keys copied in one C call first (another thread's replay adds and removes its
+        # global hooks meanwhile).
+        tuple(k for k in tuple(module_file._global_forward_hooks) if k not in _OWN_GLOBAL_HOOKS),
+        tuple(
+            k for k in tuple(module_file._global_forward_pre_hooks) if k not in _OWN_GLOBAL_HOOKS
+        ),
     )
 
 
