@@ -245,6 +245,8 @@ class CapturePlan:
         # Learned by the first hooked replay that fits (see ``Replay.prepare_backward``).
         self.graph: Optional[_Graph] = None
         self._step_elements = tuple(s.shape.numel() for s in self.steps)
+        # Each step's output shape as autograd's node metadata gives it (a list).
+        self._step_shapes = tuple(list(s.shape) for s in self.steps)
         # Each Conv/Linear step's source as last built: its intercept is the bias parameter
         # itself, so in-place changes are seen through it.
         self._sources: List[Optional[BiasSource]] = [None] * len(self.steps)
@@ -812,17 +814,25 @@ class _Graph:
       operation with an intercept would be a source the plan does not have);
     - every convolution node has a bias exactly where it had one (a bias added to a
       layer is a source; a Linear's shows as ``AddmmBackward0`` for ``MmBackward0``);
-    - each layer step's node read its own module's parameters (``_step_node_matches``: a
-      forward routed to another module of the same type and shape reads other
-      parameters or statistics);
+    - each layer step's node read its own module's weight (and a BatchNorm's running
+      mean; a bias that requires a gradient shows in the node's edge:
+      ``_step_node_matches``), so a forward routed to another module of the same type
+      and shape is seen, and its output has the planned shape (``_output_shape``: a
+      stride changed in place, or a size taken from an argument's value, would change
+      which layers are spatial);
     - each module step's module was called as often as planned, each call fitted its step
       as in the hooked replay (attributes, shapes, node types), and its output's node is
       where it was in the walk (a module used at another place shows);
     - as for the hooked replay, every planned module still has its forward hooks and the
       global hooks are the same.
 
-    Shapes are not compared: with the input's shape fixed by the plan's signature, the
-    same operations on the same parameters give the same shapes.
+    A plan keeps the hooked replay where the graph cannot show which module ran
+    (``_graph_cannot_tell``: tied weights, a layer called twice, a leaf module of a kind
+    that may have an intercept), under autocast (nodes save cast weights), and where a
+    Linear runs on more than two dimensions (its node is not an ``addmm``). Not seen: a
+    bias swapped in for the call only (``torch.func.functional_call`` inside a module's
+    forward) that requires no gradient, and weights tied after the plan learned its
+    graph; ``reuse_capture=False`` traces every call.
     """
 
     types: Tuple[type, ...]  # the type of each node, in the walk's order
@@ -882,6 +892,7 @@ def _step_node_matches(node: Any, module: nn.Module) -> bool:
                 _is_convolution_node(node)
                 and node._saved_weight is module._parameters.get("weight")
                 and _convolution_has_bias(node)
+                and _bias_edge_fits(node.next_functions[2][0], module)
             )
         if isinstance(module, nn.Linear):
             # addmm(bias, x, weight.t()): the saved factor is a view of the weight.
@@ -892,10 +903,112 @@ def _step_node_matches(node: Any, module: nn.Module) -> bool:
                 and saved is not None
                 and saved.data_ptr() == weight.data_ptr()
                 and tuple(saved.shape) == tuple(weight.shape)[::-1]
+                and _bias_edge_fits(node.next_functions[0][0], module)
             )
     except (AttributeError, RuntimeError):
         # No such saved value (another kind of node), or one freed by a backward pass.
         return False
+    return False
+
+
+def _bias_edge_fits(edge: Any, module: nn.Module) -> bool:
+    """Where the bias the node added requires a gradient, its edge shows which tensor it
+    was (the module's own, not one swapped in for the call, as ``functional_call`` does);
+    a bias that requires none leaves no edge to check."""
+    variable = getattr(edge, "variable", None)
+    return variable is None or variable is module._parameters.get("bias")
+
+
+def _output_shape(node: Any) -> Optional[List[int]]:
+    """The shape of the first output of the operation that made ``node`` (what its
+    backward pass expects as gradient), or ``None`` where torch does not show it."""
+    try:
+        return node._input_metadata[0].shape
+    except (AttributeError, IndexError, RuntimeError):
+        return None
+
+
+# Leaf modules whose calls have no intercept whatever their attributes: a graph replay does
+# not see non-step calls, so any other leaf module (a padding's fill value, a module of
+# unknown kind) could be swapped for another with the same operations and an intercept.
+_INTERCEPT_FREE_LEAVES: Tuple[type, ...] = (
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+    nn.Flatten,
+    nn.Unflatten,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.Upsample,
+)
+# The same for other libraries' modules, by (module path, class name), without importing
+# them: torchvision's stochastic depth (the identity in evaluation) and Permute.
+_INTERCEPT_FREE_LIBRARY_LEAVES = frozenset(
+    {
+        ("torchvision.ops.stochastic_depth", "StochasticDepth"),
+        ("torchvision.ops.misc", "Permute"),
+    }
+)
+
+
+def _intercept_free_leaf(module: nn.Module) -> bool:
+    kind = type(module)
+    return isinstance(module, _INTERCEPT_FREE_LEAVES) or (
+        (kind.__module__, kind.__name__) in _INTERCEPT_FREE_LIBRARY_LEAVES
+    )
+
+
+def _graph_cannot_tell(plan: "CapturePlan") -> bool:
+    """Whether the graph cannot show which module ran where, so the plan must keep the
+    hooked replay (which checks every module call):
+
+    - a Conv/Linear/BatchNorm module called more than once (its nodes saved the same
+      weight, so they cannot tell its calls apart);
+    - a call of a leaf module that is neither a step, a Conv/Linear/BatchNorm layer nor of a
+      kind without intercept (``_INTERCEPT_FREE_LEAVES``);
+    - a tensor shared by two parameters or buffers of the model (tied weights: a node
+      showing the weight would not show whose bias it added).
+    """
+    alive = [call() for call in plan.calls]
+    modules = [m for m in alive if m is not None]
+    if len(modules) != len(alive):
+        return True
+    layers = [m for m in modules if isinstance(m, (*_CONVOLUTIONS, nn.Linear, *_BATCH_NORMS))]
+    if len({id(m) for m in layers}) != len(layers):
+        return True
+    for module, step in zip(modules, plan.step_at):
+        if step is None and not isinstance(module, (*_CONVOLUTIONS, nn.Linear, *_BATCH_NORMS)):
+            # ``is None``: an empty Sequential child is falsy but still a child.
+            leaf = next(iter(module.children()), None) is None
+            if leaf and not _intercept_free_leaf(module):
+                return True
+    # The outermost call returns last: the model (or the outermost module the forward ran).
+    root = modules[-1]
+    seen: set = set()
+    tensors: List[Tensor] = [t for _, t in root.named_parameters(remove_duplicate=False)]
+    tensors += [t for _, t in root.named_buffers(remove_duplicate=False)]
+    for tensor in tensors:
+        if tensor.numel() == 0:
+            continue
+        key = (tensor.device, tensor.untyped_storage().data_ptr())
+        if key in seen:
+            return True
+        seen.add(key)
     return False
 
 
@@ -1060,7 +1173,7 @@ class Replay:
         self._learning = None
         if not self.matched or output.grad_fn is None or learned is None:
             return
-        if len(learned) != len(plan.steps):
+        if len(learned) != len(plan.steps) or _graph_cannot_tell(plan):
             plan.graph_eligible = False
             return
         nodes = _graph_nodes(output.grad_fn)
@@ -1071,7 +1184,11 @@ class Replay:
             at = position.get(node)
             if at is not None and index not in plan.module_steps:
                 module = plan.calls[plan.step_call[index]]()
-                if module is None or not _step_node_matches(node, module):
+                if (
+                    module is None
+                    or not _step_node_matches(node, module)
+                    or _output_shape(node) != plan._step_shapes[index]
+                ):
                     plan.graph_eligible = False  # a layer's node does not show its module
                     return
             positions.append(at)
@@ -1125,6 +1242,11 @@ class Replay:
             node = None if at is None else nodes[at]
             if module is None or (node is not None and not _step_node_matches(node, module)):
                 raise ReplayMismatch("a planned layer's operation read another module's parameters")
+            if node is not None and _output_shape(node) != plan._step_shapes[index]:
+                # The same operations with another output shape (a stride or a pooling
+                # size changed in place, a size taken from an argument's value): the
+                # planned layout (which layers are spatial) may not hold.
+                raise ReplayMismatch("a planned layer's output has another shape")
             source = plan.source_for(index, module, self._batch_norm)
             if source is None:
                 raise ReplayMismatch("a planned layer lost its bias or statistics")

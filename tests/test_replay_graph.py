@@ -114,8 +114,14 @@ def test_a_relu_network_replays_from_its_graph_as_the_trace(modes, monkeypatch, 
     assert plan.graph is not None and None in plan.graph.step_positions  # the dropped head
 
 
-def test_the_zoo_replays_from_its_graph(modes):
-    model = build_zoo_model("resnet18")
+# Every replayable zoo model but ConvNeXt, whose Linear layers run on 4-D tensors (their
+# nodes are not addmm's: the graph cannot show which module ran, so it stays hooked).
+@pytest.mark.parametrize(
+    "name",
+    ["resnet18", "densenet121", "shufflenet_v2_x0_5", "mobilenet_v3_small", "efficientnet_b0"],
+)
+def test_the_zoo_replays_from_its_graph(modes, name):
+    model = build_zoo_model(name)
     x = torch.randn(2, 3, 48, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     fullgrad = FullGradient(model)
     _attribute(fullgrad, x * 2, target=3)
@@ -189,9 +195,10 @@ def _refused_after(model: nn.Module, x: torch.Tensor, modes: List[str], change) 
 def test_a_batch_norm_routed_to_other_statistics_is_traced(modes):
     from .test_replay import Routed
 
-    model = randomize_parameters_(Routed().double(), 0).eval()
-    # The two BatchNorms share their affine parameters: only the statistics differ.
-    model.bn_b.weight, model.bn_b.bias = model.bn_a.weight, model.bn_a.bias
+    routed = Routed()
+    # Without affine parameters, only the statistics tell the two BatchNorms apart.
+    routed.bn_a, routed.bn_b = nn.BatchNorm2d(4, affine=False), nn.BatchNorm2d(4, affine=False)
+    model = randomize_parameters_(routed.double(), 0).eval()
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     _refused_after(model, x, modes, lambda: setattr(model, "route", "b"))
 
@@ -366,3 +373,121 @@ def test_autocast_keeps_the_hooked_replay(modes):
     assert modes[:3] == ["trace", "hooks", "hooks"]
     torch.testing.assert_close(result[0], traced[0])
     torch.testing.assert_close(result[1], traced[1])
+
+
+# ------------------------------------------------- what the graph cannot tell apart
+# Found by review: each of these gave a silent wrong result in the graph replay (the hooked
+# replay refused or was right). The plan either refuses to learn its graph, or the graph
+# replay refuses the call.
+
+
+class _Strided(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.c2 = nn.Conv2d(4, 4, 3, stride=2, padding=1)
+        self.c3 = nn.Conv2d(4, 4, 3, stride=2, padding=1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = torch.relu(self.c2(torch.relu(self.c1(x))))
+        return self.head(torch.relu(self.c3(y)).mean((2, 3)))
+
+
+def test_a_layer_whose_output_shape_changed_is_traced(modes):
+    """ResNet's 'last stride = 1' edit, in place: the same operations and parameters, but
+    ``c3``'s output goes from 1x1 (not spatial: no map) to 2x2 (spatial)."""
+    model = randomize_parameters_(_Strided().double(), 0).eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(14))
+    _refused_after(model, x, modes, lambda: setattr(model.c3, "stride", (1, 1)))
+
+
+class _Tied(nn.Module):
+    """Two convolutions with one (tied) weight and their own biases, chosen by a flag."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_a = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv_b = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv_b.weight = self.conv_a.weight
+        self.head = nn.Linear(4, 2)
+        self.route = "a"
+
+    def forward(self, x):
+        conv = self.conv_a if self.route == "a" else self.conv_b
+        return self.head(torch.relu(conv(x)).mean((2, 3)))
+
+
+class _TwoLevels(nn.Module):
+    """One convolution called on two pyramid levels; a flag picks the one that is used."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fine, self.coarse = nn.AvgPool2d(2), nn.AvgPool2d(8)
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.head = nn.Linear(4, 3)
+        self.route = "a"
+
+    def forward(self, x):
+        fine, coarse = self.conv(self.fine(x)), self.conv(self.coarse(x))
+        return self.head(torch.relu(fine if self.route == "a" else coarse).mean((2, 3)))
+
+
+class _Padded(nn.Module):
+    """A zero padding (no source) or one that fills 0.5 (a source), chosen by a flag."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.pad_zero, self.pad_half = nn.ConstantPad2d(1, 0.0), nn.ConstantPad2d(1, 0.5)
+        self.c2 = nn.Conv2d(4, 4, 3)
+        self.head = nn.Linear(4, 3)
+        self.route = "a"
+
+    def forward(self, x):
+        pad = self.pad_zero if self.route == "a" else self.pad_half
+        return self.head(torch.relu(self.c2(pad(torch.relu(self.c1(x))))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("network", [_Tied, _TwoLevels, _Padded])
+def test_plans_the_graph_cannot_tell_apart_keep_the_hooked_replay(modes, network):
+    """Tied weights (a node shows the weight, not whose bias it added), a layer called
+    twice (its nodes saved the same weight), a leaf module of a kind that may have an
+    intercept (a padding's fill): the graph replay could not see the switch."""
+    model = randomize_parameters_(network().double(), 0).eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(15))
+    fullgrad = FullGradient(model)
+    for _ in range(3):
+        _attribute(fullgrad, x)
+    assert modes == ["trace", "hooks", "hooks"]
+    model.route = "b"
+    _assert_traced_result(model, x, _attribute(fullgrad, x))
+
+
+class _TaskBiases(nn.Module):
+    """A model run with another task's biases, swapped in for the call only
+    (``torch.func.functional_call``); the biases are trainable tensors of their own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _branches()
+        self.task_biases: dict = {}
+
+    def forward(self, x):
+        from torch.func import functional_call
+
+        return functional_call(self.inner, self.task_biases, (x,))
+
+
+def test_biases_swapped_in_for_the_call_are_seen_where_they_leave_an_edge(modes):
+    """The graph replay reads a layer's bias after the forward pass, when the module has
+    its own back; a bias that requires a gradient shows in the node's edge which tensor
+    the call added, and the replay refuses. (One that requires none leaves no trace: see
+    docs/usage.md.)"""
+    model = _TaskBiases().eval()
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(16))
+    biases = {
+        "down.bias": (model.inner.down.bias.detach() + 1).requires_grad_(),
+        "head.bias": (model.inner.head.bias.detach() - 1).requires_grad_(),
+    }
+    _refused_after(model, x, modes, lambda: model.task_biases.update(biases))
