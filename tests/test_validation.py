@@ -69,3 +69,32 @@ def test_one_forward_argument_and_batch_chunks_give_the_same_answer(method):
     )
     torch.testing.assert_close(parts, whole, rtol=0, atol=1e-12)
     torch.testing.assert_close(part_delta, delta, rtol=0, atol=1e-12)
+
+
+def _nonfinite(*values: float) -> torch.Tensor:
+    x = torch.rand(1, 3, 8, 8)
+    for i, value in enumerate(values):
+        x[0, 0, 0, i] = value
+    return x
+
+
+@pytest.mark.parametrize(
+    "inputs",
+    [_nonfinite(float("nan")), _nonfinite(float("inf"), float("-inf")), _nonfinite(float("-inf"))],
+    ids=["nan", "inf_minus_inf", "minus_inf"],
+)
+def test_one_nonfinite_value_is_refused(inputs):
+    """The check sums the input first (cheap), then confirms element by element."""
+    from captum_fullgrad._validation import format_single_input
+
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        format_single_input(inputs, method="FullGradient")
+
+
+def test_finite_values_whose_sum_overflows_are_accepted():
+    from captum_fullgrad._validation import format_single_input
+
+    huge = torch.full((1, 3, 8, 8), torch.finfo(torch.float32).max / 2)
+    assert not torch.isfinite(huge.sum())  # the cheap test alone would refuse it
+    checked, _ = format_single_input(huge, method="FullGradient")
+    assert checked is huge
