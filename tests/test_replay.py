@@ -1018,19 +1018,26 @@ def _captured_network() -> nn.Module:
     return randomize_parameters_(_Resolutions().double(), 0).eval()
 
 
+def _sizes_passed(monkeypatch, owner: type, name: str) -> list:
+    """Spy on method ``name`` of ``owner``: the list it returns gets the length of the
+    sequence passed to each call (captured pairs or gradients)."""
+    sizes: list = []
+    original = getattr(owner, name)
+
+    def spy(self, items):
+        sizes.append(len(items))
+        return original(self, items)
+
+    monkeypatch.setattr(owner, name, spy)
+    return sizes
+
+
 def test_captured_gradients_give_the_hooked_and_traced_result(recorders, monkeypatch):
     """Small layers' gradients captured by the backward pass (and handed over together
     after it) give what per-layer hooks and the trace give, maps and delta."""
     from captum_fullgrad import aggregation, replay
 
-    batches = []
-    original = aggregation.MapCollector.on_gradients
-
-    def spy(self, pairs):
-        batches.append(len(pairs))
-        return original(self, pairs)
-
-    monkeypatch.setattr(aggregation.MapCollector, "on_gradients", spy)
+    batches = _sizes_passed(monkeypatch, aggregation.MapCollector, "on_gradients")
     model = _captured_network()
     x = torch.randn(3, 3, 12, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     traced = _attribute(FullGradient(model, reuse_capture=False), x)
@@ -1088,14 +1095,7 @@ def test_without_gradient_edges_the_replay_hooks_every_layer(recorders, monkeypa
     _attribute(fullgrad, x)
     expected = _attribute(fullgrad, x)
     monkeypatch.setattr(replay, "_EDGES_SUPPORTED", False)
-    edges = []
-    original = replay.Replay.deliver_gradients
-
-    def spy(self, gradients):
-        edges.append(len(gradients))
-        return original(self, gradients)
-
-    monkeypatch.setattr(replay.Replay, "deliver_gradients", spy)
+    edges = _sizes_passed(monkeypatch, replay.Replay, "deliver_gradients")
     result = _attribute(fullgrad, x)
     assert edges == [] and recorders.kinds[-1] == "Replay"
     torch.testing.assert_close(result[0], expected[0], rtol=1e-12, atol=1e-12)
