@@ -121,11 +121,32 @@ class MapCollector:
             return
         if _any_autocast_enabled() and _autocast_enabled(pairs[0][1].device.type):
             with torch.autocast(pairs[0][1].device.type, enabled=False):
-                for source, grad in pairs:
-                    self._reduce(source, grad)
+                self._reduce_captured(pairs)
         else:
-            for source, grad in pairs:
+            self._reduce_captured(pairs)
+
+    def _reduce_captured(self, pairs: Sequence[Tuple[BiasSource, Tensor]]) -> None:
+        # Sources outside the maps whose terms are plain dot products per example (the
+        # biases and gates of squeeze-excitation blocks, the classifier: dozens per call
+        # in an EfficientNet) enter eq. 1's sum through one product of concatenated rows
+        # rather than two kernels and a Python path each.
+        rows: Dict[Tuple[torch.device, torch.dtype], Tuple[List[Tensor], List[Tensor]]] = {}
+        for source, grad in pairs:
+            row = None if source.spatial else _dot_row(source, grad)
+            if row is None:
                 self._reduce(source, grad)
+                continue
+            grads, intercepts = rows.setdefault((grad.device, grad.dtype), ([], []))
+            grads.append(row[0])
+            intercepts.append(row[1])
+        for grads, intercepts in rows.values():
+            if len(grads) == 1:
+                contribution = torch.linalg.vecdot(grads[0], intercepts[0])
+            else:
+                contribution = torch.linalg.vecdot(torch.cat(grads, 1), torch.cat(intercepts, 1))
+            self._other_sum = (
+                contribution if self._other_sum is None else self._other_sum + contribution
+            )
 
     def _reduce(self, source: BiasSource, grad: Tensor) -> None:
         in_map = source.spatial and (self.selected is None or self.selected(source))
@@ -206,6 +227,43 @@ class MapCollector:
             total = summed if total is None else total.add_(summed)
         assert total is not None
         return total[:, 0]
+
+
+def _dot_row(source: BiasSource, grad: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+    """``(df/dy, c)`` as two ``(B, n)`` rows whose dot product per example is the source's
+    term of eq. 1 (:meth:`BiasSource.per_example_sum`), or ``None`` where the source is
+    not laid out with one example per row of its batch axis 0, or its intercept is not a
+    channel vector or a dense tensor of the gradient's shape and dtype."""
+    if source.batch_dim != 0 or grad.dim() < 2 or grad.dtype in _HALF:
+        return None
+    batch = grad.shape[0]
+    if source.batch_size is not None and source.batch_size != batch:
+        return None  # several slices per example (Swin's windows)
+    intercept = source.intercept
+    vector = intercept.channel_vector
+    if vector is not None:
+        channel_dim = intercept.channel_dim
+        if (
+            channel_dim is None
+            or channel_dim % grad.dim() == 0
+            or vector.dtype != grad.dtype
+            or vector.dim() != 1
+            or grad.numel() != batch * vector.shape[0]
+            or grad.shape[channel_dim] != vector.shape[0]
+        ):
+            return None  # positions besides the channels: summed first by per_example_sum
+        return grad.reshape(batch, -1), vector.expand(batch, -1)
+    dense = intercept.dense
+    if (
+        dense is None
+        or intercept.negated_output is not None
+        or intercept.shrunk_output is not None
+        or intercept.backward_pair is not None
+        or dense.shape != grad.shape
+        or dense.dtype != grad.dtype
+    ):
+        return None
+    return grad.reshape(batch, -1), dense.reshape(batch, -1)
 
 
 _any_autocast_enabled: Callable[[], bool] = getattr(

@@ -69,7 +69,9 @@ def test_several_gradients_at_once_equal_one_at_a_time(batch):
     assert list(collector.block_maps) == list(expected.block_maps)
     for block, expected_map in expected.block_maps.items():
         torch.testing.assert_close(collector.block_maps[block], expected_map, rtol=1e-13, atol=0)
-    torch.testing.assert_close(collector.bias_sum, expected.bias_sum, rtol=1e-13, atol=0)
+    # The batch's non-spatial terms are summed in another order (one dot product over
+    # concatenated rows): equal up to rounding of the terms' magnitude, not of their sum.
+    torch.testing.assert_close(collector.bias_sum, expected.bias_sum, rtol=1e-13, atol=1e-12)
     torch.testing.assert_close(
         collector.bias_map((12, 12), "bilinear", False),
         expected.bias_map((12, 12), "bilinear", False),
@@ -88,7 +90,8 @@ def test_maps_added_around_a_batch_are_not_lost(late):
     pairs = _pairs(2)
     name, block = {"new_block": ("e", "e"), "same_block": ("a2", "a"), "before": ("a0", "a")}[late]
     other = _channel_source(name, block, (2, 3, 6, 6))
-    other_pair = (other, torch.randn(other.shape, dtype=torch.float64))
+    generator = torch.Generator().manual_seed(7)
+    other_pair = (other, torch.randn(other.shape, dtype=torch.float64, generator=generator))
     expected = _one_by_one(pairs + [other_pair])
     collector = MapCollector()
     if late == "before":
@@ -102,7 +105,9 @@ def test_maps_added_around_a_batch_are_not_lost(late):
         rtol=1e-13,
         atol=0,
     )
-    torch.testing.assert_close(collector.bias_sum, expected.bias_sum, rtol=1e-13, atol=0)
+    # The batch's non-spatial terms are summed in another order (one dot product over
+    # concatenated rows): equal up to rounding of the terms' magnitude, not of their sum.
+    torch.testing.assert_close(collector.bias_sum, expected.bias_sum, rtol=1e-13, atol=1e-12)
 
 
 def test_half_precision_and_strided_gradients_at_once():
@@ -123,3 +128,50 @@ def test_half_precision_and_strided_gradients_at_once():
             torch.testing.assert_close(
                 collector.block_maps[block].double(), exact_map, rtol=0, atol=tolerance
             )
+
+
+def _dense_source(name: str, shape, batch_size=None) -> BiasSource:
+    generator = torch.Generator().manual_seed(sum(map(ord, name)))
+    return BiasSource(
+        name=name,
+        module=name,
+        op="sigmoid",
+        index=0,
+        shape=torch.Size(shape),
+        channel_dim=1,
+        spatial=False,
+        block=name,
+        intercept=Intercept(
+            None, dense=torch.randn(shape, dtype=torch.float64, generator=generator)
+        ),
+        batch_size=batch_size,
+    )
+
+
+def test_non_spatial_terms_at_once_equal_one_at_a_time():
+    """Squeeze-excitation layers (1x1 outputs), a classifier and dense gates enter eq. 1's sum
+    through one dot product per example; each term keeps its example, including a float32
+    layer beside float64 ones, and a layer with several slices per example (reduced alone)."""
+    generator = torch.Generator().manual_seed(3)
+    batch = 3
+    sources = [
+        _channel_source("se_reduce", "se_reduce", (batch, 5, 1, 1), spatial=False),
+        _dense_source("gate", (batch, 5, 1, 1)),
+        _channel_source("head", "head", (batch, 7), spatial=False),
+        _dense_source("windows", (batch * 2, 4), batch_size=batch),
+        _channel_source("pooled", "pooled", (batch, 4, 2, 1), spatial=False),
+    ]
+    pairs = [(s, torch.randn(s.shape, dtype=torch.float64, generator=generator)) for s in sources]
+    single = _channel_source("single", "single", (batch, 6), spatial=False)
+    single.intercept.channel_vector = single.intercept.channel_vector.float()
+    pairs.append((single, torch.randn(single.shape, generator=generator)))
+    expected = [s.per_example_sum(g).double() for s, g in pairs]
+    collector = MapCollector()
+    collector.on_gradients(pairs)
+    # One value per example, each example's own terms (a row of another example's
+    # gradient against this one's gate would not match).
+    torch.testing.assert_close(collector.bias_sum, sum(expected), rtol=1e-6, atol=1e-6)
+    # The float64 terms exactly (to rounding) without the float32 layer.
+    float64 = MapCollector()
+    float64.on_gradients(pairs[:-1])
+    torch.testing.assert_close(float64.bias_sum, sum(expected[:-1]), rtol=1e-13, atol=1e-12)
