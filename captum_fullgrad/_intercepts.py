@@ -71,6 +71,9 @@ class Intercept:
     # only then, or not at all when s is constant along the channels (a channel sum is
     # then (1 - s) sum_c g y + s sum_c g beta).
     shrunk_output: Optional[Tuple[Tensor, Optional[Tensor], Tensor]] = None
+    # Memory that the element-wise term's full-size temporary may be formed in (a
+    # replay's :class:`captum_fullgrad.capture.Workspace`), during the same gradient call.
+    workspace: Optional[Any] = None
 
 
 @dataclass

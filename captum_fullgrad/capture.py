@@ -251,18 +251,22 @@ class BiasSource:
                 if moved.is_contiguous():
                     return moved @ vector
             return torch.matmul(vector, grad.flatten(2)).view(shape[0], *shape[2:])
+        workspace = intercept.workspace
         negated = intercept.negated_output
         if negated is not None:
             # -sum_c g*y: the sign on the summed map, not on a full-size tensor (exact).
             step = _slice_step(grad, (negated,), channel_dim)
             if step is None:
-                return torch.mul(grad, _cast(negated, grad.dtype)).sum(channel_dim).neg_()
-            return _sliced_channel_sum(_product, (grad, negated), channel_dim, step).neg_()
+                return _product(grad, negated, workspace).sum(channel_dim).neg_()
+            return _sliced_channel_sum(
+                _product, (grad, negated), channel_dim, step, workspace
+            ).neg_()
         pair = intercept.backward_pair
         if pair is not None:
             step = _slice_step(grad, pair, channel_dim)
-            if step is not None:
-                return _sliced_channel_sum(_pair_term, (grad, *pair), channel_dim, step)
+            if step is None:
+                return _pair_term(grad, *pair, workspace).sum(channel_dim)
+            return _sliced_channel_sum(_pair_term, (grad, *pair), channel_dim, step, workspace)
         shrunk = intercept.shrunk_output
         if shrunk is not None:
             summed = _shrunk_channel_sum(grad, shrunk, channel_dim)
@@ -277,21 +281,77 @@ def _cast(tensor: Tensor, dtype: torch.dtype) -> Tensor:
     return tensor if tensor.dtype is dtype else tensor.to(dtype)
 
 
-def _pair_term(grad: Tensor, y: Tensor, input_grad: Tensor, a: Optional[Tensor]) -> Tensor:
+def _pair_term(
+    grad: Tensor,
+    y: Tensor,
+    input_grad: Tensor,
+    a: Optional[Tensor],
+    workspace: Optional["Workspace"] = None,
+) -> Tensor:
     """An element-wise op's bias-Jacobian from its backward pass (diagonal J):
-    ``g * (y - J a) = g * y - (J^T g) * a``."""
+    ``g * (y - J a) = g * y - (J^T g) * a``, formed in ``workspace``'s memory when it
+    has some for it (the result is then only valid until the workspace's next use)."""
     dtype = grad.dtype
+    out = None if workspace is None else workspace.like(grad)
     if a is None:
         # Gated (hardtanh): J^T g is g or 0 exactly, and y = a where it is g, so
         # g * y - (J^T g) * a = (g - J^T g) * y, bit for bit, in two passes.
-        return torch.sub(grad, _cast(input_grad, dtype)).mul_(_cast(y, dtype))
-    # One full-size temporary: on the CPU each fresh one costs page faults.
-    product = grad * _cast(y, dtype)
+        if out is None:
+            return torch.sub(grad, _cast(input_grad, dtype)).mul_(_cast(y, dtype))
+        return torch.sub(grad, _cast(input_grad, dtype), out=out).mul_(_cast(y, dtype))
+    # One full-size temporary.
+    product = grad * _cast(y, dtype) if out is None else torch.mul(grad, _cast(y, dtype), out=out)
     return product.addcmul_(_cast(input_grad, dtype), _cast(a, dtype), value=-1)
 
 
-def _product(grad: Tensor, y: Tensor) -> Tensor:
-    return torch.mul(grad, _cast(y, grad.dtype))
+def _product(grad: Tensor, y: Tensor, workspace: Optional["Workspace"] = None) -> Tensor:
+    out = None if workspace is None else workspace.like(grad)
+    if out is None:
+        return torch.mul(grad, _cast(y, grad.dtype))
+    return torch.mul(grad, _cast(y, grad.dtype), out=out)
+
+
+class Workspace:
+    """Memory reused for the full-size temporaries of element-wise terms, call after call.
+
+    A replayed activation or product term is formed in a temporary the size of the layer
+    (or of a slice of it) and reduced over the channels at once. On the CPU each fresh
+    temporary of a few megabytes is new memory to the C allocator, which returns it to the
+    system when the heap shrinks and faults it in page by page the next time: MobileNet-V2
+    at 96 px, batch 4, spent about 4 ms of a 75 ms call in page faults that Saliency does
+    not incur (docs/benchmarks.md). One buffer per dtype, grown to the largest temporary
+    (at most ``_SLICE_ELEMENTS`` elements, 8 MB of float32), is kept instead; a plan holds
+    one per thread. Accelerators' caching allocators make fresh memory cheap: CPU only.
+    """
+
+    def __init__(self, limit: Optional[int] = None) -> None:
+        self.limit = _SLICE_ELEMENTS if limit is None else limit
+        self._buffers: Dict[torch.dtype, Tensor] = {}
+        # Views of the buffers by (dtype, shape): a layer's shape recurs on every call,
+        # and slicing and viewing anew would cost about 12 us each time.
+        self._views: Dict[Tuple[torch.dtype, torch.Size], Tensor] = {}
+
+    def like(self, tensor: Tensor) -> Optional[Tensor]:
+        """Contiguous memory shaped like ``tensor`` (its dtype, on the CPU), or ``None``
+        where the workspace does not serve it: another device, a non-contiguous layout
+        (channels-last: the product then keeps the operands' layout), more elements than
+        :attr:`limit`, or gradient recording on (an ``out=`` result cannot be
+        differentiated)."""
+        if not tensor.is_cpu or not tensor.is_contiguous() or torch.is_grad_enabled():
+            return None
+        key = (tensor.dtype, tensor.shape)
+        view = self._views.get(key)
+        if view is not None:
+            return view
+        count = tensor.numel()
+        if count > self.limit:
+            return None
+        buffer = self._buffers.get(tensor.dtype)
+        if buffer is None or buffer.numel() < count:
+            buffer = self._buffers[tensor.dtype] = torch.empty(count, dtype=tensor.dtype)
+            self._views = {k: v for k, v in self._views.items() if k[0] != tensor.dtype}
+        view = self._views[key] = buffer[:count].view(tensor.shape)
+        return view
 
 
 # Above this many elements an element-wise term is formed and channel-summed a few
@@ -324,15 +384,18 @@ def _sliced_channel_sum(
     operands: Tuple[Optional[Tensor], ...],
     channel_dim: int,
     step: int,
+    workspace: Optional[Workspace] = None,
 ) -> Tensor:
     """``term(*operands).sum(channel_dim)`` formed ``step`` entries of the leading axis at a
     time (each position's channel sum is the same either way: the slices only split the
-    other axes)."""
+    other axes), each slice's temporary in ``workspace`` when given."""
     first = operands[0]
     assert first is not None
     count = first.shape[0]
     parts = [
-        term(*(None if t is None else t[start : start + step] for t in operands)).sum(channel_dim)
+        term(*(None if t is None else t[start : start + step] for t in operands), workspace).sum(
+            channel_dim
+        )
         for start in range(0, count, step)
     ]
     return torch.cat(parts)

@@ -98,6 +98,7 @@ from .capture import (
     Capture,
     Collector,
     Recorder,
+    Workspace,
     install_global_module_hooks,
     register_gradient_hook,
     remove_global_module_hooks,
@@ -252,6 +253,16 @@ class CapturePlan:
         self._sources: List[Optional[BiasSource]] = [None] * len(self.steps)
         # Each BatchNorm step's source with the vectors it was built from.
         self._batch_norm_sources: List[Optional[Tuple[Any, BiasSource]]] = [None] * len(self.steps)
+        # Per thread: the memory that activation and product terms are formed in.
+        self._workspaces = threading.local()
+
+    def workspace(self) -> Workspace:
+        """This thread's :class:`~captum_fullgrad.capture.Workspace` for the full-size
+        temporaries of element-wise terms, kept from call to call."""
+        workspace = getattr(self._workspaces, "value", None)
+        if workspace is None:
+            workspace = self._workspaces.value = Workspace()
+        return workspace
 
     def source_for(
         self,
@@ -1046,6 +1057,8 @@ class Replay:
         # Small layers whose gradient the backward pass captures instead of a hook: their
         # sources and autograd edges, in the order of the forward pass.
         self._capture = capture_gradients and gradient_edges_supported()
+        # Not for a differentiable backward pass (its terms are part of a graph).
+        self._workspace = plan.workspace() if capture_gradients else None
         self._captured: List[BiasSource] = []
         self.gradient_edges: List[Any] = []
         # The graph replay serves collectors that read nothing at the forward pass (the
@@ -1473,7 +1486,7 @@ class Replay:
                 # No intercept tensor: the backward pass hands over df/dy and J^T df/dy.
                 backward_identity = True
                 gated = activation_is_gated(step.activation)
-                source = _with_intercept(step.template, Intercept(None))
+                source = _with_intercept(step.template, Intercept(None, workspace=self._workspace))
             else:
                 if activation_reads_input_first(step.activation):
                     linear_part = self._linear_parts.pop(id(module), None)
@@ -1514,7 +1527,7 @@ class Replay:
                 return
             # a * b is homogeneous of degree two: c = -ab (as the trace's rule), formed when
             # the backward pass reaches it rather than kept from the forward pass.
-            source = _with_intercept(step.template, Intercept(None))
+            source = _with_intercept(step.template, Intercept(None, workspace=self._workspace))
         else:
             planned_source = plan.source_for(index, module, self._batch_norm)
             if planned_source is None:

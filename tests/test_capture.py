@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from captum_fullgrad._intercepts import Intercept
-from captum_fullgrad.capture import BiasSource
+from captum_fullgrad.capture import BiasSource, Workspace
 
 
 def _source(op, shape, channel_dim, intercept) -> BiasSource:
@@ -104,3 +104,54 @@ def test_large_element_wise_terms_are_channel_summed_in_slices_exactly(kind, lay
     assert sliced.shape == expected.shape
     torch.testing.assert_close(sliced, expected, rtol=1e-13, atol=1e-14)
     torch.testing.assert_close(sliced, whole, rtol=1e-15, atol=1e-15)
+
+
+@pytest.mark.parametrize("kind", ["identity", "gated", "product"])
+@pytest.mark.parametrize("sliced", [False, True])
+def test_terms_formed_in_a_workspace_equal_fresh_ones(kind, sliced, monkeypatch):
+    """A replay's element-wise terms are formed in its workspace's memory, call after call
+    (and slice after slice): the maps are those formed in fresh memory, each call's own."""
+    from captum_fullgrad import capture as capture_module
+
+    generator = torch.Generator().manual_seed(11)
+    shape = (5, 3, 4, 6)
+    if sliced:
+        monkeypatch.setattr(capture_module, "_SLICE_ELEMENTS", 2 * 3 * 4 * 6)  # 3 slices
+    workspace = Workspace()
+    for _ in range(2):  # the second call overwrites the first's temporaries
+        a, grad, other = (
+            torch.randn(shape, dtype=torch.float64, generator=generator) for _ in range(3)
+        )
+        if kind == "product":
+            parts = {"negated_output": a * other}
+        else:
+            y = a.clamp(0, 6) if kind == "gated" else torch.nn.functional.silu(a)
+            parts = {"backward_pair": (y, grad * other, None if kind == "gated" else a)}
+        fresh = _element_wise_source(shape, 1, **parts).channel_summed(grad)
+        reused = _element_wise_source(shape, 1, **parts, workspace=workspace)
+        with torch.no_grad():
+            summed = reused.channel_summed(grad)
+        torch.testing.assert_close(summed, fresh, rtol=0, atol=0)
+    (buffer,) = workspace._buffers.values()
+    assert buffer.numel() == (2 if sliced else 5) * 3 * 4 * 6  # the largest temporary only
+
+
+def test_workspace_serves_contiguous_cpu_memory_without_gradient_recording():
+    workspace = Workspace(limit=100)
+    like = torch.randn(2, 3, 4)
+    with torch.no_grad():
+        view = workspace.like(like)
+        assert view is not None and view.shape == like.shape and view.is_contiguous()
+        assert workspace.like(like) is view  # the same memory on the next call
+        assert workspace.like(like.transpose(1, 2)) is None  # not contiguous
+        assert workspace.like(torch.randn(101)) is None  # above the limit
+        smaller = workspace.like(torch.randn(4, 5))
+        assert smaller is not None and smaller.data_ptr() == view.data_ptr()
+        grown = workspace.like(torch.randn(90))  # a larger one replaces the buffer
+        assert grown is not None and grown.data_ptr() != view.data_ptr()
+        renewed = workspace.like(like)
+        assert renewed is not None and renewed.data_ptr() == grown.data_ptr()
+        assert workspace.like(like.double()) is not None  # one buffer per dtype
+        assert len(workspace._buffers) == 2
+    with torch.enable_grad():
+        assert workspace.like(like) is None  # an out= result could not be differentiated

@@ -126,3 +126,20 @@ def test_layer_attribution_and_another_threads_forward_do_not_mix():
         thread.join(timeout=30)
     assert not errors, errors
     assert not wrong
+
+
+def test_each_thread_forms_terms_in_its_own_workspace():
+    """Two threads replaying one plan at once must not share the memory that their
+    activation terms are formed in (each would overwrite the other's)."""
+    model = _net(0)
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    fullgrad = FullGradient(model)
+    fullgrad.attribute(x, target=1)
+    (plan,) = [p for p in fullgrad._plans._plans.values() if p is not None]
+    here = plan.workspace()
+    assert plan.workspace() is here
+    there: list = []
+    thread = threading.Thread(target=lambda: there.append(plan.workspace()))
+    thread.start()
+    thread.join()
+    assert there[0] is not here
