@@ -422,8 +422,11 @@ def test_ctrl_c_exits_130_quietly(capsys, monkeypatch):
 
 def test_ctrl_c_signal_exits_130_without_traceback(tmp_path):
     script = tmp_path / "sleeper.py"
+    # A test run started in the background (``nohup``, ``&``, some CI runners) ignores
+    # SIGINT, and the child would inherit that: give it a terminal's Ctrl-C handling.
     script.write_text(
-        "import sys, time\n"
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "from captum_fullgrad import cli\n"
         "def run(args):\n"
         "    print('ready', flush=True)\n"

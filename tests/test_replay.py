@@ -758,18 +758,17 @@ def test_replayed_relu6_reads_no_saved_input(recorders, monkeypatch):
     fullgrad = FullGradient(model)
     _attribute(fullgrad, x * 3, target=0)
     pairs = []
-    original = capture_module.BiasSource.bias_jacobian
+    original = capture_module._pair_term
 
-    def spy(self, grad):
-        pairs.append(self.intercept.backward_pair)
-        return original(self, grad)
+    def spy(grad, y, input_grad, a, *rest):
+        pairs.append((y, input_grad, a))
+        return original(grad, y, input_grad, a, *rest)
 
-    monkeypatch.setattr(capture_module.BiasSource, "bias_jacobian", spy)
+    monkeypatch.setattr(capture_module, "_pair_term", spy)
     replayed, delta = _attribute(fullgrad, x * 3, target=0)
     monkeypatch.undo()
     assert recorders.kinds == ["Capture", "Replay"]
-    gated = [p for p in pairs if p is not None]
-    assert len(gated) == 2 and all(p[2] is None for p in gated)
+    assert len(pairs) == 2 and all(p[2] is None for p in pairs)
     traced, traced_delta = _attribute(FullGradient(model, reuse_capture=False), x * 3, target=0)
     torch.testing.assert_close(replayed, traced, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(delta, traced_delta, rtol=0, atol=1e-12)
@@ -1121,3 +1120,19 @@ def test_captured_layers_read_a_bias_written_through_data(recorders):
         torch.testing.assert_close(replayed[0], traced[0], rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(replayed[1], traced[1], rtol=0, atol=1e-10)
     assert recorders.kinds.count("Replay") == 3
+
+
+def test_batch_norm_inputs_concatenated_in_parts_equal_one_concatenation():
+    """Above torch.cat's serial threshold the BatchNorm inputs are concatenated in parts
+    (a column of layers of uneven sizes, a column with none): the same flat tensor."""
+    from captum_fullgrad.replay import _SERIAL_CAT_ELEMENTS, _concatenated
+
+    generator = torch.Generator().manual_seed(5)
+    sizes = [16, 960, 32, 2048, 96, 7, 1280, 640] * 6
+    columns = [[torch.randn(n, generator=generator) for n in sizes] for _ in range(4)] + [[]]
+    per_column = sum(sizes)
+    assert per_column * len(columns) >= _SERIAL_CAT_ELEMENTS
+    expected = torch.cat([t for column in columns for t in column])
+    assert torch.equal(_concatenated(columns, per_column), expected)
+    few = [column[:3] for column in columns]
+    assert torch.equal(_concatenated(few, sum(sizes[:3])), torch.cat([t for c in few for t in c]))
