@@ -320,8 +320,10 @@ class Workspace:
     system when the heap shrinks and faults it in page by page the next time: MobileNet-V2
     at 96 px, batch 4, spent about 4 ms of a 75 ms call in page faults that Saliency does
     not incur (docs/benchmarks.md). One buffer per dtype, grown to the largest temporary
-    (at most ``_SLICE_ELEMENTS`` elements, 8 MB of float32), is kept instead; a plan holds
-    one per thread. Accelerators' caching allocators make fresh memory cheap: CPU only.
+    (at most ``_SLICE_ELEMENTS`` elements, 8 MB of float32), is kept instead: one per
+    thread (:func:`thread_workspace`), shared by every plan and model, since a thread runs
+    one backward pass at a time. Accelerators' caching allocators make fresh memory cheap:
+    CPU only.
     """
 
     def __init__(self, limit: Optional[int] = None) -> None:
@@ -348,10 +350,24 @@ class Workspace:
             return None
         buffer = self._buffers.get(tensor.dtype)
         if buffer is None or buffer.numel() < count:
-            buffer = self._buffers[tensor.dtype] = torch.empty(count, dtype=tensor.dtype)
+            # The device named: a default device set by the caller must not move it.
+            buffer = self._buffers[tensor.dtype] = torch.empty(
+                count, dtype=tensor.dtype, device=tensor.device
+            )
             self._views = {k: v for k, v in self._views.items() if k[0] != tensor.dtype}
         view = self._views[key] = buffer[:count].view(tensor.shape)
         return view
+
+
+_WORKSPACES = threading.local()
+
+
+def thread_workspace() -> Workspace:
+    """This thread's :class:`Workspace`: kept from call to call, freed with the thread."""
+    workspace = getattr(_WORKSPACES, "value", None)
+    if workspace is None:
+        workspace = _WORKSPACES.value = Workspace()
+    return workspace
 
 
 # Above this many elements an element-wise term is formed and channel-summed a few

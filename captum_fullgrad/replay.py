@@ -98,10 +98,10 @@ from .capture import (
     Capture,
     Collector,
     Recorder,
-    Workspace,
     install_global_module_hooks,
     register_gradient_hook,
     remove_global_module_hooks,
+    thread_workspace,
 )
 
 __all__ = ["CapturePlan", "PlanCache", "ReplayMismatch", "call_signature", "plans_for"]
@@ -253,16 +253,6 @@ class CapturePlan:
         self._sources: List[Optional[BiasSource]] = [None] * len(self.steps)
         # Each BatchNorm step's source with the vectors it was built from.
         self._batch_norm_sources: List[Optional[Tuple[Any, BiasSource]]] = [None] * len(self.steps)
-        # Per thread: the memory that activation and product terms are formed in.
-        self._workspaces = threading.local()
-
-    def workspace(self) -> Workspace:
-        """This thread's :class:`~captum_fullgrad.capture.Workspace` for the full-size
-        temporaries of element-wise terms, kept from call to call."""
-        workspace = getattr(self._workspaces, "value", None)
-        if workspace is None:
-            workspace = self._workspaces.value = Workspace()
-        return workspace
 
     def source_for(
         self,
@@ -1079,7 +1069,7 @@ class Replay:
         # sources and autograd edges, in the order of the forward pass.
         self._capture = capture_gradients and gradient_edges_supported()
         # Not for a differentiable backward pass (its terms are part of a graph).
-        self._workspace = plan.workspace() if capture_gradients else None
+        self._workspace = thread_workspace() if capture_gradients else None
         self._captured: List[BiasSource] = []
         self.gradient_edges: List[Any] = []
         # The graph replay serves collectors that read nothing at the forward pass (the

@@ -155,3 +155,13 @@ def test_workspace_serves_contiguous_cpu_memory_without_gradient_recording():
         assert len(workspace._buffers) == 2
     with torch.enable_grad():
         assert workspace.like(like) is None  # an out= result could not be differentiated
+
+
+def test_workspace_memory_stays_on_the_cpu_under_another_default_device():
+    """A default device set by the caller (``with torch.device(...)``) must not place the
+    buffer that CPU gradients are formed in."""
+    workspace = Workspace()
+    like = torch.randn(2, 3)
+    with torch.no_grad(), torch.device("meta"):
+        view = workspace.like(like)
+    assert view is not None and view.device.type == "cpu"

@@ -129,17 +129,21 @@ def test_layer_attribution_and_another_threads_forward_do_not_mix():
 
 
 def test_each_thread_forms_terms_in_its_own_workspace():
-    """Two threads replaying one plan at once must not share the memory that their
-    activation terms are formed in (each would overwrite the other's)."""
+    """Two threads replaying at once must not share the memory that their activation terms
+    are formed in (each would overwrite the other's); one thread's calls share one, whatever
+    the plan or model."""
+    from captum_fullgrad.capture import thread_workspace
+
     model = _net(0)
     x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
-    fullgrad = FullGradient(model)
-    fullgrad.attribute(x, target=1)
-    (plan,) = [p for p in fullgrad._plans._plans.values() if p is not None]
-    here = plan.workspace()
-    assert plan.workspace() is here
+    FullGradient(model).attribute(x, target=1)
+    FullGradient(model).attribute(x, target=1)  # a replay: its activation used the workspace
+    here = thread_workspace()
+    assert torch.float64 in here._buffers
+    FullGradient(_net(1)).attribute(x[:1], target=1)
+    assert thread_workspace() is here
     there: list = []
-    thread = threading.Thread(target=lambda: there.append(plan.workspace()))
+    thread = threading.Thread(target=lambda: there.append(thread_workspace()))
     thread.start()
     thread.join()
     assert there[0] is not here
