@@ -14,20 +14,33 @@ from captum_fullgrad.capture import BiasSource
 Pair = Tuple[BiasSource, torch.Tensor]
 
 
-def _channel_source(name: str, block: str, shape, spatial: bool = True) -> BiasSource:
+def _source(name: str, block: str, shape, spatial: bool, dense: bool, batch_size=None):
+    """A conv-like source with a random channel vector, or (``dense``) a gate-like one with
+    a random intercept of the output's shape; random values seeded by the name."""
     generator = torch.Generator().manual_seed(sum(map(ord, name)))
-    vector = torch.randn(shape[1], dtype=torch.float64, generator=generator)
+    if dense:
+        intercept = Intercept(
+            None, dense=torch.randn(shape, dtype=torch.float64, generator=generator)
+        )
+    else:
+        vector = torch.randn(shape[1], dtype=torch.float64, generator=generator)
+        intercept = Intercept(None, channel_vector=vector, channel_dim=1)
     return BiasSource(
         name=name,
         module=name,
-        op="conv2d",
+        op="sigmoid" if dense else "conv2d",
         index=0,
         shape=torch.Size(shape),
         channel_dim=1,
         spatial=spatial,
         block=block,
-        intercept=Intercept(None, channel_vector=vector, channel_dim=1),
+        intercept=intercept,
+        batch_size=batch_size,
     )
+
+
+def _channel_source(name: str, block: str, shape, spatial: bool = True) -> BiasSource:
+    return _source(name, block, shape, spatial, dense=False)
 
 
 def _pairs(batch: int) -> List[Pair]:
@@ -131,21 +144,7 @@ def test_half_precision_and_strided_gradients_at_once():
 
 
 def _dense_source(name: str, shape, batch_size=None) -> BiasSource:
-    generator = torch.Generator().manual_seed(sum(map(ord, name)))
-    return BiasSource(
-        name=name,
-        module=name,
-        op="sigmoid",
-        index=0,
-        shape=torch.Size(shape),
-        channel_dim=1,
-        spatial=False,
-        block=name,
-        intercept=Intercept(
-            None, dense=torch.randn(shape, dtype=torch.float64, generator=generator)
-        ),
-        batch_size=batch_size,
-    )
+    return _source(name, name, shape, spatial=False, dense=True, batch_size=batch_size)
 
 
 def test_non_spatial_terms_at_once_equal_one_at_a_time():
