@@ -32,6 +32,7 @@ from .capture import BiasSource
 
 __all__ = [
     "MapCollector",
+    "MapLayout",
     "POSTPROCESS_MODES",
     "resize_and_sum",
     "input_term_map",
@@ -48,6 +49,10 @@ _EPS = 1e-6
 
 
 _HALF = (torch.float16, torch.bfloat16)
+
+# What :meth:`MapCollector.reserve` allocates: per group of block maps, their shape
+# ``(B, *spatial)``, dtype, device and the blocks' keys.
+MapLayout = Tuple[Tuple[Tuple[int, ...], torch.dtype, torch.device, Tuple[str, ...]], ...]
 
 
 def minmax_rescale(t: Tensor) -> Tensor:
@@ -86,6 +91,50 @@ class MapCollector:
         self._other_sum: Optional[Tensor] = None  # terms of sources outside the eq4 maps
         self._groups: Optional[List[Tensor]] = None
         self.mapped_sources: List[BiasSource] = []
+        # Memory reserved for the block maps before the forward pass (:meth:`reserve`):
+        # per block, its slot; per resolution, the buffer that holds its slots.
+        self._slots: Dict[str, Tensor] = {}
+        self._buffers: List[Tuple[Tensor, Tuple[str, ...]]] = []
+        self._reserved: Optional[MapLayout] = None
+        self._in_slots = 0  # blocks whose map went to their slot
+        self._elsewhere = False  # a block's map that did not
+
+    def layout(self) -> MapLayout:
+        """The block maps this call made, for :meth:`reserve` of a later call: per map
+        shape, dtype and device, the blocks' keys (eq. 4 maps only)."""
+        if self.postprocess != EQ4:
+            return ()
+        reserved = self._reserved
+        if reserved is not None and not self._elsewhere and self._in_slots == len(self._slots):
+            return reserved  # the reservation held every map, and nothing else came
+        groups: Dict[Tuple[Tuple[int, ...], torch.dtype, torch.device], List[str]] = {}
+        for key, block_map in self.block_maps.items():
+            group = (tuple(block_map.shape), block_map.dtype, block_map.device)
+            groups.setdefault(group, []).append(key)
+        return tuple((*group, tuple(keys)) for group, keys in groups.items())
+
+    def reserve(self, layout: MapLayout) -> None:
+        """Allocate the block maps of ``layout`` (a :meth:`layout` of an earlier call with
+        the same plan) now, before the forward pass.
+
+        On the CPU the maps are the only tensors this collector keeps while the backward
+        pass runs. Allocated one by one during it, dozens of maps of a few hundred
+        kilobytes land in the memory that the pass frees, split it, and the C allocator
+        takes fresh pages for the next full-size gradient (docs/benchmarks.md). Reserved
+        here, one buffer per resolution, they need no memory during the pass; the channel
+        sums are written into their slots, and the buffer is the per-resolution stack that
+        eq. 4 reads. A block that does not fit its slot (another shape or dtype, gradient
+        recording on) or has none is kept as before; a slot that no gradient reaches is
+        zero.
+        """
+        if self.postprocess != EQ4 or self.block_maps or self._buffers:
+            return
+        for shape, dtype, device, keys in layout:
+            # Block-major: each slot is contiguous, as the reductions' ``out`` needs.
+            buffer = torch.empty((len(keys), *shape), dtype=dtype, device=device)
+            self._slots.update(zip(keys, buffer.unbind(0)))
+            self._buffers.append((buffer, keys))
+        self._reserved = layout
 
     # The replay need not call on_source per step: this collector reads nothing there.
     wants_sources = False
@@ -153,13 +202,24 @@ class MapCollector:
         if in_map and self.postprocess == EQ4:
             # One kernel per layer here; the completeness share of these maps (their
             # spatial sums) and the absolute values are taken once per resolution at the end.
-            summed = source.channel_summed(grad, include_folded=True)
-            if summed.dtype in _HALF:
-                summed = summed.float()
             key = source.block
             block_maps = self.block_maps
             previous = block_maps.get(key)
-            block_maps[key] = summed if previous is None else previous + summed
+            slot = self._slots.get(key) if self._slots else None
+            if previous is None and slot is not None and _fits(slot, grad, source.channel_dim):
+                block_maps[key] = source.channel_summed(grad, include_folded=True, out=slot)
+                self._in_slots += 1
+            else:
+                summed = source.channel_summed(grad, include_folded=True)
+                if summed.dtype in _HALF:
+                    summed = summed.float()
+                if previous is None:
+                    block_maps[key] = summed
+                    self._elsewhere = True
+                elif previous is slot and not summed.requires_grad:
+                    previous.add_(summed)
+                else:
+                    block_maps[key] = previous + summed
             self._groups = None
             self.mapped_sources.append(source)
             return
@@ -179,12 +239,32 @@ class MapCollector:
     def _grouped(self) -> List[Tensor]:
         """The block maps stacked by resolution: ``[(B, n_blocks, *size), ...]``."""
         if self._groups is None:
+            block_maps = self.block_maps
+            # A reserved buffer is its resolution's stack when every map of that
+            # resolution lies in it (its slots that no gradient reached set to zero).
+            in_buffers: Dict[Tuple[int, ...], Tuple[Tensor, set]] = {}
+            for buffer, keys in self._buffers:
+                slots = [self._slots[key] for key in keys]
+                if any(block_maps.get(key) is slot for key, slot in zip(keys, slots)):
+                    for key, slot in zip(keys, slots):
+                        if block_maps.get(key) is not slot:
+                            slot.zero_()
+                    in_buffers[tuple(buffer.shape[2:])] = (
+                        buffer.transpose(0, 1),
+                        {id(s) for s in slots},
+                    )
             by_size: Dict[Tuple[int, ...], List[Tensor]] = OrderedDict()
-            for m in self.block_maps.values():
+            for m in block_maps.values():
                 by_size.setdefault(tuple(m.shape[1:]), []).append(m)
             groups = []
-            for maps in by_size.values():
-                groups.append(torch.stack(maps, 1) if len(maps) > 1 else maps[0].unsqueeze(1))
+            for size, maps in by_size.items():
+                reserved_group = in_buffers.get(size)
+                if reserved_group is not None and all(id(m) in reserved_group[1] for m in maps):
+                    groups.append(reserved_group[0])
+                elif len(maps) > 1:
+                    groups.append(torch.stack(maps, 1))
+                else:
+                    groups.append(maps[0].unsqueeze(1))
             self._groups = groups
         return self._groups
 
@@ -193,14 +273,9 @@ class MapCollector:
         """``sum_g <df/dy_g, c_g>`` per example, ``(B,)``: the bias part of eq. 1."""
         total = self._other_sum
         if self.postprocess == EQ4 and self.block_maps:
-            groups = self._grouped()
-            flat = (
-                groups[0].flatten(1)
-                if len(groups) == 1
-                else torch.cat([g.flatten(1) for g in groups], 1)
-            )
-            part = flat.sum(1)
-            total = part if total is None else total + part
+            for group in self._grouped():
+                part = group.sum(tuple(range(1, group.dim())))
+                total = part if total is None else total + part
         return total
 
     def bias_map(
@@ -227,6 +302,21 @@ class MapCollector:
             total = summed if total is None else total.add_(summed)
         assert total is not None
         return total[:, 0]
+
+
+def _fits(slot: Tensor, grad: Tensor, channel_dim: Optional[int]) -> bool:
+    """Whether ``grad``'s channel sum can be written into ``slot``: its shape (the
+    gradient's without the channel axis), dtype and device, and no graph to record."""
+    if (
+        channel_dim is None
+        or slot.dtype != grad.dtype
+        or slot.device != grad.device
+        or torch.is_grad_enabled()
+    ):
+        return False
+    shape = grad.shape
+    channel_dim %= len(shape)
+    return slot.shape == shape[:channel_dim] + shape[channel_dim + 1 :]
 
 
 def _dot_row(source: BiasSource, grad: Tensor) -> Optional[Tuple[Tensor, Tensor]]:

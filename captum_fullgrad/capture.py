@@ -207,10 +207,15 @@ class BiasSource:
             return vector
         return self.block_vector if self.block_vector is not None else vector + self.folded_vector
 
-    def channel_summed(self, grad: Tensor, include_folded: bool = False) -> Tensor:
+    def channel_summed(
+        self, grad: Tensor, include_folded: bool = False, out: Optional[Tensor] = None
+    ) -> Tensor:
         """``sum_c f^b_{l,c}``: the bias-Jacobian summed over channels, ``(B, *spatial)``.
 
         ``include_folded`` adds a folded convolution's share (see :attr:`folded_vector`).
+        ``out``, a contiguous tensor of the result's shape and the gradient's dtype, receives
+        the result (gradient recording off): the reductions write it directly, without a
+        temporary.
         """
         channel_dim = self.channel_dim
         assert channel_dim is not None
@@ -229,7 +234,7 @@ class BiasSource:
             shape = grad.shape
             rank = len(shape)
             if channel_dim == rank - 1:
-                return grad @ vector
+                return grad @ vector if out is None else torch.matmul(grad, vector, out=out)
             if channel_dim == 1 and grad.is_contiguous():
                 if shape[0] == 1:
                     # One example: a matrix-vector product on the (positions, C) view
@@ -237,42 +242,55 @@ class BiasSource:
                     # counts at batch 1).
                     positions = grad.numel() // shape[1]
                     rows = grad.as_strided((positions, shape[1]), (1, positions))
+                    if out is not None:
+                        torch.mv(rows, vector, out=out.view(positions))
+                        return out
                     return torch.mv(rows, vector).view(1, *shape[2:])
                 # Contract the channel axis without materialising grad * bias: a batched
                 # product with the vector expanded (no copy) dispatches less than
                 # matmul's broadcast of a 1-D operand (about 6 us fewer per layer).
                 batch, channels = shape[0], shape[1]
                 rows = vector.view(1, 1, channels).expand(batch, 1, channels)
-                return torch.bmm(rows, grad.view(batch, channels, -1)).view(batch, *shape[2:])
+                columns = grad.view(batch, channels, -1)
+                if out is not None:
+                    torch.bmm(rows, columns, out=out.view(batch, 1, -1))
+                    return out
+                return torch.bmm(rows, columns).view(batch, *shape[2:])
             if not grad.is_contiguous():
                 # Channels-last memory (a model in torch.channels_last): contract the
                 # channel axis where it is stored last, instead of copying to NCHW.
                 moved = grad.movedim(channel_dim, -1)
                 if moved.is_contiguous():
-                    return moved @ vector
-            return torch.matmul(vector, grad.flatten(2)).view(shape[0], *shape[2:])
+                    return moved @ vector if out is None else torch.matmul(moved, vector, out=out)
+            summed = torch.matmul(vector, grad.flatten(2)).view(shape[0], *shape[2:])
+            return summed if out is None else out.copy_(summed)
         workspace = intercept.workspace
         negated = intercept.negated_output
         if negated is not None:
             # -sum_c g*y: the sign on the summed map, not on a full-size tensor (exact).
             step = _slice_step(grad, (negated,), channel_dim)
             if step is None:
-                return _product(grad, negated, workspace).sum(channel_dim).neg_()
+                product = _product(grad, negated, workspace)
+                return _channel_sum(product, channel_dim, out).neg_()
             return _sliced_channel_sum(
-                _product, (grad, negated), channel_dim, step, workspace
+                _product, (grad, negated), channel_dim, step, workspace, out
             ).neg_()
         pair = intercept.backward_pair
         if pair is not None:
             step = _slice_step(grad, pair, channel_dim)
             if step is None:
-                return _pair_term(grad, *pair, workspace).sum(channel_dim)
-            return _sliced_channel_sum(_pair_term, (grad, *pair), channel_dim, step, workspace)
+                return _channel_sum(_pair_term(grad, *pair, workspace), channel_dim, out)
+            return _sliced_channel_sum(_pair_term, (grad, *pair), channel_dim, step, workspace, out)
         shrunk = intercept.shrunk_output
         if shrunk is not None:
-            summed = _shrunk_channel_sum(grad, shrunk, channel_dim)
-            if summed is not None:
-                return summed
-        return self.bias_jacobian(grad).sum(channel_dim)
+            shrunk_sum = _shrunk_channel_sum(grad, shrunk, channel_dim)
+            if shrunk_sum is not None:
+                return shrunk_sum if out is None else out.copy_(shrunk_sum)
+        return _channel_sum(self.bias_jacobian(grad), channel_dim, out)
+
+
+def _channel_sum(term: Tensor, channel_dim: int, out: Optional[Tensor]) -> Tensor:
+    return term.sum(channel_dim) if out is None else torch.sum(term, channel_dim, out=out)
 
 
 def _cast(tensor: Tensor, dtype: torch.dtype) -> Tensor:
@@ -401,20 +419,25 @@ def _sliced_channel_sum(
     channel_dim: int,
     step: int,
     workspace: Optional[Workspace] = None,
+    out: Optional[Tensor] = None,
 ) -> Tensor:
     """``term(*operands).sum(channel_dim)`` formed ``step`` entries of the leading axis at a
     time (each position's channel sum is the same either way: the slices only split the
-    other axes), each slice's temporary in ``workspace`` when given."""
+    other axes), each slice's temporary in ``workspace`` when given; into ``out`` when
+    given."""
     first = operands[0]
     assert first is not None
     count = first.shape[0]
-    parts = [
-        term(*(None if t is None else t[start : start + step] for t in operands), workspace).sum(
-            channel_dim
+    parts = []
+    for start in range(0, count, step):
+        slice_term = term(
+            *(None if t is None else t[start : start + step] for t in operands), workspace
         )
-        for start in range(0, count, step)
-    ]
-    return torch.cat(parts)
+        if out is None:
+            parts.append(slice_term.sum(channel_dim))
+        else:
+            torch.sum(slice_term, channel_dim, out=out[start : start + step])
+    return torch.cat(parts) if out is None else out
 
 
 def _shrunk_channel_sum(

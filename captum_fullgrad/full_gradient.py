@@ -303,6 +303,8 @@ class FullGradient(GradientAttribution):
 
         plan = self._plans.get(signature) if signature is not None else None
         if plan is not None:
+            if plan.collector_layout:
+                collector.reserve(plan.collector_layout)
             try:
                 run = one_pass(collector, plan)
             except ReplayMismatch:
@@ -312,7 +314,10 @@ class FullGradient(GradientAttribution):
         if plan is None:
             run = one_pass(collector, None)
             if signature is not None:
-                self._plans.put(signature, CapturePlan.record(run.recorder))
+                plan = CapturePlan.record(run.recorder)
+                self._plans.put(signature, plan)
+        if plan is not None:
+            plan.collector_layout = collector.layout()
         self._check_layers_matched(run.sources)
         gradients = run.input_gradient if several else (run.input_gradient,)
         copies = run.inputs if several else (run.inputs,)

@@ -245,6 +245,10 @@ class CapturePlan:
         )
         # Learned by the first hooked replay that fits (see ``Replay.prepare_backward``).
         self.graph: Optional[_Graph] = None
+        # What the collector of the last call with this plan kept, in the collector's own
+        # terms (``MapCollector.layout``), so that the next call reserves it before its
+        # forward pass. The replay neither reads nor checks it.
+        self.collector_layout: Any = None
         self._step_elements = tuple(s.shape.numel() for s in self.steps)
         # Each step's output shape as autograd's node metadata gives it (a list).
         self._step_shapes = tuple(list(s.shape) for s in self.steps)
@@ -1179,6 +1183,10 @@ class Replay:
             )
         if exc[0] is None and self.plan.boundary_starts:
             problem = self._boundary_problem()
+            # What the check read (boundary tensors, region nodes) is not kept alive
+            # through the backward pass.
+            self._read.clear()
+            self._closed.clear()
             if problem is not None:
                 self.remove_gradient_hooks()
                 raise ReplayMismatch(problem)
@@ -1386,9 +1394,11 @@ class Replay:
     def _term_hook(self, tensor: Tensor, weight: int) -> Callable[[Any], None]:
         batch = self.inputs.shape[0]
         collector: Any = self.collector
+        held = _Held(tensor)  # see _identity_hook
 
         def hook(grads: Any) -> None:
             grad = grads[0]
+            tensor = held.release()
             if grad is None:
                 return
             with torch.no_grad():
@@ -1423,11 +1433,16 @@ class Replay:
             )
         pairs = [(s, g) for s, g in zip(self._captured, gradients) if g is not None]
         batch = getattr(self.collector, "on_gradients", None)
-        if batch is not None:
-            batch(pairs)
-        else:
-            for source, grad in pairs:
-                self.collector.on_gradient(source, grad)
+        # Captured only for a backward pass that is not differentiated (see
+        # ``capture_gradients``): reduced as its hooks are, without recording a graph
+        # (the caller runs the pass with gradients enabled; a bias parameter that
+        # requires grad would make every map and term part of one, kept until it ends).
+        with torch.no_grad():
+            if batch is not None:
+                batch(pairs)
+            else:
+                for source, grad in pairs:
+                    self.collector.on_gradient(source, grad)
 
     def _on_output(self, module: nn.Module, args: Any, output: Any) -> Any:
         k = self._next
@@ -1666,12 +1681,16 @@ def _identity_hook(
     (then it is recomputed from ``a``). A ``gated`` activation's term needs no ``a``
     (``activation_is_gated``): ``(y, J^T df/dy, None)``."""
     version = output._version
+    # The graph keeps this hook, and with it what it holds, until the caller drops the
+    # output: held for the whole call, every activation's output would outlive the node
+    # that reads it, and the backward pass could not reuse their memory.
+    held = _Held(output)
 
     def hook(grad_inputs: Any, grad_outputs: Any) -> None:
         grad = grad_outputs[0]
+        y = held.release()
         if grad is None:
             return
-        y = output
         a: Optional[Tensor] = None if gated else node._saved_self
         if y._version != version:  # overwritten in place after the activation
             with torch.no_grad():
@@ -1690,6 +1709,29 @@ def _identity_hook(
     return hook
 
 
+class _Held:
+    """A tensor that a gradient hook reads once: :meth:`release` hands it over and drops
+    the reference, so that it is freed when the backward pass no longer needs it rather
+    than when the graph (which keeps the hook) is freed."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: Optional[Tensor]) -> None:
+        self.tensor = tensor
+
+    def release(self) -> Tensor:
+        tensor = self.tensor
+        if tensor is None:
+            # A node runs once per backward pass, and the replay removes its hooks after
+            # its own: a second call would be another backward pass through this graph.
+            raise RuntimeError(
+                "a FullGradient hook ran twice: a backward pass went through the graph of "
+                "an attribution call before that call removed its hooks"
+            )
+        self.tensor = None
+        return tensor
+
+
 def _shrunk_delivery(
     on_gradient: Callable[[BiasSource, Tensor], None],
     output: Tensor,
@@ -1702,12 +1744,13 @@ def _shrunk_delivery(
     output, or recomputed from the input (which the node keeps intact, or its backward
     would fail) when something overwrote the output in place since."""
     version = output._version
+    held_output, held_input = _Held(output), _Held(a)  # see _identity_hook
 
     def deliver(source: BiasSource, grad: Tensor) -> None:
-        y = output
+        y, x = held_output.release(), held_input.release()
         if y._version != version:
             with torch.no_grad():
-                y = module.forward(a.detach())
+                y = module.forward(x.detach())
         source.intercept.shrunk_output = (y.detach(), beta, shrink)
         try:
             on_gradient(source, grad)
@@ -1724,9 +1767,11 @@ def _product_hook(
     ``y`` read now (or, when overwritten in place since, recomputed from the factors the
     node saved)."""
     version, node, nr = output._version, output.grad_fn, output.output_nr
+    held = _Held(output)  # see _identity_hook
 
     def hook(grads: Any) -> None:
         grad = grads[nr]
+        output = held.release()
         if grad is None:
             return
         with torch.no_grad():

@@ -174,3 +174,92 @@ def test_non_spatial_terms_at_once_equal_one_at_a_time():
     float64 = MapCollector()
     float64.on_gradients(pairs[:-1])
     torch.testing.assert_close(float64.bias_sum, sum(expected[:-1]), rtol=1e-13, atol=1e-12)
+
+
+def _assert_same_result(collector: MapCollector, expected: MapCollector) -> None:
+    assert list(collector.block_maps) == list(expected.block_maps)
+    for block, expected_map in expected.block_maps.items():
+        torch.testing.assert_close(collector.block_maps[block], expected_map, rtol=0, atol=0)
+    torch.testing.assert_close(collector.bias_sum, expected.bias_sum, rtol=1e-13, atol=1e-12)
+    torch.testing.assert_close(
+        collector.bias_map((12, 12), "bilinear", False),
+        expected.bias_map((12, 12), "bilinear", False),
+        rtol=1e-13,
+        atol=0,
+    )
+
+
+def test_reserved_maps_equal_unreserved_ones():
+    """Maps reserved before the pass (from an earlier call's layout) give the same maps,
+    sums and eq. 4 map; they are written in the reserved memory, one buffer per resolution,
+    and that buffer is the stack eq. 4 reads (nothing is copied at the end)."""
+    pairs = _pairs(2)
+    layout = _one_by_one(pairs).layout()
+    assert {keys for *_, keys in layout} == {("a", "b", "d"), ("c", "f")}
+    expected = _one_by_one(_pairs(2))
+    collector = MapCollector()
+    collector.reserve(layout)
+    buffers = [buffer for buffer, _ in collector._buffers]
+    with torch.no_grad():  # as in a backward pass's hooks
+        for source, grad in _pairs(2):
+            collector.on_gradient(source, grad)
+    _assert_same_result(collector, expected)
+    assert collector.layout() is layout  # every map in its slot: nothing to record again
+    # "b" has two sources: the second was added to its slot, not to a fresh tensor.
+    for block in ("a", "b", "c", "d", "f"):
+        block_map = collector.block_maps[block]
+        assert any(block_map.data_ptr() - b.data_ptr() in range(b.nbytes) for b in buffers)
+    assert all(any(g._base is b for b in buffers) for g in collector._grouped())
+
+
+def test_reserved_slots_that_get_no_map_or_another_shape():
+    """A reserved block that no gradient reaches adds nothing (its slot is zero, whatever
+    the memory held); a block of another shape than its slot, and one with no slot, are
+    kept apart and still counted, in a resolution that mixes slots and other maps too."""
+    pairs = _pairs(2)
+    layout = _one_by_one(pairs).layout()
+    extra = _channel_source("e", "e", (2, 3, 6, 6))
+    generator = torch.Generator().manual_seed(11)
+    extra_pair = (extra, torch.randn(extra.shape, dtype=torch.float64, generator=generator))
+    reshaped = _channel_source("c", "c", (2, 5, 4, 4))
+    reshaped_grad = torch.randn(reshaped.shape, dtype=torch.float64, generator=generator)
+    reshaped_pair = (reshaped, reshaped_grad)
+    # "d" never arrives; "c" comes at another resolution; "e" has no slot.
+    arriving = [p for p in pairs if p[0].block not in ("c", "d")] + [reshaped_pair, extra_pair]
+    expected = _one_by_one(arriving)
+    collector = MapCollector()
+    collector.reserve(layout)
+    for buffer, _ in collector._buffers:
+        buffer.fill_(float("nan"))  # what uninitialised memory may hold
+    with torch.no_grad():
+        for source, grad in arriving:
+            collector.on_gradient(source, grad)
+    assert "d" not in collector.block_maps
+    _assert_same_result(collector, expected)
+    assert collector.layout() == expected.layout()
+
+
+def test_reserved_slots_are_not_written_while_gradients_are_recorded():
+    """A map that is part of a graph (a differentiable backward pass, a bias that
+    requires grad) is not written into reserved memory: it keeps its graph."""
+    pairs = _pairs(2)
+    layout = _one_by_one(pairs).layout()
+    expected = _one_by_one(_pairs(2))
+    collector = MapCollector()
+    collector.reserve(layout)
+    with torch.enable_grad():
+        for source, grad in _pairs(2):
+            source.intercept.channel_vector.requires_grad_(True)
+            collector.on_gradient(source, grad)
+    assert all(m.requires_grad for m in collector.block_maps.values())
+    _assert_same_result(collector, expected)
+
+
+def test_reserve_is_only_taken_before_the_first_map_and_for_eq4():
+    layout = _one_by_one(_pairs(1)).layout()
+    started = _one_by_one(_pairs(1)[:1])
+    started.reserve(layout)
+    assert not started._buffers  # maps already made: a reservation could not hold them
+    authors = MapCollector("neurips2019")
+    authors.reserve(layout)
+    assert not authors._buffers and authors.layout() == ()

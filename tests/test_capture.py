@@ -165,3 +165,46 @@ def test_workspace_memory_stays_on_the_cpu_under_another_default_device():
     with torch.no_grad(), torch.device("meta"):
         view = workspace.like(like)
     assert view is not None and view.device.type == "cpu"
+
+
+def _sources_of_every_path(generator):
+    """(source, gradient) pairs for each way ``channel_summed`` reduces: channel vectors
+    in each memory layout and batch size, element-wise terms, a normalisation's shrunk
+    output, and a dense intercept."""
+    shape = (3, 5, 6, 4)
+    grad = torch.randn(shape, dtype=torch.float64, generator=generator)
+    vector = torch.randn(5, dtype=torch.float64, generator=generator)
+    folded = torch.randn(5, dtype=torch.float64, generator=generator)
+    a, other = (torch.randn(shape, dtype=torch.float64, generator=generator) for _ in range(2))
+    y = torch.nn.functional.silu(a)
+    shrink = torch.rand(3, 1, 6, 4, dtype=torch.float64, generator=generator)
+    tokens = torch.randn(3, 7, 5, dtype=torch.float64, generator=generator)
+    return [
+        (_channel_source(shape, 1, vector, folded, None), grad),
+        (_channel_source((1, *shape[1:]), 1, vector), grad[:1]),
+        (_channel_source(shape, 1, vector), grad.contiguous(memory_format=torch.channels_last)),
+        (_channel_source(shape, 1, vector), torch.cat([grad, grad], 3)[..., ::2]),
+        (_channel_source(tokens.shape, 2, vector), tokens),
+        (_element_wise_source(shape, 1, backward_pair=(y, grad * other, a)), grad),
+        (_element_wise_source(shape, 1, backward_pair=(a.clamp(0, 6), grad * other, None)), grad),
+        (_element_wise_source(shape, 1, negated_output=a * other), grad),
+        (_element_wise_source(shape, 1, shrunk_output=(y, vector.view(5, 1, 1), shrink)), grad),
+        (_element_wise_source(shape, 1, dense=other), grad),
+    ]
+
+
+@pytest.mark.parametrize("sliced", [False, True])
+def test_channel_sums_written_into_out_equal_returned_ones(sliced, monkeypatch):
+    """Every reduction path writes its result into ``out`` when given one (a collector's
+    reserved slot), bit for bit the result it returns without."""
+    from captum_fullgrad import capture as capture_module
+
+    if sliced:
+        monkeypatch.setattr(capture_module, "_SLICE_ELEMENTS", 2 * 5 * 6 * 4)  # 2 slices
+    for source, grad in _sources_of_every_path(torch.Generator().manual_seed(13)):
+        expected = source.channel_summed(grad, include_folded=True)
+        out = torch.full(expected.shape, float("nan"), dtype=expected.dtype)
+        with torch.no_grad():
+            written = source.channel_summed(grad, include_folded=True, out=out)
+        assert written is out, source.intercept
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from captum.attr import NoiseTunnel
@@ -9,6 +12,7 @@ from torch import nn
 
 from captum_fullgrad import FullGradient, full_jacobian
 from captum_fullgrad import capture as capture_module
+from captum_fullgrad import replay as replay_module
 from captum_fullgrad.replay import CapturePlan, Replay
 from captum_fullgrad.testing import randomize_parameters_
 
@@ -1136,3 +1140,80 @@ def test_batch_norm_inputs_concatenated_in_parts_equal_one_concatenation():
     assert torch.equal(_concatenated(columns, per_column), expected)
     few = [column[:3] for column in columns]
     assert torch.equal(_concatenated(few, sum(sizes[:3])), torch.cat([t for c in few for t in c]))
+
+
+class _Inline(nn.Module):
+    """An operation written in a forward (a region: one term per call)."""
+
+    def forward(self, x):
+        return x * torch.tanh(x)
+
+
+class _Recorded(nn.Module):
+    """The tensors that a replay's gradient hooks read, each kept by the model only as a
+    weak reference: a region's input, an activation's output, a returned product, and a
+    normalisation's input and output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.inline = _Inline()
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.act = nn.SiLU()
+        self.conv3 = nn.Conv2d(4, 4, 3, padding=1)
+        self.gate = Gate()
+        self.conv4 = nn.Conv2d(4, 4, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 4, eps=0.1)
+        self.conv5 = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Linear(4, 3)
+        self.seen: dict = {}
+
+    def forward(self, x):
+        activation_output = self.act(self.conv2(self.conv1(x)))
+        product = self.gate(self.conv3(activation_output))
+        norm_input = self.conv4(product)
+        norm_output = self.norm(norm_input)
+        # A region over positions would hold spatial sources (traced, never a region).
+        region_input = self.conv5(norm_output).mean((2, 3))
+        for name, tensor in [
+            ("region input", region_input),
+            ("activation output", activation_output),
+            ("product", product),
+            ("normalisation input", norm_input),
+            ("normalisation output", norm_output),
+        ]:
+            self.seen[name] = weakref.ref(tensor)
+        return self.head(self.inline(region_input))
+
+
+def test_hooks_release_what_they_read_when_the_backward_pass_has_read_it(monkeypatch):
+    """Every tensor that a replay's hook reads is freed when the backward pass no longer
+    needs it, not kept by the hook until the graph is dropped after the pass: otherwise
+    each activation output outlives the node that read it and a CPU backward pass takes
+    fresh memory for its gradients (EfficientNet-B0's resident peak, docs/benchmarks.md)."""
+    model = randomize_parameters_(_Recorded().double(), 0).eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    fullgrad = FullGradient(model)
+    first, _ = _attribute(fullgrad, x, target=1)
+    original = Replay.remove_gradient_hooks
+    alive: dict = {}
+
+    def spy(self):
+        # After the backward pass, while the graph (and every hook on it) still exists.
+        assert self.plan.boundary_starts  # the inline operation is a region
+        gc.collect()
+        alive.update({name: ref() is not None for name, ref in model.seen.items()})
+        original(self)
+
+    monkeypatch.setattr(Replay, "remove_gradient_hooks", spy)
+    replayed, delta = _attribute(fullgrad, x, target=1)
+    assert len(alive) == 5 and not any(alive.values()), alive
+    torch.testing.assert_close(replayed, first, rtol=1e-12, atol=1e-12)
+    assert delta.abs().max() < 1e-10
+
+
+def test_a_hook_that_runs_twice_says_so():
+    held = replay_module._Held(torch.ones(1))
+    held.release()
+    with pytest.raises(RuntimeError, match="ran twice"):
+        held.release()
