@@ -351,6 +351,16 @@ class Workspace:
         # and slicing and viewing anew would cost about 12 us each time.
         self._views: Dict[Tuple[torch.dtype, torch.Size], Tensor] = {}
 
+    def reserve(self, count: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Grow the ``dtype`` buffer to ``count`` elements (at most :attr:`limit`) now: a
+        replay calls this before its forward pass with its largest term, so that the
+        buffer is not grown, step by step, in the memory its backward pass frees."""
+        count = min(count, self.limit)
+        buffer = self._buffers.get(dtype)
+        if device.type == "cpu" and count > 0 and (buffer is None or buffer.numel() < count):
+            self._buffers[dtype] = torch.empty(count, dtype=dtype, device=device)
+            self._views = {k: v for k, v in self._views.items() if k[0] != dtype}
+
     def like(self, tensor: Tensor) -> Optional[Tensor]:
         """Contiguous memory shaped like ``tensor`` (its dtype, on the CPU), or ``None``
         where the workspace does not serve it: another device, a non-contiguous layout

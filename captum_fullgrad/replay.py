@@ -250,6 +250,16 @@ class CapturePlan:
         # forward pass. The replay neither reads nor checks it.
         self.collector_layout: Any = None
         self._step_elements = tuple(s.shape.numel() for s in self.steps)
+        # The largest term formed in a workspace (activations' and products'), reserved
+        # before each replay's forward pass.
+        self.largest_term = max(
+            (
+                n
+                for s, n in zip(self.steps, self._step_elements)
+                if s.activation is not None or s.product_node is not None
+            ),
+            default=0,
+        )
         # Each step's output shape as autograd's node metadata gives it (a list).
         self._step_shapes = tuple(list(s.shape) for s in self.steps)
         # Each Conv/Linear step's source as last built: its intercept is the bias parameter
@@ -1074,6 +1084,9 @@ class Replay:
         self._capture = capture_gradients and gradient_edges_supported()
         # Not for a differentiable backward pass (its terms are part of a graph).
         self._workspace = thread_workspace() if capture_gradients else None
+        if self._workspace is not None and not _any_autocast_enabled():
+            # (Under autocast the terms come in another dtype than the input's.)
+            self._workspace.reserve(plan.largest_term, inputs.dtype, inputs.device)
         self._captured: List[BiasSource] = []
         self.gradient_edges: List[Any] = []
         # The graph replay serves collectors that read nothing at the forward pass (the
@@ -1643,6 +1656,9 @@ class Replay:
 _CAPTURED_ELEMENTS = 1 << 16
 
 _GradientEdge: Any = getattr(torch.autograd.graph, "GradientEdge", None)
+_any_autocast_enabled: Callable[[], bool] = getattr(
+    torch._C, "_is_any_autocast_enabled", lambda: True
+)
 _EDGES_SUPPORTED: Optional[bool] = None
 
 

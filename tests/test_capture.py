@@ -208,3 +208,14 @@ def test_channel_sums_written_into_out_equal_returned_ones(sliced, monkeypatch):
             written = source.channel_summed(grad, include_folded=True, out=out)
         assert written is out, source.intercept
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_workspace_reserve_grows_to_at_most_its_limit_and_never_shrinks():
+    workspace = Workspace(limit=100)
+    workspace.reserve(40, torch.float32, torch.device("cpu"))
+    assert workspace._buffers[torch.float32].numel() == 40
+    workspace.reserve(10, torch.float32, torch.device("cpu"))
+    assert workspace._buffers[torch.float32].numel() == 40
+    workspace.reserve(1000, torch.float32, torch.device("cpu"))
+    assert workspace._buffers[torch.float32].numel() == 100
+    assert torch.float64 not in workspace._buffers

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import threading
 import weakref
 
 import pytest
@@ -1217,3 +1218,34 @@ def test_a_hook_that_runs_twice_says_so():
     held.release()
     with pytest.raises(RuntimeError, match="ran twice"):
         held.release()
+
+
+def test_a_replay_reserves_its_workspace_before_the_forward_pass(monkeypatch):
+    """The first replay on a thread grows that thread's workspace to its largest term
+    before the forward pass, not step by step in the memory the backward pass frees."""
+    model = _activation_network([nn.SiLU(), nn.Mish(), nn.GELU()])
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    grown: list = []
+    original = capture_module.Workspace.like
+
+    def like(self, tensor):
+        buffer = self._buffers.get(tensor.dtype)
+        grown.append(buffer is None or buffer.numel() < tensor.numel())
+        return original(self, tensor)
+
+    monkeypatch.setattr(capture_module.Workspace, "like", like)
+    errors: list = []
+
+    def attribute_twice() -> None:  # a thread of its own: a workspace of its own
+        try:
+            fullgrad = FullGradient(model)
+            _attribute(fullgrad, x, target=1)
+            _attribute(fullgrad, x, target=1)
+        except BaseException as error:  # pragma: no cover - reported below
+            errors.append(error)
+
+    thread = threading.Thread(target=attribute_twice)
+    thread.start()
+    thread.join()
+    assert not errors, errors
+    assert grown and not any(grown)  # terms formed in it, none grew it
