@@ -307,16 +307,16 @@ class MapCollector:
 def _fits(slot: Tensor, grad: Tensor, channel_dim: Optional[int]) -> bool:
     """Whether ``grad``'s channel sum can be written into ``slot``: its shape (the
     gradient's without the channel axis), dtype and device, and no graph to record."""
-    if (
-        channel_dim is None
-        or slot.dtype != grad.dtype
-        or slot.device != grad.device
-        or torch.is_grad_enabled()
-    ):
+    # Host time (once per map and call): ``Tensor.device`` makes a new object each time.
+    if channel_dim is None or slot.dtype is not grad.dtype or torch.is_grad_enabled():
+        return False
+    if not (slot.is_cpu and grad.is_cpu) and slot.device != grad.device:
         return False
     shape = grad.shape
-    channel_dim %= len(shape)
-    return slot.shape == shape[:channel_dim] + shape[channel_dim + 1 :]
+    rank = len(shape)
+    if channel_dim < 0:
+        channel_dim += rank
+    return slot.dim() == rank - 1 and slot.shape == shape[:channel_dim] + shape[channel_dim + 1 :]
 
 
 def _dot_row(source: BiasSource, grad: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
