@@ -7,6 +7,7 @@ from typing import List, Tuple
 import pytest
 import torch
 
+from captum_fullgrad import aggregation
 from captum_fullgrad._intercepts import Intercept
 from captum_fullgrad.aggregation import MapCollector
 from captum_fullgrad.capture import BiasSource
@@ -189,7 +190,8 @@ def _assert_same_result(collector: MapCollector, expected: MapCollector) -> None
     )
 
 
-def test_reserved_maps_equal_unreserved_ones():
+def test_reserved_maps_equal_unreserved_ones(monkeypatch):
+    monkeypatch.setattr(aggregation, "_RESERVED_BYTES", 0)  # these maps are small
     """Maps reserved before the pass (from an earlier call's layout) give the same maps,
     sums and eq. 4 map; they are written in the reserved memory, one buffer per resolution,
     and that buffer is the stack eq. 4 reads (nothing is copied at the end)."""
@@ -212,7 +214,8 @@ def test_reserved_maps_equal_unreserved_ones():
     assert all(any(g._base is b for b in buffers) for g in collector._grouped())
 
 
-def test_reserved_slots_that_get_no_map_or_another_shape():
+def test_reserved_slots_that_get_no_map_or_another_shape(monkeypatch):
+    monkeypatch.setattr(aggregation, "_RESERVED_BYTES", 0)  # these maps are small
     """A reserved block that no gradient reaches adds nothing (its slot is zero, whatever
     the memory held); a block of another shape than its slot, and one with no slot, are
     kept apart and still counted, in a resolution that mixes slots and other maps too."""
@@ -239,7 +242,8 @@ def test_reserved_slots_that_get_no_map_or_another_shape():
     assert collector.layout() == expected.layout()
 
 
-def test_reserved_slots_are_not_written_while_gradients_are_recorded():
+def test_reserved_slots_are_not_written_while_gradients_are_recorded(monkeypatch):
+    monkeypatch.setattr(aggregation, "_RESERVED_BYTES", 0)  # these maps are small
     """A map that is part of a graph (a differentiable backward pass, a bias that
     requires grad) is not written into reserved memory: it keeps its graph."""
     pairs = _pairs(2)
@@ -263,3 +267,17 @@ def test_reserve_is_only_taken_before_the_first_map_and_for_eq4():
     authors = MapCollector("neurips2019")
     authors.reserve(layout)
     assert not authors._buffers and authors.layout() == ()
+
+
+def test_small_maps_are_not_reserved_and_their_layout_is_kept():
+    """Below ``_RESERVED_BYTES`` in all, nothing is allocated ahead (host time at batch 1
+    is what counts there), and the layout is not recomputed on every call."""
+    layout = _one_by_one(_pairs(2)).layout()
+    collector = MapCollector()
+    collector.reserve(layout)
+    assert not collector._buffers and not collector._slots
+    with torch.no_grad():
+        for source, grad in _pairs(2):
+            collector.on_gradient(source, grad)
+    _assert_same_result(collector, _one_by_one(_pairs(2)))
+    assert collector.layout() is layout
