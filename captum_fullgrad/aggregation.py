@@ -104,6 +104,7 @@ class MapCollector:
         self._reserved: Optional[MapLayout] = None
         self._in_slots = 0  # blocks whose map went to their slot
         self._elsewhere = False  # a block's map that did not
+        self._misfit = False  # a block's map that did not fit the slot it had
 
     def layout(self) -> MapLayout:
         """The block maps this call made, for :meth:`reserve` of a later call: per map
@@ -111,11 +112,16 @@ class MapCollector:
         if self.postprocess != EQ4:
             return ()
         reserved = self._reserved
-        if reserved is not None and (
-            not self._buffers  # too small to reserve: a layout that changed does not matter
-            or (not self._elsewhere and self._in_slots == len(self._slots))
-        ):
-            return reserved  # the reservation held every map, and nothing else came
+        if reserved is not None:
+            if not self._buffers:
+                return reserved  # too small to reserve: a layout that changed does not matter
+            if self._misfit:
+                # A map that did not fit its slot (half-precision gradients under autocast,
+                # whose maps are kept in float32): the next reservation would not fit
+                # either, so no more is made for this plan.
+                return ()
+            if not self._elsewhere and self._in_slots == len(self._slots):
+                return reserved  # the reservation held every map, and nothing else came
         groups: Dict[Tuple[Tuple[int, ...], torch.dtype, torch.device], List[str]] = {}
         for key, block_map in self.block_maps.items():
             group = (tuple(block_map.shape), block_map.dtype, block_map.device)
@@ -231,6 +237,7 @@ class MapCollector:
                 if previous is None:
                     block_maps[key] = summed
                     self._elsewhere = True
+                    self._misfit = self._misfit or slot is not None
                 elif previous is slot and not summed.requires_grad:
                     previous.add_(summed)
                 else:

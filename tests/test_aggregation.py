@@ -233,7 +233,7 @@ def test_reserved_slots_that_get_no_map_or_another_shape(monkeypatch):
             collector.on_gradient(source, grad)
     assert "d" not in collector.block_maps
     _assert_same_result(collector, expected)
-    assert collector.layout() == expected.layout()
+    assert collector.layout() == ()  # "c" did not fit its slot: no more reservations
 
 
 def test_reserved_slots_are_not_written_while_gradients_are_recorded(monkeypatch):
@@ -275,3 +275,32 @@ def test_small_maps_are_not_reserved_and_their_layout_is_kept():
             collector.on_gradient(source, grad)
     _assert_same_result(collector, _one_by_one(_pairs(2)))
     assert collector.layout() is layout
+
+
+def test_a_reservation_that_maps_do_not_fit_is_not_made_again(monkeypatch):
+    """Maps of another dtype than their slots (half-precision gradients under autocast are
+    summed into float32 maps) go elsewhere; the layout then asks for no reservation, so
+    later calls do not allocate memory that goes unused."""
+    monkeypatch.setattr(aggregation, "_RESERVED_BYTES", 0)
+    layout = _one_by_one(_pairs(2)).layout()
+    collector = MapCollector()
+    collector.reserve(layout)
+    with torch.no_grad():
+        for source, grad in _pairs(2):
+            collector.on_gradient(source, grad.float())
+    assert collector.layout() == ()
+    later = MapCollector()
+    later.reserve(())
+    assert not later._buffers and later.layout() == ()
+
+
+def test_a_block_without_a_slot_updates_the_layout(monkeypatch):
+    monkeypatch.setattr(aggregation, "_RESERVED_BYTES", 0)
+    pairs = _pairs(2)
+    layout = _one_by_one(pairs[:2]).layout()  # an earlier call that reached blocks a, b
+    collector = MapCollector()
+    collector.reserve(layout)
+    with torch.no_grad():
+        for source, grad in pairs:
+            collector.on_gradient(source, grad)
+    assert collector.layout() == _one_by_one(pairs).layout()
