@@ -604,12 +604,16 @@ class _Activation:
     linear_part: Callable[..., Tensor]
     reads: str = "input"
     # The autograd node type that the op makes, when it saves the op's input as
-    # ``_saved_self`` (the original input, also in place): the replay then takes the
-    # intercept term from the backward pass instead of forming ``c`` in the forward pass.
+    # ``_saved_self`` (the original input, also in place), or its output (``holds_input``):
+    # the replay then takes the intercept term from the backward pass instead of forming
+    # ``c`` in the forward pass.
     backward_node: Optional[str] = None
     # Where its gradient passes unchanged the op is the identity (y = a), elsewhere it passes
     # none (hardtanh): J^T df/dy * a = J^T df/dy * y, so the replay's term needs no ``a``.
     gated: bool = False
+    # The node saves the output, not the input (sigmoid, tanh): the replay keeps the input
+    # for the term instead, as long as a closed-form intercept of its size would be kept.
+    holds_input: bool = False
     call_parameters: Callable[[Sequence[Any], Dict[str, Any], Callable], Tuple[Any, ...]] = (
         lambda args, kwargs, func: ()
     )
@@ -671,6 +675,12 @@ def activation_backward_node(settings: Tuple[Any, ...]) -> Optional[str]:
     """The autograd node type of an activation whose term the replay may take from the
     backward pass (see :func:`register_activation`); ``None`` if it may not."""
     return _ACTIVATIONS[settings[0]].backward_node
+
+
+def activation_holds_input(settings: Tuple[Any, ...]) -> bool:
+    """Whether the replay keeps the activation's input for its backward-pass term (see
+    :func:`register_activation`'s ``holds_input``)."""
+    return _ACTIVATIONS[settings[0]].holds_input
 
 
 def activation_is_gated(settings: Tuple[Any, ...]) -> bool:
@@ -982,6 +992,7 @@ def register_activation(
     module_parameters: Optional[Callable[[Any], Tuple[Any, ...]]] = None,
     backward_node: Optional[str] = None,
     gated: bool = False,
+    holds_input: bool = False,
 ) -> Registration:
     """Give the element-wise activation ``name`` a closed-form intercept in the trace and
     in the replay: ``c = g(a) - g'(a) a`` with ``g'(a) a = linear_part(a, y, *parameters)``.
@@ -1004,14 +1015,22 @@ def register_activation(
         module_parameters: ``module -> parameters``, the same values from a module.
         backward_node: the type name of the autograd node the op makes
             (``"SiluBackward0"``), if that node saves the op's original input as
-            ``_saved_self``, in place too. A replayed module's term then comes from the
-            backward pass, ``<df/dy, y> - <J^T df/dy, a>``, with no intercept tensor
-            formed or kept (check the op with tests/test_replay.py's identity test).
+            ``_saved_self``, in place too (or its output: see ``holds_input``). A
+            replayed module's term then comes from the backward pass,
+            ``<df/dy, y> - <J^T df/dy, a>``, with no intercept tensor formed or kept
+            (check the op with tests/test_replay.py's identity test).
         gated: the op's backward passes ``df/dy`` unchanged exactly where ``y = a`` and
             zero elsewhere (hardtanh, ReLU6). Then ``(J^T df/dy) * a = (J^T df/dy) * y``
             in floating point too, and the term is ``(df/dy - J^T df/dy) * y``: one pass
             fewer, and the node's saved input is not read.
+        holds_input: the ``backward_node`` saves the op's output, not its input (sigmoid,
+            tanh: out-of-place calls only, ``reads="both"``). The replay then keeps the
+            input from the forward pass until the node's backward runs (the memory that
+            the closed-form intercept, a tensor of the same size, would have taken) and
+            falls back to the trace when something changes it in place before then.
     """
+    if holds_input and (backward_node is None or reads != "both"):
+        raise ValueError("holds_input needs a backward_node and reads='both'.")
     if reads not in ("input", "output", "both"):
         raise ValueError(f"reads must be 'input', 'output' or 'both', got {reads!r}.")
     activation = _Activation(
@@ -1021,6 +1040,7 @@ def register_activation(
         module_parameters=module_parameters or (lambda module: ()),
         backward_node=backward_node,
         gated=gated,
+        holds_input=holds_input,
     )
     registration = register_rule(list(functions) or [name, f"{name}_"], _elementwise)
     registration._set(_ACTIVATIONS, name, activation)
@@ -1114,6 +1134,8 @@ register_activation(
     functions=["sigmoid"],
     modules=[torch.nn.Sigmoid],
     reads="both",
+    backward_node="SigmoidBackward0",
+    holds_input=True,
 )
 register_activation(
     "tanh",
@@ -1121,6 +1143,8 @@ register_activation(
     functions=["tanh"],
     modules=[torch.nn.Tanh],
     reads="both",
+    backward_node="TanhBackward0",
+    holds_input=True,
 )
 
 register_rule(

@@ -82,6 +82,7 @@ from torch import Tensor, nn
 from ._intercepts import (
     Intercept,
     activation_backward_node,
+    activation_holds_input,
     activation_is_gated,
     activation_linear_part,
     activation_reads_input_first,
@@ -1104,6 +1105,9 @@ class Replay:
         self._module_handles: List[Any] = []
         self._observed: Dict[int, BiasSource] = {}
         self._anchors: Dict[int, Any] = {}  # the module steps' output nodes, by step
+        # The inputs that activation terms read in the backward pass (``holds_input``),
+        # with their versions then: none may change before the backward pass.
+        self._held_inputs: List[Tuple[Tensor, int]] = []
 
     def __enter__(self) -> "Replay":
         if _global_hook_key() != self.plan.global_hooks:
@@ -1178,6 +1182,11 @@ class Replay:
 
     def __exit__(self, *exc: Any) -> None:
         self._remove_module_hooks()
+        held, self._held_inputs = self._held_inputs, []
+        if exc[0] is None and any(t._version != version for t, version in held):
+            # The term would read the changed values (the node saved only the output).
+            self.remove_gradient_hooks()
+            raise ReplayMismatch("an activation's input was changed in place after the call")
         if self._graph is not None:
             # A call more than planned, or one that did not fit its step, shows here; a call
             # fewer leaves its step unmade (prepare_backward) or changes the graph's nodes.
@@ -1506,6 +1515,7 @@ class Replay:
             self.matched = False
             return
         backward_identity = gated = False
+        held_input: Optional[Tensor] = None
         shrunk: Optional[Tuple[Tensor, Optional[Tensor], Tensor]] = None
         if step.activation is not None:
             if (
@@ -1525,6 +1535,9 @@ class Replay:
                 # No intercept tensor: the backward pass hands over df/dy and J^T df/dy.
                 backward_identity = True
                 gated = activation_is_gated(step.activation)
+                if activation_holds_input(step.activation):
+                    held_input = args[0]
+                    self._held_inputs.append((held_input, held_input._version))
                 source = _with_intercept(step.template, Intercept(None, workspace=self._workspace))
             else:
                 if activation_reads_input_first(step.activation):
@@ -1609,6 +1622,7 @@ class Replay:
                         output,
                         module,
                         gated=gated,
+                        held_input=held_input,
                     )
                 )
             )
@@ -1690,27 +1704,34 @@ def _identity_hook(
     output: Tensor,
     module: nn.Module,
     gated: bool = False,
+    held_input: Optional[Tensor] = None,
 ) -> Callable[[Any, Any], None]:
     """A post-hook on an element-wise activation's node that hands the collector ``df/dy``
     with the intercept given as ``(y, J^T df/dy, a)``: ``a`` is what the node saved (the
-    original input, also in place), ``y`` the output, unless something overwrote it since
-    (then it is recomputed from ``a``). A ``gated`` activation's term needs no ``a``
+    original input, also in place) or ``held_input`` (the input of a node that saves its
+    output: ``activation_holds_input``), ``y`` the output, unless something overwrote it
+    since (then it is recomputed from ``a``). A ``gated`` activation's term needs no ``a``
     (``activation_is_gated``): ``(y, J^T df/dy, None)``."""
     version = output._version
     # The graph keeps this hook, and with it what it holds, until the caller drops the
     # output: held for the whole call, every activation's output would outlive the node
     # that reads it, and the backward pass could not reuse their memory.
     held = _Held(output)
+    held_in = None if held_input is None else _Held(held_input)
 
     def hook(grad_inputs: Any, grad_outputs: Any) -> None:
         grad = grad_outputs[0]
         y = held.release()
+        kept_input = None if held_in is None else held_in.release()
         if grad is None:
             return
-        a: Optional[Tensor] = None if gated else node._saved_self
+        a: Optional[Tensor] = None
+        if not gated:
+            a = node._saved_self if kept_input is None else kept_input
         if y._version != version:  # overwritten in place after the activation
+            original = node._saved_self if kept_input is None else kept_input
             with torch.no_grad():
-                y = module.forward(node._saved_self.detach().clone())
+                y = module.forward(original.detach().clone())
         input_grad = grad_inputs[0] if grad_inputs[0] is not None else torch.zeros_like(grad)
         source.intercept.backward_pair = (
             y.detach(),

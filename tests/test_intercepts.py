@@ -385,3 +385,15 @@ def test_a_registered_activation_equals_the_generic_rule_and_replays(monkeypatch
     from captum_fullgrad._intercepts import RULES
 
     assert F.celu not in RULES and torch.celu not in RULES
+
+
+def test_holding_the_input_is_for_a_node_that_saves_only_the_output():
+    """``holds_input`` keeps an activation's input for the replay's term: meant for a node
+    that saves the output (``reads="both"``); anything else is refused before registering."""
+    from captum_fullgrad._intercepts import register_activation
+
+    for reads, node in (("input", "XBackward0"), ("both", None)):
+        with pytest.raises(ValueError, match="holds_input"):
+            register_activation(
+                "x", lambda a, y: a, reads=reads, backward_node=node, holds_input=True
+            )

@@ -288,9 +288,13 @@ class Gate(nn.Module):
         self.gate = nn.Sigmoid()
         self.product = product
         self.detach = False
+        self.seen: "dict | None" = None  # a weak reference to the sigmoid's input, if set
 
     def forward(self, x):
-        scale = self.gate(self.fc(x.mean((2, 3), keepdim=True)))
+        logits = self.fc(x.mean((2, 3), keepdim=True))
+        if self.seen is not None:
+            self.seen["gate input"] = weakref.ref(logits)
+        scale = self.gate(logits)
         if self.detach:
             scale = scale.detach()  # a constant factor: no intercept
         return scale * x if self.product else x + scale
@@ -677,7 +681,15 @@ def test_activation_terms_come_from_the_backward_pass(recorders, monkeypatch):
     forward pass (``<df/dy, y> - <J^T df/dy, a>`` from the node's backward), in place or
     not, and stay equal to the trace's closed forms in float64."""
     model = _activation_network(
-        [nn.SiLU(), nn.SiLU(inplace=True), nn.ReLU6(inplace=True), nn.GELU(), nn.Mish()]
+        [
+            nn.SiLU(),
+            nn.SiLU(inplace=True),
+            nn.ReLU6(inplace=True),
+            nn.GELU(),
+            nn.Mish(),
+            nn.Sigmoid(),  # its node saves the output: the replay keeps the input
+            nn.Tanh(),
+        ]
     )
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
     fullgrad = FullGradient(model)
@@ -691,6 +703,41 @@ def test_activation_terms_come_from_the_backward_pass(recorders, monkeypatch):
     monkeypatch.undo()
     traced, traced_delta = _attribute(FullGradient(model, reuse_capture=False), x * 3, target=0)
     torch.testing.assert_close(replayed, traced, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(delta, traced_delta, rtol=0, atol=1e-12)
+
+
+class _GateInputChanged(nn.Module):
+    """A sigmoid whose input is changed in place after the call: its node saved only the
+    output, so the input the replay kept no longer gives the term."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.gate = nn.Sigmoid()
+        self.head = nn.Linear(4, 2)
+        self.change = False
+
+    def forward(self, x):
+        a = self.conv(x)
+        y = self.gate(a)
+        if self.change:
+            with torch.no_grad():  # no node in the graph: only the version shows it
+                a.mul_(3.0)  # allowed: sigmoid's backward reads only y
+        return self.head((y + a).mean((2, 3)))
+
+
+def test_an_activation_input_changed_after_the_call_is_traced(recorders):
+    model = randomize_parameters_(_GateInputChanged().double(), 0).eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    fullgrad = FullGradient(model)
+    _attribute(fullgrad, x, target=1)
+    _attribute(fullgrad, x, target=1)
+    model.change = True  # the same calls, shapes and nodes: only the values differ
+    changed, delta = _attribute(fullgrad, x, target=1)  # the replay stops; a trace
+    traced, traced_delta = _attribute(FullGradient(model, reuse_capture=False), x, target=1)
+    assert recorders.kinds == ["Capture", "Replay", "Capture", "Capture"]
+    torch.testing.assert_close(changed, traced, rtol=1e-12, atol=1e-12)
+    # (A change the graph does not record leaves eq. 1 open, for the trace too.)
     torch.testing.assert_close(delta, traced_delta, rtol=0, atol=1e-12)
 
 
@@ -1152,8 +1199,8 @@ class _Inline(nn.Module):
 
 class _Recorded(nn.Module):
     """The tensors that a replay's gradient hooks read, each kept by the model only as a
-    weak reference: a region's input, an activation's output, a returned product, and a
-    normalisation's input and output."""
+    weak reference: a region's input, an activation's output, a sigmoid's input (its node
+    saves only the output), a returned product, and a normalisation's input and output."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -1165,9 +1212,10 @@ class _Recorded(nn.Module):
         self.gate = Gate()
         self.conv4 = nn.Conv2d(4, 4, 3, padding=1)
         self.norm = nn.GroupNorm(2, 4, eps=0.1)
+        self.seen: dict = {}
+        self.gate.seen = self.seen
         self.conv5 = nn.Conv2d(4, 4, 3, padding=1)
         self.head = nn.Linear(4, 3)
-        self.seen: dict = {}
 
     def forward(self, x):
         activation_output = self.act(self.conv2(self.conv1(x)))
@@ -1208,7 +1256,7 @@ def test_hooks_release_what_they_read_when_the_backward_pass_has_read_it(monkeyp
 
     monkeypatch.setattr(Replay, "remove_gradient_hooks", spy)
     replayed, delta = _attribute(fullgrad, x, target=1)
-    assert len(alive) == 5 and not any(alive.values()), alive
+    assert len(alive) == 6 and not any(alive.values()), alive
     torch.testing.assert_close(replayed, first, rtol=1e-12, atol=1e-12)
     assert delta.abs().max() < 1e-10
 
