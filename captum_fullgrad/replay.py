@@ -47,7 +47,12 @@ An activation step whose autograd node saves the op's input (``register_activati
 ``backward_node``) forms no intercept in the forward pass: a post-hook on that node hands
 the collector ``df/dy`` with ``(y, J^T df/dy, a)``, and ``df/dy * c = df/dy * y -
 (J^T df/dy) * a`` element by element (docs/math.md); a gated one (hardtanh, ReLU6) hands
-``(df/dy - J^T df/dy) * y``'s factors without its input. A returned product's ``c = -y`` is
+``(df/dy - J^T df/dy) * y``'s factors without its input. Where the node saves the output
+instead (sigmoid, tanh: ``holds_input``), the replay keeps the input for the hook, and the
+end of the forward pass checks that nothing changed it in place. A small activation
+outside the maps (a squeeze-excitation gate) gets no hook: its gradient is captured (see
+below) and its closed form formed after the backward pass from the input and output kept
+until then. A returned product's ``c = -y`` is
 never formed (the channel-summed ``df/dy * y`` is negated), and a normalisation keeps only
 ``s = eps / (var + eps)`` from the forward pass: its closed form ``y - (y - beta) s`` is
 formed when the backward pass reaches the output, or, where ``s`` is constant along the
@@ -1108,6 +1113,12 @@ class Replay:
         # The inputs that activation terms read in the backward pass (``holds_input``),
         # with their versions then: none may change before the backward pass.
         self._held_inputs: List[Tuple[Tensor, int]] = []
+        # Small activations outside the maps whose gradient the backward pass captures:
+        # (source, settings, module, input, output, output version), their closed-form
+        # intercepts formed once the gradients are in (``_deferred_intercepts``).
+        self._deferred: List[
+            Tuple[BiasSource, Tuple[Any, ...], nn.Module, Tensor, Tensor, int]
+        ] = []
 
     def __enter__(self) -> "Replay":
         if _global_hook_key() != self.plan.global_hooks:
@@ -1440,6 +1451,7 @@ class Replay:
         self._captured = []
         self.gradient_edges = []
         self._anchors.clear()
+        self._deferred.clear()
 
     def deliver_gradients(self, gradients: Sequence[Optional[Tensor]]) -> None:
         """Hand the collector the gradients that the backward pass captured at
@@ -1453,6 +1465,8 @@ class Replay:
             raise ValueError(
                 f"expected {len(self._captured)} captured gradients, got {len(gradients)}"
             )
+        if self._deferred:
+            self._deferred_intercepts()
         pairs = [(s, g) for s, g in zip(self._captured, gradients) if g is not None]
         batch = getattr(self.collector, "on_gradients", None)
         # Captured only for a backward pass that is not differentiated (see
@@ -1465,6 +1479,19 @@ class Replay:
             else:
                 for source, grad in pairs:
                     self.collector.on_gradient(source, grad)
+
+    def _deferred_intercepts(self) -> None:
+        """The closed-form intercepts ``c = y - g'(a) a`` of the deferred activations (the
+        trace's rule, so the same values), from the input and output kept since the forward
+        pass; an output overwritten in place since is recomputed from the input, which the
+        forward pass's end checked unchanged."""
+        deferred, self._deferred = self._deferred, []
+        with torch.no_grad():
+            for source, settings, module, a, y, version in deferred:
+                if y._version != version:
+                    y = module.forward(a.detach())
+                y = y.detach()
+                source.intercept.dense = y - activation_linear_part(settings, a, y)
 
     def _on_output(self, module: nn.Module, args: Any, output: Any) -> Any:
         k = self._next
@@ -1514,7 +1541,7 @@ class Replay:
         if not isinstance(output, Tensor) or output.shape != step.shape or not output.requires_grad:
             self.matched = False
             return
-        backward_identity = gated = False
+        backward_identity = gated = deferred = False
         held_input: Optional[Tensor] = None
         shrunk: Optional[Tuple[Tensor, Optional[Tensor], Tensor]] = None
         if step.activation is not None:
@@ -1535,8 +1562,21 @@ class Replay:
                 # No intercept tensor: the backward pass hands over df/dy and J^T df/dy.
                 backward_identity = True
                 gated = activation_is_gated(step.activation)
-                if activation_holds_input(step.activation):
+                if (
+                    self._capture
+                    and not step.template.spatial
+                    and not step.activation[1]
+                    and output.numel() <= _CAPTURED_ELEMENTS
+                    and args[0].shape == output.shape
+                ):
+                    # A squeeze-excitation gate: a Python hook would cost several times
+                    # the few small kernels of its closed form, formed after the backward
+                    # pass from the input and output kept until then.
+                    deferred = True
                     held_input = args[0]
+                elif activation_holds_input(step.activation):
+                    held_input = args[0]
+                if held_input is not None:
                     self._held_inputs.append((held_input, held_input._version))
                 source = _with_intercept(step.template, Intercept(None, workspace=self._workspace))
             else:
@@ -1611,6 +1651,14 @@ class Replay:
                 return
         if shrunk is not None:
             on_gradient = _shrunk_delivery(on_gradient, output, module, *shrunk)
+        if deferred:
+            assert node is not None and held_input is not None and step.activation is not None
+            self._deferred.append(
+                (source, step.activation, module, held_input, output, output._version)
+            )
+            self._captured.append(source)
+            self.gradient_edges.append(_GradientEdge(node, output.output_nr))
+            return
         if backward_identity:
             assert node is not None
             self._hooks.append(

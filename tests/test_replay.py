@@ -708,17 +708,22 @@ def test_activation_terms_come_from_the_backward_pass(recorders, monkeypatch):
 
 class _GateInputChanged(nn.Module):
     """A sigmoid whose input is changed in place after the call: its node saved only the
-    output, so the input the replay kept no longer gives the term."""
+    output, so the input the replay kept no longer gives the term. ``pooled``: a gate of
+    one position per channel (squeeze-excitation's), whose closed form the replay forms
+    after the backward pass from the input it kept."""
 
-    def __init__(self) -> None:
+    def __init__(self, pooled: bool) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3, padding=1)
         self.gate = nn.Sigmoid()
         self.head = nn.Linear(4, 2)
+        self.pooled = pooled
         self.change = False
 
     def forward(self, x):
         a = self.conv(x)
+        if self.pooled:
+            a = a.mean((2, 3), keepdim=True)
         y = self.gate(a)
         if self.change:
             with torch.no_grad():  # no node in the graph: only the version shows it
@@ -726,8 +731,9 @@ class _GateInputChanged(nn.Module):
         return self.head((y + a).mean((2, 3)))
 
 
-def test_an_activation_input_changed_after_the_call_is_traced(recorders):
-    model = randomize_parameters_(_GateInputChanged().double(), 0).eval()
+@pytest.mark.parametrize("pooled", [False, True])
+def test_an_activation_input_changed_after_the_call_is_traced(recorders, pooled):
+    model = randomize_parameters_(_GateInputChanged(pooled).double(), 0).eval()
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
     fullgrad = FullGradient(model)
     _attribute(fullgrad, x, target=1)
@@ -739,6 +745,55 @@ def test_an_activation_input_changed_after_the_call_is_traced(recorders):
     torch.testing.assert_close(changed, traced, rtol=1e-12, atol=1e-12)
     # (A change the graph does not record leaves eq. 1 open, for the trace too.)
     torch.testing.assert_close(delta, traced_delta, rtol=0, atol=1e-12)
+
+
+class _PooledGates(nn.Module):
+    """Squeeze-excitation gates of one position per channel, one with its output then
+    overwritten in place (hardsigmoid's node saves only the input, so that is allowed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.gates = nn.ModuleList([nn.Hardsigmoid(), nn.Sigmoid(), nn.SiLU(), nn.Tanh()])
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        z = self.conv(x)
+        pooled = z.mean((2, 3), keepdim=True)
+        scale = self.gates[0](pooled * 4.0)
+        scale += pooled  # overwritten: the replay recomputes it from the input it kept
+        for gate in self.gates[1:]:
+            scale = gate(scale * 2.0)
+        return self.head((z + scale).mean((2, 3)))
+
+
+def test_pooled_gates_form_their_closed_forms_after_the_backward_pass(recorders, monkeypatch):
+    """Small gates outside the maps get no Python hook: their gradients come back with the
+    input gradient, and their closed forms (the trace's values) are formed from the input
+    and output kept since the forward pass, the overwritten output recomputed."""
+    model = randomize_parameters_(_PooledGates().double(), 0).eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+    fullgrad = FullGradient(model)
+    _attribute(fullgrad, x, target=1)
+    formed: list = []
+    original = Replay._deferred_intercepts
+
+    def spy(self):
+        formed.append(len(self._deferred))
+        original(self)
+
+    monkeypatch.setattr(Replay, "_deferred_intercepts", spy)
+    monkeypatch.setattr(
+        replay_module, "_identity_hook", lambda *args, **kwargs: pytest.fail("a gate was hooked")
+    )
+    replayed, delta = _attribute(fullgrad, x * 2, target=1)
+    assert recorders.kinds == ["Capture", "Replay"]
+    monkeypatch.undo()
+    traced, traced_delta = _attribute(FullGradient(model, reuse_capture=False), x * 2, target=1)
+    assert formed == [4]
+    torch.testing.assert_close(replayed, traced, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(delta, traced_delta, rtol=0, atol=1e-12)
+    assert delta.abs().max() < 1e-12
 
 
 def test_an_activation_output_overwritten_later_is_recomputed(recorders):
