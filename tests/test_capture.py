@@ -66,6 +66,37 @@ def test_channel_summed_of_a_channel_vector_is_the_closed_form(batch, memory):
         torch.testing.assert_close(source.channel_summed(grad), expected, rtol=1e-13, atol=1e-14)
 
 
+def test_a_source_contracts_its_current_vector_at_every_batch_size():
+    """The rows a source keeps for its batched product (its vector, expanded to the batch)
+    serve only that vector at that batch size: a new bias, a vector changed in place and
+    another batch size each give the closed form."""
+    generator = torch.Generator().manual_seed(4)
+    vector = torch.randn(5, dtype=torch.float64, generator=generator)
+    source = _channel_source((2, 5, 3, 3), 1, vector)
+
+    def check(batch: int) -> None:
+        grad = torch.randn(batch, 5, 3, 3, dtype=torch.float64, generator=generator)
+        expected = (grad * source.intercept.channel_vector.view(1, 5, 1, 1)).sum(1)
+        torch.testing.assert_close(source.channel_summed(grad), expected, rtol=1e-13, atol=0)
+
+    check(2)
+    check(3)  # another batch size
+    source.intercept.channel_vector = torch.randn(5, dtype=torch.float64, generator=generator)
+    check(3)  # another vector (a bias replaced)
+    with torch.no_grad():
+        source.intercept.channel_vector.mul_(-2.0)
+    check(3)  # the same vector changed in place (an optimiser step)
+    check(2)
+    # Rows kept from a reduction without gradient recording do not serve a differentiable
+    # one (training's penalties): the gradient reaches the vector.
+    vector = source.intercept.channel_vector.requires_grad_(True)
+    grad = torch.randn(2, 5, 3, 3, dtype=torch.float64, generator=generator)
+    with torch.no_grad():
+        source.channel_summed(grad)
+    (weight,) = torch.autograd.grad(source.channel_summed(grad).sum(), vector)
+    torch.testing.assert_close(weight, grad.sum((0, 2, 3)), rtol=1e-13, atol=0)
+
+
 def _element_wise_source(shape, channel_dim, **parts) -> BiasSource:
     return _source("silu", shape, channel_dim, Intercept(None, **parts))
 
