@@ -1484,12 +1484,13 @@ class Replay:
         """The closed-form intercepts ``c = y - g'(a) a`` of the deferred activations (the
         trace's rule, so the same values), from the input and output kept since the forward
         pass; an output overwritten in place since is recomputed from the input, which the
-        forward pass's end checked unchanged."""
+        forward pass's end checked unchanged (in place: the node's own copy of it)."""
         deferred, self._deferred = self._deferred, []
         with torch.no_grad():
             for source, settings, module, a, y, version in deferred:
                 if y._version != version:
-                    y = module.forward(a.detach())
+                    # (A copy: an in-place module would overwrite the node's copy.)
+                    y = module.forward(a.detach().clone())
                 y = y.detach()
                 source.intercept.dense = y - activation_linear_part(settings, a, y)
 
@@ -1542,7 +1543,8 @@ class Replay:
             self.matched = False
             return
         backward_identity = gated = deferred = False
-        held_input: Optional[Tensor] = None
+        held_input: Optional[Tensor] = None  # kept for the backward pass, version-checked
+        deferred_input: Optional[Tensor] = None
         shrunk: Optional[Tuple[Tensor, Optional[Tensor], Tensor]] = None
         if step.activation is not None:
             if (
@@ -1565,15 +1567,19 @@ class Replay:
                 if (
                     self._capture
                     and not step.template.spatial
-                    and not step.activation[1]
                     and output.numel() <= _CAPTURED_ELEMENTS
                     and args[0].shape == output.shape
                 ):
                     # A squeeze-excitation gate: a Python hook would cost several times
                     # the few small kernels of its closed form, formed after the backward
-                    # pass from the input and output kept until then.
+                    # pass from the input and output kept until then. In place, the input
+                    # is overwritten: the node's own copy of it is kept instead.
                     deferred = True
-                    held_input = args[0]
+                    if step.activation[1]:
+                        activation_node: Any = output.grad_fn
+                        deferred_input = activation_node._saved_self
+                    else:
+                        held_input = deferred_input = args[0]
                 elif activation_holds_input(step.activation):
                     held_input = args[0]
                 if held_input is not None:
@@ -1652,9 +1658,9 @@ class Replay:
         if shrunk is not None:
             on_gradient = _shrunk_delivery(on_gradient, output, module, *shrunk)
         if deferred:
-            assert node is not None and held_input is not None and step.activation is not None
+            assert node is not None and deferred_input is not None and step.activation is not None
             self._deferred.append(
-                (source, step.activation, module, held_input, output, output._version)
+                (source, step.activation, module, deferred_input, output, output._version)
             )
             self._captured.append(source)
             self.gradient_edges.append(_GradientEdge(node, output.output_nr))

@@ -748,13 +748,16 @@ def test_an_activation_input_changed_after_the_call_is_traced(recorders, pooled)
 
 
 class _PooledGates(nn.Module):
-    """Squeeze-excitation gates of one position per channel, one with its output then
-    overwritten in place (hardsigmoid's node saves only the input, so that is allowed)."""
+    """Squeeze-excitation gates of one position per channel, in place or not, one with its
+    output then overwritten in place (hardsigmoid's node saves only the input, so that is
+    allowed)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.gates = nn.ModuleList([nn.Hardsigmoid(), nn.Sigmoid(), nn.SiLU(), nn.Tanh()])
+        self.gates = nn.ModuleList(
+            [nn.Hardsigmoid(inplace=True), nn.Sigmoid(), nn.SiLU(inplace=True), nn.Tanh()]
+        )
         self.head = nn.Linear(4, 2)
 
     def forward(self, x):
