@@ -15,12 +15,8 @@ from captum_fullgrad import aggregation, replay
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "excess_breakdown.py"
 
 
-def test_the_breakdown_sees_each_kind_of_reduction_and_restores_the_engine(capsys):
-    spec = importlib.util.spec_from_file_location("excess_breakdown_under_test", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    originals = (
+def _what_the_script_wraps() -> tuple:
+    return (
         torch.autograd.grad,
         replay.Replay.deliver_gradients,
         replay.Replay._observe,
@@ -29,6 +25,14 @@ def test_the_breakdown_sees_each_kind_of_reduction_and_restores_the_engine(capsy
         aggregation.MapCollector.on_gradient,
         aggregation._dot_row,
     )
+
+
+def test_the_breakdown_sees_each_kind_of_reduction_and_restores_the_engine(capsys):
+    spec = importlib.util.spec_from_file_location("excess_breakdown_under_test", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    originals = _what_the_script_wraps()
     threads = torch.get_num_threads()
     try:
         script.main(
@@ -59,12 +63,4 @@ def test_the_breakdown_sees_each_kind_of_reduction_and_restores_the_engine(capsy
         "| captured / flat / one dot product for all |",
     ):
         assert row in printed, (row, printed)
-    assert originals == (
-        torch.autograd.grad,
-        replay.Replay.deliver_gradients,
-        replay.Replay._observe,
-        aggregation.MapCollector._reduce,
-        aggregation.MapCollector._reduce_captured,
-        aggregation.MapCollector.on_gradient,
-        aggregation._dot_row,
-    )
+    assert originals == _what_the_script_wraps()
