@@ -9,6 +9,9 @@ largest part and its effect read off the same table:
   (hooks installed, BatchNorm vectors), the graph replay before the backward pass, the
   captured gradients' reductions after it, the eq. 4 map. Saliency is timed the same
   way for its forward and backward passes; the rest of each call is ``other``.
+- **operators**: in calls without these wrappers, how much of each method's time
+  torch's operators take (kernels and their dispatch, by the profiler) and how much is
+  left to the Python around them and the autograd engine.
 - **sources**: every reduction of one source's gradient (``MapCollector._reduce``),
   grouped by how it is reached (a hook during the backward pass, or ``captured`` and
   reduced after it), whether it is spatial (an eq. 4 map) or not, and the kind of its
@@ -30,7 +33,7 @@ import argparse
 import time
 import warnings
 from collections import Counter
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 from captum.attr import Saliency
@@ -160,6 +163,37 @@ def _instrument(model: torch.nn.Module, timers: _Timers, sources: _Timers) -> Li
     return undo
 
 
+def _operator_time(
+    methods: Dict[str, Callable[[], Any]], calls: int
+) -> Dict[str, Tuple[float, float]]:
+    """Per call and method: the wall time without any wrapper, and the part of it that
+    torch's operators take (the profiler's self time of every ``aten::`` operator:
+    kernels and their dispatch), so that the rest is the Python around them and the
+    autograd engine's own work. The profiler adds a little per operator, so the split is
+    measured on separate calls from the wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    wall, operators, counts = {}, {}, {}
+    for name, call in methods.items():
+        start = time.perf_counter()
+        for _ in range(calls):
+            call()
+        wall[name] = (time.perf_counter() - start) * 1e3 / calls
+        with profile(activities=[ProfilerActivity.CPU]) as profiled:
+            for _ in range(calls):
+                call()
+        events = [e for e in profiled.key_averages() if e.key.startswith("aten::")]
+        operators[name] = sum(e.self_cpu_time_total for e in events) / 1e3 / calls
+        counts[name] = sum(e.count for e in events) / calls
+    pair = ("saliency", "fullgrad")
+    return {
+        "wall time, ms": tuple(wall[n] for n in pair),
+        "aten operators' self time, ms": tuple(operators[n] for n in pair),
+        "the rest (Python, autograd engine), ms": tuple(wall[n] - operators[n] for n in pair),
+        "aten operators per call": tuple(counts[n] for n in pair),
+    }
+
+
 def main(argv: Any = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="mobilenet_v3_small")
@@ -182,6 +216,7 @@ def main(argv: Any = None) -> None:
     for _ in range(3):  # the trace, then warm replays
         for call in methods.values():
             call()
+    operator_rows = _operator_time(methods, args.calls)
     timers, sources = _Timers(), _Timers()
     undo = _instrument(model, timers, sources)
     totals: Dict[str, float] = {}
@@ -221,6 +256,11 @@ def main(argv: Any = None) -> None:
     print(
         f"| **total** | {totals['saliency']:.2f} | {totals['fullgrad']:.2f} | {difference:+.2f} |\n"
     )
+    print("| operators (uninstrumented calls) | Saliency | FullGradient | difference |")
+    print("|---|---:|---:|---:|")
+    for label, (s, f) in operator_rows.items():
+        print(f"| {label} | {s:.2f} | {f:.2f} | {f - s:+.2f} |")
+    print()
     print("| source reductions | per call | ms per call | us each |")
     print("|---|---:|---:|---:|")
     for label in sorted(sources.calls):

@@ -57,6 +57,7 @@ def test_the_breakdown_sees_each_kind_of_reduction_and_restores_the_engine(capsy
         "| backward |",
         "| replay: graph, before the backward pass |",
         "| (in backward) hooked reductions |",
+        "| aten operators' self time, ms |",
         "| hook / spatial / pair |",  # the Hardswish terms
         "| captured / spatial / channel vector |",  # small BatchNorms
         # the squeeze-excitation gates' closed forms, among others
