@@ -144,9 +144,9 @@ class BiasSource:
     # it across calls); otherwise computed at backward time.
     block_vector: Optional[Tensor] = field(default=None, repr=False)
     # The channel vector last contracted by :meth:`channel_summed` as the rows of a batched
-    # product, ``(vector, batch, rows)``, made without gradient recording: a replay hands
-    # the same vector every call, and a view and an expansion cost about 6 us per layer on
-    # a slow host.
+    # product, ``(vector, batch, rows)``, made without gradient recording from the storage
+    # the vector still has: a replay hands the same vector every call, and a view and an
+    # expansion cost about 6 us per layer on a slow host.
     _contraction_rows: Optional[Tuple[Tensor, int, Tensor]] = field(
         default=None, repr=False, init=False
     )
@@ -262,7 +262,14 @@ class BiasSource:
                     # A differentiable reduction (training's penalties): rows recorded now,
                     # never rows made without gradient recording.
                     rows = vector.view(1, 1, channels).expand(batch, 1, channels)
-                elif cached is not None and cached[0] is vector and cached[1] == batch:
+                elif (
+                    cached is not None
+                    and cached[0] is vector
+                    and cached[1] == batch
+                    # ``param.data = ...`` and ``Module.to`` keep the Parameter and give it
+                    # new storage: the kept rows would view the old values.
+                    and cached[2].data_ptr() == vector.data_ptr()
+                ):
                     rows = cached[2]
                 else:
                     rows = vector.view(1, 1, channels).expand(batch, 1, channels)

@@ -77,7 +77,9 @@ def test_a_source_contracts_its_current_vector_at_every_batch_size():
     def check(batch: int) -> None:
         grad = torch.randn(batch, 5, 3, 3, dtype=torch.float64, generator=generator)
         expected = (grad * source.intercept.channel_vector.view(1, 5, 1, 1)).sum(1)
-        torch.testing.assert_close(source.channel_summed(grad), expected, rtol=1e-13, atol=0)
+        with torch.no_grad():  # as a replay reduces (rows are kept only then)
+            summed = source.channel_summed(grad)
+        torch.testing.assert_close(summed, expected, rtol=1e-13, atol=0)
 
     check(2)
     check(3)  # another batch size
@@ -87,6 +89,10 @@ def test_a_source_contracts_its_current_vector_at_every_batch_size():
         source.intercept.channel_vector.mul_(-2.0)
     check(3)  # the same vector changed in place (an optimiser step)
     check(2)
+    vector = source.intercept.channel_vector
+    vector.data = vector.data + 0.7  # the same object, new storage (as Module.to does)
+    check(2)
+    assert source._contraction_rows is not None  # the rows were kept, and checked
     # Rows kept from a reduction without gradient recording do not serve a differentiable
     # one (training's penalties): the gradient reaches the vector.
     vector = source.intercept.channel_vector.requires_grad_(True)

@@ -477,6 +477,23 @@ def test_parameters_swapped_through_data_are_not_served_from_a_stale_cache():
     _replay_matches_trace(model, torch.randn(1, 3, 48, 48, dtype=torch.float64), swap, target=3)
 
 
+@pytest.mark.parametrize("change", ["data", "to"])
+def test_a_bias_given_new_storage_is_read_again(change):
+    """A convolution's bias (not folded into a BatchNorm) that keeps its Parameter but
+    gets new storage, by ``.data = ...`` or ``Module.to``, is read again by the batched
+    reduction of several examples, not from rows made from its old storage."""
+    model = _activation_network([nn.ReLU(), nn.SiLU()])
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+
+    def swap():
+        if change == "data":
+            model[0].bias.data = model[0].bias.data + 0.7
+        else:
+            model.float().double()  # new storage for every parameter, values rounded
+
+    _replay_matches_trace(model, x, swap)
+
+
 def _replay_matches_trace(model, x, change, target=1):
     """Record a plan, apply ``change`` to the model, and compare a replay with a trace."""
     fullgrad = FullGradient(model)
