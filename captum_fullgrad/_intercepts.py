@@ -1027,7 +1027,8 @@ def register_activation(
             tanh: out-of-place calls only, ``reads="both"``). The replay then keeps the
             input from the forward pass until the node's backward runs (the memory that
             the closed-form intercept, a tensor of the same size, would have taken) and
-            falls back to the trace when something changes it in place before then.
+            traces the call when something changes it in place before then (that step
+            then keeps the closed form: ``ActivationInputChanged``).
     """
     if holds_input and (backward_node is None or reads != "both"):
         raise ValueError("holds_input needs a backward_node and reads='both'.")

@@ -22,7 +22,13 @@ from .aggregation import (
     signed_bias_attribution,
 )
 from .capture import BiasSource, forward_backward
-from .replay import CapturePlan, ReplayMismatch, call_signature, plans_for
+from .replay import (
+    ActivationInputChanged,
+    CapturePlan,
+    ReplayMismatch,
+    call_signature,
+    plans_for,
+)
 
 __all__ = ["FullGradient"]
 
@@ -302,18 +308,25 @@ class FullGradient(GradientAttribution):
             )
 
         plan = self._plans.get(signature) if signature is not None else None
+        plan_holds = False
         if plan is not None:
             if plan.collector_layout:
                 collector.reserve(plan.collector_layout)
             try:
                 run = one_pass(collector, plan)
+            except ActivationInputChanged as changed:
+                # The plan holds; those steps form their closed forms from the next call.
+                plan.closed_form_steps.update(changed.steps)
+                plan_holds = True
+                plan = None
+                collector = MapCollector(postprocess, self._layer_filter())
             except ReplayMismatch:
                 self._plans.mismatched(signature)
                 plan = None
                 collector = MapCollector(postprocess, self._layer_filter())
         if plan is None:
             run = one_pass(collector, None)
-            if signature is not None:
+            if signature is not None and not plan_holds:
                 plan = CapturePlan.record(run.recorder)
                 self._plans.put(signature, plan)
         if plan is not None:

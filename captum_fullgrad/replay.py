@@ -49,7 +49,8 @@ the collector ``df/dy`` with ``(y, J^T df/dy, a)``, and ``df/dy * c = df/dy * y 
 (J^T df/dy) * a`` element by element (docs/math.md); a gated one (hardtanh, ReLU6) hands
 ``(df/dy - J^T df/dy) * y``'s factors without its input. Where the node saves the output
 instead (sigmoid, tanh: ``holds_input``), the replay keeps the input for the hook, and the
-end of the forward pass checks that nothing changed it in place. A small activation
+end of the forward pass checks that nothing changed it in place (if something did, the
+call is traced and that step keeps the closed form from then on). A small activation
 outside the maps (a squeeze-excitation gate) gets no hook: its gradient is captured (see
 below) and its closed form formed after the backward pass from the input and output kept
 until then. A returned product's ``c = -y`` is
@@ -132,6 +133,17 @@ _OPS: Dict[type, AbstractSet[str]] = {
 
 class ReplayMismatch(RuntimeError):
     """The forward pass did not call the planned modules in the planned order and shapes."""
+
+
+class ActivationInputChanged(ReplayMismatch):
+    """An activation's input that the replay kept for its backward-pass term (a sigmoid's,
+    or a small gate's) was changed in place after the call (even through another view of
+    the same tensor). The call is traced; the plan still holds, and ``steps`` (added to
+    :attr:`CapturePlan.closed_form_steps` by the caller) keep the closed form from then on."""
+
+    def __init__(self, steps: Tuple[int, ...]) -> None:
+        super().__init__("an activation's input was changed in place after the call")
+        self.steps = steps
 
 
 @dataclass(frozen=True)
@@ -273,6 +285,10 @@ class CapturePlan:
         self._sources: List[Optional[BiasSource]] = [None] * len(self.steps)
         # Each BatchNorm step's source with the vectors it was built from.
         self._batch_norm_sources: List[Optional[Tuple[Any, BiasSource]]] = [None] * len(self.steps)
+        # Activation steps whose input the model changed in place after the call (while the
+        # replay kept it for the backward pass: :class:`ActivationInputChanged`): they form
+        # the closed-form intercept in the forward pass from then on.
+        self.closed_form_steps: set = set()
 
     def source_for(
         self,
@@ -1111,8 +1127,8 @@ class Replay:
         self._observed: Dict[int, BiasSource] = {}
         self._anchors: Dict[int, Any] = {}  # the module steps' output nodes, by step
         # The inputs that activation terms read in the backward pass (``holds_input``),
-        # with their versions then: none may change before the backward pass.
-        self._held_inputs: List[Tuple[Tensor, int]] = []
+        # with their versions then and their steps: none may change before the backward pass.
+        self._held_inputs: List[Tuple[Tensor, int, int]] = []
         # Small activations outside the maps whose gradient the backward pass captures:
         # (source, settings, module, input, output, output version), their closed-form
         # intercepts formed once the gradients are in (``_deferred_intercepts``).
@@ -1194,10 +1210,12 @@ class Replay:
     def __exit__(self, *exc: Any) -> None:
         self._remove_module_hooks()
         held, self._held_inputs = self._held_inputs, []
-        if exc[0] is None and any(t._version != version for t, version in held):
-            # The term would read the changed values (the node saved only the output).
-            self.remove_gradient_hooks()
-            raise ReplayMismatch("an activation's input was changed in place after the call")
+        if exc[0] is None:
+            changed = tuple(index for t, version, index in held if t._version != version)
+            if changed:
+                # The term would read the changed values (the node saved only the output).
+                self.remove_gradient_hooks()
+                raise ActivationInputChanged(changed)
         if self._graph is not None:
             # A call more than planned, or one that did not fit its step, shows here; a call
             # fewer leaves its step unmade (prepare_backward) or changes the graph's nodes.
@@ -1560,6 +1578,7 @@ class Replay:
                 and output._base is None
                 and output.grad_fn is not None
                 and type(output.grad_fn).__name__ == node_type
+                and index not in plan.closed_form_steps
             ):
                 # No intercept tensor: the backward pass hands over df/dy and J^T df/dy.
                 backward_identity = True
@@ -1583,7 +1602,7 @@ class Replay:
                 elif activation_holds_input(step.activation):
                     held_input = args[0]
                 if held_input is not None:
-                    self._held_inputs.append((held_input, held_input._version))
+                    self._held_inputs.append((held_input, held_input._version, index))
                 source = _with_intercept(step.template, Intercept(None, workspace=self._workspace))
             else:
                 if activation_reads_input_first(step.activation):

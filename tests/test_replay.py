@@ -725,22 +725,28 @@ def test_activation_terms_come_from_the_backward_pass(recorders, monkeypatch):
 
 class _GateInputChanged(nn.Module):
     """A sigmoid whose input is changed in place after the call: its node saved only the
-    output, so the input the replay kept no longer gives the term. ``pooled``: a gate of
-    one position per channel (squeeze-excitation's), whose closed form the replay forms
-    after the backward pass from the input it kept."""
+    output, so the input the replay kept no longer gives the term. ``where``:
+    ``"spatial"``, a gate of every position; ``"pooled"``, one position per channel
+    (squeeze-excitation's), whose closed form the replay forms after the backward pass;
+    ``"slice"``, a gate of one slice of a tensor whose other slice an in-place ReLU
+    overwrites afterwards, on every call (the values the sigmoid read are unchanged, but
+    the version counter it shares with them moves)."""
 
-    def __init__(self, pooled: bool) -> None:
+    def __init__(self, where: str) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv = nn.Conv2d(3, 8 if where == "slice" else 4, 3, padding=1)
         self.gate = nn.Sigmoid()
+        self.act = nn.ReLU(inplace=True)
         self.head = nn.Linear(4, 2)
-        self.pooled = pooled
+        self.where = where
         self.change = False
 
     def forward(self, x):
-        a = self.conv(x)
-        if self.pooled:
-            a = a.mean((2, 3), keepdim=True)
+        z = self.conv(x)
+        if self.where == "slice":
+            y = self.gate(z[:, :4])
+            return self.head((y + self.act(z[:, 4:])).mean((2, 3)))
+        a = z.mean((2, 3), keepdim=True) if self.where == "pooled" else z
         y = self.gate(a)
         if self.change:
             with torch.no_grad():  # no node in the graph: only the version shows it
@@ -748,20 +754,27 @@ class _GateInputChanged(nn.Module):
         return self.head((y + a).mean((2, 3)))
 
 
-@pytest.mark.parametrize("pooled", [False, True])
-def test_an_activation_input_changed_after_the_call_is_traced(recorders, pooled):
-    model = randomize_parameters_(_GateInputChanged(pooled).double(), 0).eval()
+@pytest.mark.parametrize("where", ["spatial", "pooled", "slice"])
+def test_an_activation_input_changed_after_the_call_keeps_its_closed_form(recorders, where):
+    """The call whose kept input changed is traced; the plan holds, and from the next call
+    that step forms its closed form in the forward pass (no retrace on every call)."""
+    model = randomize_parameters_(_GateInputChanged(where).double(), 0).eval()
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
     fullgrad = FullGradient(model)
     _attribute(fullgrad, x, target=1)
-    _attribute(fullgrad, x, target=1)
-    model.change = True  # the same calls, shapes and nodes: only the values differ
+    if where != "slice":
+        _attribute(fullgrad, x, target=1)
+        model.change = True  # the same calls, shapes and nodes: only the values differ
     changed, delta = _attribute(fullgrad, x, target=1)  # the replay stops; a trace
+    again, again_delta = _attribute(fullgrad, x, target=1)  # a replay, closed form
     traced, traced_delta = _attribute(FullGradient(model, reuse_capture=False), x, target=1)
-    assert recorders.kinds == ["Capture", "Replay", "Capture", "Capture"]
-    torch.testing.assert_close(changed, traced, rtol=1e-12, atol=1e-12)
-    # (A change the graph does not record leaves eq. 1 open, for the trace too.)
-    torch.testing.assert_close(delta, traced_delta, rtol=0, atol=1e-12)
+    # The first call traces; a replay before the change (not with "slice") fits.
+    before = [] if where == "slice" else ["Replay"]
+    assert recorders.kinds == ["Capture", *before, "Capture", "Replay", "Capture"]
+    for result, result_delta in ((changed, delta), (again, again_delta)):
+        torch.testing.assert_close(result, traced, rtol=1e-12, atol=1e-12)
+        # (A change the graph does not record leaves eq. 1 open, for the trace too.)
+        torch.testing.assert_close(result_delta, traced_delta, rtol=0, atol=1e-12)
 
 
 class _PooledGates(nn.Module):
@@ -1275,7 +1288,8 @@ class _Inline(nn.Module):
 class _Recorded(nn.Module):
     """The tensors that a replay's gradient hooks read, each kept by the model only as a
     weak reference: a region's input, an activation's output, a sigmoid's input (its node
-    saves only the output), a returned product, and a normalisation's input and output."""
+    saves only the output; a spatial one is hooked, a pooled one's closed form is formed
+    after the backward pass), a returned product, and a normalisation's input and output."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -1284,6 +1298,7 @@ class _Recorded(nn.Module):
         self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
         self.act = nn.SiLU()
         self.conv3 = nn.Conv2d(4, 4, 3, padding=1)
+        self.sigmoid = nn.Sigmoid()  # spatial: hooked, its input kept for the hook
         self.gate = Gate()
         self.conv4 = nn.Conv2d(4, 4, 3, padding=1)
         self.norm = nn.GroupNorm(2, 4, eps=0.1)
@@ -1294,7 +1309,8 @@ class _Recorded(nn.Module):
 
     def forward(self, x):
         activation_output = self.act(self.conv2(self.conv1(x)))
-        product = self.gate(self.conv3(activation_output))
+        sigmoid_input = self.conv3(activation_output)
+        product = self.gate(self.sigmoid(sigmoid_input))
         norm_input = self.conv4(product)
         norm_output = self.norm(norm_input)
         # A region over positions would hold spatial sources (traced, never a region).
@@ -1302,6 +1318,7 @@ class _Recorded(nn.Module):
         for name, tensor in [
             ("region input", region_input),
             ("activation output", activation_output),
+            ("sigmoid input", sigmoid_input),
             ("product", product),
             ("normalisation input", norm_input),
             ("normalisation output", norm_output),
@@ -1331,7 +1348,7 @@ def test_hooks_release_what_they_read_when_the_backward_pass_has_read_it(monkeyp
 
     monkeypatch.setattr(Replay, "remove_gradient_hooks", spy)
     replayed, delta = _attribute(fullgrad, x, target=1)
-    assert len(alive) == 6 and not any(alive.values()), alive
+    assert len(alive) == 7 and not any(alive.values()), alive
     torch.testing.assert_close(replayed, first, rtol=1e-12, atol=1e-12)
     assert delta.abs().max() < 1e-10
 
